@@ -1,0 +1,126 @@
+"""Fixtures: a fresh PostgreSQL database per run, the fake OpenAI upstream, the app, and a
+real gunicorn + gevent gateway process. Everything is started on free ports and cleaned up."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+from sqlalchemy import create_engine, text
+
+import db_manager
+from Testing.fakes.fake_openai import FakeOpenAI
+from Testing.support import (REDIS_URL, SYSTEM_SECRET, UPSTREAM_KEY, GatewayProcess,
+                             create_database, database_url, drop_database, wait_until,
+                             write_models_file)
+
+os.environ["TEST_UPSTREAM_KEY"] = UPSTREAM_KEY
+TABLES = ("usage_records", "api_keys", "tenants")
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh database for this test run, migrated to head; dropped at the end."""
+    name = create_database()
+    url = database_url(name)
+    db_manager.upgrade(url)
+    yield url
+    drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def pg_engine(pg_url: str):
+    engine = create_engine(pg_url)
+    yield engine
+    engine.dispose()
+
+
+def truncate(engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+
+
+@pytest.fixture
+def clean_db(pg_engine) -> Any:
+    truncate(pg_engine)
+    return pg_engine
+
+
+@pytest.fixture(scope="session")
+def fake_upstream() -> Iterator[FakeOpenAI]:
+    fake = FakeOpenAI()
+    fake.start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="session")
+def models_file(tmp_path_factory, fake_upstream) -> Path:
+    return write_models_file(tmp_path_factory.mktemp("models") / "models.json", fake_upstream.base_url)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    return REDIS_URL
+
+
+def app_config(pg_url: str, models_file: Path, **overrides: Any) -> dict[str, Any]:
+    return {"DATABASE_URL": pg_url, "MODELS_FILE": str(models_file), "SYSTEM_SECRET": SYSTEM_SECRET,
+            "REDIS_URL": REDIS_URL, "LOG_LEVEL": "WARNING", "MAX_REQUEST_BYTES": 256 * 1024,
+            **overrides}
+
+
+@pytest.fixture
+def app(pg_url, models_file, clean_db):
+    from app import create_app
+    application = create_app(app_config(pg_url, models_file))
+    yield application
+    application.extensions["gateway"].providers.close()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def admin_headers() -> dict[str, str]:
+    return {"X-System-Secret": SYSTEM_SECRET}
+
+
+@pytest.fixture
+def mint(client, admin_headers) -> Callable[..., dict]:
+    """Mint a key through the admin API; returns the 201 body (with `key`)."""
+    def _mint(**fields: Any) -> dict:
+        fields.setdefault("name", "test-key")
+        fields.setdefault("tenant", "acme")
+        resp = client.post("/v1/api-keys", json=fields, headers=admin_headers)
+        assert resp.status_code == 201, resp.get_json()
+        return resp.get_json()
+    return _mint
+
+
+@pytest.fixture(scope="session")
+def gateway(pg_url, models_file, tmp_path_factory) -> Iterator[GatewayProcess]:
+    """The gateway under `gunicorn -k gevent` with 2 workers, shared by the e2e tests."""
+    log = tmp_path_factory.mktemp("gateway") / "gunicorn.log"
+    env = {k: str(v) for k, v in app_config(pg_url, models_file, LOG_LEVEL="INFO").items()}
+    proc = GatewayProcess(env, workers=2, log_path=log).start()
+    yield proc
+    proc.stop()
+    assert UPSTREAM_KEY not in proc.log_text(), "the upstream key leaked into the gateway log"
+
+
+def usage_rows(engine, where: str = "TRUE", params: dict | None = None) -> list[dict]:
+    with engine.connect() as conn:
+        rows = conn.execute(text(f"SELECT * FROM usage_records WHERE {where} ORDER BY id"), params or {})
+        return [dict(r._mapping) for r in rows]
+
+
+def wait_for_rows(engine, count: int, where: str = "TRUE", params: dict | None = None,
+                  timeout: float = 10) -> list[dict]:
+    """Usage rows are written after the response: poll until `count` of them are there."""
+    wait_until(lambda: len(usage_rows(engine, where, params)) >= count, timeout=timeout,
+               message=f"{count} usage rows where {where}")
+    return usage_rows(engine, where, params)

@@ -1,0 +1,90 @@
+"""The gateway's Flask application factory."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+from flask import Flask, Response, g
+
+from app.config import Settings, load_dotenv_once
+from app.errors import register_error_handlers
+from app.extensions import cors, db, make_redis
+from app.providers.provider_manager import ProviderManager
+from app.runtime import Runtime
+from app.services.api_key_service import KeyCache, LastUsedTracker
+from app.services.settlement_service import Settlement
+from app.services.usage_service import UsageWriter
+from app.utils.token_counter import preload as preload_tokenizers
+
+log = logging.getLogger("gateway")
+
+
+def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
+    """Build the app. `config`: a Settings, or a mapping of overrides on top of the environment."""
+    load_dotenv_once()
+    if isinstance(config, Settings):
+        settings = config
+    else:
+        settings = Settings.from_env()
+        for name, value in (config or {}).items():
+            setattr(settings, name, value)
+        settings.DATABASE_URL = Settings.from_env({"DATABASE_URL": settings.DATABASE_URL}).DATABASE_URL
+    _configure_logging(settings.LOG_LEVEL)
+
+    app = Flask(__name__)
+    app.config.from_mapping(settings.to_flask())
+    if settings.embedded_database:
+        from app.config import DEFAULT_SQLITE_PATH
+        DEFAULT_SQLITE_PATH.parent.mkdir(parents=True, exist_ok=True)
+    db.init_app(app)
+    cors.init_app(app, origins=[o.strip() for o in settings.CORS_ORIGINS.split(",") if o.strip()],
+                  expose_headers=["X-Request-ID", "Retry-After", "x-ratelimit-limit-requests",
+                                  "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
+                                  "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens",
+                                  "x-ratelimit-reset-tokens"])
+
+    providers = ProviderManager.from_file(settings.MODELS_FILE, defaults={
+        "connect_timeout_s": settings.UPSTREAM_CONNECT_TIMEOUT_S,
+        "read_timeout_s": settings.UPSTREAM_READ_TIMEOUT_S,
+        "pool_maxsize": settings.UPSTREAM_POOL_MAXSIZE,
+    })
+    preload_tokenizers({m.tokenizer for m in providers.catalog.models.values()})
+    with app.app_context():
+        engine = db.engine
+    writer = UsageWriter(engine)
+    last_used = LastUsedTracker(settings.LAST_USED_WRITE_INTERVAL_S)
+    app.extensions["gateway"] = Runtime(
+        settings=settings, providers=providers, key_cache=KeyCache(settings.AUTH_CACHE_TTL_S),
+        last_used=last_used, usage_writer=writer,
+        settlement=Settlement(writer, engine, last_used), engine=engine,
+        redis=make_redis(settings.REDIS_URL, settings.REDIS_MAX_CONNECTIONS), app=app)
+
+    from app.api.routes import api
+    app.register_blueprint(api)
+    register_error_handlers(app)
+    app.after_request(_request_id_header)
+    _announce_mode(settings, len(providers.catalog.models))
+    return app
+
+
+def _request_id_header(resp: Response) -> Response:
+    rid = g.get("request_id")
+    if rid:
+        resp.headers["X-Request-ID"] = rid
+    return resp
+
+
+def _configure_logging(level: str) -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("gateway").setLevel(level.upper())
+
+
+def _announce_mode(settings: Settings, n_models: int) -> None:
+    db_mode = "embedded SQLite (instance/)" if settings.embedded_database else "PostgreSQL"
+    limiter = ("embedded in-process limiter (REDIS_URL not set: limits hold for this process only)"
+               if settings.embedded_limiter else "Redis")
+    log.info("gateway ready: database=%s, limits=%s, %d models", db_mode, limiter, n_models)
+    if not settings.SYSTEM_SECRET:
+        log.warning("SYSTEM_SECRET is not set: the admin API answers 503")

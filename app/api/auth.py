@@ -1,0 +1,58 @@
+"""Who is calling: a consumer's Bearer key, or the operator's `X-System-Secret`."""
+from __future__ import annotations
+
+import hmac
+import logging
+
+from flask import g, request
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.errors import AuthenticationFailed, ServiceUnavailable, SystemSecretRequired
+from app.extensions import db
+from app.runtime import runtime
+from app.services.api_key_service import KeyInfo, lookup_key
+
+log = logging.getLogger("gateway.auth")
+
+
+def bearer_token() -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def authenticate() -> KeyInfo:
+    """The calling key, or AuthenticationFailed (401 + WWW-Authenticate: Bearer).
+
+    The plaintext key is never logged; error messages name at most its display prefix.
+    """
+    token = bearer_token()
+    if token is None:
+        raise AuthenticationFailed("Missing API key. Send it as 'Authorization: Bearer sk-...'.")
+    rt = runtime()
+    try:
+        info = lookup_key(lambda: db.session, rt.key_cache, token)
+    except SQLAlchemyError:
+        log.error("key lookup failed: database unavailable")
+        raise ServiceUnavailable("The key store is unavailable; try again shortly.",
+                                 code="database_unavailable") from None
+    if info is None:
+        raise AuthenticationFailed("Incorrect API key provided.")
+    ok, reason = info.usable()
+    if not ok:
+        raise AuthenticationFailed(reason)
+    g.api_key = info
+    return info
+
+
+def require_system_secret() -> None:
+    """Constant-time check of `X-System-Secret`; 503 when the operator configured none."""
+    expected = runtime().settings.SYSTEM_SECRET
+    if not expected:
+        raise ServiceUnavailable("The admin API is disabled: SYSTEM_SECRET is not configured "
+                                 "on this gateway.", code="system_secret_not_configured")
+    given = request.headers.get("X-System-Secret", "")
+    if not given or not hmac.compare_digest(given.encode(), expected.encode()):
+        raise SystemSecretRequired("Missing or wrong X-System-Secret header.")

@@ -1,0 +1,229 @@
+"""The request paths, readable top to bottom. HTTP in, services and providers do the work."""
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from datetime import datetime
+from typing import Any, Iterator
+
+from flask import Response, g, request
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.api.auth import authenticate, require_system_secret
+from app.api.schemas import API_KEY_CREATE_SCHEMA, CHAT_SCHEMA, USAGE_QUERY_SCHEMA
+from app.errors import (InvalidRequest, ModelNotFound, NotFound, PermissionDenied,
+                        from_provider_error)
+from app.extensions import db
+from app.providers.base import ProviderError, StreamPiece
+from app.runtime import runtime
+from app.services import api_key_service, usage_service
+from app.services.settlement_service import CompletionTrace
+from app.utils.streaming import DONE_EVENT, KEEPALIVE_EVENT, sse_event, with_heartbeat
+
+log = logging.getLogger("gateway.api")
+JSON = "application/json"
+
+
+def json_response(payload: Any, status: int = 200) -> Response:
+    return Response(json.dumps(payload, separators=(",", ":")), status=status, mimetype=JSON)
+
+
+def read_json_object() -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 that says what is wrong with it."""
+    raw = request.get_data(cache=False)
+    if not raw:
+        raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def new_request_id() -> str:
+    rid = "req_" + uuid.uuid4().hex
+    g.request_id = rid
+    return rid
+
+
+# --- chat completions ------------------------------------------------------------------------
+
+def chat_completions() -> Response:
+    rt = runtime()
+    key = authenticate()
+    body = read_json_object()
+    CHAT_SCHEMA.load(body)  # validates; unknown fields stay in `body` and pass through
+    alias = body["model"]
+    entry = rt.providers.model(alias)
+    if entry is None:
+        raise ModelNotFound(f"The model '{alias}' does not exist on this gateway. "
+                            "GET /v1/models lists the available models.", param="model")
+    if not key.may_use(alias):
+        raise PermissionDenied(f"This API key may not use the model '{alias}'.", param="model",
+                               code="model_not_allowed")
+    deployment, provider = rt.providers.primary(entry)
+    upstream_request = {**body, "model": deployment.model}
+    trace = CompletionTrace(request_id=new_request_id(), key=key, entry=entry,
+                            deployment=deployment, request=body, streamed=bool(body.get("stream")))
+    if trace.streamed:
+        return _stream_completion(rt, provider, upstream_request, trace)
+    try:
+        completion = provider.complete(upstream_request)
+    except ProviderError as exc:
+        _fail(rt, trace, exc)
+        raise from_provider_error(exc) from None
+    trace.first_byte()
+    trace.usage, trace.body = completion.usage, completion.body
+    resp = Response(completion.json_bytes(), mimetype=JSON)
+    resp.call_on_close(lambda: rt.settlement.settle(trace))
+    return resp
+
+
+def _fail(rt: Any, trace: CompletionTrace, exc: ProviderError) -> None:
+    trace.status, trace.error_type = "error", exc.kind
+    rt.settlement.settle(trace)
+
+
+def _stream_completion(rt: Any, provider: Any, upstream_request: dict, trace: CompletionTrace) -> Response:
+    """Wait for the upstream's first event before answering, so that a failure before any
+    byte reaches the client is still an ordinary HTTP error (502/504 + envelope)."""
+    try:
+        upstream = provider.stream(upstream_request)
+        pieces = iter(upstream)
+        first = next(pieces)
+    except StopIteration:
+        exc: ProviderError = ProviderError("The provider ended the stream without any event.")
+        _fail(rt, trace, exc)
+        raise from_provider_error(exc) from None
+    except ProviderError as exc:
+        _fail(rt, trace, exc)
+        raise from_provider_error(exc) from None
+    wants_usage = bool((trace.request.get("stream_options") or {}).get("include_usage"))
+    keepalive = rt.settings.STREAM_KEEPALIVE_S
+    rest = with_heartbeat(upstream, keepalive) if keepalive > 0 else upstream
+
+    def events() -> Iterator[bytes]:
+        try:
+            piece: StreamPiece | None = first
+            source: Iterator[StreamPiece | None] = iter(rest)
+            while True:
+                if piece is None:
+                    yield KEEPALIVE_EVENT
+                else:
+                    if piece.usage is not None:
+                        trace.usage = piece.usage
+                    if not (piece.usage_only and not wants_usage):
+                        data = piece.data()
+                        trace.chunks.append(data)
+                        trace.first_byte()
+                        yield sse_event(data)
+                try:
+                    piece = next(source)
+                except StopIteration:
+                    break
+            yield DONE_EVENT
+        except ProviderError as exc:
+            # Bytes are out already: no fallback, end the stream with an error event.
+            trace.status, trace.error_type = "error", exc.kind
+            yield sse_event(json.dumps(from_provider_error(exc).body()).encode())
+            yield DONE_EVENT
+        except GeneratorExit:
+            trace.status, trace.error_type = "client_disconnected", "client_disconnected"
+            raise
+        finally:
+            close = getattr(rest, "close", None)
+            if close is not None:
+                close()
+            rt.settlement.settle(trace)
+
+    resp = Response(events(), mimetype="text/event-stream")
+    resp.headers["Cache-Control"] = "no-cache"
+    resp.headers["X-Accel-Buffering"] = "no"
+    return resp
+
+
+# --- models, usage, health -------------------------------------------------------------------
+
+def list_models() -> Response:
+    rt = runtime()
+    key = authenticate()
+    data = []
+    for alias, entry in rt.providers.catalog.models.items():
+        if not key.may_use(alias):
+            continue
+        data.append({"id": alias, "object": "model", "created": rt.providers.catalog.created,
+                     "owned_by": entry.owned_by or _owner(rt, entry)})
+    return json_response({"object": "list", "data": data})
+
+
+def _owner(rt: Any, entry: Any) -> str:
+    kind = rt.providers.provider_type(entry.deployments[0].provider)
+    return "gateway-simulator (offline, not a real model)" if kind == "simulator" else entry.deployments[0].provider
+
+
+def usage() -> Response:
+    rt = runtime()
+    key = authenticate()
+    raw = request.args.to_dict() if request.method == "GET" or not request.content_length \
+        else read_json_object()
+    params = USAGE_QUERY_SCHEMA.load(raw)
+    default_start, default_end = usage_service.month_bounds()
+    start: datetime = params.get("start", default_start)
+    end: datetime = params.get("end", default_end)
+    if end <= start:
+        raise InvalidRequest("'end' must be after 'start'.", param="end")
+    query = usage_service.UsageQuery(start=start, end=end, api_key_id=key.id,
+                                     model=params.get("model"), group_by=params.get("group_by"))
+    return json_response(usage_service.query_usage(rt.engine, query))
+
+
+def health() -> Response:
+    rt = runtime()
+    status, code = {"status": "ok"}, 200
+    try:
+        with rt.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        status["database"] = "ok" if not rt.settings.embedded_database else "ok (embedded sqlite)"
+    except SQLAlchemyError:
+        status["database"], code = "unavailable", 503
+    if rt.redis is None:
+        status["redis"] = "not configured (embedded in-process limiter)"
+    else:
+        try:
+            rt.redis.ping()
+            status["redis"] = "ok"
+        except Exception:
+            status["redis"], code = "unavailable", 503
+    if code != 200:
+        status["status"] = "degraded"
+    return json_response(status, code)
+
+
+# --- admin: API keys -------------------------------------------------------------------------
+
+def create_api_key() -> Response:
+    require_system_secret()
+    params = API_KEY_CREATE_SCHEMA.load(read_json_object())
+    key, plaintext = api_key_service.mint_key(db.session, **params)
+    body = api_key_service.key_to_dict(key)
+    body["key"] = plaintext  # the only time the secret is ever shown
+    return json_response(body, 201)
+
+
+def list_api_keys() -> Response:
+    require_system_secret()
+    keys = api_key_service.list_keys(db.session)
+    return json_response({"object": "list", "data": [api_key_service.key_to_dict(k) for k in keys]})
+
+
+def revoke_api_key(key_id: int) -> Response:
+    require_system_secret()
+    key = api_key_service.revoke_key(db.session, key_id)
+    if key is None:
+        raise NotFound(f"No API key with id {key_id}.", param="id")
+    runtime().key_cache.invalidate_key_id(key_id)
+    return json_response(api_key_service.key_to_dict(key))

@@ -1,0 +1,143 @@
+"""marshmallow schemas of the request bodies, with strict types.
+
+Strictness matters: marshmallow's Integer would turn 1.5 into 1 and "10" into 10, Boolean
+would take "yes", Float would take "0.7" (see TRAPS.md). An OpenAI client never sends those,
+so a gateway that accepts them hides a bug of its caller.
+"""
+from __future__ import annotations
+
+from datetime import timezone
+from typing import Any
+
+from marshmallow import INCLUDE, RAISE, Schema, ValidationError, fields, validate
+
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+class StrictBool(fields.Boolean):
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kw: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ValidationError("Must be a boolean (true or false).")
+        return value
+
+
+class StrictNumber(fields.Float):
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kw: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValidationError("Must be a number.")
+        return super()._deserialize(value, attr, data, **kw)
+
+
+class StrictDecimal(fields.Decimal):
+    """A decimal string ("12.50") or a number; never a bool, which Decimal() would take as 1."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kw: Any):
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValidationError("Must be a decimal string or a number.")
+        return super()._deserialize(value, attr, data, **kw)
+
+
+class StrictString(fields.String):
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kw: Any) -> str:
+        if not isinstance(value, str):
+            raise ValidationError("Must be a string.")
+        return value
+
+
+def _validate_content(content: Any, role: str) -> str | None:
+    """None when valid, else the problem with a message's `content`."""
+    if content is None:
+        return None if role in ("assistant", "function") else "Content is required for this role."
+    if isinstance(content, str):
+        return None
+    if isinstance(content, list):
+        if not content:
+            return "Content parts must not be empty."
+        for part in content:
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                return "Each content part must be an object with a 'type'."
+            if part["type"] == "text" and not isinstance(part.get("text"), str):
+                return "A text part needs a string 'text'."
+        return None
+    return "Content must be a string or a list of content parts."
+
+
+class Messages(fields.List):
+    """A non-empty list of chat messages, checked in plain Python (much cheaper than a Nested
+    schema per message); unknown message fields (`name`, `tool_calls`, ...) pass through."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(fields.Raw(), **kw)
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kw: Any) -> list:
+        if not isinstance(value, list):
+            raise ValidationError("Must be a list of messages.")
+        if not value:
+            raise ValidationError("At least one message is required.")
+        for i, msg in enumerate(value):
+            if not isinstance(msg, dict):
+                raise ValidationError({i: ["Each message must be an object."]})
+            role = msg.get("role")
+            if role not in ROLES:
+                raise ValidationError({i: {"role": [f"Must be one of: {', '.join(ROLES[:5])}."]}})
+            problem = _validate_content(msg.get("content"), role)
+            if problem and not (role == "assistant" and msg.get("tool_calls")):
+                raise ValidationError({i: {"content": [problem]}})
+            if role == "tool" and not isinstance(msg.get("tool_call_id"), str):
+                raise ValidationError({i: {"tool_call_id": ["A tool message needs a string 'tool_call_id'."]}})
+        return value
+
+
+class ChatCompletionSchema(Schema):
+    """`POST /v1/chat/completions`. Fields not modelled here pass through to the provider."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    model = StrictString(required=True, validate=validate.Length(min=1, max=200))
+    messages = Messages(required=True)
+    temperature = StrictNumber(validate=validate.Range(min=0, max=2), allow_none=True)
+    top_p = StrictNumber(validate=validate.Range(min=0, max=1), allow_none=True)
+    max_tokens = fields.Integer(strict=True, validate=validate.Range(min=1), allow_none=True)
+    max_completion_tokens = fields.Integer(strict=True, validate=validate.Range(min=1), allow_none=True)
+    n = fields.Integer(strict=True, validate=validate.Range(min=1, max=128), allow_none=True)
+    stream = StrictBool(allow_none=True)
+    stream_options = fields.Dict(allow_none=True)
+    presence_penalty = StrictNumber(validate=validate.Range(min=-2, max=2), allow_none=True)
+    frequency_penalty = StrictNumber(validate=validate.Range(min=-2, max=2), allow_none=True)
+    user = StrictString(allow_none=True)
+
+
+class ApiKeyCreateSchema(Schema):
+    """`POST /v1/api-keys` (system secret)."""
+
+    class Meta:
+        unknown = RAISE
+
+    name = StrictString(required=True, validate=validate.Length(min=1, max=200))
+    tenant = StrictString(load_default="default", validate=validate.Length(min=1, max=200))
+    role = StrictString(load_default="member", validate=validate.OneOf(("member", "admin")))
+    rpm_limit = fields.Integer(strict=True, validate=validate.Range(min=1), allow_none=True)
+    tpm_limit = fields.Integer(strict=True, validate=validate.Range(min=1), allow_none=True)
+    daily_token_limit = fields.Integer(strict=True, validate=validate.Range(min=1), allow_none=True)
+    max_concurrent = fields.Integer(strict=True, validate=validate.Range(min=1), allow_none=True)
+    budget_usd = StrictDecimal(validate=validate.Range(min=0), allow_none=True, allow_nan=False)
+    allowed_models = fields.List(StrictString(validate=validate.Length(min=1)), allow_none=True)
+    expires_at = fields.AwareDateTime(default_timezone=timezone.utc, allow_none=True)
+
+
+class UsageQuerySchema(Schema):
+    """Query string (GET) or JSON body (POST) of `/v1/usage`."""
+
+    class Meta:
+        unknown = RAISE
+
+    start = fields.AwareDateTime(default_timezone=timezone.utc)
+    end = fields.AwareDateTime(default_timezone=timezone.utc)
+    model = StrictString(validate=validate.Length(min=1, max=200))
+    group_by = StrictString(validate=validate.OneOf(("model", "day")))
+
+
+CHAT_SCHEMA = ChatCompletionSchema()
+API_KEY_CREATE_SCHEMA = ApiKeyCreateSchema()
+USAGE_QUERY_SCHEMA = UsageQuerySchema()

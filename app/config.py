@@ -1,0 +1,127 @@
+"""Every setting of the gateway, read from the environment (and `.env`) in one place.
+
+The names here are part of the product's interface; `.env.example` documents each one.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+ROOT_DIR = Path(__file__).resolve().parent.parent
+DEFAULT_SQLITE_PATH = ROOT_DIR / "instance" / "gateway.db"
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept `postgres://`, `postgresql://` and `postgresql+psycopg://`; always drive psycopg 3."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
+
+
+@dataclass
+class Settings:
+    """Typed settings. Build with `Settings.from_env()`; tests pass overrides to `create_app`."""
+
+    DATABASE_URL: str = f"sqlite:///{DEFAULT_SQLITE_PATH}"
+    REDIS_URL: str = ""
+    SYSTEM_SECRET: str = ""
+    MODELS_FILE: str = str(ROOT_DIR / "data" / "models.json")
+    CORS_ORIGINS: str = "*"
+    MAX_REQUEST_BYTES: int = 4 * 1024 * 1024
+    LOG_LEVEL: str = "INFO"
+    # Per-worker cache of key lookups; revocations also invalidate it directly.
+    AUTH_CACHE_TTL_S: float = 5.0
+    # `last_used_at` is written at most this often per key (never on every request).
+    LAST_USED_WRITE_INTERVAL_S: float = 60.0
+    DB_POOL_SIZE: int = 20
+    DB_MAX_OVERFLOW: int = 20
+    REDIS_MAX_CONNECTIONS: int = 64
+    # Default per-provider timeouts when models.json does not give them.
+    UPSTREAM_CONNECT_TIMEOUT_S: float = 10.0
+    UPSTREAM_READ_TIMEOUT_S: float = 600.0
+    UPSTREAM_POOL_MAXSIZE: int = 64
+    # A comment line is sent to streaming clients when the upstream is silent this long.
+    STREAM_KEEPALIVE_S: float = 15.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        s = cls()
+        for f in fields(cls):
+            if f.name == "extra" or f.name not in env:
+                continue
+            default = getattr(s, f.name)
+            if isinstance(default, bool):
+                setattr(s, f.name, env[f.name].strip().lower() in ("1", "true", "yes", "on"))
+            elif isinstance(default, int):
+                setattr(s, f.name, _env_int(env, f.name, default))
+            elif isinstance(default, float):
+                setattr(s, f.name, _env_float(env, f.name, default))
+            elif env[f.name].strip():
+                setattr(s, f.name, env[f.name].strip())
+        s.DATABASE_URL = normalize_database_url(s.DATABASE_URL)
+        return s
+
+    @property
+    def embedded_database(self) -> bool:
+        return self.DATABASE_URL.startswith("sqlite")
+
+    @property
+    def embedded_limiter(self) -> bool:
+        return not self.REDIS_URL
+
+    def to_flask(self) -> dict[str, Any]:
+        """The Flask config mapping (upper-case keys) plus what Flask-SQLAlchemy expects."""
+        cfg = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        cfg.update(self.extra)
+        cfg["SQLALCHEMY_DATABASE_URI"] = self.DATABASE_URL
+        cfg["SQLALCHEMY_ENGINE_OPTIONS"] = engine_options(self)
+        cfg["MAX_CONTENT_LENGTH"] = self.MAX_REQUEST_BYTES
+        cfg["JSON_SORT_KEYS"] = False
+        return cfg
+
+
+def engine_options(settings: Settings) -> dict[str, Any]:
+    if settings.embedded_database:
+        # One file, many threads of the dev server: wait for the lock instead of failing.
+        return {"connect_args": {"check_same_thread": False, "timeout": 30}}
+    return {
+        "pool_size": settings.DB_POOL_SIZE,
+        "max_overflow": settings.DB_MAX_OVERFLOW,
+        "pool_timeout": 10,
+        "pool_recycle": 1800,
+        "connect_args": {"connect_timeout": 5},
+    }
+
+
+def load_dotenv_once() -> None:
+    """Read `.env` at the repository root (never overriding the real environment)."""
+    try:
+        from dotenv import load_dotenv
+    except ImportError:  # pragma: no cover - python-dotenv is in requirements.txt
+        return
+    load_dotenv(ROOT_DIR / ".env", override=False)

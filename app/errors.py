@@ -1,0 +1,197 @@
+"""One exception hierarchy, mapped in one place to the OpenAI error envelope.
+
+Every error a client can see is an `APIError`; `register_error_handlers` turns it (and
+Werkzeug's HTTP errors, marshmallow validation errors and unexpected exceptions) into
+`{"error": {"message", "type", "param", "code"}}` with the right status.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from flask import Flask, Response
+from marshmallow import ValidationError
+from werkzeug.exceptions import HTTPException
+
+from app.providers.base import ProviderError
+
+log = logging.getLogger("gateway.errors")
+
+
+class APIError(Exception):
+    status = 500
+    type = "api_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 status: int | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type,
+                          "param": self.param, "code": self.code}}
+
+
+class InvalidRequest(APIError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationFailed(APIError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def __init__(self, message: str = "Incorrect or missing API key.", **kw: Any) -> None:
+        kw.setdefault("headers", {"WWW-Authenticate": "Bearer"})
+        super().__init__(message, **kw)
+
+
+class SystemSecretRequired(APIError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_system_secret"
+
+
+class PermissionDenied(APIError):
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
+class NotFound(APIError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class Conflict(APIError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class RateLimited(APIError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class InsufficientQuota(APIError):
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
+class UpstreamError(APIError):
+    """The provider failed before anything was sent to the client."""
+    status = 502
+    type = "api_error"
+    code = "upstream_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class ServiceUnavailable(APIError):
+    status = 503
+    type = "api_error"
+    code = "service_unavailable"
+
+
+def from_provider_error(exc: ProviderError) -> APIError:
+    """The client's view of an upstream failure (status by the taxonomy, message redacted)."""
+    status = exc.client_status
+    if exc.kind == "context_too_long":
+        return InvalidRequest(exc.message, code="context_length_exceeded", param="messages")
+    if exc.kind == "bad_request":
+        return InvalidRequest(f"The provider rejected the request: {exc.message}",
+                              code=exc.code or "upstream_bad_request")
+    if exc.kind == "not_found":
+        return ModelNotFound(f"The provider does not know this model: {exc.message}", param="model")
+    if exc.kind == "rate_limited":
+        headers = {"Retry-After": str(int(exc.retry_after or 1))}
+        return RateLimited(f"The provider is rate limiting this gateway: {exc.message}",
+                           code="upstream_rate_limited", headers=headers)
+    if exc.kind == "timeout":
+        return UpstreamTimeout(f"The provider did not answer in time: {exc.message}")
+    if exc.kind == "auth":
+        return UpstreamError("The gateway's credentials for this provider were refused; "
+                             "the operator has to fix them.", code="upstream_auth_error")
+    return UpstreamError(f"The provider failed: {exc.message}", status=status)
+
+
+_HTTP_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error",
+               404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+               429: "rate_limit_error"}
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+def error_response(err: APIError) -> Response:
+    resp = Response(json.dumps(err.body()), status=err.status, mimetype="application/json")
+    for k, v in err.headers.items():
+        resp.headers[k] = v
+    return resp
+
+
+def first_validation_error(messages: Any, prefix: str = "") -> tuple[str | None, str]:
+    """Flatten marshmallow's nested messages to (param path, message) of the first error."""
+    if isinstance(messages, dict):
+        for key, value in messages.items():
+            path = f"{prefix}.{key}" if prefix and not isinstance(key, int) else (
+                f"{prefix}[{key}]" if isinstance(key, int) else str(key))
+            if key == "_schema":
+                path = prefix or None
+            return first_validation_error(value, path or "")
+    if isinstance(messages, list) and messages:
+        if all(isinstance(m, str) for m in messages):
+            return (prefix or None), messages[0]
+        return first_validation_error(messages[0], prefix)
+    return (prefix or None), str(messages)
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(APIError)
+    def _api_error(err: APIError) -> Response:
+        return error_response(err)
+
+    @app.errorhandler(ValidationError)
+    def _validation(err: ValidationError) -> Response:
+        param, message = first_validation_error(err.messages)
+        text = f"Invalid value for '{param}': {message}" if param else message
+        return error_response(InvalidRequest(text, param=param, code="invalid_value"))
+
+    @app.errorhandler(HTTPException)
+    def _http(err: HTTPException) -> Response:
+        status = err.code or 500
+        message = {
+            404: "Unknown URL. See the README for the gateway's endpoints.",
+            405: "Method not allowed for this URL.",
+            413: f"Request body too large (limit: {app.config.get('MAX_CONTENT_LENGTH')} bytes).",
+        }.get(status, err.description or err.name)
+        api = APIError(message, status=status, code=_HTTP_CODES.get(status))
+        api.type = _HTTP_TYPES.get(status, "api_error")
+        resp = error_response(api)
+        if status == 405 and hasattr(err, "valid_methods") and err.valid_methods:
+            resp.headers["Allow"] = ", ".join(err.valid_methods)
+        return resp
+
+    @app.errorhandler(Exception)
+    def _unexpected(err: Exception) -> Response:
+        log.exception("unhandled error: %s", type(err).__name__)
+        return error_response(APIError("The gateway had an internal error. It has been logged.",
+                                       code="internal_error"))

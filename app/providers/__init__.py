@@ -1,0 +1,2 @@
+"""Provider types register themselves on import; importing this package loads them all."""
+from app.providers import openai_compatible, simulator  # noqa: F401

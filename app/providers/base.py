@@ -1,0 +1,180 @@
+"""The provider interface, its error taxonomy and the registry of provider types.
+
+Providers know nothing of Flask, keys or billing: they take an OpenAI-shaped request dict
+and give back an OpenAI-shaped completion (or a stream of chunks).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator
+
+
+class ProviderError(Exception):
+    """An upstream failure, classified. `kind` decides retry, fallback and the client status."""
+
+    kind: ClassVar[str] = "unavailable"
+    retryable: ClassVar[bool] = True
+    client_status: ClassVar[int] = 502
+
+    def __init__(self, message: str, *, upstream_status: int | None = None,
+                 retry_after: float | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.upstream_status = upstream_status
+        self.retry_after = retry_after
+        self.code = code
+
+
+class ProviderAuthError(ProviderError):
+    kind = "auth"
+    retryable = False
+    client_status = 502  # the operator's upstream key is wrong: not the client's fault
+
+
+class ProviderRateLimited(ProviderError):
+    kind = "rate_limited"
+    retryable = True
+    client_status = 429
+
+
+class ProviderBadRequest(ProviderError):
+    kind = "bad_request"
+    retryable = False
+    client_status = 400
+
+
+class ProviderContextTooLong(ProviderBadRequest):
+    kind = "context_too_long"
+
+
+class ProviderNotFound(ProviderBadRequest):
+    kind = "not_found"
+    client_status = 404
+
+
+class ProviderUnavailable(ProviderError):
+    kind = "unavailable"
+    retryable = True
+    client_status = 502
+
+
+class ProviderTimeout(ProviderError):
+    kind = "timeout"
+    retryable = True
+    client_status = 504
+
+
+def error_for_status(status: int, message: str, *, code: str | None = None,
+                     retry_after: float | None = None) -> ProviderError:
+    """Map an upstream HTTP status (and OpenAI-style error code) onto the taxonomy."""
+    if code == "context_length_exceeded" or "context length" in message.lower():
+        cls: type[ProviderError] = ProviderContextTooLong
+    elif status in (401, 403):
+        cls = ProviderAuthError
+    elif status == 404:
+        cls = ProviderNotFound
+    elif status in (408, 504):
+        cls = ProviderTimeout
+    elif status == 429 or status == 529:
+        cls = ProviderRateLimited if status == 429 else ProviderUnavailable
+    elif 400 <= status < 500:
+        cls = ProviderBadRequest
+    else:
+        cls = ProviderUnavailable
+    return cls(message, upstream_status=status, retry_after=retry_after, code=code)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+@dataclass
+class StreamPiece:
+    """One element of a provider stream.
+
+    `raw` is the JSON text of an OpenAI chunk when it can be forwarded as it is (no re-encoding
+    on the hot path); `chunk` is the parsed dict when the provider built or needed it.
+    `usage` is set on the piece that carries the final usage.
+    """
+    raw: bytes | None = None
+    chunk: dict[str, Any] | None = None
+    usage: dict[str, Any] | None = None
+    usage_only: bool = False  # an include_usage chunk: forwarded only if the client asked
+
+    def data(self) -> bytes:
+        if self.raw is not None:
+            return self.raw
+        return json.dumps(self.chunk, separators=(",", ":")).encode()
+
+
+@dataclass
+class Completion:
+    """A non-streaming answer: the body to return (raw JSON bytes or a dict) and its usage."""
+    body: dict[str, Any] | None = None
+    raw: bytes | None = None
+    usage: dict[str, Any] | None = None
+    content_text: str = ""
+    extra_headers: dict[str, str] = field(default_factory=dict)
+
+    def json_bytes(self) -> bytes:
+        if self.raw is not None:
+            return self.raw
+        return json.dumps(self.body, separators=(",", ":")).encode()
+
+
+class Provider:
+    """Base class of every provider type. Subclasses set `type` and implement both calls."""
+
+    type: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, name: str, settings: dict[str, Any], defaults: dict[str, Any]) -> None:
+        self.name = name
+        self.settings = settings
+        self.defaults = defaults
+
+    @classmethod
+    def validate_settings(cls, name: str, settings: dict[str, Any]) -> None:
+        """Raise ValueError naming the bad field of this provider's models.json entry."""
+
+    def complete(self, request: dict[str, Any]) -> Completion:
+        raise NotImplementedError
+
+    def stream(self, request: dict[str, Any]) -> Iterator[StreamPiece]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release pooled connections."""
+
+
+_REGISTRY: dict[str, type[Provider]] = {}
+
+
+def register(cls: type[Provider]) -> type[Provider]:
+    """Class decorator: make a provider type available to models.json by its `type` name."""
+    for name in (cls.type, *cls.aliases):
+        _REGISTRY[name] = cls
+    return cls
+
+
+def provider_class(type_name: str) -> type[Provider] | None:
+    return _REGISTRY.get(type_name)
+
+
+def registered_types() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+_SECRET_PATTERN = re.compile(r"(sk-[A-Za-z0-9_\-*]{4,}|Bearer\s+\S+|key=[^&\s]+|AIza[0-9A-Za-z_\-]{10,})")
+
+
+def redact(text: str) -> str:
+    """Remove anything that looks like a credential from an upstream message before it is shown."""
+    return _SECRET_PATTERN.sub("[redacted]", text)

@@ -1,0 +1,180 @@
+"""`data/models.json`: model aliases -> deployments, prices, context window; validated at start-up.
+
+Any error names the bad entry (`models.gpt-4o.pricing.input_per_mtok: ...`) so an operator can
+fix the file without reading code.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+from app.utils.token_counter import SHA256 as KNOWN_TOKENIZERS
+
+MTOK = Decimal(1_000_000)
+
+
+class CatalogError(ValueError):
+    """models.json is unreadable or invalid; the message names the entry."""
+
+
+@dataclass(frozen=True)
+class Pricing:
+    input_per_mtok: Decimal = Decimal(0)
+    output_per_mtok: Decimal = Decimal(0)
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
+        """Exact cost in USD of a request (no float anywhere)."""
+        return (self.input_per_mtok * prompt_tokens + self.output_per_mtok * completion_tokens) / MTOK
+
+
+@dataclass(frozen=True)
+class Deployment:
+    provider: str
+    model: str
+    priority: int = 1
+    weight: int = 1
+    rpm: int | None = None
+    tpm: int | None = None
+    rpd: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    alias: str
+    deployments: tuple[Deployment, ...]
+    context_window: int
+    max_output_tokens: int
+    pricing: Pricing
+    tokenizer: str = "o200k_base"
+    category: str | None = None
+    owned_by: str | None = None
+    fallbacks: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Catalog:
+    providers: dict[str, dict[str, Any]]
+    models: dict[str, ModelEntry]
+    created: int = 0
+
+    def get(self, alias: str) -> ModelEntry | None:
+        return self.models.get(alias)
+
+
+def _decimal(value: Any, where: str) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise CatalogError(f"{where}: expected a decimal string such as \"0.15\", got {value!r}")
+    try:
+        result = Decimal(str(value))
+    except InvalidOperation as exc:
+        raise CatalogError(f"{where}: not a decimal number: {value!r}") from exc
+    if not result.is_finite() or result < 0:
+        raise CatalogError(f"{where}: must be a non-negative number, got {value!r}")
+    return result
+
+
+def _pos_int(value: Any, where: str, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise CatalogError(f"{where}: must be a positive integer, got {value!r}")
+    return value
+
+
+def _deployment(raw: Any, where: str, providers: dict[str, dict]) -> Deployment:
+    if not isinstance(raw, dict):
+        raise CatalogError(f"{where}: must be an object with 'provider' and 'model'")
+    provider, model = raw.get("provider"), raw.get("model")
+    if not isinstance(provider, str) or provider not in providers:
+        raise CatalogError(f"{where}.provider: {provider!r} is not one of the providers "
+                           f"({', '.join(sorted(providers)) or 'none defined'})")
+    if not isinstance(model, str) or not model:
+        raise CatalogError(f"{where}.model: must be the upstream model id (a non-empty string)")
+    return Deployment(
+        provider=provider, model=model,
+        priority=_pos_int(raw.get("priority", 1), f"{where}.priority") or 1,
+        weight=_pos_int(raw.get("weight", 1), f"{where}.weight") or 1,
+        rpm=_pos_int(raw.get("rpm"), f"{where}.rpm", optional=True),
+        tpm=_pos_int(raw.get("tpm"), f"{where}.tpm", optional=True),
+        rpd=_pos_int(raw.get("rpd"), f"{where}.rpd", optional=True),
+    )
+
+
+_MODEL_KEYS = {"deployments", "context_window", "max_output_tokens", "pricing", "tokenizer",
+               "category", "owned_by", "fallbacks"}
+
+
+def _model(alias: str, raw: Any, providers: dict[str, dict]) -> ModelEntry:
+    where = f"models.{alias}"
+    if not isinstance(raw, dict):
+        raise CatalogError(f"{where}: must be an object")
+    deps = raw.get("deployments")
+    if not isinstance(deps, list) or not deps:
+        raise CatalogError(f"{where}.deployments: must be a non-empty list")
+    deployments = tuple(sorted((_deployment(d, f"{where}.deployments[{i}]", providers)
+                                for i, d in enumerate(deps)), key=lambda d: d.priority))
+    pricing_raw = raw.get("pricing", {})
+    if not isinstance(pricing_raw, dict):
+        raise CatalogError(f"{where}.pricing: must be an object")
+    pricing = Pricing(
+        input_per_mtok=_decimal(pricing_raw.get("input_per_mtok", "0"), f"{where}.pricing.input_per_mtok"),
+        output_per_mtok=_decimal(pricing_raw.get("output_per_mtok", "0"), f"{where}.pricing.output_per_mtok"),
+    )
+    tokenizer = raw.get("tokenizer", "o200k_base")
+    if tokenizer not in KNOWN_TOKENIZERS:
+        raise CatalogError(f"{where}.tokenizer: {tokenizer!r} is not shipped in data/tokenizers "
+                           f"({', '.join(sorted(KNOWN_TOKENIZERS))})")
+    category = raw.get("category")
+    if category is not None and category not in ("small", "big"):
+        raise CatalogError(f"{where}.category: must be \"small\" or \"big\", got {category!r}")
+    fallbacks = raw.get("fallbacks", [])
+    if not isinstance(fallbacks, list) or not all(isinstance(f, str) for f in fallbacks):
+        raise CatalogError(f"{where}.fallbacks: must be a list of model aliases")
+    context_window = _pos_int(raw.get("context_window", 8192), f"{where}.context_window")
+    max_output = _pos_int(raw.get("max_output_tokens", 4096), f"{where}.max_output_tokens")
+    return ModelEntry(
+        alias=alias, deployments=deployments, context_window=context_window or 0,
+        max_output_tokens=max_output or 0, pricing=pricing, tokenizer=tokenizer,
+        category=category, owned_by=raw.get("owned_by"), fallbacks=tuple(fallbacks),
+        extra={k: v for k, v in raw.items() if k not in _MODEL_KEYS},
+    )
+
+
+def parse_catalog(data: Any, created: int = 0) -> Catalog:
+    if not isinstance(data, dict):
+        raise CatalogError("top level: must be an object with 'providers' and 'models'")
+    providers = data.get("providers")
+    if not isinstance(providers, dict) or not providers:
+        raise CatalogError("providers: must be a non-empty object of provider name -> settings")
+    for name, cfg in providers.items():
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("type"), str):
+            raise CatalogError(f"providers.{name}: must be an object with a 'type'")
+    models_raw = data.get("models")
+    if not isinstance(models_raw, dict) or not models_raw:
+        raise CatalogError("models: must be a non-empty object of alias -> model")
+    models = {alias: _model(alias, raw, providers) for alias, raw in models_raw.items()}
+    for alias, entry in models.items():
+        for fb in entry.fallbacks:
+            if fb not in models:
+                raise CatalogError(f"models.{alias}.fallbacks: unknown alias {fb!r}")
+    return Catalog(providers=providers, models=models, created=created)
+
+
+def load_catalog(path: str | Path) -> Catalog:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CatalogError(f"cannot read models file {path}: {exc.strerror}") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CatalogError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+    try:
+        return parse_catalog(data, created=int(path.stat().st_mtime))
+    except CatalogError as exc:
+        raise CatalogError(f"{path}: {exc}") from exc

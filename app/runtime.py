@@ -1,0 +1,36 @@
+"""The per-process objects of one app (provider manager, caches, writers), built in create_app.
+
+Kept on `app.extensions["gateway"]` so that several apps (tests) never share state, and so
+that code running after a response (no request context) can hold a plain reference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import redis
+from flask import Flask, current_app
+from sqlalchemy.engine import Engine
+
+from app.config import Settings
+from app.providers.provider_manager import ProviderManager
+from app.services.api_key_service import KeyCache, LastUsedTracker
+from app.services.settlement_service import Settlement
+from app.services.usage_service import UsageWriter
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    providers: ProviderManager
+    key_cache: KeyCache
+    last_used: LastUsedTracker
+    usage_writer: UsageWriter
+    settlement: Settlement
+    engine: Engine
+    redis: Optional[redis.Redis]
+    app: Flask
+
+
+def runtime() -> Runtime:
+    return current_app.extensions["gateway"]

@@ -1,0 +1,218 @@
+"""API keys: minting, listing, revoking, and authenticating a Bearer key.
+
+A key is `sk-` + 32 bytes of URL-safe randomness. Only its SHA-256 and a short display prefix
+are stored. Authentication looks the hash up once per worker every `AUTH_CACHE_TTL_S`
+seconds at most; the cache holds plain snapshots (`KeyInfo`), never ORM objects.
+"""
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Callable
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.models import ApiKey, Tenant
+from app.models.types import as_utc, utcnow
+
+KEY_PREFIX = "sk-"
+DISPLAY_PREFIX_LEN = 11  # "sk-" + 8 characters: enough to tell keys apart, useless to guess
+LIMIT_FIELDS = ("rpm_limit", "tpm_limit", "daily_token_limit", "max_concurrent")
+
+
+def generate_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(plaintext: str) -> str:
+    return hashlib.sha256(plaintext.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """What the request path needs to know about a key, detached from any DB session."""
+    id: int
+    tenant_id: int
+    tenant_name: str
+    tenant_status: str
+    name: str
+    prefix: str
+    role: str
+    rpm_limit: int | None
+    tpm_limit: int | None
+    daily_token_limit: int | None
+    max_concurrent: int | None
+    budget_usd: Decimal | None
+    tenant_budget_usd: Decimal | None
+    allowed_models: frozenset[str] | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+    def usable(self, now: datetime | None = None) -> tuple[bool, str]:
+        """(True, "") or (False, the reason a 401 gives)."""
+        if self.revoked_at is not None:
+            return False, "This API key has been revoked."
+        if self.expires_at is not None and self.expires_at <= (now or utcnow()):
+            return False, "This API key has expired."
+        if self.tenant_status != "active":
+            return False, "The tenant of this API key is suspended."
+        return True, ""
+
+    def may_use(self, alias: str) -> bool:
+        return self.allowed_models is None or alias in self.allowed_models
+
+
+def key_info(key: ApiKey) -> KeyInfo:
+    return KeyInfo(
+        id=key.id, tenant_id=key.tenant_id, tenant_name=key.tenant.name,
+        tenant_status=key.tenant.status, name=key.name, prefix=key.prefix, role=key.role,
+        rpm_limit=key.rpm_limit, tpm_limit=key.tpm_limit, daily_token_limit=key.daily_token_limit,
+        max_concurrent=key.max_concurrent, budget_usd=key.budget_usd,
+        tenant_budget_usd=key.tenant.budget_usd,
+        allowed_models=frozenset(key.allowed_models) if key.allowed_models is not None else None,
+        expires_at=as_utc(key.expires_at), revoked_at=as_utc(key.revoked_at))
+
+
+def key_to_dict(key: ApiKey) -> dict[str, Any]:
+    """The public description of a key: never its secret or its hash."""
+    return {
+        "id": key.id, "object": "api_key", "name": key.name, "prefix": key.prefix,
+        "tenant": key.tenant.name, "tenant_id": key.tenant_id, "role": key.role,
+        **{f: getattr(key, f) for f in LIMIT_FIELDS},
+        "budget_usd": str(key.budget_usd.normalize()) if key.budget_usd is not None else None,
+        "allowed_models": key.allowed_models,
+        "expires_at": _iso(key.expires_at), "revoked_at": _iso(key.revoked_at),
+        "created_at": _iso(key.created_at), "last_used_at": _iso(key.last_used_at),
+    }
+
+
+def _iso(value: datetime | None) -> str | None:
+    value = as_utc(value)
+    return value.isoformat().replace("+00:00", "Z") if value else None
+
+
+def get_or_create_tenant(session: Session, name: str) -> Tenant:
+    tenant = session.scalar(select(Tenant).where(Tenant.name == name))
+    if tenant is not None:
+        return tenant
+    try:
+        with session.begin_nested():
+            tenant = Tenant(name=name, status="active", created_at=utcnow())
+            session.add(tenant)
+            session.flush()
+        return tenant
+    except IntegrityError:  # created concurrently by another request: use that one
+        return session.scalars(select(Tenant).where(Tenant.name == name)).one()
+
+
+def mint_key(session: Session, *, name: str, tenant: str, role: str = "member",
+             rpm_limit: int | None = None, tpm_limit: int | None = None,
+             daily_token_limit: int | None = None, max_concurrent: int | None = None,
+             budget_usd: Decimal | None = None, allowed_models: list[str] | None = None,
+             expires_at: datetime | None = None) -> tuple[ApiKey, str]:
+    """Create a key and return it with its plaintext (which exists only in this return value)."""
+    tenant_row = get_or_create_tenant(session, tenant)
+    plaintext = generate_key()
+    key = ApiKey(tenant_id=tenant_row.id, name=name, prefix=plaintext[:DISPLAY_PREFIX_LEN],
+                 key_hash=hash_key(plaintext), role=role, rpm_limit=rpm_limit, tpm_limit=tpm_limit,
+                 daily_token_limit=daily_token_limit, max_concurrent=max_concurrent,
+                 budget_usd=budget_usd, allowed_models=allowed_models, expires_at=expires_at,
+                 created_at=utcnow())
+    key.tenant = tenant_row
+    session.add(key)
+    session.commit()
+    return key, plaintext
+
+
+def list_keys(session: Session, tenant_id: int | None = None) -> list[ApiKey]:
+    query = select(ApiKey).order_by(ApiKey.id)
+    if tenant_id is not None:
+        query = query.where(ApiKey.tenant_id == tenant_id)
+    return list(session.scalars(query))
+
+
+def revoke_key(session: Session, key_id: int) -> ApiKey | None:
+    key = session.get(ApiKey, key_id)
+    if key is None:
+        return None
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+        session.commit()
+    return key
+
+
+class KeyCache:
+    """Per-worker cache of hash -> KeyInfo (or None for unknown keys), with a TTL backstop."""
+
+    NEGATIVE_TTL_S = 1.0
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._entries: dict[str, tuple[KeyInfo | None, float]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key_hash: str) -> tuple[bool, KeyInfo | None]:
+        entry = self._entries.get(key_hash)
+        if entry is None or entry[1] < time.monotonic():
+            return False, None
+        return True, entry[0]
+
+    def put(self, key_hash: str, info: KeyInfo | None) -> None:
+        ttl = self.ttl_s if info is not None else min(self.ttl_s, self.NEGATIVE_TTL_S)
+        with self._lock:
+            if len(self._entries) > 100_000:
+                self._entries.clear()
+            self._entries[key_hash] = (info, time.monotonic() + ttl)
+
+    def invalidate_key_id(self, key_id: int) -> None:
+        with self._lock:
+            for h, (info, _) in list(self._entries.items()):
+                if info is not None and info.id == key_id:
+                    del self._entries[h]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+def lookup_key(session_factory: Callable[[], Session], cache: KeyCache, plaintext: str) -> KeyInfo | None:
+    """The key's snapshot, from the cache or the database (None when unknown)."""
+    key_hash = hash_key(plaintext)
+    hit, info = cache.get(key_hash)
+    if hit:
+        return info
+    session = session_factory()
+    try:
+        row = session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash))
+        info = key_info(row) if row is not None else None
+    finally:
+        session.close()
+    cache.put(key_hash, info)
+    return info
+
+
+class LastUsedTracker:
+    """Writes `last_used_at` at most once per interval per key, off the request path."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._written: dict[int, float] = {}
+
+    def due(self, key_id: int) -> bool:
+        now = time.monotonic()
+        last = self._written.get(key_id)
+        if last is not None and now - last < self.interval_s:
+            return False
+        self._written[key_id] = now
+        return True
+
+    def write(self, session: Session, key_id: int) -> None:
+        session.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=utcnow()))
+        session.commit()

@@ -1,0 +1,127 @@
+"""After a completion is over: work out its exact usage and cost, and record it once.
+
+Runs after the response has gone out (non-streaming: the WSGI close callback; streaming: the
+generator's `finally`), so its database write is never on the client's critical path. It is
+called on every path: success, upstream failure, client disconnect.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.engine import Engine
+
+from app.models import ApiKey
+from app.models.types import utcnow
+from app.providers.catalog import Deployment, ModelEntry
+from app.services.api_key_service import KeyInfo, LastUsedTracker
+from app.services.usage_service import UsageEvent, UsageWriter
+from app.utils.token_counter import count_messages, count_text
+
+log = logging.getLogger("gateway.settlement")
+
+
+@dataclass
+class CompletionTrace:
+    """What the request path learns about one completion while it runs."""
+    request_id: str
+    key: KeyInfo
+    entry: ModelEntry
+    deployment: Deployment | None
+    request: dict[str, Any]
+    streamed: bool
+    started: float = field(default_factory=time.perf_counter)
+    created_at: Any = field(default_factory=utcnow)
+    first_byte_at: float | None = None
+    usage: dict[str, Any] | None = None
+    body: dict[str, Any] | None = None       # non-streaming answer, for counting when no usage
+    chunks: list[bytes] = field(default_factory=list)  # streamed chunk JSON, same purpose
+    status: str = "ok"                       # ok | error | client_disconnected
+    error_type: str | None = None
+    reached_provider: bool = True
+
+    def first_byte(self) -> None:
+        if self.first_byte_at is None:
+            self.first_byte_at = time.perf_counter()
+
+
+def _completion_text(trace: CompletionTrace) -> str:
+    """The generated text (and tool-call arguments) when the provider gave no usage figures."""
+    parts: list[str] = []
+    if trace.body is not None:
+        for choice in trace.body.get("choices") or ():
+            msg = choice.get("message") or {}
+            if isinstance(msg.get("content"), str):
+                parts.append(msg["content"])
+            for call in msg.get("tool_calls") or ():
+                parts.append(str((call.get("function") or {}).get("arguments", "")))
+    for raw in trace.chunks:
+        try:
+            chunk = json.loads(raw)
+        except ValueError:
+            continue
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            if isinstance(delta.get("content"), str):
+                parts.append(delta["content"])
+            for call in delta.get("tool_calls") or ():
+                parts.append(str((call.get("function") or {}).get("arguments", "")))
+    return "".join(parts)
+
+
+def usage_figures(trace: CompletionTrace) -> tuple[int, int]:
+    """(prompt, completion) tokens: the provider's figures when given, else tiktoken counts."""
+    usage = trace.usage
+    if usage and isinstance(usage.get("prompt_tokens"), int):
+        return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    produced_nothing = trace.body is None and not trace.chunks
+    if produced_nothing and trace.status == "error":
+        return 0, 0  # failed before any token: providers do not bill it
+    messages = trace.request.get("messages") or []
+    prompt = count_messages(messages, trace.entry.tokenizer)
+    return prompt, count_text(_completion_text(trace), trace.entry.tokenizer)
+
+
+class Settlement:
+    def __init__(self, writer: UsageWriter, engine: Engine, last_used: LastUsedTracker) -> None:
+        self.writer = writer
+        self.engine = engine
+        self.last_used = last_used
+
+    def event(self, trace: CompletionTrace) -> UsageEvent:
+        prompt, completion = usage_figures(trace)
+        now = time.perf_counter()
+        return UsageEvent(
+            request_id=trace.request_id, tenant_id=trace.key.tenant_id, api_key_id=trace.key.id,
+            model=trace.entry.alias,
+            provider=trace.deployment.provider if trace.deployment else None,
+            upstream_model=trace.deployment.model if trace.deployment else None,
+            prompt_tokens=prompt, completion_tokens=completion,
+            cost_usd=trace.entry.pricing.cost(prompt, completion),
+            status=trace.status, error_type=trace.error_type, streamed=trace.streamed,
+            latency_ms=int((now - trace.started) * 1000),
+            ttft_ms=int((trace.first_byte_at - trace.started) * 1000) if trace.first_byte_at else None,
+            created_at=trace.created_at,
+        )
+
+    def settle(self, trace: CompletionTrace) -> None:
+        """Record the completion. Never raises: it runs where nobody could handle an error."""
+        try:
+            event = self.event(trace)
+            self.writer.write([event])
+        except Exception:
+            log.exception("usage record %s could not be written", trace.request_id)
+        self._touch(trace.key.id)
+
+    def _touch(self, key_id: int) -> None:
+        if not self.last_used.due(key_id):
+            return
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=utcnow()))
+        except Exception:
+            log.warning("last_used_at of key %s not updated (database unavailable)", key_id)

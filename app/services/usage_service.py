@@ -1,0 +1,159 @@
+"""Usage records: writing one row per completion, and reading totals for `/v1/usage`."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Date, cast, func, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine
+
+from app.models import UsageRecord
+from app.models.types import utcnow
+
+log = logging.getLogger("gateway.usage")
+TABLE = UsageRecord.__table__
+
+
+@dataclass
+class UsageEvent:
+    """Everything known about one request once it is over, ready to become a row."""
+    request_id: str
+    tenant_id: int
+    api_key_id: int
+    model: str
+    provider: str | None = None
+    upstream_model: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: Decimal = Decimal(0)
+    status: str = "ok"
+    error_type: str | None = None
+    streamed: bool = False
+    cached: bool = False
+    latency_ms: int | None = None
+    ttft_ms: int | None = None
+    created_at: datetime = field(default_factory=utcnow)
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id, "tenant_id": self.tenant_id, "api_key_id": self.api_key_id,
+            "model": self.model, "provider": self.provider, "upstream_model": self.upstream_model,
+            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens, "cost_usd": self.cost_usd,
+            "status": self.status, "error_type": self.error_type, "streamed": self.streamed,
+            "cached": self.cached, "latency_ms": self.latency_ms, "ttft_ms": self.ttft_ms,
+            "created_at": self.created_at,
+        }
+
+
+def _insert_ignoring_duplicates(engine: Engine):
+    """INSERT ... ON CONFLICT (request_id) DO NOTHING: a replayed record is never billed twice."""
+    if engine.dialect.name == "postgresql":
+        return postgresql.insert(TABLE).on_conflict_do_nothing(index_elements=["request_id"])
+    if engine.dialect.name == "sqlite":
+        return sqlite.insert(TABLE).on_conflict_do_nothing(index_elements=["request_id"])
+    return insert(TABLE)
+
+
+class UsageWriter:
+    """Writes usage rows with SQLAlchemy Core (no ORM session on the hot path)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._stmt = _insert_ignoring_duplicates(engine)
+
+    def write(self, events: list[UsageEvent]) -> int:
+        """Insert the rows; returns how many were new. Raises on database errors."""
+        if not events:
+            return 0
+        with self.engine.begin() as conn:
+            result = conn.execute(self._stmt, [e.row() for e in events])
+        return result.rowcount if result.rowcount is not None and result.rowcount >= 0 else len(events)
+
+
+# --- reading -------------------------------------------------------------------------------
+
+def month_bounds(now: datetime | None = None) -> tuple[datetime, datetime]:
+    now = now or utcnow()
+    start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    end = (start + timedelta(days=32)).replace(day=1)
+    return start, end
+
+
+@dataclass
+class UsageQuery:
+    start: datetime
+    end: datetime
+    api_key_id: int | None = None
+    tenant_id: int | None = None
+    model: str | None = None
+    group_by: str | None = None  # "model" | "day"
+
+
+def _day_expr(engine: Engine):
+    col = UsageRecord.created_at
+    if engine.dialect.name == "postgresql":
+        return cast(func.timezone("UTC", col), Date)
+    return func.date(col)
+
+
+def _totals(row: Any) -> dict[str, Any]:
+    cost = Decimal(row.cost_usd or 0)
+    return {
+        "requests": int(row.requests or 0),
+        "prompt_tokens": int(row.prompt_tokens or 0),
+        "completion_tokens": int(row.completion_tokens or 0),
+        "total_tokens": int(row.total_tokens or 0),
+        "cost_usd": format_money(cost),
+    }
+
+
+def format_money(value: Decimal) -> str:
+    """A decimal string with no exponent and no float rounding ("0.0000123", "12.5")."""
+    text = format(Decimal(value).normalize(), "f")
+    return text if text not in ("-0",) else "0"
+
+
+def query_usage(engine: Engine, q: UsageQuery) -> dict[str, Any]:
+    aggregates = [
+        func.count().label("requests"),
+        func.coalesce(func.sum(UsageRecord.prompt_tokens), 0).label("prompt_tokens"),
+        func.coalesce(func.sum(UsageRecord.completion_tokens), 0).label("completion_tokens"),
+        func.coalesce(func.sum(UsageRecord.total_tokens), 0).label("total_tokens"),
+        func.coalesce(func.sum(UsageRecord.cost_usd), 0).label("cost_usd"),
+    ]
+    start, end = _db_time(engine, q.start), _db_time(engine, q.end)
+    conditions = [UsageRecord.created_at >= start, UsageRecord.created_at < end]
+    if q.api_key_id is not None:
+        conditions.append(UsageRecord.api_key_id == q.api_key_id)
+    if q.tenant_id is not None:
+        conditions.append(UsageRecord.tenant_id == q.tenant_id)
+    if q.model:
+        conditions.append(UsageRecord.model == q.model)
+    with engine.connect() as conn:
+        total = conn.execute(select(*aggregates).where(*conditions)).one()
+        data: list[dict[str, Any]] = []
+        if q.group_by:
+            key = UsageRecord.model if q.group_by == "model" else _day_expr(engine)
+            rows = conn.execute(select(key.label("group"), *aggregates).where(*conditions)
+                                .group_by(key).order_by(key))
+            for row in rows:
+                group = row.group
+                if isinstance(group, (date, datetime)):
+                    group = group.isoformat()[:10]
+                data.append({q.group_by: str(group), **_totals(row)})
+    return {"object": "usage", "start": _iso(q.start), "end": _iso(q.end), **_totals(total), "data": data}
+
+
+def _db_time(engine: Engine, value: datetime) -> datetime:
+    """SQLite compares datetimes as text: give it naive UTC like the stored values."""
+    value = value.astimezone(timezone.utc)
+    return value.replace(tzinfo=None) if engine.dialect.name == "sqlite" else value
+
+
+def _iso(value: datetime) -> str:
+    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")

@@ -1,0 +1,115 @@
+"""Server-sent events: parse an upstream byte stream, encode events for the client."""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Iterable, Iterator, TypeVar
+
+DONE = b"[DONE]"
+KEEPALIVE_EVENT = b": keep-alive\n\n"
+DONE_EVENT = b"data: [DONE]\n\n"
+
+T = TypeVar("T")
+
+
+def iter_sse_data(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Yield the `data` payload of each SSE event as bytes (multi-line data joined by '\\n').
+
+    Comments (`: ...`) and other fields (`event:`, `id:`) are skipped; the stream's `[DONE]`
+    marker is yielded like any other payload so the caller can stop on it.
+    """
+    buf = b""
+    data_lines: list[bytes] = []
+    for chunk in chunks:
+        if not chunk:
+            continue
+        buf += chunk
+        while True:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                break
+            line = buf[:nl]
+            buf = buf[nl + 1:]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                if data_lines:
+                    yield b"\n".join(data_lines)
+                    data_lines = []
+                continue
+            if line.startswith(b"data:"):
+                value = line[5:]
+                data_lines.append(value[1:] if value.startswith(b" ") else value)
+    if buf.strip().startswith(b"data:"):
+        value = buf.strip()[5:]
+        data_lines.append(value.lstrip(b" "))
+    if data_lines:
+        yield b"\n".join(data_lines)
+
+
+def iter_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Yield complete lines (NDJSON) from a byte stream."""
+    buf = b""
+    for chunk in chunks:
+        buf += chunk
+        while True:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                break
+            line, buf = buf[:nl].strip(), buf[nl + 1:]
+            if line:
+                yield line
+    if buf.strip():
+        yield buf.strip()
+
+
+def sse_event(data: bytes) -> bytes:
+    return b"data: " + data + b"\n\n"
+
+
+_END = object()
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def with_heartbeat(source: Iterator[T], interval: float) -> Iterator[T | None]:
+    """Pull `source` in a helper thread (a greenlet under gevent) and yield `None` whenever
+    nothing arrived for `interval` seconds, so the caller can send a keep-alive comment and
+    notice a client that hung up even while the upstream is silent."""
+    q: queue.Queue = queue.Queue()  # unbounded: the pump must never block on a gone consumer
+    stop = threading.Event()
+
+    def pump() -> None:
+        try:
+            for item in source:
+                if stop.is_set():
+                    break
+                q.put(item)
+        except BaseException as exc:  # handed to the consumer, re-raised there
+            q.put(_Failure(exc))
+            return
+        q.put(_END)
+
+    worker = threading.Thread(target=pump, daemon=True, name="upstream-pump")
+    worker.start()
+    try:
+        while True:
+            try:
+                item = q.get(timeout=interval)
+            except queue.Empty:
+                yield None
+                continue
+            if item is _END:
+                return
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        # The pump may be blocked in a read: `abort` closes the upstream connection under it.
+        abort = getattr(source, "abort", None)
+        if abort is not None and worker.is_alive():
+            abort()

@@ -1,0 +1,283 @@
+#!/usr/bin/env python3
+"""Schema and key management from the command line.
+
+    python db_manager.py create-db | clean-db [--yes] | reset-db [--yes] | list-tables
+    python db_manager.py upgrade [REV] | downgrade [REV] | current
+    python db_manager.py create-key --name NAME --tenant TENANT [--rpm-limit N ...]
+
+The database is `DATABASE_URL` (or `--database-url`). When it cannot be reached, one line
+on stderr and exit status 2; never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime, timezone
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Callable
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from app.config import ROOT_DIR, Settings, load_dotenv_once, normalize_database_url
+
+EXIT_UNREACHABLE = 2
+
+
+class CommandError(Exception):
+    """A failure to report as one line on stderr."""
+
+
+def alembic_config(url: str) -> AlembicConfig:
+    cfg = AlembicConfig(str(ROOT_DIR / "alembic.ini"))
+    cfg.set_main_option("script_location", str(ROOT_DIR / "migrations"))
+    cfg.attributes["url"] = url
+    cfg.attributes["skip_logging"] = True
+    return cfg
+
+
+def engine_for(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = make_url(url).database
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return create_engine(url, pool_pre_ping=False)
+
+
+def ensure_database(url: str) -> bool:
+    """Create the PostgreSQL database of `url` if it is missing. True when it was created."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "postgresql":
+        engine_for(url).dispose()
+        return False
+    admin = create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            exists = conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"),
+                                  {"n": parsed.database}).scalar()
+            if exists:
+                return False
+            quoted = admin.dialect.identifier_preparer.quote(parsed.database)
+            conn.execute(text(f"CREATE DATABASE {quoted}"))
+            return True
+    finally:
+        admin.dispose()
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    command.upgrade(alembic_config(url), revision)
+
+
+def downgrade(url: str, revision: str = "-1") -> None:
+    command.downgrade(alembic_config(url), revision)
+
+
+def current_revision(url: str) -> str | None:
+    engine = engine_for(url)
+    try:
+        with engine.connect() as conn:
+            if not inspect(conn).has_table("alembic_version"):
+                return None
+            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    finally:
+        engine.dispose()
+
+
+def list_tables(url: str) -> list[str]:
+    engine = engine_for(url)
+    try:
+        with engine.connect() as conn:
+            return sorted(inspect(conn).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def drop_all_tables(url: str) -> list[str]:
+    """Drop every table of the gateway's schema (and alembic's bookkeeping)."""
+    from app.extensions import db
+    import app.models  # noqa: F401
+
+    engine = engine_for(url)
+    try:
+        db.metadata.drop_all(engine)
+        with engine.begin() as conn:
+            conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
+        with engine.connect() as conn:
+            return sorted(inspect(conn).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def confirm(prompt: str, assume_yes: bool) -> bool:
+    if assume_yes:
+        return True
+    if not sys.stdin.isatty():
+        raise CommandError(f"{prompt} Refusing without confirmation: pass --yes.")
+    return input(f"{prompt} Type 'yes' to continue: ").strip().lower() == "yes"
+
+
+# --- commands --------------------------------------------------------------------------------
+
+def cmd_create_db(args: argparse.Namespace) -> int:
+    created = ensure_database(args.url)
+    upgrade(args.url, "head")
+    print(("created database and " if created else "") + f"migrated to {current_revision(args.url)}")
+    return 0
+
+
+def cmd_clean_db(args: argparse.Namespace) -> int:
+    if not confirm("This drops every table of the gateway, with all keys and usage.", args.yes):
+        print("aborted")
+        return 1
+    left = drop_all_tables(args.url)
+    print("dropped all tables" + (f" (other tables left: {', '.join(left)})" if left else ""))
+    return 0
+
+
+def cmd_reset_db(args: argparse.Namespace) -> int:
+    if not confirm("This drops every table and recreates an empty schema.", args.yes):
+        print("aborted")
+        return 1
+    drop_all_tables(args.url)
+    ensure_database(args.url)
+    upgrade(args.url, "head")
+    print(f"reset: schema at {current_revision(args.url)}")
+    return 0
+
+
+def cmd_list_tables(args: argparse.Namespace) -> int:
+    for name in list_tables(args.url):
+        print(name)
+    return 0
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    upgrade(args.url, args.revision)
+    print(f"at revision {current_revision(args.url)}")
+    return 0
+
+
+def cmd_downgrade(args: argparse.Namespace) -> int:
+    downgrade(args.url, args.revision)
+    print(f"at revision {current_revision(args.url) or 'base (empty)'}")
+    return 0
+
+
+def cmd_current(args: argparse.Namespace) -> int:
+    print(current_revision(args.url) or "base (no schema)")
+    return 0
+
+
+def _decimal(value: str) -> Decimal:
+    try:
+        result = Decimal(value)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"not a decimal number: {value!r}") from None
+    if not result.is_finite() or result < 0:
+        raise argparse.ArgumentTypeError("must be a non-negative number")
+    return result
+
+
+def _positive(value: str) -> int:
+    try:
+        result = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+    if result < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return result
+
+
+def _timestamp(value: str) -> datetime:
+    try:
+        result = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {value!r}") from None
+    return result if result.tzinfo else result.replace(tzinfo=timezone.utc)
+
+
+def cmd_create_key(args: argparse.Namespace) -> int:
+    from app.services.api_key_service import mint_key
+
+    engine = engine_for(args.url)
+    try:
+        with Session(engine) as session:
+            key, plaintext = mint_key(
+                session, name=args.name, tenant=args.tenant, role=args.role,
+                rpm_limit=args.rpm_limit, tpm_limit=args.tpm_limit,
+                daily_token_limit=args.daily_token_limit, max_concurrent=args.max_concurrent,
+                budget_usd=args.budget_usd,
+                allowed_models=args.allowed_models.split(",") if args.allowed_models else None,
+                expires_at=args.expires_at)
+            print(f"created key id={key.id} name={key.name!r} tenant={args.tenant!r} "
+                  f"prefix={key.prefix} (the key is shown once; store it now):")
+            print(plaintext)
+    finally:
+        engine.dispose()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="db_manager.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--database-url", help="overrides DATABASE_URL")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.set_defaults(fn=fn)
+        return p
+
+    add("create-db", cmd_create_db, "create the database if missing, then migrate to head")
+    add("clean-db", cmd_clean_db, "drop all tables").add_argument("--yes", action="store_true")
+    add("reset-db", cmd_reset_db, "drop all tables and migrate to head").add_argument("--yes", action="store_true")
+    add("list-tables", cmd_list_tables, "list the tables of the database")
+    add("upgrade", cmd_upgrade, "migrate up").add_argument("revision", nargs="?", default="head")
+    add("downgrade", cmd_downgrade, "migrate down").add_argument("revision", nargs="?", default="-1")
+    add("current", cmd_current, "print the current schema revision")
+    key = add("create-key", cmd_create_key, "mint an API key and print it once")
+    key.add_argument("--name", required=True)
+    key.add_argument("--tenant", required=True)
+    key.add_argument("--role", choices=("member", "admin"), default="member")
+    key.add_argument("--rpm-limit", type=_positive)
+    key.add_argument("--tpm-limit", type=_positive)
+    key.add_argument("--daily-token-limit", type=_positive)
+    key.add_argument("--max-concurrent", type=_positive)
+    key.add_argument("--budget-usd", type=_decimal)
+    key.add_argument("--allowed-models", help="comma-separated model aliases")
+    key.add_argument("--expires-at", type=_timestamp, help="ISO 8601, e.g. 2027-01-01T00:00:00Z")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    load_dotenv_once()
+    args.url = normalize_database_url(args.database_url) if args.database_url else Settings.from_env().DATABASE_URL
+    try:
+        return args.fn(args)
+    except CommandError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OperationalError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else "connection failed"
+        print(f"error: cannot reach the database at {_safe(args.url)}: {reason}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except SQLAlchemyError as exc:
+        print(f"error: database error: {type(exc).__name__}: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
+
+
+def _safe(url: str) -> str:
+    """The URL without its password."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<DATABASE_URL>"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
