@@ -10,18 +10,33 @@ first lines of this file must be `from gevent import monkey; monkey.patch_all()`
 import multiprocessing
 import os
 
-bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
-workers = int(os.environ.get("WEB_CONCURRENCY", multiprocessing.cpu_count()))
+from dotenv import load_dotenv
+
+load_dotenv(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env"), override=False)
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name) or default
+
+
+bind = f"{_env('HOST', '0.0.0.0')}:{_env('PORT', '8000')}"
+workers = int(_env("WEB_CONCURRENCY", str(multiprocessing.cpu_count())))
 worker_class = "gevent"
-worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))
+worker_connections = int(_env("WORKER_CONNECTIONS", "1000"))
 preload_app = False
 # Streams can last minutes: the worker heartbeat is not tied to request time under gevent.
-timeout = int(os.environ.get("WORKER_TIMEOUT", "60"))
-graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "30"))
-keepalive = int(os.environ.get("KEEPALIVE", "5"))
+timeout = int(_env("WORKER_TIMEOUT", "60"))
+graceful_timeout = int(_env("GRACEFUL_TIMEOUT", "30"))
+keepalive = int(_env("KEEPALIVE", "5"))
 # An access log costs ~25% of throughput on 2 cores (TRAPS.md): off unless asked for.
 accesslog = os.environ.get("ACCESS_LOG") or None
 errorlog = "-"
-loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+loglevel = _env("LOG_LEVEL", "info").lower()
 # Never log request lines with query strings that could carry secrets.
 limit_request_line = 8190
+# gunicorn's control socket defaults to one path per user ($HOME/.gunicorn/gunicorn.ctl), which
+# several gateways on one host would fight over: off unless a path is given.
+if os.environ.get("GUNICORN_CONTROL_SOCKET"):
+    control_socket = os.environ["GUNICORN_CONTROL_SOCKET"]
+else:
+    control_socket_disable = True

@@ -19,8 +19,8 @@ def main() -> None:
         import db_manager
         db_manager.upgrade(settings.DATABASE_URL)
     app = create_app(settings)
-    host = os.environ.get("HOST", "127.0.0.1")
-    port = int(os.environ.get("PORT", "8000"))
+    host = os.environ.get("HOST") or "127.0.0.1"
+    port = int(os.environ.get("PORT") or "8000")
     app.run(host=host, port=port, threaded=True, debug=False, use_reloader=False)
 
 
