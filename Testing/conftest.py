@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+import redis
 from sqlalchemy import create_engine, text
 
 import db_manager
@@ -43,7 +44,11 @@ def truncate(engine) -> None:
 
 @pytest.fixture
 def clean_db(pg_engine) -> Any:
+    """Empty tables, and an empty limiter database in Redis (key ids restart at 1)."""
     truncate(pg_engine)
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    client.close()
     return pg_engine
 
 

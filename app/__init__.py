@@ -13,7 +13,8 @@ from app.providers.provider_manager import ProviderManager
 from app.runtime import Runtime
 from app.services.api_key_service import KeyCache, LastUsedTracker
 from app.services.settlement_service import Settlement
-from app.services.usage_service import UsageWriter
+from app.services.rate_limit_service import LocalLimiter, RateLimitService, RedisLimiter
+from app.services.usage_service import UsageWriter, period_totals
 from app.utils.token_counter import preload as preload_tokenizers
 
 log = logging.getLogger("gateway")
@@ -53,11 +54,16 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
         engine = db.engine
     writer = UsageWriter(engine)
     last_used = LastUsedTracker(settings.LAST_USED_WRITE_INTERVAL_S)
+    redis_client = make_redis(settings.REDIS_URL, settings.REDIS_MAX_CONNECTIONS)
+    limiter = RateLimitService(_limiter_backend(settings, redis_client),
+                               seed=lambda limits, day, month: period_totals(
+                                   engine, limits.key_id, limits.tenant_id, day, month),
+                               fail_mode=settings.RATE_LIMIT_FAIL_MODE)
     app.extensions["gateway"] = Runtime(
         settings=settings, providers=providers, key_cache=KeyCache(settings.AUTH_CACHE_TTL_S),
         last_used=last_used, usage_writer=writer,
-        settlement=Settlement(writer, engine, last_used), engine=engine,
-        redis=make_redis(settings.REDIS_URL, settings.REDIS_MAX_CONNECTIONS), app=app)
+        settlement=Settlement(writer, engine, last_used, limiter), limiter=limiter, engine=engine,
+        redis=redis_client, app=app)
 
     from app.api.routes import api
     app.register_blueprint(api)
@@ -65,6 +71,13 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     app.after_request(_request_id_header)
     _announce_mode(settings, len(providers.catalog.models))
     return app
+
+
+def _limiter_backend(settings: Settings, redis_client: Any) -> Any:
+    lease_ms = int(settings.CONCURRENCY_LEASE_S * 1000)
+    if redis_client is None:
+        return LocalLimiter(lease_ms)
+    return RedisLimiter(redis_client, lease_ms)
 
 
 def _request_id_header(resp: Response) -> Response:

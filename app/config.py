@@ -65,6 +65,11 @@ class Settings:
     UPSTREAM_POOL_MAXSIZE: int = 64
     # A comment line is sent to streaming clients when the upstream is silent this long.
     STREAM_KEEPALIVE_S: float = 15.0
+    # Redis down: "closed" answers 503, "open" admits without limits (logged and counted).
+    RATE_LIMIT_FAIL_MODE: str = "closed"
+    # A concurrency slot is a lease that expires after this long even if never released
+    # (a killed worker cannot leak slots). Longer than your longest stream.
+    CONCURRENCY_LEASE_S: float = 600.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -84,6 +89,8 @@ class Settings:
             elif env[f.name].strip():
                 setattr(s, f.name, env[f.name].strip())
         s.DATABASE_URL = normalize_database_url(s.DATABASE_URL)
+        if s.RATE_LIMIT_FAIL_MODE not in ("closed", "open"):
+            raise ValueError(f"RATE_LIMIT_FAIL_MODE must be 'closed' or 'open', got {s.RATE_LIMIT_FAIL_MODE!r}")
         return s
 
     @property

@@ -135,6 +135,33 @@ def from_provider_error(exc: ProviderError) -> APIError:
     return UpstreamError(f"The provider failed: {exc.message}", status=status)
 
 
+_LIMIT_MESSAGES = {
+    "rpm": "Rate limit reached for requests per minute (limit {rpm}).",
+    "tpm": "Rate limit reached for tokens per minute (limit {tpm}, this request reserves {tokens}).",
+    "daily": "Daily token limit reached (limit {daily}, this request reserves {tokens}).",
+    "concurrency": "Too many concurrent requests for this key (limit {concurrent}).",
+}
+
+
+def limit_error(reason: str, retry_after_ms: int, headers: dict[str, str], *, tokens: int,
+                rpm: int, tpm: int, daily: int, concurrent: int) -> APIError:
+    """The client's view of a refused admission (which limit, and when to come back)."""
+    values = dict(rpm=rpm, tpm=tpm, daily=daily, concurrent=concurrent, tokens=tokens)
+    if reason in ("key_budget", "tenant_budget"):
+        whose = "this API key" if reason == "key_budget" else "this key's tenant"
+        return InsufficientQuota(f"The monthly budget of {whose} is exhausted (or too small for this "
+                                 "request's reserved cost). Raise the budget or wait for next month.")
+    if reason in ("tpm_too_large", "daily_too_large"):
+        limit = "tokens-per-minute" if reason == "tpm_too_large" else "daily token"
+        return InvalidRequest(f"This request reserves {tokens} tokens (prompt + max_tokens), more than "
+                              f"the key's {limit} limit of {tpm if reason == 'tpm_too_large' else daily}: "
+                              "it can never be admitted. Lower max_tokens or the prompt.",
+                              code="request_too_large_for_limit", param="max_tokens")
+    retry_s = max(1, -(-retry_after_ms // 1000))
+    return RateLimited(_LIMIT_MESSAGES[reason].format(**values) + f" Retry after {retry_s}s.",
+                       headers={**headers, "Retry-After": str(retry_s)})
+
+
 _HTTP_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error",
                404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
                429: "rate_limit_error"}

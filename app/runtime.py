@@ -15,6 +15,7 @@ from sqlalchemy.engine import Engine
 from app.config import Settings
 from app.providers.provider_manager import ProviderManager
 from app.services.api_key_service import KeyCache, LastUsedTracker
+from app.services.rate_limit_service import RateLimitService
 from app.services.settlement_service import Settlement
 from app.services.usage_service import UsageWriter
 
@@ -27,6 +28,7 @@ class Runtime:
     last_used: LastUsedTracker
     usage_writer: UsageWriter
     settlement: Settlement
+    limiter: RateLimitService
     engine: Engine
     redis: Optional[redis.Redis]
     app: Flask

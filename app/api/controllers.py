@@ -13,13 +13,15 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app.api.auth import authenticate, require_system_secret
 from app.api.schemas import API_KEY_CREATE_SCHEMA, CHAT_SCHEMA, USAGE_QUERY_SCHEMA
-from app.errors import (InvalidRequest, ModelNotFound, NotFound, PermissionDenied,
-                        from_provider_error)
+from app.errors import (InvalidRequest, ModelNotFound, NotFound, PermissionDenied, RateLimited,
+                        ServiceUnavailable, from_provider_error, limit_error)
 from app.extensions import db
 from app.providers.base import ProviderError, StreamPiece
 from app.runtime import runtime
 from app.services import api_key_service, usage_service
+from app.services.rate_limit_service import LimiterUnavailable, deployment_quota, key_limits, to_nano
 from app.services.settlement_service import CompletionTrace
+from app.utils.token_counter import count_messages
 from app.utils.streaming import DONE_EVENT, KEEPALIVE_EVENT, sse_event, with_heartbeat
 
 log = logging.getLogger("gateway.api")
@@ -65,10 +67,11 @@ def chat_completions() -> Response:
     if not key.may_use(alias):
         raise PermissionDenied(f"This API key may not use the model '{alias}'.", param="model",
                                code="model_not_allowed")
-    deployment, provider = rt.providers.primary(entry)
+    trace = CompletionTrace(request_id=new_request_id(), key=key, entry=entry, deployment=None,
+                            request=body, streamed=bool(body.get("stream")))
+    _admit(rt, trace)
+    deployment, provider = _choose_deployment(rt, trace)
     upstream_request = {**body, "model": deployment.model}
-    trace = CompletionTrace(request_id=new_request_id(), key=key, entry=entry,
-                            deployment=deployment, request=body, streamed=bool(body.get("stream")))
     if trace.streamed:
         return _stream_completion(rt, provider, upstream_request, trace)
     try:
@@ -79,8 +82,59 @@ def chat_completions() -> Response:
     trace.first_byte()
     trace.usage, trace.body = completion.usage, completion.body
     resp = Response(completion.json_bytes(), mimetype=JSON)
+    _limit_headers(resp, trace)
     resp.call_on_close(lambda: rt.settlement.settle(trace))
     return resp
+
+
+def _admit(rt: Any, trace: CompletionTrace) -> None:
+    """Reserve every limit of the key in one round trip (nothing when the key has none)."""
+    limits = key_limits(trace.key)
+    if not limits.any:
+        return
+    tokens = cost = 0
+    if limits.needs_tokens:
+        body, entry = trace.request, trace.entry
+        trace.prompt_estimate = count_messages(body.get("messages") or [], entry.tokenizer)
+        output = body.get("max_completion_tokens") or body.get("max_tokens") or entry.max_output_tokens
+        tokens = trace.prompt_estimate + int(output)
+        cost = to_nano(entry.pricing.cost(trace.prompt_estimate, int(output)))
+    try:
+        adm = rt.limiter.admit(limits, trace.request_id, tokens, cost)
+    except LimiterUnavailable:
+        raise ServiceUnavailable("Rate limits cannot be checked right now (the limiter's Redis is "
+                                 "unreachable); try again shortly.", code="rate_limiter_unavailable") from None
+    if not adm.admitted:
+        raise limit_error(adm.reason, adm.retry_after_ms, adm.headers, tokens=tokens, rpm=limits.rpm,
+                          tpm=limits.tpm, daily=limits.daily_tokens, concurrent=limits.max_concurrent)
+    trace.admission = adm
+
+
+def _choose_deployment(rt: Any, trace: CompletionTrace) -> tuple[Any, Any]:
+    """The first deployment (by priority) whose provider quota has room."""
+    tokens = trace.admission.tokens if trace.admission else 0
+    for deployment in trace.entry.deployments:
+        quota = deployment_quota(deployment)
+        if quota is not None:
+            try:
+                if not rt.limiter.deployment_admit(quota, tokens):
+                    continue
+            except LimiterUnavailable:
+                rt.settlement.settle(trace, record=False)
+                raise ServiceUnavailable("Provider quotas cannot be checked right now; try again shortly.",
+                                         code="rate_limiter_unavailable") from None
+            trace.quota = quota
+        trace.deployment = deployment
+        return deployment, rt.providers.provider(deployment.provider)
+    rt.settlement.settle(trace, record=False)
+    raise RateLimited(f"Every deployment of '{trace.entry.alias}' is at its provider quota; "
+                      "retry shortly.", code="rate_limit_exceeded", headers={"Retry-After": "1"})
+
+
+def _limit_headers(resp: Response, trace: CompletionTrace) -> None:
+    if trace.admission is not None:
+        for name, value in trace.admission.headers.items():
+            resp.headers[name] = value
 
 
 def _fail(rt: Any, trace: CompletionTrace, exc: ProviderError) -> None:
@@ -141,6 +195,7 @@ def _stream_completion(rt: Any, provider: Any, upstream_request: dict, trace: Co
             rt.settlement.settle(trace)
 
     resp = Response(events(), mimetype="text/event-stream")
+    _limit_headers(resp, trace)
     resp.headers["Cache-Control"] = "no-cache"
     resp.headers["X-Accel-Buffering"] = "no"
     return resp

@@ -1,7 +1,7 @@
 """Alias -> deployments -> provider instances, created once per process.
 
 Fallback across deployments, retries and circuit breakers come later; today the
-highest-priority deployment of an alias serves it.
+highest-priority deployment of an alias whose provider quota has room serves it.
 """
 from __future__ import annotations
 
@@ -42,10 +42,6 @@ class ProviderManager:
             inst = provider_class(settings["type"])(name, settings, self.defaults)
             self._providers[name] = inst
         return inst
-
-    def primary(self, entry: ModelEntry) -> tuple[Deployment, Provider]:
-        deployment = entry.deployments[0]
-        return deployment, self.provider(deployment.provider)
 
     def provider_type(self, name: str) -> str:
         return str(self.catalog.providers[name]["type"])

@@ -19,6 +19,7 @@ from app.models import ApiKey
 from app.models.types import utcnow
 from app.providers.catalog import Deployment, ModelEntry
 from app.services.api_key_service import KeyInfo, LastUsedTracker
+from app.services.rate_limit_service import Admission, DeploymentQuota, RateLimitService, to_nano
 from app.services.usage_service import UsageEvent, UsageWriter
 from app.utils.token_counter import count_messages, count_text
 
@@ -42,7 +43,9 @@ class CompletionTrace:
     chunks: list[bytes] = field(default_factory=list)  # streamed chunk JSON, same purpose
     status: str = "ok"                       # ok | error | client_disconnected
     error_type: str | None = None
-    reached_provider: bool = True
+    prompt_estimate: int | None = None       # tiktoken count made for admission, reused
+    admission: Admission | None = None       # the key's reservation, settled here
+    quota: DeploymentQuota | None = None     # the deployment's provider quota, if it has one
 
     def first_byte(self) -> None:
         if self.first_byte_at is None:
@@ -81,16 +84,19 @@ def usage_figures(trace: CompletionTrace) -> tuple[int, int]:
     produced_nothing = trace.body is None and not trace.chunks
     if produced_nothing and trace.status == "error":
         return 0, 0  # failed before any token: providers do not bill it
-    messages = trace.request.get("messages") or []
-    prompt = count_messages(messages, trace.entry.tokenizer)
+    prompt = trace.prompt_estimate
+    if prompt is None:
+        prompt = count_messages(trace.request.get("messages") or [], trace.entry.tokenizer)
     return prompt, count_text(_completion_text(trace), trace.entry.tokenizer)
 
 
 class Settlement:
-    def __init__(self, writer: UsageWriter, engine: Engine, last_used: LastUsedTracker) -> None:
+    def __init__(self, writer: UsageWriter, engine: Engine, last_used: LastUsedTracker,
+                 limiter: RateLimitService) -> None:
         self.writer = writer
         self.engine = engine
         self.last_used = last_used
+        self.limiter = limiter
 
     def event(self, trace: CompletionTrace) -> UsageEvent:
         prompt, completion = usage_figures(trace)
@@ -108,14 +114,26 @@ class Settlement:
             created_at=trace.created_at,
         )
 
-    def settle(self, trace: CompletionTrace) -> None:
-        """Record the completion. Never raises: it runs where nobody could handle an error."""
+    def settle(self, trace: CompletionTrace, record: bool = True) -> None:
+        """Release the reservation with the actual usage and record the completion.
+        Never raises: it runs where nobody could handle an error. `record=False` only
+        releases (the request never reached a provider)."""
+        event = None
         try:
             event = self.event(trace)
-            self.writer.write([event])
+            self._release(trace, event.prompt_tokens + event.completion_tokens, to_nano(event.cost_usd))
+            if record:
+                self.writer.write([event])
         except Exception:
-            log.exception("usage record %s could not be written", trace.request_id)
-        self._touch(trace.key.id)
+            log.exception("usage record %s could not be settled", trace.request_id)
+        if record:
+            self._touch(trace.key.id)
+
+    def _release(self, trace: CompletionTrace, tokens: int, cost_nano: int) -> None:
+        if trace.admission is not None:
+            self.limiter.settle(trace.admission, tokens, cost_nano)
+        if trace.quota is not None and trace.admission is not None:
+            self.limiter.deployment_settle(trace.quota, trace.admission.tokens - tokens)
 
     def _touch(self, key_id: int) -> None:
         if not self.last_used.due(key_id):

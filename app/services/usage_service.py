@@ -157,3 +157,27 @@ def _db_time(engine: Engine, value: datetime) -> datetime:
 
 def _iso(value: datetime) -> str:
     return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def period_totals(engine: Engine, key_id: int, tenant_id: int, day: int, month: str) -> dict[str, int]:
+    """What the limiter's day and month counters should hold, rebuilt from the usage rows:
+    the key's tokens on UTC day `day` (days since 1970-01-01), and the key's and the tenant's
+    spend in `month` ("YYYYMM"), in nano-dollars rounded up."""
+    from app.services.rate_limit_service import to_nano
+
+    day_start = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(days=day)
+    month_start = datetime(int(month[:4]), int(month[4:]), 1, tzinfo=timezone.utc)
+    month_end = (month_start + timedelta(days=32)).replace(day=1)
+    col = UsageRecord
+    with engine.connect() as conn:
+        day_tokens = conn.execute(select(func.coalesce(func.sum(col.total_tokens), 0)).where(
+            col.api_key_id == key_id, col.created_at >= _db_time(engine, day_start),
+            col.created_at < _db_time(engine, day_start + timedelta(days=1)))).scalar()
+        key_spend = conn.execute(select(func.coalesce(func.sum(col.cost_usd), 0)).where(
+            col.api_key_id == key_id, col.created_at >= _db_time(engine, month_start),
+            col.created_at < _db_time(engine, month_end))).scalar()
+        tenant_spend = conn.execute(select(func.coalesce(func.sum(col.cost_usd), 0)).where(
+            col.tenant_id == tenant_id, col.created_at >= _db_time(engine, month_start),
+            col.created_at < _db_time(engine, month_end))).scalar()
+    return {"day": int(day_tokens or 0), "key_spend": to_nano(Decimal(key_spend or 0)),
+            "tenant_spend": to_nano(Decimal(tenant_spend or 0))}

@@ -1,0 +1,183 @@
+"""The limiter's rules, run on both backends: the Lua script against the real Redis, and the
+in-process mirror of the embedded mode. Same tests, same expectations."""
+from __future__ import annotations
+
+import itertools
+import time
+from decimal import Decimal
+
+import pytest
+import redis
+
+from app.services.rate_limit_service import (DeploymentQuota, KeyLimits, LimiterUnavailable,
+                                             LocalLimiter, RateLimitService, RedisLimiter, SeedNeeded,
+                                             format_reset, to_nano)
+from Testing.support import REDIS_URL
+
+_ids = itertools.count(int(time.time()) % 100000 * 1000)
+
+
+@pytest.fixture(params=["redis", "local"])
+def backend(request):
+    if request.param == "redis":
+        client = redis.Redis.from_url(REDIS_URL)
+        yield RedisLimiter(client, lease_ms=300)
+        client.close()
+    else:
+        yield LocalLimiter(lease_ms=300)
+
+
+def limits(**kw) -> KeyLimits:
+    n = next(_ids)
+    return KeyLimits(key_id=n, tenant_id=n, **kw)
+
+
+def admit(backend, lim: KeyLimits, tokens: int = 0, cost: int = 0, rid: str | None = None, seeds=None):
+    seeds = seeds if seeds is not None else {"day": 0, "key_spend": 0, "tenant_spend": 0}
+    return backend.admit(lim, rid or f"r{next(_ids)}", tokens, cost, seeds)
+
+
+def test_rpm_burst_up_to_the_limit_then_refuses(backend):
+    """Requests/min: a burst of exactly `rpm` is admitted, the next is refused with a retry time."""
+    lim = limits(rpm=50)
+    results = [admit(backend, lim) for _ in range(60)]
+    assert sum(a.admitted for a in results) == 50
+    refused = results[50]
+    assert refused.reason == "rpm" and 0 < refused.retry_after_ms <= 1200
+    assert results[0].headers["x-ratelimit-limit-requests"] == "50"
+    assert results[0].headers["x-ratelimit-remaining-requests"] == "49"
+
+
+def test_tpm_refills_smoothly(backend):
+    """Tokens/min refill continuously: after 0.5 s at 6000 TPM about 50 tokens are back."""
+    lim = limits(tpm=6000)
+    assert admit(backend, lim, tokens=6000).admitted
+    refused = admit(backend, lim, tokens=1)
+    assert not refused.admitted and refused.reason == "tpm" and refused.retry_after_ms <= 20
+    time.sleep(0.5)
+    assert admit(backend, lim, tokens=40).admitted
+    assert not admit(backend, lim, tokens=30).admitted
+
+
+def test_request_larger_than_tpm_is_refused_outright(backend):
+    """A request that can never fit the TPM says so instead of waiting."""
+    assert admit(backend, limits(tpm=100), tokens=101).reason == "tpm_too_large"
+    assert admit(backend, limits(daily_tokens=100), tokens=101).reason == "daily_too_large"
+
+
+def test_all_or_nothing(backend):
+    """A refusal by one limit consumes nothing of the others."""
+    lim = limits(rpm=2, tpm=1000, key_budget_nano=100)
+    assert not admit(backend, lim, tokens=10, cost=500).admitted  # budget says no
+    assert not admit(backend, lim, tokens=10, cost=500).admitted
+    # rpm and tpm were untouched by the two refusals: both requests of the minute are still there
+    assert admit(backend, lim, tokens=10, cost=50).admitted
+    second = admit(backend, lim, tokens=10, cost=50)
+    assert second.admitted
+    assert admit(backend, lim, tokens=10, cost=0).reason == "rpm"
+
+
+def test_settlement_refunds_unused_tokens(backend):
+    """Settling with fewer tokens than reserved gives the difference back at once."""
+    lim = limits(tpm=1000, daily_tokens=1500)
+    first = admit(backend, lim, tokens=900)
+    assert first.admitted and not admit(backend, lim, tokens=500).admitted
+    backend.settle(first, actual_tokens=100, actual_cost_nano=0)
+    assert admit(backend, lim, tokens=500).admitted
+
+
+def test_daily_tokens(backend):
+    """Tokens per UTC day: the reservation counts, settlement corrects it to the actual."""
+    lim = limits(daily_tokens=100)
+    first = admit(backend, lim, tokens=60)
+    refused = admit(backend, lim, tokens=50)
+    assert refused.reason == "daily" and refused.retry_after_ms > 0
+    backend.settle(first, actual_tokens=10, actual_cost_nano=0)
+    assert admit(backend, lim, tokens=50).admitted
+
+
+def test_concurrency_leases_release_and_expire(backend):
+    """Concurrent requests are leases: released by settlement, and expiring by themselves."""
+    lim = limits(max_concurrent=2)
+    a, b = admit(backend, lim), admit(backend, lim)
+    assert a.admitted and b.admitted
+    assert admit(backend, lim).reason == "concurrency"
+    backend.settle(a, 0, 0)
+    c = admit(backend, lim)
+    assert c.admitted
+    assert not admit(backend, lim).admitted
+    time.sleep(0.35)  # lease_ms=300: b and c were never settled (a crashed worker)
+    assert admit(backend, lim).admitted and admit(backend, lim).admitted
+
+
+def test_money_budget_of_key_and_tenant(backend):
+    """The key's and the tenant's monthly budgets hold; settlement charges the actual cost."""
+    lim = limits(key_budget_nano=1000, tenant_budget_nano=1500)
+    first = admit(backend, lim, cost=600)
+    assert first.admitted
+    assert admit(backend, lim, cost=600).reason == "key_budget"
+    backend.settle(first, actual_tokens=0, actual_cost_nano=100)
+    assert admit(backend, lim, cost=600).admitted  # 100 + 600 <= 1000
+    other_key = KeyLimits(key_id=lim.key_id + 10**9, tenant_id=lim.tenant_id, tenant_budget_nano=1500)
+    assert admit(backend, other_key, cost=900).reason == "tenant_budget"  # 700 + 900 > 1500
+    assert admit(backend, other_key, cost=800).admitted
+
+
+def test_missing_counters_ask_for_seeds(backend):
+    """Without a day/month counter the limiter asks to be seeded instead of assuming zero."""
+    lim = limits(key_budget_nano=1000, daily_tokens=50)
+    with pytest.raises(SeedNeeded) as need:
+        backend.admit(lim, "r", 10, 10, None)
+    assert set(need.value.what) == {"day", "key_spend"}
+    assert len(need.value.month) == 6
+    # seeded with what the usage rows say was already spent this month
+    assert admit(backend, lim, tokens=10, cost=10, seeds={"day": 0, "key_spend": 995}).reason == "key_budget"
+
+
+def test_service_seeds_from_callback(backend):
+    """The service rebuilds missing counters from its seed function (the usage rows)."""
+    calls = []
+
+    def seed(lim, day, month):
+        calls.append((day, month))
+        return {"day": 0, "key_spend": 900, "tenant_spend": 0}
+
+    service = RateLimitService(backend, seed)
+    lim = limits(key_budget_nano=1000)
+    assert service.admit(lim, "a", 0, 50).admitted
+    assert service.admit(lim, "b", 0, 60).reason == "key_budget"
+    assert len(calls) == 1
+
+
+def test_deployment_quota(backend):
+    """A deployment's provider quota (rpm, rpd) is counted globally and refuses when full."""
+    quota = DeploymentQuota(name=f"p/m{next(_ids)}", rpm=3, rpd=4)
+    assert [backend.deployment_admit(quota, 10) for _ in range(4)] == [True, True, True, False]
+    quota = DeploymentQuota(name=f"p/m{next(_ids)}", rpd=2)
+    assert [backend.deployment_admit(quota, 10) for _ in range(3)] == [True, True, False]
+
+
+def test_fail_modes_when_redis_is_down():
+    """Redis unreachable: fail closed raises, fail open admits and counts it."""
+    dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    lim = limits(rpm=1)
+    closed = RateLimitService(RedisLimiter(dead, 1000), seed=lambda *a: {}, fail_mode="closed")
+    with pytest.raises(LimiterUnavailable):
+        closed.admit(lim, "x", 0, 0)
+    opened = RateLimitService(RedisLimiter(dead, 1000), seed=lambda *a: {}, fail_mode="open")
+    adm = opened.admit(lim, "x", 0, 0)
+    assert adm.admitted and adm.degraded and opened.fail_open_admissions == 1
+    opened.settle(adm, 0, 0)  # a degraded admission settles to nothing, without raising
+
+
+def test_money_conversion_and_reset_format():
+    """Nano-dollars round up (never under-count); reset times use OpenAI's format."""
+    assert to_nano(Decimal("0.0000000375")) == 38 and to_nano(Decimal("1.5")) == 1_500_000_000
+    assert to_nano(None) == -1
+    assert format_reset(20) == "20ms" and format_reset(1500) == "1.5s" and format_reset(360000) == "6m0s"
+
+
+def test_redis_keys_share_one_hash_tag():
+    """Every key a call touches has the tenant's hash tag (so it runs on Redis Cluster)."""
+    names = RedisLimiter.key_names(KeyLimits(key_id=5, tenant_id=9))
+    assert all(n.startswith("gw:{t:9}:") for n in names)

@@ -1,0 +1,415 @@
+"""Admission control: reserve every limit of a key before the upstream call, settle after it.
+
+Two backends with the same semantics:
+- `RedisLimiter`: the Lua script `lua/limiter.lua`, one round trip to admit and one to
+  settle, exact across any number of workers and replicas (time from Redis).
+- `LocalLimiter`: the same rules in-process, for the embedded mode (one process only).
+
+Limits of a key: requests/min and tokens/min (GCRA: bursts up to the limit, smooth refill),
+tokens per UTC day, concurrent requests (leases that expire, so a crashed worker cannot leak
+slots), and money per calendar month (the key's budget and its tenant's), in integer
+nano-dollars so that no float touches money.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
+from decimal import ROUND_CEILING, Decimal
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import redis
+
+log = logging.getLogger("gateway.limits")
+
+NANO = Decimal(1_000_000_000)
+PERIOD_US = 60_000_000
+SCRIPT_PATH = Path(__file__).parent / "lua" / "limiter.lua"
+
+
+def to_nano(usd: Decimal | None) -> int:
+    """USD -> integer nano-dollars, rounded up (reservations and spend are never under-counted)."""
+    if usd is None:
+        return -1
+    return int((Decimal(usd) * NANO).to_integral_value(rounding=ROUND_CEILING))
+
+
+@dataclass(frozen=True)
+class KeyLimits:
+    """The limits of one request's key, as the limiter sees them (0 / -1: no limit)."""
+    key_id: int
+    tenant_id: int
+    rpm: int = 0
+    tpm: int = 0
+    daily_tokens: int = 0
+    max_concurrent: int = 0
+    key_budget_nano: int = -1
+    tenant_budget_nano: int = -1
+
+    @property
+    def needs_tokens(self) -> bool:
+        return bool(self.tpm or self.daily_tokens or self.key_budget_nano >= 0 or self.tenant_budget_nano >= 0)
+
+    @property
+    def any(self) -> bool:
+        return bool(self.rpm or self.max_concurrent or self.needs_tokens)
+
+
+def key_limits(key: Any) -> KeyLimits:
+    """The limiter's view of a KeyInfo."""
+    return KeyLimits(key_id=key.id, tenant_id=key.tenant_id, rpm=key.rpm_limit or 0,
+                     tpm=key.tpm_limit or 0, daily_tokens=key.daily_token_limit or 0,
+                     max_concurrent=key.max_concurrent or 0, key_budget_nano=to_nano(key.budget_usd),
+                     tenant_budget_nano=to_nano(key.tenant_budget_usd))
+
+
+@dataclass
+class Admission:
+    admitted: bool
+    reason: str = ""                  # rpm | tpm | tpm_too_large | daily | daily_too_large | concurrency | key_budget | tenant_budget
+    retry_after_ms: int = 0
+    day: int = 0
+    month: str = ""
+    tokens: int = 0                   # reserved
+    cost_nano: int = 0                # reserved
+    request_id: str = ""
+    limits: KeyLimits | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    degraded: bool = False            # admitted without checking (Redis down, fail mode open)
+
+
+@dataclass(frozen=True)
+class DeploymentQuota:
+    name: str                         # "provider/model"
+    rpm: int = 0
+    tpm: int = 0
+    rpd: int = 0
+
+
+def deployment_quota(deployment: Any) -> DeploymentQuota | None:
+    """The provider quota of a models.json deployment (its rpm/tpm/rpd), if it has one."""
+    if not (deployment.rpm or deployment.tpm or deployment.rpd):
+        return None
+    return DeploymentQuota(name=f"{deployment.provider}/{deployment.model}", rpm=deployment.rpm or 0,
+                           tpm=deployment.tpm or 0, rpd=deployment.rpd or 0)
+
+
+class LimiterUnavailable(Exception):
+    """The limiter's store cannot be reached."""
+
+
+class SeedNeeded(Exception):
+    def __init__(self, what: list[str], day: int, month: str) -> None:
+        super().__init__(",".join(what))
+        self.what, self.day, self.month = what, day, month
+
+
+class Limiter(Protocol):
+    def admit(self, limits: KeyLimits, request_id: str, tokens: int, cost_nano: int,
+              seeds: dict[str, int] | None) -> Admission: ...
+    def settle(self, adm: Admission, actual_tokens: int, actual_cost_nano: int) -> None: ...
+    def deployment_admit(self, quota: DeploymentQuota, tokens: int) -> bool: ...
+    def deployment_settle(self, quota: DeploymentQuota, refund_tokens: int) -> None: ...
+
+
+def format_reset(ms: int) -> str:
+    """OpenAI's reset format: "1s", "6m0s", "20ms"."""
+    if ms < 1000:
+        return f"{max(ms, 0)}ms"
+    seconds = ms / 1000
+    if seconds < 60:
+        return f"{seconds:.3g}s"
+    return f"{int(seconds // 60)}m{int(seconds % 60)}s"
+
+
+def _headers(limits: KeyLimits, rpm_left: int, rpm_reset_ms: int, tpm_left: int, tpm_reset_ms: int) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    if limits.rpm:
+        headers.update({"x-ratelimit-limit-requests": str(limits.rpm),
+                        "x-ratelimit-remaining-requests": str(max(rpm_left, 0)),
+                        "x-ratelimit-reset-requests": format_reset(rpm_reset_ms)})
+    if limits.tpm:
+        headers.update({"x-ratelimit-limit-tokens": str(limits.tpm),
+                        "x-ratelimit-remaining-tokens": str(max(tpm_left, 0)),
+                        "x-ratelimit-reset-tokens": format_reset(tpm_reset_ms)})
+    return headers
+
+
+# --- Redis ----------------------------------------------------------------------------------
+
+class RedisLimiter:
+    def __init__(self, client: redis.Redis, lease_ms: int) -> None:
+        self.client = client
+        self.lease_ms = lease_ms
+        self.script = client.register_script(SCRIPT_PATH.read_text())
+
+    @staticmethod
+    def key_names(limits: KeyLimits) -> list[str]:
+        # One hash tag per tenant: the key's counters and the tenant's budget in one slot.
+        t = f"gw:{{t:{limits.tenant_id}}}"
+        k = f"{t}:k:{limits.key_id}"
+        return [f"{k}:rpm", f"{k}:tpm", f"{k}:tpd", f"{k}:lease", f"{k}:spend", f"{t}:spend"]
+
+    @staticmethod
+    def deployment_keys(quota: DeploymentQuota) -> list[str]:
+        d = f"gw:{{d:{quota.name}}}"
+        return [f"{d}:rpm", f"{d}:tpm", f"{d}:rpd"]
+
+    def _call(self, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return self.script(keys=keys, args=args)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            raise LimiterUnavailable(str(exc)) from None
+        except redis.ResponseError as exc:
+            if "LOADING" in str(exc) or "MASTERDOWN" in str(exc) or "READONLY" in str(exc):
+                raise LimiterUnavailable(str(exc)) from None
+            raise
+
+    def admit(self, limits: KeyLimits, request_id: str, tokens: int, cost_nano: int,
+              seeds: dict[str, int] | None) -> Admission:
+        seeds = seeds or {}
+        res = self._call(self.key_names(limits), [
+            "admit", request_id, limits.rpm, limits.tpm, tokens, limits.daily_tokens,
+            limits.max_concurrent, self.lease_ms, limits.key_budget_nano, limits.tenant_budget_nano,
+            cost_nano, seeds.get("key_spend", ""), seeds.get("tenant_spend", ""), seeds.get("day", "")])
+        status, reason = int(res[0]), res[1].decode() if isinstance(res[1], bytes) else res[1]
+        day, month = int(res[3]), res[4].decode() if isinstance(res[4], bytes) else res[4]
+        if status == -1:
+            raise SeedNeeded(reason.split(","), day, month)
+        adm = Admission(admitted=status == 1, reason=reason, retry_after_ms=int(res[2]), day=day,
+                        month=month, tokens=tokens, cost_nano=cost_nano, request_id=request_id,
+                        limits=limits)
+        if adm.admitted:
+            adm.headers = _headers(limits, int(res[5]), int(res[6]), int(res[7]), int(res[8]))
+        elif reason == "rpm":
+            adm.headers = _headers(replace(limits, tpm=0), int(res[5]), int(res[6]), 0, 0)
+        elif reason == "tpm":
+            adm.headers = _headers(replace(limits, rpm=0), 0, 0, int(res[5]), int(res[6]))
+        return adm
+
+    def settle(self, adm: Admission, actual_tokens: int, actual_cost_nano: int) -> None:
+        limits = adm.limits
+        assert limits is not None
+        self._call(self.key_names(limits), [
+            "settle", adm.request_id, limits.tpm, adm.tokens - actual_tokens, adm.day, adm.month,
+            actual_cost_nano - adm.cost_nano, int(limits.daily_tokens > 0),
+            int(limits.key_budget_nano >= 0), int(limits.tenant_budget_nano >= 0)])
+
+    def deployment_admit(self, quota: DeploymentQuota, tokens: int) -> bool:
+        res = self._call(self.deployment_keys(quota), ["deploy_admit", quota.rpm, quota.tpm, quota.rpd, tokens])
+        return int(res[0]) == 1
+
+    def deployment_settle(self, quota: DeploymentQuota, refund_tokens: int) -> None:
+        if quota.tpm and refund_tokens:
+            self._call(self.deployment_keys(quota), ["deploy_settle", quota.tpm, refund_tokens])
+
+
+# --- in-process (embedded mode) ---------------------------------------------------------------
+
+class LocalLimiter:
+    """The Lua script's rules in Python, for one process (embedded mode, no Redis)."""
+
+    def __init__(self, lease_ms: int, clock: Callable[[], float] = time.time) -> None:
+        self.lease_ms = lease_ms
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._tat: dict[str, float] = {}
+        self._counters: dict[str, int] = {}
+        self._leases: dict[str, dict[str, int]] = {}
+
+    def _now_us(self) -> int:
+        return int(self.clock() * 1_000_000)
+
+    def _gcra(self, key: str, limit: int, cost: int, now: int) -> tuple[bool, float, int, int, int]:
+        interval = PERIOD_US / limit
+        tat = max(self._tat.get(key, 0), now)
+        new_tat = math.ceil(tat + cost * interval)
+        used = new_tat - now
+        if used > PERIOD_US:
+            return False, tat, int(used - PERIOD_US), max(0, int((PERIOD_US - (tat - now)) // interval)), int(tat - now)
+        return True, new_tat, 0, int((PERIOD_US - used) // interval), int(used)
+
+    def admit(self, limits: KeyLimits, request_id: str, tokens: int, cost_nano: int,
+              seeds: dict[str, int] | None) -> Admission:
+        with self._lock:
+            return self._admit(limits, request_id, tokens, cost_nano, seeds or {})
+
+    def _admit(self, limits: KeyLimits, rid: str, tokens: int, cost: int, seeds: dict[str, int]) -> Admission:
+        now = self._now_us()
+        now_ms = now // 1000
+        days = now // 86_400_000_000
+        d = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(days=days)
+        month = f"{d.year:04d}{d.month:02d}"
+        k = f"k:{limits.key_id}"
+        day_key, kspend, tspend = f"{k}:tpd:{days}", f"{k}:spend:{month}", f"t:{limits.tenant_id}:spend:{month}"
+        until_midnight = (days + 1) * 86_400_000 - now_ms
+        base = dict(day=days, month=month, tokens=tokens, cost_nano=cost, request_id=rid, limits=limits)
+
+        missing = []
+        for wanted, key, seed in ((limits.daily_tokens > 0, day_key, "day"),
+                                  (limits.key_budget_nano >= 0, kspend, "key_spend"),
+                                  (limits.tenant_budget_nano >= 0, tspend, "tenant_spend")):
+            if wanted and key not in self._counters:
+                if seed in seeds:
+                    self._counters[key] = int(seeds[seed])
+                else:
+                    missing.append(seed)
+        if missing:
+            raise SeedNeeded(missing, days, month)
+
+        rpm_tat = tpm_tat = 0.0
+        rpm_left = tpm_left = rpm_reset = tpm_reset = 0
+        if limits.rpm:
+            ok, rpm_tat, retry, rpm_left, rpm_reset = self._gcra(f"{k}:rpm", limits.rpm, 1, now)
+            if not ok:
+                return Admission(False, "rpm", -(-retry // 1000), **base,
+                                 headers=_headers(replace(limits, tpm=0), rpm_left, rpm_reset // 1000, 0, 0))
+        if limits.tpm:
+            if tokens > limits.tpm:
+                return Admission(False, "tpm_too_large", **base)
+            ok, tpm_tat, retry, tpm_left, tpm_reset = self._gcra(f"{k}:tpm", limits.tpm, tokens, now)
+            if not ok:
+                return Admission(False, "tpm", -(-retry // 1000), **base,
+                                 headers=_headers(replace(limits, rpm=0), 0, 0, tpm_left, tpm_reset // 1000))
+        if limits.daily_tokens:
+            if tokens > limits.daily_tokens:
+                return Admission(False, "daily_too_large", **base)
+            if self._counters[day_key] + tokens > limits.daily_tokens:
+                return Admission(False, "daily", until_midnight, **base)
+        leases = self._leases.setdefault(k, {})
+        if limits.max_concurrent:
+            for lease_id, expiry in list(leases.items()):
+                if expiry <= now_ms:
+                    del leases[lease_id]
+            if len(leases) >= limits.max_concurrent:
+                return Admission(False, "concurrency", 1000, **base)
+        if limits.key_budget_nano >= 0 and self._counters[kspend] + cost > limits.key_budget_nano:
+            return Admission(False, "key_budget", **base)
+        if limits.tenant_budget_nano >= 0 and self._counters[tspend] + cost > limits.tenant_budget_nano:
+            return Admission(False, "tenant_budget", **base)
+
+        if limits.rpm:
+            self._tat[f"{k}:rpm"] = rpm_tat
+        if limits.tpm:
+            self._tat[f"{k}:tpm"] = tpm_tat
+        if limits.daily_tokens:
+            self._counters[day_key] += tokens
+        if limits.max_concurrent:
+            leases[rid] = now_ms + self.lease_ms
+        if limits.key_budget_nano >= 0:
+            self._counters[kspend] += cost
+        if limits.tenant_budget_nano >= 0:
+            self._counters[tspend] += cost
+        return Admission(True, "", 0, **base,
+                         headers=_headers(limits, rpm_left, rpm_reset // 1000, tpm_left, tpm_reset // 1000))
+
+    def settle(self, adm: Admission, actual_tokens: int, actual_cost_nano: int) -> None:
+        limits = adm.limits
+        assert limits is not None
+        k = f"k:{limits.key_id}"
+        refund = adm.tokens - actual_tokens
+        with self._lock:
+            if limits.tpm and refund and f"{k}:tpm" in self._tat:
+                self._tat[f"{k}:tpm"] -= refund * PERIOD_US / limits.tpm
+            for wanted, key, delta in ((limits.daily_tokens > 0, f"{k}:tpd:{adm.day}", -refund),
+                                       (limits.key_budget_nano >= 0, f"{k}:spend:{adm.month}",
+                                        actual_cost_nano - adm.cost_nano),
+                                       (limits.tenant_budget_nano >= 0, f"t:{limits.tenant_id}:spend:{adm.month}",
+                                        actual_cost_nano - adm.cost_nano)):
+                if wanted and key in self._counters:
+                    self._counters[key] = max(0, self._counters[key] + delta)
+            self._leases.get(k, {}).pop(adm.request_id, None)
+
+    def deployment_admit(self, quota: DeploymentQuota, tokens: int) -> bool:
+        with self._lock:
+            now = self._now_us()
+            d = f"d:{quota.name}"
+            day_key = f"{d}:rpd:{now // 86_400_000_000}"
+            r_ok = t_ok = True
+            r_tat = t_tat = 0.0
+            if quota.rpm:
+                r_ok, r_tat, *_ = self._gcra(f"{d}:rpm", quota.rpm, 1, now)
+            if r_ok and quota.tpm:
+                t_ok, t_tat, *_ = self._gcra(f"{d}:tpm", quota.tpm, min(tokens, quota.tpm), now)
+            if not (r_ok and t_ok) or (quota.rpd and self._counters.get(day_key, 0) >= quota.rpd):
+                return False
+            if quota.rpm:
+                self._tat[f"{d}:rpm"] = r_tat
+            if quota.tpm:
+                self._tat[f"{d}:tpm"] = t_tat
+            if quota.rpd:
+                self._counters[day_key] = self._counters.get(day_key, 0) + 1
+            return True
+
+    def deployment_settle(self, quota: DeploymentQuota, refund_tokens: int) -> None:
+        if quota.tpm and refund_tokens:
+            with self._lock:
+                key = f"d:{quota.name}:tpm"
+                if key in self._tat:
+                    self._tat[key] -= min(refund_tokens, quota.tpm) * PERIOD_US / quota.tpm
+
+
+# --- the service the request path calls -------------------------------------------------------
+
+SeedFn = Callable[[KeyLimits, int, str], dict[str, int]]
+
+
+class RateLimitService:
+    """Admits and settles requests on a backend; handles seeding and the Redis fail mode."""
+
+    def __init__(self, backend: Limiter, seed: SeedFn, fail_mode: str = "closed") -> None:
+        self.backend = backend
+        self.seed = seed
+        self.fail_open = fail_mode == "open"
+        self.fail_open_admissions = 0
+        self._last_warning = 0.0
+
+    def admit(self, limits: KeyLimits, request_id: str, tokens: int, cost_nano: int) -> Admission:
+        """Raises LimiterUnavailable in fail-closed mode when the store is down."""
+        try:
+            try:
+                return self.backend.admit(limits, request_id, tokens, cost_nano, None)
+            except SeedNeeded as need:
+                # A day or month counter is missing (new period, or Redis lost it): rebuild it
+                # from the usage records, then try again with the seeds.
+                seeds = self.seed(limits, need.day, need.month)
+                return self.backend.admit(limits, request_id, tokens, cost_nano, seeds)
+        except LimiterUnavailable:
+            if not self.fail_open:
+                raise
+            self.fail_open_admissions += 1
+            self._warn("limiter store unavailable: admitting without limits (RATE_LIMIT_FAIL_MODE=open)")
+            return Admission(True, request_id=request_id, limits=limits, degraded=True)
+
+    def settle(self, adm: Admission, actual_tokens: int, actual_cost_nano: int) -> None:
+        if adm.degraded or adm.limits is None:
+            return
+        try:
+            self.backend.settle(adm, actual_tokens, actual_cost_nano)
+        except LimiterUnavailable:
+            self._warn("limiter store unavailable: a reservation was not settled (its lease expires by itself)")
+
+    def deployment_admit(self, quota: DeploymentQuota, tokens: int) -> bool:
+        """Whether the deployment's provider quota has room (fail mode as for keys)."""
+        try:
+            return self.backend.deployment_admit(quota, tokens)
+        except LimiterUnavailable:
+            if not self.fail_open:
+                raise
+            return True
+
+    def deployment_settle(self, quota: DeploymentQuota, refund_tokens: int) -> None:
+        try:
+            self.backend.deployment_settle(quota, refund_tokens)
+        except LimiterUnavailable:
+            self._warn("limiter store unavailable: a deployment reservation was not settled")
+
+    def _warn(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last_warning > 5:
+            self._last_warning = now
+            log.warning(message)
