@@ -40,3 +40,11 @@ if os.environ.get("GUNICORN_CONTROL_SOCKET"):
     control_socket = os.environ["GUNICORN_CONTROL_SOCKET"]
 else:
     control_socket_disable = True
+
+
+def worker_exit(server, worker):
+    """Write the usage rows this worker still holds before it goes (SIGTERM, max_requests)."""
+    app = getattr(worker, "wsgi", None)
+    gateway = getattr(app, "extensions", {}).get("gateway") if app is not None else None
+    if gateway is not None:
+        gateway.usage_batcher.flush(timeout=float(_env("GRACEFUL_TIMEOUT", "30")))

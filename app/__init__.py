@@ -1,6 +1,7 @@
 """The gateway's Flask application factory."""
 from __future__ import annotations
 
+import atexit
 import logging
 from typing import Any, Mapping
 
@@ -14,7 +15,7 @@ from app.runtime import Runtime
 from app.services.api_key_service import KeyCache, LastUsedTracker
 from app.services.settlement_service import Settlement
 from app.services.rate_limit_service import LocalLimiter, RateLimitService, RedisLimiter
-from app.services.usage_service import UsageWriter, period_totals
+from app.services.usage_service import UsageBatcher, UsageWriter, period_totals
 from app.utils.token_counter import preload as preload_tokenizers
 
 log = logging.getLogger("gateway")
@@ -53,6 +54,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     with app.app_context():
         engine = db.engine
     writer = UsageWriter(engine)
+    batcher = UsageBatcher(writer)
     last_used = LastUsedTracker(settings.LAST_USED_WRITE_INTERVAL_S)
     redis_client = make_redis(settings.REDIS_URL, settings.REDIS_MAX_CONNECTIONS)
     limiter = RateLimitService(_limiter_backend(settings, redis_client),
@@ -61,14 +63,15 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
                                fail_mode=settings.RATE_LIMIT_FAIL_MODE)
     app.extensions["gateway"] = Runtime(
         settings=settings, providers=providers, key_cache=KeyCache(settings.AUTH_CACHE_TTL_S),
-        last_used=last_used, usage_writer=writer,
-        settlement=Settlement(writer, engine, last_used, limiter), limiter=limiter, engine=engine,
+        last_used=last_used, usage_writer=writer, usage_batcher=batcher,
+        settlement=Settlement(batcher, engine, last_used, limiter), limiter=limiter, engine=engine,
         redis=redis_client, app=app)
 
     from app.api.routes import api
     app.register_blueprint(api)
     register_error_handlers(app)
     app.after_request(_request_id_header)
+    atexit.register(batcher.flush, 5.0)
     _announce_mode(settings, len(providers.catalog.models))
     return app
 

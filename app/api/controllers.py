@@ -195,10 +195,22 @@ def _stream_completion(rt: Any, provider: Any, upstream_request: dict, trace: Co
             rt.settlement.settle(trace)
 
     resp = Response(events(), mimetype="text/event-stream")
+    # A client gone before the first chunk: the generator never runs its `finally`.
+    resp.call_on_close(lambda: _settle_unstarted(rt, trace, upstream))
     _limit_headers(resp, trace)
     resp.headers["Cache-Control"] = "no-cache"
     resp.headers["X-Accel-Buffering"] = "no"
     return resp
+
+
+def _settle_unstarted(rt: Any, trace: CompletionTrace, upstream: Any) -> None:
+    if trace.settled:
+        return
+    trace.status, trace.error_type = "client_disconnected", "client_disconnected"
+    abort = getattr(upstream, "abort", None)
+    if abort is not None:
+        abort()
+    rt.settlement.settle(trace)
 
 
 # --- models, usage, health -------------------------------------------------------------------

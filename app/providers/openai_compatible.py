@@ -36,10 +36,11 @@ def upstream_error(status: int, body: bytes, headers: Any) -> ProviderError:
 
 
 def transport_error(exc: Exception, name: str) -> ProviderError:
-    if isinstance(exc, (ReadTimeoutError, ConnectTimeoutError)):
-        return ProviderTimeout(f"provider {name!r} timed out")
+    # NewConnectionError subclasses ConnectTimeoutError in urllib3 2: test it first.
     if isinstance(exc, NewConnectionError):
         return ProviderUnavailable(f"provider {name!r} refused the connection")
+    if isinstance(exc, (ReadTimeoutError, ConnectTimeoutError)):
+        return ProviderTimeout(f"provider {name!r} timed out")
     if isinstance(exc, ProtocolError):
         return ProviderUnavailable(f"provider {name!r} closed the connection")
     return ProviderUnavailable(f"provider {name!r} failed: {type(exc).__name__}")
@@ -141,9 +142,11 @@ class OpenAICompatibleProvider(Provider):
         return HTTPStream(resp, self._pieces(resp))
 
     def _pieces(self, resp: urllib3.BaseHTTPResponse) -> Iterator[StreamPiece]:
+        finished = False
         try:
             for data in iter_sse_data(self._read(resp)):
                 if data == DONE:
+                    finished = True
                     return
                 if b'"usage"' in data or b'"error"' in data:
                     yield self._parsed_piece(data)
@@ -151,7 +154,16 @@ class OpenAICompatibleProvider(Provider):
                     yield StreamPiece(raw=data)
             raise ProviderUnavailable(f"provider {self.name!r} ended the stream without [DONE]")
         finally:
-            resp.release_conn()
+            if finished:
+                # Read the body to its end (the terminating chunk) before the connection goes
+                # back to the pool, or its next request reads this one's leftovers.
+                try:
+                    resp.drain_conn()
+                    resp.release_conn()
+                except Exception:
+                    resp.close()
+            else:
+                resp.close()  # aborted or broken mid-body: never reuse this connection
 
     def _read(self, resp: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
         try:

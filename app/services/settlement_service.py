@@ -20,7 +20,7 @@ from app.models.types import utcnow
 from app.providers.catalog import Deployment, ModelEntry
 from app.services.api_key_service import KeyInfo, LastUsedTracker
 from app.services.rate_limit_service import Admission, DeploymentQuota, RateLimitService, to_nano
-from app.services.usage_service import UsageEvent, UsageWriter
+from app.services.usage_service import UsageBatcher, UsageEvent
 from app.utils.token_counter import count_messages, count_text
 
 log = logging.getLogger("gateway.settlement")
@@ -46,6 +46,7 @@ class CompletionTrace:
     prompt_estimate: int | None = None       # tiktoken count made for admission, reused
     admission: Admission | None = None       # the key's reservation, settled here
     quota: DeploymentQuota | None = None     # the deployment's provider quota, if it has one
+    settled: bool = False
 
     def first_byte(self) -> None:
         if self.first_byte_at is None:
@@ -91,7 +92,7 @@ def usage_figures(trace: CompletionTrace) -> tuple[int, int]:
 
 
 class Settlement:
-    def __init__(self, writer: UsageWriter, engine: Engine, last_used: LastUsedTracker,
+    def __init__(self, writer: UsageBatcher, engine: Engine, last_used: LastUsedTracker,
                  limiter: RateLimitService) -> None:
         self.writer = writer
         self.engine = engine
@@ -118,12 +119,15 @@ class Settlement:
         """Release the reservation with the actual usage and record the completion.
         Never raises: it runs where nobody could handle an error. `record=False` only
         releases (the request never reached a provider)."""
+        if trace.settled:
+            return  # settled once only, whichever path (stream end, close callback) comes first
+        trace.settled = True
         event = None
         try:
             event = self.event(trace)
             self._release(trace, event.prompt_tokens + event.completion_tokens, to_nano(event.cost_usd))
             if record:
-                self.writer.write([event])
+                self.writer.submit(event)
         except Exception:
             log.exception("usage record %s could not be settled", trace.request_id)
         if record:

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
@@ -64,15 +67,89 @@ class UsageWriter:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._stmt = _insert_ignoring_duplicates(engine)
+        self._stmt = _insert_ignoring_duplicates(engine).returning(TABLE.c.request_id)
 
     def write(self, events: list[UsageEvent]) -> int:
-        """Insert the rows; returns how many were new. Raises on database errors."""
+        """Insert the rows; returns how many were new (request ids already stored are skipped).
+        Raises on database errors."""
         if not events:
             return 0
         with self.engine.begin() as conn:
             result = conn.execute(self._stmt, [e.row() for e in events])
-        return result.rowcount if result.rowcount is not None and result.rowcount >= 0 else len(events)
+        return len(result.all())
+
+
+class UsageBatcher:
+    """Writes usage rows in the background, in batches, so that no request waits for a commit.
+
+    `submit` only appends to a queue; one writer thread (a greenlet under gevent) drains it,
+    inserting everything queued so far in one statement ("group commit": no timer, batches grow
+    by themselves under load). A failed write keeps the rows queued and retries with backoff;
+    the insert ignores request ids already stored, so a retry never bills twice. Rows wait in
+    this worker's memory only while PostgreSQL is unreachable or while one insert runs.
+    """
+
+    MAX_BATCH = 500
+    MAX_QUEUED = 200_000
+
+    def __init__(self, writer: UsageWriter) -> None:
+        self.writer = writer
+        self._queue: deque[UsageEvent] = deque()
+        self._wake = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.failures = 0
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def submit(self, event: UsageEvent) -> None:
+        if len(self._queue) >= self.MAX_QUEUED:
+            log.error("usage queue full (%d rows): writing %s synchronously", self.MAX_QUEUED, event.request_id)
+            self.writer.write([event])
+            return
+        self._queue.append(event)
+        self._idle.clear()
+        self._wake.set()
+        if self._thread is None or not self._thread.is_alive():
+            self._start()
+
+    def _start(self) -> None:
+        # Started lazily, in the process (and under the gevent hub) that serves requests.
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        backoff = 0.2
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.MAX_BATCH))]
+                try:
+                    self.writer.write(batch)
+                    backoff = 0.2
+                except Exception as exc:
+                    self.failures += 1
+                    self._queue.extendleft(reversed(batch))
+                    log.error("usage write failed (%s); %d rows kept queued, retrying in %.1fs",
+                              type(exc).__name__, len(self._queue), backoff)
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+            if not self._queue:
+                self._idle.set()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything queued is written (shutdown, tests). True when empty."""
+        if self._queue and (self._thread is None or not self._thread.is_alive()):
+            self._start()
+        self._wake.set()
+        return self._idle.wait(timeout) and not self._queue
 
 
 # --- reading -------------------------------------------------------------------------------

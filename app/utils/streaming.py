@@ -40,9 +40,10 @@ def iter_sse_data(chunks: Iterable[bytes]) -> Iterator[bytes]:
             if line.startswith(b"data:"):
                 value = line[5:]
                 data_lines.append(value[1:] if value.startswith(b" ") else value)
-    if buf.strip().startswith(b"data:"):
-        value = buf.strip()[5:]
-        data_lines.append(value.lstrip(b" "))
+    line = buf.rstrip(b"\r\n")
+    if line.startswith(b"data:"):
+        value = line[5:]
+        data_lines.append(value[1:] if value.startswith(b" ") else value)
     if data_lines:
         yield b"\n".join(data_lines)
 
