@@ -1,7 +1,7 @@
-"""OpenAI-compatible upstreams (OpenAI, Groq, OpenRouter, DeepSeek, vLLM, ...) over urllib3.
+"""OpenAI-compatible upstreams (OpenAI, Groq, OpenRouter, DeepSeek, vLLM, ...).
 
-urllib3 rather than httpx or requests: under gevent it has the lowest per-request overhead
-and its pool does not collapse under concurrency (measured in TRAPS.md).
+HTTP goes through `http_pool.HTTPPool` (http.client keep-alive connections): the cheapest
+client measured under gevent, see that module.
 """
 from __future__ import annotations
 
@@ -9,13 +9,12 @@ import json
 import os
 from typing import Any, Iterator
 
-import urllib3
-from urllib3.exceptions import (ConnectTimeoutError, HTTPError, NewConnectionError, ProtocolError,
-                                ReadTimeoutError)
 
 from app.providers.base import (Completion, Provider, ProviderError, ProviderTimeout,
                                 ProviderUnavailable, StreamPiece, error_for_status,
                                 parse_retry_after, redact, register)
+from app.providers.http_pool import (HTTPPool, PooledResponse, UpstreamConnectError,
+                                     UpstreamTimeoutError)
 from app.utils.streaming import DONE, iter_sse_data
 
 
@@ -36,20 +35,17 @@ def upstream_error(status: int, body: bytes, headers: Any) -> ProviderError:
 
 
 def transport_error(exc: Exception, name: str) -> ProviderError:
-    # NewConnectionError subclasses ConnectTimeoutError in urllib3 2: test it first.
-    if isinstance(exc, NewConnectionError):
-        return ProviderUnavailable(f"provider {name!r} refused the connection")
-    if isinstance(exc, (ReadTimeoutError, ConnectTimeoutError)):
+    if isinstance(exc, UpstreamTimeoutError):
         return ProviderTimeout(f"provider {name!r} timed out")
-    if isinstance(exc, ProtocolError):
-        return ProviderUnavailable(f"provider {name!r} closed the connection")
-    return ProviderUnavailable(f"provider {name!r} failed: {type(exc).__name__}")
+    if isinstance(exc, UpstreamConnectError):
+        return ProviderUnavailable(f"provider {name!r} refused the connection")
+    return ProviderUnavailable(f"provider {name!r} closed the connection")
 
 
 class HTTPStream:
     """An upstream stream that can be aborted from another greenlet (closing the socket)."""
 
-    def __init__(self, response: urllib3.BaseHTTPResponse, pieces: Iterator[StreamPiece]) -> None:
+    def __init__(self, response: PooledResponse, pieces: Iterator[StreamPiece]) -> None:
         self._response = response
         self._pieces = pieces
 
@@ -60,11 +56,7 @@ class HTTPStream:
         return next(self._pieces)
 
     def abort(self) -> None:
-        try:
-            self._response.shutdown()  # unblocks a read in progress
-        except Exception:
-            pass
-        self._response.release_conn()
+        self._response.abort()  # unblocks a read in progress; the connection is not reused
 
 
 @register
@@ -76,11 +68,10 @@ class OpenAICompatibleProvider(Provider):
         super().__init__(name, settings, defaults)
         self.base_url = str(settings["base_url"]).rstrip("/")
         self.api_key_env = settings.get("api_key_env")
-        self.timeout = urllib3.Timeout(
-            connect=float(settings.get("connect_timeout_s", defaults.get("connect_timeout_s", 10))),
-            read=float(settings.get("timeout_s", defaults.get("read_timeout_s", 600))))
-        self.pool = urllib3.PoolManager(num_pools=4, maxsize=int(defaults.get("pool_maxsize", 64)),
-                                        block=False, retries=False)
+        self.pool = HTTPPool(self.base_url, connect_timeout=float(settings.get(
+            "connect_timeout_s", defaults.get("connect_timeout_s", 10))), read_timeout=float(
+            settings.get("timeout_s", defaults.get("read_timeout_s", 600))),
+            maxsize=int(defaults.get("pool_maxsize", 64)))
         self.static_headers = {"Content-Type": "application/json", "Accept": "application/json",
                                **{str(k): str(v) for k, v in (settings.get("headers") or {}).items()}}
 
@@ -99,30 +90,29 @@ class OpenAICompatibleProvider(Provider):
             headers["Authorization"] = f"Bearer {key}"
         return headers
 
-    def _post(self, payload: dict[str, Any], stream: bool) -> urllib3.BaseHTTPResponse:
+    def _post(self, payload: dict[str, Any], stream: bool) -> PooledResponse:
         body = json.dumps(payload, separators=(",", ":")).encode()
         headers = self.headers()
         if stream:
             headers["Accept"] = "text/event-stream"
         try:
-            resp = self.pool.request("POST", self.base_url + "/chat/completions", body=body,
-                                     headers=headers, timeout=self.timeout,
-                                     preload_content=not stream, redirect=False)
-        except HTTPError as exc:
+            resp = self.pool.post("/chat/completions", body, headers)
+        except OSError as exc:
             raise transport_error(exc, self.name) from None
         if resp.status >= 400:
             try:
-                data = resp.data if not stream else resp.read()
-            except HTTPError:
+                data = resp.read()
+            except OSError:
                 data = b""
-            finally:
-                resp.release_conn()
             raise upstream_error(resp.status, data, resp.headers)
         return resp
 
     def complete(self, request: dict[str, Any]) -> Completion:
         resp = self._post(request, stream=False)
-        data = resp.data
+        try:
+            data = resp.read()
+        except OSError as exc:
+            raise transport_error(exc, self.name) from None
         try:
             body = json.loads(data)
         except ValueError:
@@ -141,7 +131,7 @@ class OpenAICompatibleProvider(Provider):
         resp = self._post(payload, stream=True)
         return HTTPStream(resp, self._pieces(resp))
 
-    def _pieces(self, resp: urllib3.BaseHTTPResponse) -> Iterator[StreamPiece]:
+    def _pieces(self, resp: PooledResponse) -> Iterator[StreamPiece]:
         finished = False
         try:
             for data in iter_sse_data(self._read(resp)):
@@ -155,24 +145,23 @@ class OpenAICompatibleProvider(Provider):
             raise ProviderUnavailable(f"provider {self.name!r} ended the stream without [DONE]")
         finally:
             if finished:
-                # Read the body to its end (the terminating chunk) before the connection goes
-                # back to the pool, or its next request reads this one's leftovers.
-                try:
-                    resp.drain_conn()
-                    resp.release_conn()
-                except Exception:
-                    resp.close()
+                self._finish(resp)
             else:
                 resp.close()  # aborted or broken mid-body: never reuse this connection
 
-    def _read(self, resp: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
+    def _finish(self, resp: PooledResponse) -> None:
+        """Read past [DONE] to the end of the body so the connection can be reused."""
         try:
-            while True:
-                chunk = resp.read1(65536)
-                if not chunk:
-                    return
-                yield chunk
-        except (HTTPError, OSError) as exc:
+            for _ in resp.iter_chunks():
+                pass
+            resp.release()
+        except OSError:
+            resp.close()
+
+    def _read(self, resp: PooledResponse) -> Iterator[bytes]:
+        try:
+            yield from resp.iter_chunks()
+        except OSError as exc:
             raise transport_error(exc, self.name) from None
 
     def _parsed_piece(self, data: bytes) -> StreamPiece:
@@ -190,4 +179,4 @@ class OpenAICompatibleProvider(Provider):
         return StreamPiece(raw=data)
 
     def close(self) -> None:
-        self.pool.clear()
+        self.pool.close()
