@@ -161,30 +161,36 @@ def _stream_completion(rt: Any, provider: Any, upstream_request: dict, trace: Co
     rest = with_heartbeat(upstream, keepalive) if keepalive > 0 else upstream
 
     def events() -> Iterator[bytes]:
+        pending: list[bytes] = []  # events of one upstream read, sent in one write
         try:
             piece: StreamPiece | None = first
             source: Iterator[StreamPiece | None] = iter(rest)
             while True:
                 if piece is None:
-                    yield KEEPALIVE_EVENT
+                    pending.append(KEEPALIVE_EVENT)
                 else:
                     if piece.usage is not None:
                         trace.usage = piece.usage
                     if not (piece.usage_only and not wants_usage):
                         data = piece.data()
                         trace.chunks.append(data)
-                        trace.first_byte()
-                        yield sse_event(data)
+                        pending.append(sse_event(data))
+                if pending and (piece is None or piece.flush):
+                    trace.first_byte()
+                    yield b"".join(pending)
+                    pending.clear()
                 try:
                     piece = next(source)
                 except StopIteration:
                     break
-            yield DONE_EVENT
+            pending.append(DONE_EVENT)
+            yield b"".join(pending)
         except ProviderError as exc:
             # Bytes are out already: no fallback, end the stream with an error event.
             trace.status, trace.error_type = "error", exc.kind
-            yield sse_event(json.dumps(from_provider_error(exc).body()).encode())
-            yield DONE_EVENT
+            pending.append(sse_event(json.dumps(from_provider_error(exc).body()).encode()))
+            pending.append(DONE_EVENT)
+            yield b"".join(pending)
         except GeneratorExit:
             trace.status, trace.error_type = "client_disconnected", "client_disconnected"
             raise

@@ -107,6 +107,9 @@ class StreamPiece:
     chunk: dict[str, Any] | None = None
     usage: dict[str, Any] | None = None
     usage_only: bool = False  # an include_usage chunk: forwarded only if the client asked
+    # False while more events that arrived in the same upstream read follow: the gateway
+    # then sends them to the client in one write (one syscall instead of one per event).
+    flush: bool = True
 
     def data(self) -> bytes:
         if self.raw is not None:

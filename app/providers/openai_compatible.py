@@ -15,7 +15,7 @@ from app.providers.base import (Completion, Provider, ProviderError, ProviderTim
                                 parse_retry_after, redact, register)
 from app.providers.http_pool import (HTTPPool, PooledResponse, UpstreamConnectError,
                                      UpstreamTimeoutError)
-from app.utils.streaming import DONE, iter_sse_data
+from app.utils.streaming import DONE, iter_sse_batches
 
 
 def upstream_error(status: int, body: bytes, headers: Any) -> ProviderError:
@@ -32,6 +32,14 @@ def upstream_error(status: int, body: bytes, headers: Any) -> ProviderError:
         pass
     return error_for_status(status, redact(message), code=code if isinstance(code, str) else None,
                             retry_after=parse_retry_after(headers.get("Retry-After")))
+
+
+def _needs_parsing(data: bytes) -> bool:
+    """Only a chunk with a usage object or an error needs parsing; the others are forwarded
+    as they are. OpenAI puts `"usage":null` on every chunk when usage is requested."""
+    if b'"error"' in data:
+        return True
+    return b'"usage"' in data and b'"usage":null' not in data and b'"usage": null' not in data
 
 
 def transport_error(exc: Exception, name: str) -> ProviderError:
@@ -134,14 +142,15 @@ class OpenAICompatibleProvider(Provider):
     def _pieces(self, resp: PooledResponse) -> Iterator[StreamPiece]:
         finished = False
         try:
-            for data in iter_sse_data(self._read(resp)):
-                if data == DONE:
-                    finished = True
-                    return
-                if b'"usage"' in data or b'"error"' in data:
-                    yield self._parsed_piece(data)
-                else:
-                    yield StreamPiece(raw=data)
+            for batch in iter_sse_batches(self._read(resp)):
+                last = len(batch) - 1
+                for i, data in enumerate(batch):
+                    if data == DONE:
+                        finished = True
+                        return
+                    piece = self._parsed_piece(data) if _needs_parsing(data) else StreamPiece(raw=data)
+                    piece.flush = i == last
+                    yield piece
             raise ProviderUnavailable(f"provider {self.name!r} ended the stream without [DONE]")
         finally:
             if finished:

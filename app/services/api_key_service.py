@@ -15,7 +15,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, Callable
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -212,7 +212,3 @@ class LastUsedTracker:
             return False
         self._written[key_id] = now
         return True
-
-    def write(self, session: Session, key_id: int) -> None:
-        session.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=utcnow()))
-        session.commit()

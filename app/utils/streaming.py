@@ -12,18 +12,16 @@ DONE_EVENT = b"data: [DONE]\n\n"
 T = TypeVar("T")
 
 
-def iter_sse_data(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """Yield the `data` payload of each SSE event as bytes (multi-line data joined by '\\n').
-
-    Comments (`: ...`) and other fields (`event:`, `id:`) are skipped; the stream's `[DONE]`
-    marker is yielded like any other payload so the caller can stop on it.
-    """
+def iter_sse_batches(chunks: Iterable[bytes]) -> Iterator[list[bytes]]:
+    """Like `iter_sse_data`, but yields the payloads completed by each incoming chunk together,
+    so that events that arrived together can be forwarded in one write."""
     buf = b""
     data_lines: list[bytes] = []
     for chunk in chunks:
         if not chunk:
             continue
         buf += chunk
+        batch: list[bytes] = []
         while True:
             nl = buf.find(b"\n")
             if nl < 0:
@@ -34,18 +32,30 @@ def iter_sse_data(chunks: Iterable[bytes]) -> Iterator[bytes]:
                 line = line[:-1]
             if not line:
                 if data_lines:
-                    yield b"\n".join(data_lines)
+                    batch.append(b"\n".join(data_lines))
                     data_lines = []
                 continue
             if line.startswith(b"data:"):
                 value = line[5:]
                 data_lines.append(value[1:] if value.startswith(b" ") else value)
+        if batch:
+            yield batch
     line = buf.rstrip(b"\r\n")
     if line.startswith(b"data:"):
         value = line[5:]
         data_lines.append(value[1:] if value.startswith(b" ") else value)
     if data_lines:
-        yield b"\n".join(data_lines)
+        yield [b"\n".join(data_lines)]
+
+
+def iter_sse_data(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Yield the `data` payload of each SSE event as bytes (multi-line data joined by '\\n').
+
+    Comments (`: ...`) and other fields (`event:`, `id:`) are skipped; the stream's `[DONE]`
+    marker is yielded like any other payload so the caller can stop on it.
+    """
+    for batch in iter_sse_batches(chunks):
+        yield from batch
 
 
 def iter_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
@@ -107,6 +117,8 @@ def with_heartbeat(source: Iterator[T], interval: float) -> Iterator[T | None]:
                 return
             if isinstance(item, _Failure):
                 raise item.exc
+            if not q.empty() and getattr(item, "flush", None) is True:
+                item.flush = False  # more is already waiting: let the caller send it together
             yield item
     finally:
         stop.set()
