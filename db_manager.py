@@ -25,6 +25,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.config import ROOT_DIR, Settings, load_dotenv_once, normalize_database_url
+from app.utils.money import MAX_BUDGET_USD
 
 EXIT_UNREACHABLE = 2
 
@@ -178,8 +179,8 @@ def _decimal(value: str) -> Decimal:
         result = Decimal(value)
     except InvalidOperation:
         raise argparse.ArgumentTypeError(f"not a decimal number: {value!r}") from None
-    if not result.is_finite() or result < 0:
-        raise argparse.ArgumentTypeError("must be a non-negative number")
+    if not result.is_finite() or result < 0 or result > MAX_BUDGET_USD:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to {MAX_BUDGET_USD}")
     return result
 
 
@@ -188,8 +189,8 @@ def _positive(value: str) -> int:
         result = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
-    if result < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
+    if not 1 <= result <= 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {2**31 - 1}")
     return result
 
 

@@ -81,7 +81,15 @@ def app(pg_url, models_file, clean_db):
     from app import create_app
     application = create_app(app_config(pg_url, models_file))
     yield application
-    application.extensions["gateway"].providers.close()
+    close_app(application)
+
+
+def close_app(application) -> None:
+    """Write queued usage rows, then release the app's upstream and database connections."""
+    gateway = application.extensions["gateway"]
+    gateway.usage_batcher.flush(5)
+    gateway.providers.close()
+    gateway.engine.dispose()
 
 
 @pytest.fixture

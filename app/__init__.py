@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import weakref
 from typing import Any, Mapping
 
 from flask import Flask, Response, g
@@ -19,6 +20,9 @@ from app.services.usage_service import UsageBatcher, UsageWriter, period_totals
 from app.utils.token_counter import preload as preload_tokenizers
 
 log = logging.getLogger("gateway")
+# Usage rows still queued when the process exits are written first (weak: apps can be dropped).
+_BATCHERS: "weakref.WeakSet[UsageBatcher]" = weakref.WeakSet()
+atexit.register(lambda: [b.flush(5.0) for b in list(_BATCHERS)])
 
 
 def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
@@ -71,7 +75,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(api)
     register_error_handlers(app)
     app.after_request(_request_id_header)
-    atexit.register(batcher.flush, 5.0)
+    _BATCHERS.add(batcher)
     _announce_mode(settings, len(providers.catalog.models))
     return app
 

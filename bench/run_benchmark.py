@@ -40,6 +40,7 @@ PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.exe
 GUNICORN = str(VENV_BIN / "gunicorn")
 RESULTS = REPO / "bench" / "results" / "latest.json"
 BENCH_DB = "gateway_bench"
+UPSTREAM_KEY = "sk-bench-upstream"  # the gateway's key for the fake upstream
 CHAT_PATH = "/v1/chat/completions"
 PROMPT = "Say hello to the benchmark"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -439,7 +440,7 @@ def gateway_env(args: argparse.Namespace, bench_db_url: str, models_file: Path,
         "HOST": "127.0.0.1",
         "PORT": str(port),
         "WEB_CONCURRENCY": str(args.workers),
-        "BENCH_UPSTREAM_KEY": "sk-bench",
+        "BENCH_UPSTREAM_KEY": UPSTREAM_KEY,
     })
     return env
 
@@ -475,8 +476,16 @@ def start_gateway(procs: Processes, env: dict[str, str], port: int,
     raise BenchError(f"gateway not healthy after 60s ({last}):\n{tail(log_path)}")
 
 
-def mint_key(env: dict[str, str]) -> str:
-    out = run_manager(env, "create-key", "--name", "bench", "--tenant", "bench")
+# Limits far above what a run can reach: every request pays for admission and settlement
+# (two Redis round trips, the prompt counted with tiktoken) but none is refused.
+ADMISSION_LIMITS = ["--rpm-limit", "100000000", "--tpm-limit", "1000000000",
+                    "--daily-token-limit", "100000000000", "--max-concurrent", "100000",
+                    "--budget-usd", "1000000000"]
+
+
+def mint_key(env: dict[str, str], admission: bool = False) -> str:
+    out = run_manager(env, "create-key", "--name", "bench", "--tenant", "bench",
+                      *(ADMISSION_LIMITS if admission else []))
     lines = [line.strip() for line in out.splitlines() if line.strip()]
     if not lines:
         raise BenchError("create-key printed nothing")
@@ -543,7 +552,7 @@ def print_usage(usage: dict[str, Any], rows: list[Row]) -> None:
         for r in rows if r.upstream_during_gateway)
     print(f"\nGateway responses completed (wrk + checks): "
           f"{usage['gateway_responses_completed']}\n"
-          f"Upstream calls made by the gateway (incl. in flight when wrk stopped): "
+          f"Upstream calls made by the gateway (all of them, warm-up and checks included): "
           f"{usage['upstream_calls_from_gateway']}\n"
           f"Rows in {BENCH_DB}.usage_records: {usage['usage_records_rows']}\n"
           f"Upstream TCP connections opened by the gateway: {seen.get('connections_total')}, "
@@ -582,7 +591,7 @@ def write_results(info: dict[str, Any], args: argparse.Namespace, rows: list[Row
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     data = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": info,
             "config": {k: getattr(args, k) for k in ("duration", "concurrency", "modes",
-                                                      "workers", "direct_only")},
+                                                      "workers", "direct_only", "admission")},
             "rows": [asdict(r) for r in rows], "usage_check": usage}
     RESULTS.write_text(json.dumps(data, indent=2) + "\n")
 
@@ -609,6 +618,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     p.add_argument("--keep", action="store_true", help=f"keep the {BENCH_DB} database")
+    p.add_argument("--admission", action="store_true",
+                   help="mint the key with (unreachable) rpm/tpm/daily/concurrency/budget limits, "
+                        "so every request goes through Redis admission and settlement")
     p.add_argument("--direct-only", action="store_true",
                    help="only the upstream half (no database, no gateway)")
     args = p.parse_args(argv)
@@ -688,13 +700,16 @@ def setup_gateway(args: argparse.Namespace, procs: Processes, t: Targets, tmp: P
     log(f"starting gateway on port {port} with {args.workers} workers")
     proc = start_gateway(procs, env, port, tmp)
     t.gateway_url, t.gateway_pid = f"http://127.0.0.1:{port}{CHAT_PATH}", proc.pid
-    t.key = mint_key(env)
+    t.key = mint_key(env, args.admission)
     log(f"minted key {t.key[:8]}...")
 
 
 def usage_check(args: argparse.Namespace, t: Targets) -> dict[str, Any]:
     admin_url, _ = pg_urls(args.pg_url)
-    calls = t.upstream_seen.get("requests_total", 0)
+    time.sleep(0.5)  # the gateway's last in-flight requests reach the upstream
+    # The gateway calls the upstream with its provider key; wrk's direct runs use another.
+    calls = upstream_stats(t.upstream_port)["requests_by_authorization"].get(
+        f"Bearer {UPSTREAM_KEY}", 0)
     result: dict[str, Any] = {"gateway_responses_completed": t.gateway_completed,
                               "upstream_calls_from_gateway": calls,
                               "upstream_seen_during_gateway_steps": t.upstream_seen}

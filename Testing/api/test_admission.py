@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from app import create_app
-from Testing.conftest import app_config
+from Testing.conftest import app_config, close_app
 from Testing.support import SYSTEM_SECRET
 
 MESSAGES = [{"role": "user", "content": "hello"}]
@@ -32,7 +32,7 @@ def quota_client(pg_url, fake_upstream, tmp_path, clean_db):
     models = _models_with_quotas(tmp_path / "models.json", fake_upstream.base_url)
     app = create_app(app_config(pg_url, models))
     yield app.test_client()
-    app.extensions["gateway"].providers.close()
+    close_app(app)
 
 
 def _mint(client, **fields) -> str:
@@ -66,6 +66,7 @@ def test_embedded_limiter_without_redis(pg_url, models_file, clean_db):
     assert codes == [200, 200, 429]
     health = client.get("/health").get_json()
     assert "not configured" in health["redis"]
+    close_app(app)
 
 
 def test_keepalive_comments_while_upstream_is_silent(pg_url, models_file, clean_db):
@@ -80,3 +81,4 @@ def test_keepalive_comments_while_upstream_is_silent(pg_url, models_file, clean_
     body = resp.get_data()
     assert resp.status_code == 200
     assert b": keep-alive\n\n" in body and body.rstrip().endswith(b"data: [DONE]")
+    close_app(app)

@@ -298,6 +298,7 @@ class FakeState:
         self.recorded: collections.deque[dict[str, Any]] = collections.deque(
             maxlen=MAX_RECORDED)
         self.total = 0
+        self.by_authorization: dict[str, int] = {}
         self.connections_total = 0  # accepted TCP connections: shows a client's pool reuse
         self.answers_cut = 0  # answers the client hung up on before reading them whole
         self.closed_with_partial_request = 0  # peer closed mid-request (headers/body unread)
@@ -308,6 +309,9 @@ class FakeState:
         with self._lock:
             self.recorded.append(entry)
             self.total += 1
+            auth = entry.get("headers", {}).get("authorization")
+            if auth:  # who called: the benchmark tells the gateway's calls from its own by key
+                self.by_authorization[auth] = self.by_authorization.get(auth, 0) + 1
 
     def snapshot(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -491,6 +495,7 @@ class HttpConnection(asyncio.Protocol):
         if path == "/_stats" and method == "GET":
             return self.respond(req, 200, _dumps({
                 "requests_total": self.state.total,
+                "requests_by_authorization": dict(self.state.by_authorization),
                 "connections_total": self.state.connections_total,
                 "connections_open": len(self.state.connections),
                 "answers_cut": self.state.answers_cut,

@@ -9,8 +9,11 @@ from __future__ import annotations
 from datetime import timezone
 from typing import Any
 
+from app.utils.money import MAX_BUDGET_USD
 from marshmallow import INCLUDE, RAISE, Schema, ValidationError, fields, validate
 
+INT32_MAX = 2**31 - 1  # the limit columns' range (INTEGER; daily_token_limit is BIGINT)
+INT64_MAX = 2**63 - 1
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
@@ -117,11 +120,13 @@ class ApiKeyCreateSchema(Schema):
     name = StrictString(required=True, validate=validate.Length(min=1, max=200))
     tenant = StrictString(load_default="default", validate=validate.Length(min=1, max=200))
     role = StrictString(load_default="member", validate=validate.OneOf(("member", "admin")))
-    rpm_limit = fields.Integer(strict=True, validate=validate.Range(min=1), allow_none=True)
-    tpm_limit = fields.Integer(strict=True, validate=validate.Range(min=1), allow_none=True)
-    daily_token_limit = fields.Integer(strict=True, validate=validate.Range(min=1), allow_none=True)
-    max_concurrent = fields.Integer(strict=True, validate=validate.Range(min=1), allow_none=True)
-    budget_usd = StrictDecimal(validate=validate.Range(min=0), allow_none=True, allow_nan=False)
+    rpm_limit = fields.Integer(strict=True, validate=validate.Range(min=1, max=INT32_MAX), allow_none=True)
+    tpm_limit = fields.Integer(strict=True, validate=validate.Range(min=1, max=INT32_MAX), allow_none=True)
+    daily_token_limit = fields.Integer(strict=True, validate=validate.Range(min=1, max=INT64_MAX),
+                                       allow_none=True)
+    max_concurrent = fields.Integer(strict=True, validate=validate.Range(min=1, max=INT32_MAX), allow_none=True)
+    budget_usd = StrictDecimal(validate=validate.Range(min=0, max=MAX_BUDGET_USD), allow_none=True,
+                               allow_nan=False)
     allowed_models = fields.List(StrictString(validate=validate.Length(min=1)), allow_none=True)
     expires_at = fields.AwareDateTime(default_timezone=timezone.utc, allow_none=True)
 

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from app.models import ApiKey, Tenant
 from app.models.types import as_utc, utcnow
+from app.utils.money import format_money
 
 KEY_PREFIX = "sk-"
 DISPLAY_PREFIX_LEN = 11  # "sk-" + 8 characters: enough to tell keys apart, useless to guess
@@ -86,7 +87,7 @@ def key_to_dict(key: ApiKey) -> dict[str, Any]:
         "id": key.id, "object": "api_key", "name": key.name, "prefix": key.prefix,
         "tenant": key.tenant.name, "tenant_id": key.tenant_id, "role": key.role,
         **{f: getattr(key, f) for f in LIMIT_FIELDS},
-        "budget_usd": str(key.budget_usd.normalize()) if key.budget_usd is not None else None,
+        "budget_usd": format_money(key.budget_usd) if key.budget_usd is not None else None,
         "allowed_models": key.allowed_models,
         "expires_at": _iso(key.expires_at), "revoked_at": _iso(key.revoked_at),
         "created_at": _iso(key.created_at), "last_used_at": _iso(key.last_used_at),

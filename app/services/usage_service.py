@@ -16,6 +16,7 @@ from sqlalchemy.engine import Engine
 
 from app.models import UsageRecord
 from app.models.types import utcnow
+from app.utils.money import format_money
 
 log = logging.getLogger("gateway.usage")
 TABLE = UsageRecord.__table__
@@ -197,12 +198,6 @@ def _totals(row: Any) -> dict[str, Any]:
         "total_tokens": int(row.total_tokens or 0),
         "cost_usd": format_money(cost),
     }
-
-
-def format_money(value: Decimal) -> str:
-    """A decimal string with no exponent and no float rounding ("0.0000123", "12.5")."""
-    text = format(Decimal(value).normalize(), "f")
-    return text if text not in ("-0",) else "0"
 
 
 def query_usage(engine: Engine, q: UsageQuery) -> dict[str, Any]:
