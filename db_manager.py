@@ -184,14 +184,20 @@ def _decimal(value: str) -> Decimal:
     return result
 
 
-def _positive(value: str) -> int:
-    try:
-        result = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
-    if not 1 <= result <= 2**31 - 1:
-        raise argparse.ArgumentTypeError(f"must be from 1 to {2**31 - 1}")
-    return result
+def _bounded(maximum: int) -> Callable[[str], int]:
+    """An argparse type: an integer from 1 to `maximum` (the range of its column)."""
+    def parse(value: str) -> int:
+        try:
+            result = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+        if not 1 <= result <= maximum:
+            raise argparse.ArgumentTypeError(f"must be from 1 to {maximum}")
+        return result
+    return parse
+
+
+_positive = _bounded(2**31 - 1)
 
 
 def _timestamp(value: str) -> datetime:
@@ -246,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     key.add_argument("--role", choices=("member", "admin"), default="member")
     key.add_argument("--rpm-limit", type=_positive)
     key.add_argument("--tpm-limit", type=_positive)
-    key.add_argument("--daily-token-limit", type=_positive)
+    key.add_argument("--daily-token-limit", type=_bounded(2**63 - 1))
     key.add_argument("--max-concurrent", type=_positive)
     key.add_argument("--budget-usd", type=_decimal)
     key.add_argument("--allowed-models", help="comma-separated model aliases")

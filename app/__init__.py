@@ -84,7 +84,7 @@ def _limiter_backend(settings: Settings, redis_client: Any) -> Any:
     lease_ms = int(settings.CONCURRENCY_LEASE_S * 1000)
     if redis_client is None:
         return LocalLimiter(lease_ms)
-    return RedisLimiter(redis_client, lease_ms)
+    return RedisLimiter(redis_client, lease_ms, settings.REDIS_MAX_CONNECTIONS)
 
 
 def _request_id_header(resp: Response) -> Response:
