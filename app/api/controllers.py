@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import uuid
 from datetime import datetime
 from typing import Any, Iterator
@@ -273,6 +274,11 @@ def health() -> Response:
             status["redis"], code = "unavailable", 503
     if code != 200:
         status["status"] = "degraded"
+    # Counters of the worker that answered (each gunicorn worker has its own).
+    status["worker"] = {"pid": os.getpid(), "usage_rows_queued": rt.usage_batcher.depth,
+                        "usage_write_failures": rt.usage_batcher.failures,
+                        "rate_limit_fail_mode": rt.settings.RATE_LIMIT_FAIL_MODE,
+                        "fail_open_admissions": rt.limiter.fail_open_admissions}
     return json_response(status, code)
 
 
