@@ -102,9 +102,18 @@ def admin_headers() -> dict[str, str]:
     return {"X-System-Secret": SYSTEM_SECRET}
 
 
-@pytest.fixture
-def mint(client, admin_headers) -> Callable[..., dict]:
-    """Mint a key through the admin API; returns the 201 body (with `key`)."""
+@pytest.fixture(scope="module")
+def module_app(pg_url, models_file):
+    """One app for a whole module, for tests that need no empty tables (each mints its own
+    keys): building an app per test case is slow."""
+    from app import create_app
+    application = create_app(app_config(pg_url, models_file))
+    yield application
+    close_app(application)
+
+
+def minter(client, admin_headers: dict[str, str]) -> Callable[..., dict]:
+    """A function minting a key through the admin API; it returns the 201 body (with `key`)."""
     def _mint(**fields: Any) -> dict:
         fields.setdefault("name", "test-key")
         fields.setdefault("tenant", "acme")
@@ -112,6 +121,12 @@ def mint(client, admin_headers) -> Callable[..., dict]:
         assert resp.status_code == 201, resp.get_json()
         return resp.get_json()
     return _mint
+
+
+@pytest.fixture
+def mint(client, admin_headers) -> Callable[..., dict]:
+    """Mint a key through the admin API of the `app` fixture."""
+    return minter(client, admin_headers)
 
 
 @pytest.fixture(scope="session")

@@ -13,54 +13,21 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import text
 
-from Testing.conftest import app_config
+from Testing.conftest import app_config, close_app, minter
 from Testing.support import SYSTEM_SECRET
 
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture(autouse=True)
-def _release_app_resources(request):
-    """Every app keeps its engine alive until the process exits (create_app registers an
-    atexit hook holding it): write its pending usage and close its pooled connections, or a
-    long run exhausts PostgreSQL's max_connections."""
-    yield
-    application = request.node.funcargs.get("app")
-    if application is not None:
-        close_app(application, providers=False)
-
-
-def close_app(application, providers: bool = True) -> None:
-    rt = application.extensions["gateway"]
-    rt.usage_batcher.flush(5.0)
-    if providers:
-        rt.providers.close()
-    rt.engine.dispose()
-
-
-@pytest.fixture(scope="module")
-def shared_app(pg_url, models_file):
-    """One app for the tests that need no empty tables (they compare counts before/after)."""
-    from app import create_app
-    application = create_app(app_config(pg_url, models_file))
-    yield application
-    close_app(application)
-
-
 @pytest.fixture
-def shared_client(shared_app):
-    return shared_app.test_client()
+def shared_client(module_app):
+    """The module's app: for tests that need no empty tables (they compare counts)."""
+    return module_app.test_client()
 
 
 @pytest.fixture
 def shared_mint(shared_client, admin_headers):
-    def _mint(**fields) -> dict:
-        fields.setdefault("name", "test-key")
-        fields.setdefault("tenant", "acme")
-        resp = shared_client.post("/v1/api-keys", json=fields, headers=admin_headers)
-        assert resp.status_code == 201, resp.get_json()
-        return resp.get_json()
-    return _mint
+    return minter(shared_client, admin_headers)
 
 
 def counts(engine) -> tuple[int, int, int]:

@@ -9,29 +9,17 @@ import time
 import pytest
 from sqlalchemy import text
 
-from Testing.conftest import app_config
+from Testing.conftest import app_config, close_app
 from Testing.support import SYSTEM_SECRET
 
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture(scope="module")
-def app(pg_url, models_file):
-    """One app for the whole module (overrides conftest's per-test app): none of these tests
-    needs empty tables (each mints its own keys), and building an app per case is slow."""
-    from app import create_app
-    application = create_app(app_config(pg_url, models_file))
-    yield application
-    close_app(application)
+@pytest.fixture
+def app(module_app):
+    """Every test here mints its own keys: one app for the module is enough."""
+    return module_app
 
-
-def close_app(application) -> None:
-    """Write pending usage, close the providers and the engine's pooled connections (every
-    app stays referenced until exit by create_app's atexit hook, so its pool would too)."""
-    rt = application.extensions["gateway"]
-    rt.usage_batcher.flush(5.0)
-    rt.providers.close()
-    rt.engine.dispose()
 
 ENVELOPE = {"message", "type", "param", "code"}
 CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5}

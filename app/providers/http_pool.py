@@ -21,6 +21,11 @@ from urllib.parse import urlsplit
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 
 
+# What reading a body can raise; AttributeError is http.client's answer when the socket was
+# closed under a read in progress (abort).
+_READ_ERRORS = (socket.timeout, http.client.HTTPException, OSError, ValueError, AttributeError)
+
+
 class UpstreamConnectError(OSError):
     """The upstream could not be reached (refused, DNS, TLS)."""
 
@@ -47,12 +52,8 @@ class PooledResponse:
     def read(self) -> bytes:
         try:
             data = self._response.read()
-        except socket.timeout:
-            self.close()
-            raise UpstreamTimeoutError("read timed out") from None
-        except (http.client.HTTPException, OSError, ValueError, AttributeError) as exc:
-            self.close()
-            raise UpstreamProtocolError(str(exc) or type(exc).__name__) from None
+        except _READ_ERRORS as exc:
+            raise self._failed(exc) from None
         self.release()
         return data
 
@@ -64,13 +65,14 @@ class PooledResponse:
                 if not data:
                     return
                 yield data
-        except socket.timeout:
-            self.close()
-            raise UpstreamTimeoutError("read timed out") from None
-        except (http.client.HTTPException, OSError, ValueError, AttributeError) as exc:
-            # AttributeError: http.client after the socket was closed under it (abort)
-            self.close()
-            raise UpstreamProtocolError(str(exc) or type(exc).__name__) from None
+        except _READ_ERRORS as exc:
+            raise self._failed(exc) from None
+
+    def _failed(self, exc: BaseException) -> OSError:
+        self.close()
+        if isinstance(exc, socket.timeout):
+            return UpstreamTimeoutError("read timed out")
+        return UpstreamProtocolError(str(exc) or type(exc).__name__)
 
     def release(self) -> None:
         """Back to the pool when the body was read to its end, else closed."""
