@@ -43,8 +43,9 @@ else:
 
 
 def worker_exit(server, worker):
-    """Write the usage rows this worker still holds before it goes (SIGTERM, max_requests)."""
+    """Send the settlements and usage rows this worker still holds before it goes."""
     app = getattr(worker, "wsgi", None)
     gateway = getattr(app, "extensions", {}).get("gateway") if app is not None else None
     if gateway is not None:
+        gateway.limiter.flush(timeout=5)
         gateway.usage_batcher.flush(timeout=float(_env("GRACEFUL_TIMEOUT", "30")))

@@ -87,6 +87,7 @@ def app(pg_url, models_file, clean_db):
 def close_app(application) -> None:
     """Write queued usage rows, then release the app's upstream and database connections."""
     gateway = application.extensions["gateway"]
+    gateway.limiter.flush(5)
     gateway.usage_batcher.flush(5)
     gateway.providers.close()
     gateway.engine.dispose()

@@ -20,8 +20,9 @@ from app.services.usage_service import UsageBatcher, UsageWriter, period_totals
 from app.utils.token_counter import preload as preload_tokenizers
 
 log = logging.getLogger("gateway")
-# Usage rows still queued when the process exits are written first (weak: apps can be dropped).
-_BATCHERS: "weakref.WeakSet[UsageBatcher]" = weakref.WeakSet()
+# Usage rows and settlements still queued when the process exits are sent first (weak: apps
+# can be dropped).
+_BATCHERS: "weakref.WeakSet[Any]" = weakref.WeakSet()
 atexit.register(lambda: [b.flush(5.0) for b in list(_BATCHERS)])
 
 
@@ -76,6 +77,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     register_error_handlers(app)
     app.after_request(_request_id_header)
     _BATCHERS.add(batcher)
+    _BATCHERS.add(limiter)
     _announce_mode(settings, len(providers.catalog.models))
     return app
 

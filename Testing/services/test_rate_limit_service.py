@@ -181,3 +181,21 @@ def test_redis_keys_share_one_hash_tag():
     """Every key a call touches has the tenant's hash tag (so it runs on Redis Cluster)."""
     names = RedisLimiter.key_names(KeyLimits(key_id=5, tenant_id=9))
     assert all(n.startswith("gw:{t:9}:") for n in names)
+
+
+def test_service_settles_in_the_background_pipelined():
+    """Settlements are queued and sent pipelined by a background thread: after flush() every
+    reservation is released (leases free, tokens refunded), none is applied twice."""
+    client = redis.Redis.from_url(REDIS_URL)
+    service = RateLimitService(RedisLimiter(client, lease_ms=60_000), seed=lambda *a: {})
+    lim = limits(tpm=2000, max_concurrent=20)
+    admissions = [service.admit(lim, f"r{i}", 50, 0) for i in range(20)]
+    assert all(a.admitted for a in admissions)
+    assert service.admit(lim, "extra", 50, 0).reason == "concurrency"
+    for adm in admissions:
+        service.settle(adm, 10, 0)  # each used 10 of its 50 tokens
+    assert service.flush(5)
+    # 20 slots free again, and 20 * 40 tokens were refunded: 2000 - 200 = 1800 left
+    assert service.admit(lim, "after", 1790, 0).admitted
+    assert service.admit(lim, "over", 60, 0).reason == "tpm"  # 10 left, plus a little refill
+    client.close()
