@@ -22,7 +22,11 @@ def _models_with_quotas(path: Path, upstream: str) -> Path:
         "models": {"quota-model": {"deployments": [
             {"provider": "primary", "model": "first-deployment", "priority": 1, "rpm": 2},
             {"provider": "secondary", "model": "second-deployment", "priority": 2, "rpd": 1}],
-            "pricing": pricing}},
+            "pricing": pricing},
+            "tpm-model": {"deployments": [
+                {"provider": "primary", "model": "tpm-limited", "priority": 1, "tpm": 100},
+                {"provider": "secondary", "model": "tpm-spare", "priority": 2}],
+                "pricing": pricing}},
     }))
     return path
 
@@ -53,6 +57,19 @@ def test_deployment_at_its_quota_is_skipped_then_429(quota_client, fake_upstream
     assert codes == [200, 200, 200, 429]
     served = [r["body"]["model"] for r in fake_upstream.requests() if r["path"].endswith("/chat/completions")]
     assert served == ["first-deployment", "first-deployment", "second-deployment"]
+
+
+def test_deployment_tpm_quota_counts_tokens_of_keys_without_limits(quota_client, fake_upstream):
+    """A deployment's TPM quota counts every request's reserved tokens (prompt + max_tokens),
+    even for a key with no limits of its own: the second 60-token request moves on."""
+    key = _mint(quota_client)
+    fake_upstream.reset()
+    for _ in range(2):
+        resp = quota_client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                                 json={"model": "tpm-model", "messages": MESSAGES, "max_tokens": 60})
+        assert resp.status_code == 200
+    served = [r["body"]["model"] for r in fake_upstream.requests() if r["path"].endswith("/chat/completions")]
+    assert served == ["tpm-limited", "tpm-spare"]
 
 
 def test_embedded_limiter_without_redis(pg_url, models_file, clean_db):

@@ -80,6 +80,9 @@ def chat_completions() -> Response:
     except ProviderError as exc:
         _fail(rt, trace, exc)
         raise from_provider_error(exc) from None
+    except Exception:
+        _fail(rt, trace, None)  # a bug of ours: still release the reservation, record the call
+        raise
     trace.first_byte()
     trace.usage, trace.body = completion.usage, completion.body
     resp = Response(completion.json_bytes(), mimetype=JSON)
@@ -88,18 +91,22 @@ def chat_completions() -> Response:
     return resp
 
 
+def _estimate(trace: CompletionTrace) -> tuple[int, int]:
+    """(tokens, nano-dollars) to reserve: the prompt counted with tiktoken plus the output cap
+    (max_completion_tokens, max_tokens, else the model's max_output_tokens), priced."""
+    body, entry = trace.request, trace.entry
+    if trace.prompt_estimate is None:
+        trace.prompt_estimate = count_messages(body.get("messages") or [], entry.tokenizer)
+    output = int(body.get("max_completion_tokens") or body.get("max_tokens") or entry.max_output_tokens)
+    return trace.prompt_estimate + output, to_nano(entry.pricing.cost(trace.prompt_estimate, output))
+
+
 def _admit(rt: Any, trace: CompletionTrace) -> None:
     """Reserve every limit of the key in one round trip (nothing when the key has none)."""
     limits = key_limits(trace.key)
     if not limits.any:
         return
-    tokens = cost = 0
-    if limits.needs_tokens:
-        body, entry = trace.request, trace.entry
-        trace.prompt_estimate = count_messages(body.get("messages") or [], entry.tokenizer)
-        output = body.get("max_completion_tokens") or body.get("max_tokens") or entry.max_output_tokens
-        tokens = trace.prompt_estimate + int(output)
-        cost = to_nano(entry.pricing.cost(trace.prompt_estimate, int(output)))
+    tokens, cost = _estimate(trace) if limits.needs_tokens else (0, 0)
     try:
         adm = rt.limiter.admit(limits, trace.request_id, tokens, cost)
     except LimiterUnavailable:
@@ -113,13 +120,14 @@ def _admit(rt: Any, trace: CompletionTrace) -> None:
 
 def _choose_deployment(rt: Any, trace: CompletionTrace) -> tuple[Any, Any]:
     """The first deployment (by priority) whose provider quota has room."""
-    tokens = trace.admission.tokens if trace.admission else 0
     for deployment in trace.entry.deployments:
         quota = deployment_quota(deployment)
         if quota is not None:
+            tokens = _estimate(trace)[0] if quota.tpm else 0
             try:
                 if not rt.limiter.deployment_admit(quota, tokens):
                     continue
+                trace.quota_tokens = tokens
             except LimiterUnavailable:
                 rt.settlement.settle(trace, record=False)
                 raise ServiceUnavailable("Provider quotas cannot be checked right now; try again shortly.",
@@ -138,8 +146,8 @@ def _limit_headers(resp: Response, trace: CompletionTrace) -> None:
             resp.headers[name] = value
 
 
-def _fail(rt: Any, trace: CompletionTrace, exc: ProviderError) -> None:
-    trace.status, trace.error_type = "error", exc.kind
+def _fail(rt: Any, trace: CompletionTrace, exc: ProviderError | None) -> None:
+    trace.status, trace.error_type = "error", exc.kind if exc is not None else "internal"
     rt.settlement.settle(trace)
 
 
@@ -157,6 +165,9 @@ def _stream_completion(rt: Any, provider: Any, upstream_request: dict, trace: Co
     except ProviderError as exc:
         _fail(rt, trace, exc)
         raise from_provider_error(exc) from None
+    except Exception:
+        _fail(rt, trace, None)
+        raise
     wants_usage = bool((trace.request.get("stream_options") or {}).get("include_usage"))
     keepalive = rt.settings.STREAM_KEEPALIVE_S
     rest = with_heartbeat(upstream, keepalive) if keepalive > 0 else upstream

@@ -46,6 +46,7 @@ class CompletionTrace:
     prompt_estimate: int | None = None       # tiktoken count made for admission, reused
     admission: Admission | None = None       # the key's reservation, settled here
     quota: DeploymentQuota | None = None     # the deployment's provider quota, if it has one
+    quota_tokens: int = 0                    # tokens reserved on that quota
     settled: bool = False
 
     def first_byte(self) -> None:
@@ -136,8 +137,8 @@ class Settlement:
     def _release(self, trace: CompletionTrace, tokens: int, cost_nano: int) -> None:
         if trace.admission is not None:
             self.limiter.settle(trace.admission, tokens, cost_nano)
-        if trace.quota is not None and trace.admission is not None:
-            self.limiter.deployment_settle(trace.quota, trace.admission.tokens - tokens)
+        if trace.quota is not None and trace.quota_tokens:
+            self.limiter.deployment_settle(trace.quota, trace.quota_tokens - tokens)
 
     def _touch(self, key_id: int) -> None:
         if not self.last_used.due(key_id):
