@@ -21,10 +21,10 @@ _ids = itertools.count(int(time.time()) % 100000 * 1000)
 def backend(request):
     if request.param == "redis":
         client = redis.Redis.from_url(REDIS_URL)
-        yield RedisLimiter(client, lease_ms=300)
+        yield RedisLimiter(client, lease_ms=1000)
         client.close()
     else:
-        yield LocalLimiter(lease_ms=300)
+        yield LocalLimiter(lease_ms=1000)
 
 
 def limits(**kw) -> KeyLimits:
@@ -106,7 +106,7 @@ def test_concurrency_leases_release_and_expire(backend):
     c = admit(backend, lim)
     assert c.admitted
     assert not admit(backend, lim).admitted
-    time.sleep(0.35)  # lease_ms=300: b and c were never settled (a crashed worker)
+    time.sleep(1.05)  # lease_ms=1000: b and c were never settled (a crashed worker)
     assert admit(backend, lim).admitted and admit(backend, lim).admitted
 
 
