@@ -82,6 +82,18 @@ def http_json(method: str, url: str, body: Any = None, headers: dict | None = No
         return status, hdrs, raw.decode(errors="replace")
 
 
+def open_chat_stream(port: int, key: str, body: dict, close: bool = False) -> socket.socket:
+    """POST a chat completion over a raw socket (so a test can read the wire format or hang
+    up mid-stream, which no HTTP client library lets it do) and return the socket."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + key.encode() + b"\r\n"
+                 + (b"Connection: close\r\n" if close else b"")
+                 + b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+    return sock
+
+
 def write_models_file(path: Path, upstream_base_url: str) -> Path:
     """models.json of the tests: `openai` points at the fake upstream; scripted aliases map to
     the fake's failure behaviours; `demo` is a fast simulator."""

@@ -68,7 +68,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
                                fail_mode=settings.RATE_LIMIT_FAIL_MODE)
     app.extensions["gateway"] = Runtime(
         settings=settings, providers=providers, key_cache=KeyCache(settings.AUTH_CACHE_TTL_S),
-        last_used=last_used, usage_writer=writer, usage_batcher=batcher,
+        last_used=last_used, usage_batcher=batcher,
         settlement=Settlement(batcher, engine, last_used, limiter), limiter=limiter, engine=engine,
         redis=redis_client, app=app)
 

@@ -17,7 +17,7 @@ from app.providers.provider_manager import ProviderManager
 from app.services.api_key_service import KeyCache, LastUsedTracker
 from app.services.rate_limit_service import RateLimitService
 from app.services.settlement_service import Settlement
-from app.services.usage_service import UsageBatcher, UsageWriter
+from app.services.usage_service import UsageBatcher
 
 
 @dataclass
@@ -26,7 +26,6 @@ class Runtime:
     providers: ProviderManager
     key_cache: KeyCache
     last_used: LastUsedTracker
-    usage_writer: UsageWriter
     usage_batcher: UsageBatcher
     settlement: Settlement
     limiter: RateLimitService

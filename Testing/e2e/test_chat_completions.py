@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
@@ -14,7 +13,7 @@ import pytest
 
 from Testing.conftest import usage_rows, wait_for_rows
 from Testing.fakes.fake_openai import prompt_tokens_for
-from Testing.support import SYSTEM_SECRET, UPSTREAM_KEY, http_json
+from Testing.support import SYSTEM_SECRET, UPSTREAM_KEY, http_json, open_chat_stream
 from app.utils.token_counter import count_messages, count_text
 
 PRICE_IN, PRICE_OUT = Decimal("0.15"), Decimal("0.60")
@@ -116,11 +115,8 @@ def test_streaming_usage_chunk_only_when_asked(client, key, clean_db, fake_upstr
 
 def test_raw_sse_format(gateway, key):
     """The wire format is text/event-stream with `data:` events and a final `data: [DONE]`."""
-    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
-    body = json.dumps({"model": "chunks-3", "messages": MESSAGES, "stream": True}).encode()
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Authorization: Bearer " + key["key"].encode() + b"\r\nConnection: close\r\n"
-                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    sock = open_chat_stream(gateway.port, key["key"],
+                            {"model": "chunks-3", "messages": MESSAGES, "stream": True}, close=True)
     data = b""
     while chunk := sock.recv(65536):
         data += chunk
@@ -214,11 +210,7 @@ def test_upstream_dies_mid_stream(client, key, clean_db):
 def test_client_disconnect_mid_stream_is_recorded(gateway, key, clean_db):
     """A client hanging up mid-stream leaves one row, status client_disconnected, with the
     tokens it had received."""
-    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
-    body = json.dumps({"model": "slow", "messages": MESSAGES, "stream": True}).encode()
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Authorization: Bearer " + key["key"].encode() + b"\r\n"
-                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    sock = open_chat_stream(gateway.port, key["key"], {"model": "slow", "messages": MESSAGES, "stream": True})
     data = b""
     while data.count(b"data: {") < 4:
         data += sock.recv(4096)

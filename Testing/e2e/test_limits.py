@@ -2,7 +2,6 @@
 sharing one Redis, concurrent clients, a Redis restarted under load."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -13,8 +12,9 @@ from decimal import Decimal
 
 import pytest
 
-from Testing.conftest import app_config, usage_rows, wait_for_rows
-from Testing.support import (SYSTEM_SECRET, GatewayProcess, free_port, http_json, wait_until)
+from Testing.conftest import app_config, wait_for_rows
+from Testing.support import (SYSTEM_SECRET, GatewayProcess, free_port, http_json, open_chat_stream,
+                             wait_until)
 
 MESSAGES = [{"role": "user", "content": "count to three"}]
 
@@ -146,11 +146,7 @@ def test_concurrency_limit_and_disconnect_releases_the_slot(gateway, clean_db):
 
 
 def _open_stream(gateway, key: str) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
-    body = json.dumps({"model": "slow", "messages": MESSAGES, "stream": True}).encode()
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Authorization: Bearer " + key.encode() + b"\r\nContent-Length: "
-                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+    sock = open_chat_stream(gateway.port, key, {"model": "slow", "messages": MESSAGES, "stream": True})
     assert b"200" in sock.recv(4096).split(b"\r\n")[0]
     return sock
 

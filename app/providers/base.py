@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
 
 
@@ -123,8 +123,6 @@ class Completion:
     body: dict[str, Any] | None = None
     raw: bytes | None = None
     usage: dict[str, Any] | None = None
-    content_text: str = ""
-    extra_headers: dict[str, str] = field(default_factory=dict)
 
     def json_bytes(self) -> bytes:
         if self.raw is not None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import app.providers  # noqa: F401  (registers the provider types)
 from app.providers.base import Provider, provider_class, registered_types
-from app.providers.catalog import Catalog, CatalogError, Deployment, ModelEntry, load_catalog
+from app.providers.catalog import Catalog, CatalogError, ModelEntry, load_catalog
 
 
 class ProviderManager:
