@@ -3,16 +3,16 @@ from __future__ import annotations
 
 from flask import Blueprint
 
-from app.api import controllers as c
+from app.api import chat_controller, health_controller, key_controller, models_controller, usage_controller
 
 api = Blueprint("api", __name__)
 
-api.add_url_rule("/health", view_func=c.health, methods=["GET"])
+api.add_url_rule("/health", view_func=health_controller.health, methods=["GET"])
 for prefix in ("/v1", ""):
     api.add_url_rule(f"{prefix}/chat/completions", endpoint=f"chat{prefix}",
-                     view_func=c.chat_completions, methods=["POST"])
-api.add_url_rule("/v1/models", view_func=c.list_models, methods=["GET", "POST"])
-api.add_url_rule("/v1/usage", view_func=c.usage, methods=["GET", "POST"])
-api.add_url_rule("/v1/api-keys", view_func=c.create_api_key, methods=["POST"])
-api.add_url_rule("/v1/api-keys", view_func=c.list_api_keys, methods=["GET"])
-api.add_url_rule("/v1/api-keys/<int:key_id>", view_func=c.revoke_api_key, methods=["DELETE"])
+                     view_func=chat_controller.chat_completions, methods=["POST"])
+api.add_url_rule("/v1/models", view_func=models_controller.list_models, methods=["GET", "POST"])
+api.add_url_rule("/v1/usage", view_func=usage_controller.usage, methods=["GET", "POST"])
+api.add_url_rule("/v1/api-keys", view_func=key_controller.create_api_key, methods=["POST"])
+api.add_url_rule("/v1/api-keys", view_func=key_controller.list_api_keys, methods=["GET"])
+api.add_url_rule("/v1/api-keys/<int:key_id>", view_func=key_controller.revoke_api_key, methods=["DELETE"])

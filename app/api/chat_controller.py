@@ -1,59 +1,27 @@
-"""The request paths, readable top to bottom. HTTP in, services and providers do the work."""
+"""POST /v1/chat/completions, readable top to bottom: auth, validation, admission, deployment,
+provider call (plain or streamed), settlement."""
 from __future__ import annotations
 
 import json
 import logging
-import os
-import uuid
-from datetime import datetime
 from typing import Any, Iterator
 
-from flask import Response, g, request
-from sqlalchemy import text
-from sqlalchemy.exc import SQLAlchemyError
+from flask import Response
 
-from app.api.auth import authenticate, require_system_secret
-from app.api.schemas import API_KEY_CREATE_SCHEMA, CHAT_SCHEMA, USAGE_QUERY_SCHEMA
-from app.errors import (InvalidRequest, ModelNotFound, NotFound, PermissionDenied, RateLimited,
-                        ServiceUnavailable, from_provider_error, limit_error)
-from app.extensions import db
+from app.api.auth import authenticate
+from app.api.common import JSON, new_request_id, read_json_object
+from app.api.schemas import CHAT_SCHEMA
+from app.errors import (ModelNotFound, PermissionDenied, RateLimited, ServiceUnavailable,
+                        from_provider_error, limit_error)
 from app.providers.base import ProviderError, StreamPiece
 from app.runtime import runtime
-from app.services import api_key_service, usage_service
 from app.services.rate_limit_service import LimiterUnavailable, deployment_quota, key_limits, to_nano
 from app.services.settlement_service import CompletionTrace
-from app.utils.token_counter import count_messages
 from app.utils.streaming import DONE_EVENT, KEEPALIVE_EVENT, sse_event, with_heartbeat
+from app.utils.token_counter import count_messages
 
 log = logging.getLogger("gateway.api")
-JSON = "application/json"
 
-
-def json_response(payload: Any, status: int = 200) -> Response:
-    return Response(json.dumps(payload, separators=(",", ":")), status=status, mimetype=JSON)
-
-
-def read_json_object() -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 that says what is wrong with it."""
-    raw = request.get_data(cache=False)
-    if not raw:
-        raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-    return body
-
-
-def new_request_id() -> str:
-    rid = "req_" + uuid.uuid4().hex
-    g.request_id = rid
-    return rid
-
-
-# --- chat completions ------------------------------------------------------------------------
 
 def chat_completions() -> Response:
     rt = runtime()
@@ -229,91 +197,3 @@ def _settle_unstarted(rt: Any, trace: CompletionTrace, upstream: Any) -> None:
     if abort is not None:
         abort()
     rt.settlement.settle(trace)
-
-
-# --- models, usage, health -------------------------------------------------------------------
-
-def list_models() -> Response:
-    rt = runtime()
-    key = authenticate()
-    data = []
-    for alias, entry in rt.providers.catalog.models.items():
-        if not key.may_use(alias):
-            continue
-        data.append({"id": alias, "object": "model", "created": rt.providers.catalog.created,
-                     "owned_by": entry.owned_by or _owner(rt, entry)})
-    return json_response({"object": "list", "data": data})
-
-
-def _owner(rt: Any, entry: Any) -> str:
-    kind = rt.providers.provider_type(entry.deployments[0].provider)
-    return "gateway-simulator (offline, not a real model)" if kind == "simulator" else entry.deployments[0].provider
-
-
-def usage() -> Response:
-    rt = runtime()
-    key = authenticate()
-    raw = request.args.to_dict() if request.method == "GET" or not request.content_length \
-        else read_json_object()
-    params = USAGE_QUERY_SCHEMA.load(raw)
-    default_start, default_end = usage_service.month_bounds()
-    start: datetime = params.get("start", default_start)
-    end: datetime = params.get("end", default_end)
-    if end <= start:
-        raise InvalidRequest("'end' must be after 'start'.", param="end")
-    query = usage_service.UsageQuery(start=start, end=end, api_key_id=key.id,
-                                     model=params.get("model"), group_by=params.get("group_by"))
-    return json_response(usage_service.query_usage(rt.engine, query))
-
-
-def health() -> Response:
-    rt = runtime()
-    status, code = {"status": "ok"}, 200
-    try:
-        with rt.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        status["database"] = "ok" if not rt.settings.embedded_database else "ok (embedded sqlite)"
-    except SQLAlchemyError:
-        status["database"], code = "unavailable", 503
-    if rt.redis is None:
-        status["redis"] = "not configured (embedded in-process limiter)"
-    else:
-        try:
-            rt.redis.ping()
-            status["redis"] = "ok"
-        except Exception:
-            status["redis"], code = "unavailable", 503
-    if code != 200:
-        status["status"] = "degraded"
-    # Counters of the worker that answered (each gunicorn worker has its own).
-    status["worker"] = {"pid": os.getpid(), "usage_rows_queued": rt.usage_batcher.depth,
-                        "usage_write_failures": rt.usage_batcher.failures,
-                        "rate_limit_fail_mode": rt.settings.RATE_LIMIT_FAIL_MODE,
-                        "fail_open_admissions": rt.limiter.fail_open_admissions}
-    return json_response(status, code)
-
-
-# --- admin: API keys -------------------------------------------------------------------------
-
-def create_api_key() -> Response:
-    require_system_secret()
-    params = API_KEY_CREATE_SCHEMA.load(read_json_object())
-    key, plaintext = api_key_service.mint_key(db.session, **params)
-    body = api_key_service.key_to_dict(key)
-    body["key"] = plaintext  # the only time the secret is ever shown
-    return json_response(body, 201)
-
-
-def list_api_keys() -> Response:
-    require_system_secret()
-    keys = api_key_service.list_keys(db.session)
-    return json_response({"object": "list", "data": [api_key_service.key_to_dict(k) for k in keys]})
-
-
-def revoke_api_key(key_id: int) -> Response:
-    require_system_secret()
-    key = api_key_service.revoke_key(db.session, key_id)
-    if key is None:
-        raise NotFound(f"No API key with id {key_id}.", param="id")
-    runtime().key_cache.invalidate_key_id(key_id)
-    return json_response(api_key_service.key_to_dict(key))

@@ -1,0 +1,38 @@
+"""GET /health: database, Redis and this worker's counters."""
+from __future__ import annotations
+
+import os
+
+from flask import Response
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.api.common import json_response
+from app.runtime import runtime
+
+
+def health() -> Response:
+    rt = runtime()
+    status, code = {"status": "ok"}, 200
+    try:
+        with rt.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        status["database"] = "ok" if not rt.settings.embedded_database else "ok (embedded sqlite)"
+    except SQLAlchemyError:
+        status["database"], code = "unavailable", 503
+    if rt.redis is None:
+        status["redis"] = "not configured (embedded in-process limiter)"
+    else:
+        try:
+            rt.redis.ping()
+            status["redis"] = "ok"
+        except Exception:
+            status["redis"], code = "unavailable", 503
+    if code != 200:
+        status["status"] = "degraded"
+    # Counters of the worker that answered (each gunicorn worker has its own).
+    status["worker"] = {"pid": os.getpid(), "usage_rows_queued": rt.usage_batcher.depth,
+                        "usage_write_failures": rt.usage_batcher.failures,
+                        "rate_limit_fail_mode": rt.settings.RATE_LIMIT_FAIL_MODE,
+                        "fail_open_admissions": rt.limiter.fail_open_admissions}
+    return json_response(status, code)

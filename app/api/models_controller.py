@@ -1,0 +1,27 @@
+"""GET /v1/models: the aliases the calling key may use."""
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Response
+
+from app.api.auth import authenticate
+from app.api.common import json_response
+from app.runtime import runtime
+
+
+def list_models() -> Response:
+    rt = runtime()
+    key = authenticate()
+    data = []
+    for alias, entry in rt.providers.catalog.models.items():
+        if not key.may_use(alias):
+            continue
+        data.append({"id": alias, "object": "model", "created": rt.providers.catalog.created,
+                     "owned_by": entry.owned_by or _owner(rt, entry)})
+    return json_response({"object": "list", "data": data})
+
+
+def _owner(rt: Any, entry: Any) -> str:
+    kind = rt.providers.provider_type(entry.deployments[0].provider)
+    return "gateway-simulator (offline, not a real model)" if kind == "simulator" else entry.deployments[0].provider
