@@ -214,4 +214,4 @@ def expand_env(template: str) -> tuple[str, list[str]]:
 def not_configured(name: str, missing: list[str]) -> ProviderNotConfigured:
     names = ", ".join(missing)
     return ProviderNotConfigured(f"provider {name!r} is not configured: set {names} in the gateway's "
-                                 "environment (or .env) and restart it", code="provider_not_configured")
+                                 "environment (or .env)", code="provider_not_configured")
