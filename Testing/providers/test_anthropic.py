@@ -8,7 +8,7 @@ import pytest
 
 from Testing.fakes.fake_anthropic import CACHE_CREATION, CACHE_READ, DEFAULT_PIECES, prompt_tokens
 from Testing.fakes.http_fake import echo_words
-from Testing.fakes.native import fake_anthropic, provider_settings  # noqa: F401 (fixture)
+from Testing.fakes.native import provider_settings
 from Testing.support import UPSTREAM_KEY
 from app.errors import from_provider_error
 from app.providers.anthropic import AnthropicProvider
@@ -23,7 +23,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 
 
 @pytest.fixture
-def provider(fake_anthropic):  # noqa: F811
+def provider(fake_anthropic):
     fake_anthropic.reset()
     prov = AnthropicProvider("anthropic", provider_settings("anthropic", fake_anthropic),
                              {"max_output_tokens": {"claude-test": 777}})
@@ -248,7 +248,7 @@ def test_stream_cut_before_message_stop(provider):
     assert 1 <= len(got) <= 4
 
 
-def test_hang_is_a_timeout(fake_anthropic):  # noqa: F811
+def test_hang_is_a_timeout(fake_anthropic):
     """An upstream that never answers raises ProviderTimeout after the provider's timeout_s."""
     prov = AnthropicProvider("anthropic", {**provider_settings("anthropic", fake_anthropic), "timeout_s": 0.5}, {})
     try:
@@ -258,7 +258,7 @@ def test_hang_is_a_timeout(fake_anthropic):  # noqa: F811
         prov.close()
 
 
-def test_not_configured_without_key(fake_anthropic, monkeypatch):  # noqa: F811
+def test_not_configured_without_key(fake_anthropic, monkeypatch):
     """With its key variable unset the provider makes no call and names the variable (503)."""
     monkeypatch.delenv("TEST_ANTHROPIC_UNSET", raising=False)
     fake_anthropic.reset()

@@ -8,7 +8,7 @@ import pytest
 
 from Testing.fakes.fake_gemini import CACHED, DEFAULT_PIECES, THOUGHTS
 from Testing.fakes.http_fake import count_words, echo_words
-from Testing.fakes.native import fake_gemini, provider_settings  # noqa: F401 (fixture)
+from Testing.fakes.native import provider_settings
 from Testing.support import UPSTREAM_KEY
 from app.errors import from_provider_error
 from app.providers.base import (ProviderAuthError, ProviderBadRequest, ProviderContextTooLong, ProviderError,
@@ -23,7 +23,7 @@ PROMPT = count_words("be brief", "hello there gemini") + 7
 
 
 @pytest.fixture
-def provider(fake_gemini):  # noqa: F811
+def provider(fake_gemini):
     fake_gemini.reset()
     prov = GeminiProvider("gemini", provider_settings("gemini", fake_gemini), {})
     yield prov
@@ -216,7 +216,7 @@ def test_incomplete_stream(provider, model):
     assert got
 
 
-def test_hang_is_a_timeout(fake_gemini):  # noqa: F811
+def test_hang_is_a_timeout(fake_gemini):
     """An upstream that never answers raises ProviderTimeout after timeout_s."""
     prov = GeminiProvider("gemini", {**provider_settings("gemini", fake_gemini), "timeout_s": 0.5}, {})
     try:

@@ -10,7 +10,7 @@ import pytest
 
 from Testing.fakes.fake_gigachat import DEFAULT_PIECES, PRECACHED, FakeGigaChat
 from Testing.fakes.http_fake import count_words, echo_words
-from Testing.fakes.native import fake_gigachat, provider_settings  # noqa: F401 (fixture)
+from Testing.fakes.native import provider_settings
 from Testing.support import UPSTREAM_KEY
 from app.errors import from_provider_error
 from app.providers.base import (ProviderAuthError, ProviderBadRequest, ProviderContextTooLong, ProviderError,
@@ -25,7 +25,7 @@ PROMPT = count_words("be brief", "hello there giga") + 7
 
 
 @pytest.fixture
-def provider(fake_gigachat):  # noqa: F811
+def provider(fake_gigachat):
     fake_gigachat.reset()
     prov = GigaChatProvider("gigachat", provider_settings("gigachat", fake_gigachat), {})
     yield prov
@@ -58,7 +58,7 @@ def test_oauth_request_and_bearer_token(provider, fake_gigachat):
     assert token in fake_gigachat.tokens and chat["headers"]["x-extra"] == "1"
 
 
-def test_token_is_cached_until_shortly_before_expiry(fake_gigachat):  # noqa: F811
+def test_token_is_cached_until_shortly_before_expiry(fake_gigachat):
     """Three calls share one token; a token within token_refresh_margin_s of its expiry is replaced."""
     prov = GigaChatProvider("gigachat", provider_settings("gigachat", fake_gigachat), {})
     try:
@@ -88,7 +88,7 @@ def test_401_refreshes_the_token_once(provider, fake_gigachat, call):
     assert pieces is None or pieces[-1].usage is not None
 
 
-def test_refused_authorization_key_is_an_auth_error(fake_gigachat, monkeypatch):  # noqa: F811
+def test_refused_authorization_key_is_an_auth_error(fake_gigachat, monkeypatch):
     """An authorization key the OAuth endpoint refuses is ProviderAuthError (502, not the client's
     fault), and the key appears nowhere in the error."""
     monkeypatch.setenv("TEST_GIGACHAT_WRONG", "d3Jvbmc6a2V5")

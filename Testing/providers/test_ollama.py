@@ -8,7 +8,7 @@ import pytest
 
 from Testing.fakes.fake_ollama import DEFAULT_PIECES
 from Testing.fakes.http_fake import count_words, echo_words
-from Testing.fakes.native import fake_ollama, provider_settings  # noqa: F401 (fixture)
+from Testing.fakes.native import provider_settings
 from app.errors import from_provider_error
 from app.providers.base import (ProviderBadRequest, ProviderError, ProviderNotFound, ProviderTimeout,
                                 ProviderUnavailable)
@@ -22,7 +22,7 @@ PROMPT = count_words("be brief", "hello there llama") + 7
 
 
 @pytest.fixture
-def provider(fake_ollama):  # noqa: F811
+def provider(fake_ollama):
     fake_ollama.reset()
     prov = OllamaProvider("ollama", provider_settings("ollama", fake_ollama), {})
     yield prov
@@ -161,7 +161,7 @@ def test_stream_failures(provider, model):
     assert got
 
 
-def test_hang_is_a_timeout(fake_ollama):  # noqa: F811
+def test_hang_is_a_timeout(fake_ollama):
     """An upstream that never answers raises ProviderTimeout after timeout_s."""
     prov = OllamaProvider("ollama", {**provider_settings("ollama", fake_ollama), "timeout_s": 0.5}, {})
     try:
