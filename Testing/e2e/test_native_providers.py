@@ -50,6 +50,9 @@ def native_models_file(tmp_path_factory, fake_anthropic, fake_gemini, fake_ollam
     models["claude-overloaded"] = _model("anthropic", "claude-overloaded")
     models["gemini-safety"] = _model("gemini", "gemini-safety")
     models["ollama-missing"] = _model("ollama", "mistral-not-found")
+    models["claude-malformed"] = _model("anthropic", "claude-malformed")
+    models["gemini-bad-key"] = _model("gemini", "gemini-bad-key")
+    models["giga-context"] = _model("gigachat", "GigaChat-context-too-long")
     models["needs-key"] = _model("unconfigured", "claude-test")
     models["half-configured"] = {**_model("unconfigured", "claude-test"), "deployments": [
         {"provider": "unconfigured", "model": "claude-test", "priority": 1},
@@ -175,6 +178,21 @@ def test_upstream_errors_reach_the_client_as_envelopes(native_gateway, key):
     status, _, body = http_json("POST", native_gateway.base_url + "/v1/chat/completions",
                                 {"model": "ollama-missing", "messages": MESSAGES, "stream": True}, headers)
     assert status == 404 and "ollama pull" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("model,status,code", [("claude-malformed", 502, "upstream_error"),
+                                               ("gemini-bad-key", 502, "upstream_auth_error"),
+                                               ("giga-context", 400, "context_length_exceeded")])
+@pytest.mark.parametrize("stream", [False, True])
+def test_failures_before_any_byte_are_envelopes(native_gateway, key, model, status, code, stream):
+    """A malformed upstream body is a 502 envelope (never a 500), a refused key a 502 that shows
+    no key, a context overflow a 400: streaming or not, in OpenAI's error envelope."""
+    resp_status, _, body = http_json("POST", native_gateway.base_url + "/v1/chat/completions",
+                                     {"model": model, "messages": MESSAGES, "stream": stream},
+                                     {"Authorization": f"Bearer {key['key']}"})
+    assert resp_status == status, body
+    assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["code"] == code
+    assert UPSTREAM_KEY not in json.dumps(body)
 
 
 def test_unconfigured_provider(native_gateway, key, client):
