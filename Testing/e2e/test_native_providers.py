@@ -26,8 +26,9 @@ PIECES = {"anthropic": fa.DEFAULT_PIECES, "gemini": fg.DEFAULT_PIECES, "ollama":
 UPSTREAM_MODEL = {"anthropic": "claude-test", "gemini": "gemini-test", "ollama": "llama3.2", "gigachat": "GigaChat-2"}
 TOOL_MODEL = {"anthropic": "claude-tool", "gemini": "gemini-tool", "ollama": "llama-tool", "gigachat": "GigaChat-tool"}
 PROVIDERS = list(UPSTREAM_MODEL)
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                           "parameters": {"type": "object", "properties": {"query": {"type": "string"}}}}}]
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"query": {"type": "string"}}}}}]
 PRICING = {"input_per_mtok": "1.00", "output_per_mtok": "2.00"}
 
 

@@ -1,7 +1,7 @@
 """Fixtures starting the fake native providers (import them into a test module to use them)."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -38,12 +38,12 @@ def fake_gigachat() -> Iterator[FakeGigaChat]:
         yield fake
 
 
-def provider_settings(kind: str, fake: object) -> dict:
+def provider_settings(kind: str, fake: Any) -> dict:
     """The models.json entry of provider type `kind` pointed at `fake`."""
-    settings = {"type": kind, "base_url": fake.base_url, "timeout_s": 2, "connect_timeout_s": 2,  # type: ignore[attr-defined]
+    settings = {"type": kind, "base_url": fake.base_url, "timeout_s": 2, "connect_timeout_s": 2,
                 "headers": {"X-Extra": "1"}}
     if kind != "ollama":
         settings["api_key_env"] = KEY_ENV
     if kind == "gigachat":
-        settings["auth_url"] = fake.auth_url  # type: ignore[attr-defined]
+        settings["auth_url"] = fake.auth_url
     return settings

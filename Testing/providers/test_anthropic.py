@@ -177,8 +177,10 @@ def test_tool_results_go_back_as_tool_result_blocks(provider, fake_anthropic):
     of tool_result blocks; the fake then answers from the result."""
     messages = [{"role": "user", "content": "weather?"},
                 {"role": "assistant", "content": None, "tool_calls": [
-                    {"id": "toolu_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"q":"Oslo"}'}},
-                    {"id": "toolu_2", "type": "function", "function": {"name": "get_weather", "arguments": '{"q":"Rome"}'}}]},
+                    {"id": "toolu_1", "type": "function",
+                     "function": {"name": "get_weather", "arguments": '{"q":"Oslo"}'}},
+                    {"id": "toolu_2", "type": "function",
+                     "function": {"name": "get_weather", "arguments": '{"q":"Rome"}'}}]},
                 {"role": "tool", "tool_call_id": "toolu_1", "content": "5C"},
                 {"role": "tool", "tool_call_id": "toolu_2", "content": "20C"}]
     result = provider.complete({"model": "claude-tool", "messages": messages, "tools": TOOLS})

@@ -109,7 +109,8 @@ def test_complete_answer_and_usage_with_precached_tokens(provider):
     assert result.body["choices"][0]["message"]["content"] == "".join(echo_words("hello there giga", DEFAULT_PIECES))
     assert result.body["choices"][0]["finish_reason"] == "stop"
     assert result.usage == {"prompt_tokens": PROMPT, "completion_tokens": DEFAULT_PIECES,
-                            "total_tokens": PROMPT + DEFAULT_PIECES, "prompt_tokens_details": {"cached_tokens": PRECACHED}}
+                            "total_tokens": PROMPT + DEFAULT_PIECES,
+                            "prompt_tokens_details": {"cached_tokens": PRECACHED}}
 
 
 def test_stream_chunks_and_usage(provider, fake_gigachat):

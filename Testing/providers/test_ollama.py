@@ -55,7 +55,8 @@ def test_request_translation_and_options(provider, fake_ollama):
 
 def test_images_as_base64_only(provider, fake_ollama):
     """Data-URL images go as base64 `images`; a plain URL is refused (400) before any call."""
-    content = [{"type": "text", "text": "what"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGk="}}]
+    content = [{"type": "text", "text": "what"},
+               {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGk="}}]
     provider.complete({"model": "llava", "messages": [{"role": "user", "content": content}]})
     assert sent(fake_ollama)["body"]["messages"] == [{"role": "user", "content": "what", "images": ["aGk="]}]
     fake_ollama.reset()

@@ -121,7 +121,7 @@ def to_anthropic(request: dict[str, Any], max_tokens: int) -> dict[str, Any]:
                           "input_schema": t.get("parameters") or {"type": "object", "properties": {}}}
                          for t in tools]
     tool_choice = _tool_choice(request)
-    if tool_choice is not None and (tools or tool_choice["type"] == "none"):
+    if tool_choice is not None and tools:  # Anthropic refuses a tool_choice without tools
         body["tool_choice"] = tool_choice
     if isinstance(request.get("user"), str):
         body["metadata"] = {"user_id": request["user"]}
@@ -187,8 +187,9 @@ class AnthropicStream(StreamTranslator):
             block = event["content_block"]
             if block["type"] == "tool_use":
                 index = self.tool_index[event["index"]] = len(self.tool_index)
-                return [self.chunks.piece({"tool_calls": [{"index": index, "id": block["id"], "type": "function",
-                                                           "function": {"name": block["name"], "arguments": ""}}]})]
+                call = {"index": index, "id": block["id"], "type": "function",
+                        "function": {"name": block["name"], "arguments": ""}}
+                return [self.chunks.piece({"tool_calls": [call]})]
             if block["type"] == "text" and block.get("text"):
                 return [self.chunks.piece({"content": block["text"]})]
             return []

@@ -186,7 +186,8 @@ def registered_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
-_SECRET_PATTERN = re.compile(r"(sk-[A-Za-z0-9_\-*]{4,}|(?:Bearer|Basic)\s+\S+|key=[^&\s]+|AIza[0-9A-Za-z_\-]{10,})")
+_SECRET_PATTERN = re.compile(r"(sk-[A-Za-z0-9_\-*]{4,}|(?:Bearer|Basic)\s+\S+|key=[^&\s]+"
+                             r"|AIza[0-9A-Za-z_\-]{10,})")
 
 
 def redact(text: str) -> str:

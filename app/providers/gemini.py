@@ -92,7 +92,8 @@ def to_gemini(request: dict[str, Any], max_tokens: int | None) -> dict[str, Any]
         else:
             name = names.get(str(msg.get("tool_call_id"))) or msg.get("name")
             if not name:
-                raise ProviderBadRequest("a tool message must answer a tool_call_id of an earlier assistant message")
+                raise ProviderBadRequest("a tool message must answer a tool_call_id of an earlier "
+                                         "assistant message")
             turn = "user"
             parts = [{"functionResponse": {"name": name, "response": _response_object(msg.get("content"))}}]
         if not parts:

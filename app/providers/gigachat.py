@@ -58,7 +58,8 @@ def to_gigachat(request: dict[str, Any], stream: bool) -> dict[str, Any]:
             call_id = str(msg.get("tool_call_id"))
             name = names.get(call_id) or msg.get("name")
             if not name:
-                raise ProviderBadRequest("a tool message must answer a tool_call_id of an earlier assistant message")
+                raise ProviderBadRequest("a tool message must answer a tool_call_id of an earlier "
+                                         "assistant message")
             waiting = next((c for c in pending if c["id"] == call_id), None)
             if waiting is not None:
                 pending.remove(waiting)
@@ -70,7 +71,8 @@ def to_gigachat(request: dict[str, Any], stream: bool) -> dict[str, Any]:
             for part in content_parts(msg.get("content")):
                 if part.get("type") != "text":
                     raise ProviderBadRequest("the gigachat adapter takes text content only")
-            messages.append({"role": "system" if role == "developer" else role, "content": text_of(msg.get("content"))})
+            messages.append({"role": "system" if role == "developer" else role,
+                             "content": text_of(msg.get("content"))})
         elif role == "assistant":
             calls = msg.get("tool_calls") or []
             first: dict[str, Any] = {"role": "assistant", "content": text_of(msg.get("content"))}
@@ -218,7 +220,8 @@ class GigaChatProvider(NativeHTTPProvider):
         headers = {"Authorization": f"Basic {self.api_key()}", "RqUID": str(uuid.uuid4()),
                    "Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
         try:
-            resp = self.post(self.auth_path, urlencode({"scope": self.scope}).encode(), headers, pool=self.auth_pool)
+            resp = self.post(self.auth_path, urlencode({"scope": self.scope}).encode(), headers,
+                             pool=self.auth_pool)
         except ProviderError as exc:
             if exc.kind in ("bad_request", "not_found", "auth"):
                 # A refused authorization key or scope is the operator's configuration.

@@ -10,6 +10,7 @@ missing fields, wrong types) is a `ProviderUnavailable` (502), never an exceptio
 from __future__ import annotations
 
 import json
+import mimetypes
 import os
 import time
 import uuid
@@ -322,7 +323,6 @@ def image_source(part: dict[str, Any]) -> tuple[str, str, str]:
         if ";base64" not in header or not data:
             raise ProviderBadRequest("image data URLs must be base64 (data:<type>;base64,<data>)")
         return "base64", media, data
-    import mimetypes
     media = mimetypes.guess_type(url.split("?")[0])[0] or "image/jpeg"
     return "url", media, url
 
