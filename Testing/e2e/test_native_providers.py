@@ -1,7 +1,9 @@
-"""Every native adapter (Anthropic, Gemini, Ollama, GigaChat) through the real gunicorn + gevent
-gateway, driven by the official openai client, against the fake upstreams: answers, streams,
-tool calls both ways, and usage rows equal to what the fake reported. Also what happens to a
-model whose provider is not configured."""
+"""Every provider through the real gunicorn + gevent gateway, driven by the official openai
+client: the native adapters (Anthropic, Gemini, Ollama, GigaChat) against their fake upstreams
+(answers, streams, tool calls both ways, usage rows equal to what the fake reported), and every
+OpenAI-compatible preset of data/models.json pointed at a fake OpenAI server that answers on
+the preset's own URL path (key variable, extra headers, account id in the URL). Also what
+happens to a model whose provider is not configured."""
 from __future__ import annotations
 
 import json
@@ -12,8 +14,9 @@ import openai
 import pytest
 
 from Testing.conftest import app_config, wait_for_rows
+from Testing.fakes.fake_openai import DEFAULT_CHUNKS, ChatPlan, expected_content, prompt_tokens_for
 from Testing.fakes import fake_anthropic as fa, fake_gemini as fg, fake_gigachat as fgc, fake_ollama as fo
-from Testing.fakes.http_fake import count_words, echo_words
+from Testing.fakes.http_fake import FakeHTTPServer, FakeRequest, Reply, Streamed, count_words, echo_words
 from Testing.fakes.native import (fake_anthropic, fake_gemini, fake_gigachat, fake_ollama,  # noqa: F401
                                   provider_settings)
 from Testing.support import SYSTEM_SECRET, UPSTREAM_KEY, GatewayProcess, http_json
@@ -32,13 +35,66 @@ TOOLS = [{"type": "function", "function": {
 PRICING = {"input_per_mtok": "1.00", "output_per_mtok": "2.00"}
 
 
+SHIPPED = json.loads((Path(__file__).resolve().parents[2] / "data" / "models.json").read_text())
+PRESETS = sorted(n for n, s in SHIPPED["providers"].items() if s["type"] == "openai")
+# The value each preset variable gets in the gateway's environment (local servers: their URL).
+ACCOUNT_ID = "acct-0123"
+
+
+class AnyPathOpenAI(FakeHTTPServer):
+    """OpenAI chat completions (the fake_openai answers) on any path ending in /chat/completions,
+    so that each preset keeps its own URL path."""
+    name = "fake-openai-any-path"
+
+    def handle(self, req: FakeRequest) -> Reply | Streamed:
+        if req.method != "POST" or not req.path.endswith("/chat/completions"):
+            return Reply(404, {"error": {"message": "no such path", "type": "invalid_request_error"}})
+        plan = ChatPlan(req.json, "chatcmpl-preset")
+        if plan.stream:
+            return Streamed(plan.stream_events())
+        return Reply(200, plan.completion_body())
+
+
+def preset_env(fake: AnyPathOpenAI) -> dict[str, str]:
+    env = {"CLOUDFLARE_ACCOUNT_ID": ACCOUNT_ID}
+    for name in PRESETS:
+        settings = SHIPPED["providers"][name]
+        if settings.get("api_key_env"):
+            env[settings["api_key_env"]] = f"sk-preset-{name}-{UPSTREAM_KEY[-8:]}"
+        if settings["base_url"].startswith("${"):
+            env[settings["base_url"][2:-1]] = f"{fake.url}/{name}/v1"
+    return env
+
+
+def preset_provider(name: str, fake: AnyPathOpenAI) -> dict:
+    """The shipped preset, its host replaced by the fake (the host becomes the first path segment)."""
+    settings = dict(SHIPPED["providers"][name])
+    base = settings["base_url"]
+    if base.startswith("https://"):
+        host, _, path = base[len("https://"):].partition("/")
+        settings["base_url"] = f"{fake.url}/{host}/{path}"
+    settings["timeout_s"] = 5
+    return settings
+
+
+def preset_upstream_model(name: str) -> str:
+    return next(d["model"] for m in SHIPPED["models"].values() for d in m["deployments"] if d["provider"] == name)
+
+
+@pytest.fixture(scope="module")
+def fake_any_path() -> Iterator[AnyPathOpenAI]:
+    with AnyPathOpenAI() as fake:
+        yield fake
+
+
 def _model(provider: str, upstream: str, **extra) -> dict:
     return {"deployments": [{"provider": provider, "model": upstream}], "context_window": 100000,
             "max_output_tokens": 1000, "pricing": PRICING, **extra}
 
 
 @pytest.fixture(scope="module")
-def native_models_file(tmp_path_factory, fake_anthropic, fake_gemini, fake_ollama, fake_gigachat) -> Path:  # noqa: F811
+def native_models_file(tmp_path_factory, fake_anthropic, fake_gemini, fake_ollama, fake_gigachat,  # noqa: F811
+                       fake_any_path) -> Path:
     fakes = {"anthropic": fake_anthropic, "gemini": fake_gemini, "ollama": fake_ollama, "gigachat": fake_gigachat}
     providers = {name: provider_settings(name, fake) for name, fake in fakes.items()}
     providers["unconfigured"] = {**provider_settings("anthropic", fake_anthropic),
@@ -58,15 +114,19 @@ def native_models_file(tmp_path_factory, fake_anthropic, fake_gemini, fake_ollam
     models["half-configured"] = {**_model("unconfigured", "claude-test"), "deployments": [
         {"provider": "unconfigured", "model": "claude-test", "priority": 1},
         {"provider": "anthropic", "model": "claude-test", "priority": 2}]}
+    for name in PRESETS:
+        providers[name] = preset_provider(name, fake_any_path)
+        models[f"preset-{name}"] = _model(name, preset_upstream_model(name))
     path = tmp_path_factory.mktemp("native") / "models.json"
     path.write_text(json.dumps({"providers": providers, "models": models}, indent=2))
     return path
 
 
 @pytest.fixture(scope="module")
-def native_gateway(pg_url, native_models_file, tmp_path_factory) -> Iterator[GatewayProcess]:
+def native_gateway(pg_url, native_models_file, fake_any_path, tmp_path_factory) -> Iterator[GatewayProcess]:
     log = tmp_path_factory.mktemp("native-gateway") / "gunicorn.log"
     env = {k: str(v) for k, v in app_config(pg_url, native_models_file, LOG_LEVEL="INFO").items()}
+    env.update(preset_env(fake_any_path))
     proc = GatewayProcess(env, workers=2, log_path=log).start()
     yield proc
     proc.stop()
@@ -208,3 +268,35 @@ def test_unconfigured_provider(native_gateway, key, client):
     assert "TEST_NEVER_SET_PROVIDER_KEY" in body["error"]["message"]
     completion = client.chat.completions.create(model="half-configured", messages=MESSAGES)
     assert completion.choices[0].message.content.startswith("Echo:")
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_openai_compatible_presets(client, key, pg_engine, fake_any_path, preset):
+    """Each shipped OpenAI-compatible preset answers through the gateway, streaming and not: the
+    call goes to the preset's URL path (Cloudflare's account id in it) with its key variable as
+    Bearer token (none for a local server without one) and its extra headers (OpenRouter), and
+    the usage row equals the upstream's usage."""
+    settings = SHIPPED["providers"][preset]
+    env = preset_env(fake_any_path)
+    fake_any_path.reset()
+    raw = client.chat.completions.with_raw_response.create(model=f"preset-{preset}", messages=MESSAGES)
+    completion = raw.parse()
+    assert completion.choices[0].message.content == expected_content(MESSAGES, DEFAULT_CHUNKS)
+    chunks = list(client.chat.completions.create(model=f"preset-{preset}", messages=MESSAGES, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens == prompt_tokens_for(MESSAGES)
+    first, second = fake_any_path.requests()
+    base = settings["base_url"]
+    if base.startswith("https://"):
+        expected_path = "/" + base[len("https://"):].replace("${CLOUDFLARE_ACCOUNT_ID}", ACCOUNT_ID)
+    else:
+        expected_path = f"/{preset}/v1"
+    assert first["path"] == expected_path + "/chat/completions"
+    assert first["body"]["model"] == preset_upstream_model(preset) and second["body"]["stream"] is True
+    key_env = settings.get("api_key_env")
+    assert first["headers"].get("authorization") == (f"Bearer {env[key_env]}" if key_env else None)
+    for name, value in (settings.get("headers") or {}).items():
+        assert first["headers"][name.lower()] == value
+    row = row_for(pg_engine, key, raw.headers["x-request-id"])
+    assert (row["provider"], row["prompt_tokens"], row["completion_tokens"]) == (
+        preset, prompt_tokens_for(MESSAGES), DEFAULT_CHUNKS)
