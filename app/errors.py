@@ -129,6 +129,8 @@ def from_provider_error(exc: ProviderError) -> APIError:
                            code="upstream_rate_limited", headers=headers)
     if exc.kind == "timeout":
         return UpstreamTimeout(f"The provider did not answer in time: {exc.message}")
+    if exc.kind == "not_configured":
+        return ServiceUnavailable(exc.message, code="provider_not_configured")
     if exc.kind == "auth":
         return UpstreamError("The gateway's credentials for this provider were refused; "
                              "the operator has to fix them.", code="upstream_auth_error")

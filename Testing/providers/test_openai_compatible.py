@@ -102,17 +102,59 @@ def test_stream_without_client_stream_options(provider, fake_upstream):
     assert sent["body"]["stream_options"] == {"include_usage": True}
 
 
-def test_no_authorization_header_without_key_env(fake_upstream, monkeypatch):
-    """Without a key in the environment no Authorization header is sent (never 'Bearer None')."""
+def test_no_authorization_header_without_optional_key(fake_upstream, monkeypatch):
+    """A server whose key is optional (key_required: false) is called without an Authorization
+    header when the key is unset (never 'Bearer None')."""
     monkeypatch.delenv("TEST_UPSTREAM_KEY_MISSING", raising=False)
     fake_upstream.reset()
-    prov = make_provider(fake_upstream.base_url, api_key_env="TEST_UPSTREAM_KEY_MISSING")
+    prov = make_provider(fake_upstream.base_url, api_key_env="TEST_UPSTREAM_KEY_MISSING", key_required=False)
     try:
+        assert prov.missing_configuration() == []
         prov.complete(request())
     finally:
         prov.close()
     [sent] = fake_upstream.chat_requests()
     assert "authorization" not in sent["headers"]
+
+
+def test_unset_required_key_is_not_configured(fake_upstream, monkeypatch):
+    """With its key variable unset the provider makes no call and names the variable (503)."""
+    from app.errors import from_provider_error
+    from app.providers.base import ProviderNotConfigured
+    monkeypatch.delenv("TEST_UPSTREAM_KEY_MISSING", raising=False)
+    fake_upstream.reset()
+    prov = make_provider(fake_upstream.base_url, api_key_env="TEST_UPSTREAM_KEY_MISSING")
+    try:
+        for call in ("complete", "stream"):
+            with pytest.raises(ProviderNotConfigured) as info:
+                run(prov, call, request())
+            assert "TEST_UPSTREAM_KEY_MISSING" in info.value.message
+            assert from_provider_error(info.value).status == 503
+    finally:
+        prov.close()
+    assert fake_upstream.chat_requests() == []
+
+
+def test_base_url_from_environment(fake_upstream, monkeypatch):
+    """`${VAR}` in base_url is read from the environment (a local server's address, Cloudflare's
+    account id); unset, the provider is not configured and names the variable."""
+    from app.providers.base import ProviderNotConfigured
+    monkeypatch.setenv("TEST_FAKE_HOST_PORT", f"127.0.0.1:{fake_upstream.port}")
+    monkeypatch.delenv("TEST_FAKE_UNSET_ACCOUNT", raising=False)
+    fake_upstream.reset()
+    prov = make_provider("http://${TEST_FAKE_HOST_PORT}/v1")
+    try:
+        prov.complete(request())
+    finally:
+        prov.close()
+    assert len(fake_upstream.chat_requests()) == 1
+    prov = make_provider("http://127.0.0.1:1/accounts/${TEST_FAKE_UNSET_ACCOUNT}/v1")
+    try:
+        assert prov.missing_configuration() == ["TEST_FAKE_UNSET_ACCOUNT"]
+        with pytest.raises(ProviderNotConfigured):
+            prov.complete(request())
+    finally:
+        prov.close()
 
 
 # --- what is returned -------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""GET /v1/models: the aliases the calling key may use."""
+"""GET /v1/models: the aliases the calling key may use whose provider is configured."""
 from __future__ import annotations
 
 from typing import Any
@@ -15,8 +15,8 @@ def list_models() -> Response:
     key = authenticate()
     data = []
     for alias, entry in rt.providers.catalog.models.items():
-        if not key.may_use(alias):
-            continue
+        if not key.may_use(alias) or rt.providers.missing_configuration(entry):
+            continue  # not offered: no deployment's provider has its variables set
         data.append({"id": alias, "object": "model", "created": rt.providers.catalog.created,
                      "owned_by": entry.owned_by or _owner(rt, entry)})
     return json_response({"object": "list", "data": data})

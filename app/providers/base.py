@@ -6,6 +6,7 @@ and give back an OpenAI-shaped completion (or a stream of chunks).
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
@@ -64,6 +65,14 @@ class ProviderTimeout(ProviderError):
     kind = "timeout"
     retryable = True
     client_status = 504
+
+
+class ProviderNotConfigured(ProviderError):
+    """The provider's environment variables (key, base URL, account id) are not set: no call was
+    made. Not retryable on this deployment; another deployment of the alias may serve."""
+    kind = "not_configured"
+    retryable = False
+    client_status = 503
 
 
 def error_for_status(status: int, message: str, *, code: str | None = None,
@@ -154,6 +163,10 @@ class Provider:
     def close(self) -> None:
         """Release pooled connections."""
 
+    def missing_configuration(self) -> list[str]:
+        """Names of the environment variables this provider needs and that are unset."""
+        return []
+
 
 _REGISTRY: dict[str, type[Provider]] = {}
 
@@ -173,9 +186,33 @@ def registered_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
-_SECRET_PATTERN = re.compile(r"(sk-[A-Za-z0-9_\-*]{4,}|Bearer\s+\S+|key=[^&\s]+|AIza[0-9A-Za-z_\-]{10,})")
+_SECRET_PATTERN = re.compile(r"(sk-[A-Za-z0-9_\-*]{4,}|(?:Bearer|Basic)\s+\S+|key=[^&\s]+"
+                             r"|AIza[0-9A-Za-z_\-]{10,})")
 
 
 def redact(text: str) -> str:
     """Remove anything that looks like a credential from an upstream message before it is shown."""
     return _SECRET_PATTERN.sub("[redacted]", text)
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(template: str) -> tuple[str, list[str]]:
+    """`${VAR}` references of a models.json value replaced from the environment: (the value,
+    the names of referenced variables that are unset or empty)."""
+    missing: list[str] = []
+
+    def sub(match: re.Match) -> str:
+        value = os.environ.get(match.group(1), "")
+        if not value:
+            missing.append(match.group(1))
+        return value
+
+    return _ENV_REF.sub(sub, template), missing
+
+
+def not_configured(name: str, missing: list[str]) -> ProviderNotConfigured:
+    names = ", ".join(missing)
+    return ProviderNotConfigured(f"provider {name!r} is not configured: set {names} in the gateway's "
+                                 "environment (or .env)", code="provider_not_configured")

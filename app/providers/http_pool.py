@@ -113,7 +113,7 @@ class PooledResponse:
 
 class HTTPPool:
     def __init__(self, base_url: str, *, connect_timeout: float, read_timeout: float,
-                 maxsize: int = 64) -> None:
+                 maxsize: int = 64, ca_file: str | None = None) -> None:
         parts = urlsplit(base_url)
         self.https = parts.scheme == "https"
         self.host = parts.hostname or "localhost"
@@ -124,7 +124,9 @@ class HTTPPool:
         self.maxsize = maxsize
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
-        self._ssl = ssl.create_default_context() if self.https else None
+        # ca_file: a provider whose certificate chain is not in the system store (GigaChat's
+        # Russian Trusted Root CA) is verified against that file instead of not at all.
+        self._ssl = ssl.create_default_context(cafile=ca_file) if self.https else None
 
     def _new(self) -> http.client.HTTPConnection:
         if self.https:

@@ -11,8 +11,8 @@ from typing import Any, Iterator
 
 
 from app.providers.base import (Completion, Provider, ProviderError, ProviderTimeout,
-                                ProviderUnavailable, StreamPiece, error_for_status,
-                                parse_retry_after, redact, register)
+                                ProviderUnavailable, StreamPiece, error_for_status, expand_env,
+                                not_configured, parse_retry_after, redact, register)
 from app.providers.http_pool import (HTTPPool, PooledResponse, UpstreamConnectError,
                                      UpstreamTimeoutError)
 from app.utils.streaming import DONE, iter_sse_batches
@@ -74,8 +74,13 @@ class OpenAICompatibleProvider(Provider):
 
     def __init__(self, name: str, settings: dict[str, Any], defaults: dict[str, Any]) -> None:
         super().__init__(name, settings, defaults)
-        self.base_url = str(settings["base_url"]).rstrip("/")
+        # `${VAR}` in base_url (a local server's address, Cloudflare's account id) comes from
+        # the environment; unset, the provider is not configured and makes no call.
+        base_url, self._missing_url = expand_env(str(settings["base_url"]))
+        self.base_url = base_url.rstrip("/") if not self._missing_url else "http://unconfigured.invalid"
         self.api_key_env = settings.get("api_key_env")
+        # False for servers whose key is optional (local servers): the key is sent when set.
+        self.key_required = bool(settings.get("key_required", True))
         self.pool = HTTPPool(self.base_url, connect_timeout=float(settings.get(
             "connect_timeout_s", defaults.get("connect_timeout_s", 10))), read_timeout=float(
             settings.get("timeout_s", defaults.get("read_timeout_s", 600))),
@@ -86,8 +91,8 @@ class OpenAICompatibleProvider(Provider):
     @classmethod
     def validate_settings(cls, name: str, settings: dict[str, Any]) -> None:
         base = settings.get("base_url")
-        if not isinstance(base, str) or not base.startswith(("http://", "https://")):
-            raise ValueError(f"providers.{name}.base_url: must be an http(s) URL")
+        if not isinstance(base, str) or not base.startswith(("http://", "https://", "${")):
+            raise ValueError(f"providers.{name}.base_url: must be an http(s) URL (or ${{VAR}})")
         if "headers" in settings and not isinstance(settings["headers"], dict):
             raise ValueError(f"providers.{name}.headers: must be an object")
 
@@ -98,7 +103,16 @@ class OpenAICompatibleProvider(Provider):
             headers["Authorization"] = f"Bearer {key}"
         return headers
 
+    def missing_configuration(self) -> list[str]:
+        missing = list(self._missing_url)
+        if self.key_required and self.api_key_env and not os.environ.get(self.api_key_env):
+            missing.append(self.api_key_env)
+        return missing
+
     def _post(self, payload: dict[str, Any], stream: bool) -> PooledResponse:
+        missing = self.missing_configuration()
+        if missing:
+            raise not_configured(self.name, missing)
         body = json.dumps(payload, separators=(",", ":")).encode()
         headers = self.headers()
         if stream:

@@ -5,6 +5,7 @@ highest-priority deployment of an alias whose provider quota has room serves it.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import app.providers  # noqa: F401  (registers the provider types)
@@ -26,20 +27,45 @@ class ProviderManager:
                 cls.validate_settings(name, settings)
             except ValueError as exc:
                 raise CatalogError(str(exc)) from exc
+        # Output cap of each upstream model, for protocols that require one (Anthropic).
+        self._caps: dict[str, dict[str, int]] = {}
+        for entry in catalog.models.values():
+            for dep in entry.deployments:
+                self._caps.setdefault(dep.provider, {}).setdefault(dep.model, entry.max_output_tokens)
 
     @classmethod
     def from_file(cls, path: str, defaults: dict[str, Any] | None = None) -> "ProviderManager":
         return cls(load_catalog(path), defaults)
 
     def model(self, alias: str) -> ModelEntry | None:
-        return self.catalog.get(alias)
+        """The alias with only the deployments whose provider is configured (its environment
+        variables are set); unchanged when none is, so that the call names what is missing."""
+        entry = self.catalog.get(alias)
+        if entry is None or len(entry.deployments) == 1:
+            return entry
+        usable = tuple(d for d in entry.deployments if not self.provider(d.provider).missing_configuration())
+        if usable and len(usable) != len(entry.deployments):
+            return replace(entry, deployments=usable)
+        return entry
+
+    def missing_configuration(self, entry: ModelEntry) -> list[str]:
+        """The unset variables that keep every deployment of `entry` from being used ([] when
+        at least one deployment is configured)."""
+        missing: list[str] = []
+        for dep in entry.deployments:
+            names = self.provider(dep.provider).missing_configuration()
+            if not names:
+                return []
+            missing += [n for n in names if n not in missing]
+        return missing
 
     def provider(self, name: str) -> Provider:
         """The process-wide instance of provider `name` (its connection pool is reused)."""
         inst = self._providers.get(name)
         if inst is None:
             settings = self.catalog.providers[name]
-            inst = provider_class(settings["type"])(name, settings, self.defaults)
+            inst = provider_class(settings["type"])(
+                name, settings, {**self.defaults, "max_output_tokens": self._caps.get(name, {})})
             self._providers[name] = inst
         return inst
 
