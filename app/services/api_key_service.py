@@ -168,9 +168,7 @@ def revoke_key(session: Session, key_id: int, commit: bool = True) -> ApiKey | N
     if key is None:
         return None
     if key.revoked_at is None:
-        key.revoked_at = utcnow()
-        # The previous secret of a rotation goes with it.
-        key.previous_key_hash, key.previous_key_expires_at = None, None
+        key.revoked_at = utcnow()  # also ends a rotation's grace (usable() checks it first)
         if commit:
             session.commit()
     return key
