@@ -62,10 +62,9 @@ class KeyInfo:
         """(True, "") or (False, the reason a 401 gives)."""
         if self.revoked_at is not None:
             return False, "This API key has been revoked."
-        now = now or utcnow()
-        if self.expires_at is not None and self.expires_at <= now:
+        if self.expires_at is not None and self.expires_at <= (now or utcnow()):
             return False, "This API key has expired."
-        if self.secret_expires_at is not None and self.secret_expires_at <= now:
+        if self.secret_expires_at is not None and self.secret_expires_at <= (now or utcnow()):
             return False, "This API key has been rotated; use its new secret."
         if self.tenant_status != "active":
             return False, "The tenant of this API key is suspended."
