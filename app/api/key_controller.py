@@ -91,11 +91,12 @@ def rotate_api_key(key_id: int) -> Response:
     key = _visible_key(actor, key_id)
     if key.revoked_at is not None:
         raise Conflict(f"The API key {key_id} is revoked and cannot be rotated.", code="key_revoked")
-    old_prefix = key.prefix
-    plaintext = api_key_service.rotate_key(key, float(params["grace_period_s"]))
+    old_prefix, grace = key.prefix, float(params["grace_period_s"])
+    plaintext = api_key_service.rotate_key(key, grace)
     audit_service.record(db.session, actor, "key.rotate", target_type="api_key", target_id=key.id,
                          tenant_id=key.tenant_id, details={"previous_prefix": old_prefix, "prefix": key.prefix,
-                                                           "grace_period_s": params["grace_period_s"]})
+                                                           "grace_period_s": int(grace) if grace.is_integer()
+                                                           else grace})
     db.session.commit()
     runtime().key_events.changed(key_id=key.id)
     body = api_key_service.key_to_dict(key)
