@@ -99,10 +99,11 @@ class KeyEvents:
             self._thread = threading.Thread(target=self._run, name="key-events", daemon=True)
             self._thread.start()
 
-    def stop(self, timeout: float = 3.0) -> None:
+    def stop(self, timeout: float = 0.0) -> None:
+        """Ask the listener to end (it does within half a second); wait up to `timeout`."""
         self._stop.set()
         thread = self._thread
-        if thread is not None and thread.is_alive():
+        if timeout and thread is not None and thread.is_alive():
             thread.join(timeout)
 
     def _run(self) -> None:
