@@ -19,6 +19,11 @@ from app.services import api_key_service, audit_service, tenant_service
 from app.services.actor import Actor
 
 
+# The fields of a new key its audit row records (never the secret or its hash).
+_AUDITED = ("name", "prefix", "role", *api_key_service.LIMIT_FIELDS, "budget_usd", "allowed_models",
+            "expires_at")
+
+
 def create_api_key() -> Response:
     actor = admin_caller()
     params = API_KEY_CREATE_SCHEMA.load(read_json_object())
@@ -41,10 +46,6 @@ def create_api_key() -> Response:
     session.commit()
     body["key"] = plaintext  # the only time the secret is ever shown
     return json_response(body, 201)
-
-
-_AUDITED = ("name", "prefix", "role", *api_key_service.LIMIT_FIELDS, "budget_usd", "allowed_models",
-            "expires_at")
 
 
 def list_api_keys() -> Response:
