@@ -4,6 +4,8 @@
     python db_manager.py create-db | clean-db [--yes] | reset-db [--yes] | list-tables
     python db_manager.py upgrade [REV] | downgrade [REV] | current
     python db_manager.py create-key --name NAME --tenant TENANT [--rpm-limit N ...]
+    python db_manager.py create-tenant --name NAME [--budget-usd D] [--rpm-limit N ...]
+    python db_manager.py list-keys [--tenant NAME] [--all] | revoke-key ID
 
 The database is `DATABASE_URL` (or `--database-url`). When it cannot be reached, one line
 on stderr and exit status 2; never a traceback.
@@ -211,6 +213,9 @@ def _timestamp(value: str) -> datetime:
 def cmd_create_key(args: argparse.Namespace) -> int:
     from app.services.api_key_service import mint_key
 
+    from app.services import audit_service
+    from app.services.actor import CLI
+
     engine = engine_for(args.url)
     try:
         with Session(engine) as session:
@@ -220,13 +225,106 @@ def cmd_create_key(args: argparse.Namespace) -> int:
                 daily_token_limit=args.daily_token_limit, max_concurrent=args.max_concurrent,
                 budget_usd=args.budget_usd,
                 allowed_models=args.allowed_models.split(",") if args.allowed_models else None,
-                expires_at=args.expires_at)
+                expires_at=args.expires_at, commit=False)
+            audit_service.record(session, CLI, "key.create", target_type="api_key", target_id=key.id,
+                                 tenant_id=key.tenant_id, details={"name": key.name, "prefix": key.prefix,
+                                                                   "role": key.role})
+            session.commit()
             print(f"created key id={key.id} name={key.name!r} tenant={args.tenant!r} "
                   f"prefix={key.prefix} (the key is shown once; store it now):")
             print(plaintext)
     finally:
         engine.dispose()
     return 0
+
+
+# --- tenants and keys (tenancy) -------------------------------------------------------------
+
+def cmd_create_tenant(args: argparse.Namespace) -> int:
+    from app.services.actor import CLI
+    from app.services.tenant_service import create_tenant
+
+    limits = {f: getattr(args, f) for f in ("rpm_limit", "tpm_limit", "daily_token_limit", "max_concurrent")
+              if getattr(args, f) is not None}
+    engine = engine_for(args.url)
+    try:
+        with Session(engine) as session:
+            tenant = create_tenant(session, CLI, name=args.name, status=args.status,
+                                   budget_usd=args.budget_usd, key_limits=limits)
+            if tenant is None:
+                raise CommandError(f"a tenant named {args.name!r} already exists")
+            print(f"created tenant id={tenant.id} name={tenant.name!r} status={tenant.status}")
+    finally:
+        engine.dispose()
+    return 0
+
+
+def cmd_list_keys(args: argparse.Namespace) -> int:
+    """One line per key: never its secret or hash, only the display prefix."""
+    from app.services.api_key_service import list_keys
+    from app.services.tenant_service import get_tenant_by_name
+
+    engine = engine_for(args.url)
+    try:
+        with Session(engine) as session:
+            tenant_id = None
+            if args.tenant:
+                tenant = get_tenant_by_name(session, args.tenant)
+                if tenant is None:
+                    raise CommandError(f"no tenant named {args.tenant!r}")
+                tenant_id = tenant.id
+            print("id\ttenant\tname\tprefix\trole\tstatus\texpires_at")
+            for key in list_keys(session, tenant_id=tenant_id):
+                status = "revoked" if key.revoked_at is not None else "active"
+                if status == "revoked" and not args.all:
+                    continue
+                expires = key.expires_at.isoformat() if key.expires_at else "-"
+                print(f"{key.id}\t{key.tenant.name}\t{key.name}\t{key.prefix}\t{key.role}\t{status}\t{expires}")
+    finally:
+        engine.dispose()
+    return 0
+
+
+def cmd_revoke_key(args: argparse.Namespace) -> int:
+    """Revoke, audit, and tell the running gateways (through Redis, when REDIS_URL is set)."""
+    from app.services import audit_service
+    from app.services.actor import CLI
+    from app.services.api_key_service import revoke_key
+
+    engine = engine_for(args.url)
+    try:
+        with Session(engine) as session:
+            key = revoke_key(session, args.id, commit=False)
+            if key is None:
+                raise CommandError(f"no API key with id {args.id}")
+            if session.is_modified(key):
+                audit_service.record(session, CLI, "key.revoke", target_type="api_key", target_id=key.id,
+                                     tenant_id=key.tenant_id, details={"name": key.name, "prefix": key.prefix})
+                session.commit()
+                print(f"revoked key id={key.id} name={key.name!r} prefix={key.prefix}")
+            else:
+                print(f"key id={key.id} was already revoked")
+    finally:
+        engine.dispose()
+    print(_announce_revocation(args.id))
+    return 0
+
+
+def _announce_revocation(key_id: int) -> str:
+    settings = Settings.from_env()
+    if not settings.REDIS_URL:
+        return f"gateways pick it up within AUTH_CACHE_TTL_S ({settings.AUTH_CACHE_TTL_S:g}s; REDIS_URL not set)"
+    import redis
+    from app.services.key_events import encode_event, publish_event
+
+    client = redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        if publish_event(client, settings.KEY_EVENTS_CHANNEL, encode_event(key_id=key_id)):
+            return "running gateways were told through Redis (effective within a second)"
+        return (f"Redis unreachable: gateways pick it up within AUTH_CACHE_TTL_S "
+                f"({settings.AUTH_CACHE_TTL_S:g}s)")
+    finally:
+        client.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,6 +355,19 @@ def build_parser() -> argparse.ArgumentParser:
     key.add_argument("--budget-usd", type=_decimal)
     key.add_argument("--allowed-models", help="comma-separated model aliases")
     key.add_argument("--expires-at", type=_timestamp, help="ISO 8601, e.g. 2027-01-01T00:00:00Z")
+    tenant = add("create-tenant", cmd_create_tenant, "create a tenant (its budget and the limits of its keys)")
+    tenant.add_argument("--name", required=True)
+    tenant.add_argument("--status", choices=("active", "suspended"), default="active")
+    tenant.add_argument("--budget-usd", type=_decimal, help="monthly budget shared by all its keys")
+    tenant.add_argument("--rpm-limit", type=_positive)
+    tenant.add_argument("--tpm-limit", type=_positive)
+    tenant.add_argument("--daily-token-limit", type=_bounded(2**63 - 1))
+    tenant.add_argument("--max-concurrent", type=_positive)
+    keys = add("list-keys", cmd_list_keys, "list keys (id, tenant, name, prefix, role, status); never a secret")
+    keys.add_argument("--tenant", help="only this tenant's keys")
+    keys.add_argument("--all", action="store_true", help="include revoked keys")
+    revoke = add("revoke-key", cmd_revoke_key, "revoke a key (running gateways are told through Redis)")
+    revoke.add_argument("id", type=_bounded(2**63 - 1))
     return parser
 
 

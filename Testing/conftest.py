@@ -12,12 +12,12 @@ from sqlalchemy import create_engine, text
 
 import db_manager
 from Testing.fakes.fake_openai import FakeOpenAI
-from Testing.support import (REDIS_URL, SYSTEM_SECRET, UPSTREAM_KEY, GatewayProcess,
+from Testing.support import (KEY_EVENTS_CHANNEL, REDIS_URL, SYSTEM_SECRET, UPSTREAM_KEY, GatewayProcess,
                              create_database, database_url, drop_database, wait_until,
                              write_models_file)
 
 os.environ["TEST_UPSTREAM_KEY"] = UPSTREAM_KEY
-TABLES = ("usage_records", "api_keys", "tenants")
+TABLES = ("usage_records", "api_keys", "tenants", "audit_log")
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +73,7 @@ def redis_url() -> str:
 def app_config(pg_url: str, models_file: Path, **overrides: Any) -> dict[str, Any]:
     return {"DATABASE_URL": pg_url, "MODELS_FILE": str(models_file), "SYSTEM_SECRET": SYSTEM_SECRET,
             "REDIS_URL": REDIS_URL, "LOG_LEVEL": "WARNING", "MAX_REQUEST_BYTES": 256 * 1024,
-            **overrides}
+            "KEY_EVENTS_CHANNEL": KEY_EVENTS_CHANNEL, **overrides}
 
 
 @pytest.fixture
@@ -87,6 +87,7 @@ def app(pg_url, models_file, clean_db):
 def close_app(application) -> None:
     """Write queued usage rows, then release the app's upstream and database connections."""
     gateway = application.extensions["gateway"]
+    gateway.key_events.stop()
     gateway.limiter.flush(5)
     gateway.usage_batcher.flush(5)
     gateway.providers.close()

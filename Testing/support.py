@@ -21,7 +21,16 @@ PYTHON = sys.executable
 PG_ADMIN_URL = os.environ.get("TEST_PG_URL", "postgresql://postgres:postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 SYSTEM_SECRET = "test-system-secret-" + secrets.token_hex(8)
+# Pub/sub channels are shared by every database of a Redis server: one per test run.
+KEY_EVENTS_CHANNEL = "gw-test-key-events-" + secrets.token_hex(6)
 UPSTREAM_KEY = "sk-upstream-" + secrets.token_hex(12)  # must never appear in a response or log
+
+
+def head_revision() -> str:
+    """The newest alembic revision in migrations/versions (what `upgrade` reaches)."""
+    from alembic.script import ScriptDirectory
+    import db_manager
+    return ScriptDirectory.from_config(db_manager.alembic_config("sqlite://")).get_current_head()
 
 
 def free_port() -> int:

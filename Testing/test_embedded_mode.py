@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from Testing.support import ROOT, SYSTEM_SECRET, free_port, http_json, wait_until
+from Testing.support import ROOT, SYSTEM_SECRET, free_port, head_revision, http_json, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -87,7 +87,7 @@ def test_run_py_embedded_mode_serves_the_whole_flow(embedded):
         rows = conn.execute("SELECT key_hash, prefix FROM api_keys").fetchall()
         version = conn.execute("SELECT version_num FROM alembic_version").fetchall()
     assert rows == [(hashlib.sha256(key["key"].encode()).hexdigest(), key["prefix"])]
-    assert version == [("0001",)]
+    assert version == [(head_revision(),)]
 
     def usage_written() -> bool:
         with sqlite3.connect(db_file) as conn:

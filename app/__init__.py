@@ -14,6 +14,7 @@ from app.extensions import cors, db, make_redis
 from app.providers.provider_manager import ProviderManager
 from app.runtime import Runtime
 from app.services.api_key_service import KeyCache, LastUsedTracker
+from app.services.key_events import KeyEvents
 from app.services.settlement_service import Settlement
 from app.services.rate_limit_service import LocalLimiter, RateLimitService, RedisLimiter
 from app.services.usage_service import UsageBatcher, UsageWriter, period_totals
@@ -66,11 +67,16 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
                                seed=lambda limits, day, month: period_totals(
                                    engine, limits.key_id, limits.tenant_id, day, month),
                                fail_mode=settings.RATE_LIMIT_FAIL_MODE)
+    key_cache = KeyCache(settings.AUTH_CACHE_TTL_S)
+    key_events = KeyEvents(key_cache, settings.REDIS_URL, settings.KEY_EVENTS_CHANNEL, publisher=redis_client)
+    # The listener starts with the first cache miss of the process that serves requests
+    # (a gunicorn worker, after the fork); a cache hit never calls this.
+    key_cache.on_miss = key_events.ensure_listening
     app.extensions["gateway"] = Runtime(
-        settings=settings, providers=providers, key_cache=KeyCache(settings.AUTH_CACHE_TTL_S),
+        settings=settings, providers=providers, key_cache=key_cache,
         last_used=last_used, usage_batcher=batcher,
         settlement=Settlement(batcher, engine, last_used, limiter), limiter=limiter, engine=engine,
-        redis=redis_client, app=app)
+        redis=redis_client, app=app, key_events=key_events)
 
     from app.api.routes import api
     app.register_blueprint(api)

@@ -52,8 +52,10 @@ class Settings:
     CORS_ORIGINS: str = "*"
     MAX_REQUEST_BYTES: int = 4 * 1024 * 1024
     LOG_LEVEL: str = "INFO"
-    # Per-worker cache of key lookups; revocations also invalidate it directly.
+    # Per-worker cache of key lookups. Key and tenant changes invalidate it on every worker
+    # through Redis pub/sub on this channel (within milliseconds); the TTL is the backstop.
     AUTH_CACHE_TTL_S: float = 5.0
+    KEY_EVENTS_CHANNEL: str = "gateway:key-events"
     # `last_used_at` is written at most this often per key (never on every request).
     LAST_USED_WRITE_INTERVAL_S: float = 60.0
     DB_POOL_SIZE: int = 20

@@ -15,6 +15,7 @@ from sqlalchemy.engine import Engine
 from app.config import Settings
 from app.providers.provider_manager import ProviderManager
 from app.services.api_key_service import KeyCache, LastUsedTracker
+from app.services.key_events import KeyEvents
 from app.services.rate_limit_service import RateLimitService
 from app.services.settlement_service import Settlement
 from app.services.usage_service import UsageBatcher
@@ -32,6 +33,7 @@ class Runtime:
     engine: Engine
     redis: Optional[redis.Redis]
     app: Flask
+    key_events: Optional[KeyEvents] = None
 
 
 def runtime() -> Runtime:

@@ -266,13 +266,16 @@ def test_a_key_never_sees_other_keys_rows(client, mint, clean_db):
 
 
 def test_query_parameters_cannot_widen_the_scope(client, mint, clean_db):
-    """Parameters such as api_key_id or tenant_id are rejected, not used to read other rows."""
+    """A member key cannot read other rows through parameters: another key's api_key_id or any
+    tenant is 403, an unknown parameter such as tenant_id is 400."""
     k1, k2 = mint(name="k1"), mint(name="k2")
     add_rows(clean_db, k2, {"created_at": at(2024, 1, 2)})
-    for field, value in (("api_key_id", k2["id"]), ("tenant_id", k2["tenant_id"])):
+    for field, value, status in (("api_key_id", k2["id"], 403), ("tenant", "acme", 403),
+                                 ("tenant_id", k2["tenant_id"], 400)):
         resp = get_usage(client, k1, **{field: value}, **JAN)
-        assert resp.status_code == 400, resp.get_json()
+        assert resp.status_code == status, resp.get_json()
         assert resp.get_json()["error"]["param"] == field
+    assert ok(get_usage(client, k1, api_key_id=k1["id"], **JAN))["requests"] == 0
 
 
 # --- invalid requests -------------------------------------------------------------------------
@@ -331,13 +334,15 @@ def test_wrong_json_types_are_400(client, key):
 
 @pytest.mark.parametrize("method", ["get", "post"])
 def test_unauthenticated_is_401(client, key, method, admin_headers):
-    """No key, a wrong key, or the system secret alone is a 401 with WWW-Authenticate."""
-    for headers in ({}, {"Authorization": "Bearer sk-not-a-real-key"}, {"Authorization": key["key"]},
-                    admin_headers):
+    """No key or a wrong key is a 401 with WWW-Authenticate; a wrong system secret is a 401 too
+    (the right one reads everyone's usage, see Testing/api/test_tenancy_usage.py)."""
+    for headers in ({}, {"Authorization": "Bearer sk-not-a-real-key"}, {"Authorization": key["key"]}):
         resp = getattr(client, method)("/v1/usage", headers=headers)
         assert resp.status_code == 401, (headers, resp.get_json())
         assert resp.headers.get("WWW-Authenticate") == "Bearer"
         assert resp.get_json()["error"]["code"] == "invalid_api_key"
+    resp = getattr(client, method)("/v1/usage", headers={"X-System-Secret": "wrong", **auth(key)})
+    assert resp.status_code == 401 and resp.get_json()["error"]["code"] == "invalid_system_secret"
 
 
 def test_revoked_key_is_401(client, key, admin_headers):

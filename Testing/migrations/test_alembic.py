@@ -9,16 +9,21 @@ import pytest
 from sqlalchemy import Float, Numeric, create_engine, inspect, text
 
 import db_manager
-from Testing.support import create_database, database_url, drop_database
+from Testing.support import create_database, database_url, drop_database, head_revision
 
 pytestmark = pytest.mark.timeout(60)
 
-TABLES = {"tenants", "api_keys", "usage_records"}
+TABLES = {"tenants", "api_keys", "usage_records", "audit_log"}
+HEAD = head_revision()
 COLUMNS = {
-    "tenants": {"id", "name", "status", "budget_usd", "created_at"},
+    "tenants": {"id", "name", "status", "budget_usd", "created_at", "rpm_limit", "tpm_limit",
+                "daily_token_limit", "max_concurrent"},
     "api_keys": {"id", "tenant_id", "name", "prefix", "key_hash", "role", "rpm_limit", "tpm_limit",
                  "daily_token_limit", "max_concurrent", "budget_usd", "allowed_models", "expires_at",
-                 "revoked_at", "created_at", "last_used_at"},
+                 "revoked_at", "created_at", "last_used_at", "previous_key_hash",
+                 "previous_key_expires_at", "rotated_at"},
+    "audit_log": {"id", "created_at", "actor_type", "actor_key_id", "tenant_id", "action", "target_type",
+                  "target_id", "details"},
     "usage_records": {"id", "request_id", "tenant_id", "api_key_id", "model", "provider",
                       "upstream_model", "prompt_tokens", "completion_tokens", "total_tokens",
                       "cost_usd", "status", "error_type", "streamed", "cached", "latency_ms",
@@ -26,7 +31,9 @@ COLUMNS = {
 }
 MONEY = [("tenants", "budget_usd"), ("api_keys", "budget_usd"), ("usage_records", "cost_usd")]
 INDEXES = {"ix_usage_key_time": ("usage_records", ["api_key_id", "created_at"]),
-           "ix_usage_tenant_time": ("usage_records", ["tenant_id", "created_at"])}
+           "ix_usage_tenant_time": ("usage_records", ["tenant_id", "created_at"]),
+           "ix_api_keys_previous_key_hash": ("api_keys", ["previous_key_hash"]),
+           "ix_audit_tenant_id": ("audit_log", ["tenant_id", "id"])}
 
 
 @pytest.fixture
@@ -78,7 +85,7 @@ def assert_schema_at_head(url: str) -> None:
                 assert isinstance(col["type"], Numeric) and not isinstance(col["type"], Float), \
                     (table, column, col["type"])
                 assert (col["type"].precision, col["type"].scale) == (20, 10), (table, column)
-            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0001"]
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [HEAD]
     finally:
         engine.dispose()
 
@@ -86,7 +93,7 @@ def assert_schema_at_head(url: str) -> None:
 def round_trip(url: str) -> None:
     db_manager.upgrade(url)
     assert_schema_at_head(url)
-    assert db_manager.current_revision(url) == "0001"
+    assert db_manager.current_revision(url) == HEAD
 
     db_manager.downgrade(url, "base")
     assert table_names(url) - {"alembic_version"} == set()
@@ -94,7 +101,7 @@ def round_trip(url: str) -> None:
 
     db_manager.upgrade(url)
     assert_schema_at_head(url)
-    assert db_manager.current_revision(url) == "0001"
+    assert db_manager.current_revision(url) == HEAD
 
 
 def test_postgres_upgrade_downgrade_round_trip(fresh_pg_url):

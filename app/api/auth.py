@@ -7,9 +7,10 @@ import logging
 from flask import g, request
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.errors import AuthenticationFailed, ServiceUnavailable, SystemSecretRequired
+from app.errors import AuthenticationFailed, PermissionDenied, ServiceUnavailable, SystemSecretRequired
 from app.extensions import db
 from app.runtime import runtime
+from app.services.actor import SYSTEM, Actor
 from app.services.api_key_service import KeyInfo, lookup_key
 
 log = logging.getLogger("gateway.auth")
@@ -56,3 +57,35 @@ def require_system_secret() -> None:
     given = request.headers.get("X-System-Secret", "")
     if not given or not hmac.compare_digest(given.encode(), expected.encode()):
         raise SystemSecretRequired("Missing or wrong X-System-Secret header.")
+
+
+def key_actor(key: KeyInfo) -> Actor:
+    return Actor("key", key_id=key.id, tenant_id=key.tenant_id, role=key.role)
+
+
+def caller() -> Actor:
+    """The system secret when `X-System-Secret` is sent, else the Bearer key (any role)."""
+    if "X-System-Secret" in request.headers:
+        require_system_secret()
+        return SYSTEM
+    return key_actor(authenticate())
+
+
+def admin_caller() -> Actor:
+    """The system secret or a tenant-admin key; a member key gets 403."""
+    if "X-System-Secret" in request.headers or bearer_token() is None:
+        require_system_secret()
+        return SYSTEM
+    actor = key_actor(authenticate())
+    if not actor.is_tenant_admin:
+        raise PermissionDenied("This endpoint needs the system secret or a tenant admin key; "
+                               "this is a member key.", code="admin_required")
+    return actor
+
+
+def operator_caller() -> Actor:
+    """Only the system secret; any key (even a tenant admin's) gets 403."""
+    actor = admin_caller()
+    if not actor.is_operator:
+        raise PermissionDenied("This endpoint needs the system secret.", code="system_secret_required")
+    return actor

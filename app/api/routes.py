@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from flask import Blueprint
 
-from app.api import chat_controller, health_controller, key_controller, models_controller, usage_controller
+from app.api import (audit_controller, chat_controller, health_controller, key_controller, models_controller,
+                     tenant_controller, usage_controller)
 
 api = Blueprint("api", __name__)
 
@@ -15,4 +16,14 @@ api.add_url_rule("/v1/models", view_func=models_controller.list_models, methods=
 api.add_url_rule("/v1/usage", view_func=usage_controller.usage, methods=["GET", "POST"])
 api.add_url_rule("/v1/api-keys", view_func=key_controller.create_api_key, methods=["POST"])
 api.add_url_rule("/v1/api-keys", view_func=key_controller.list_api_keys, methods=["GET"])
+api.add_url_rule("/v1/api-keys/<int:key_id>", view_func=key_controller.get_api_key, methods=["GET"])
+api.add_url_rule("/v1/api-keys/<int:key_id>", view_func=key_controller.update_api_key, methods=["PATCH"])
 api.add_url_rule("/v1/api-keys/<int:key_id>", view_func=key_controller.revoke_api_key, methods=["DELETE"])
+api.add_url_rule("/v1/api-keys/<int:key_id>/rotate", view_func=key_controller.rotate_api_key,
+                 methods=["POST"])
+api.add_url_rule("/v1/tenants", view_func=tenant_controller.create_tenant, methods=["POST"])
+api.add_url_rule("/v1/tenants", view_func=tenant_controller.list_tenants, methods=["GET"])
+api.add_url_rule("/v1/tenants/<int:tenant_id>", view_func=tenant_controller.get_tenant, methods=["GET"])
+api.add_url_rule("/v1/tenants/<int:tenant_id>", view_func=tenant_controller.update_tenant,
+                 methods=["PATCH"])
+api.add_url_rule("/v1/audit", view_func=audit_controller.list_audit, methods=["GET"])

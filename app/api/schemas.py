@@ -111,24 +111,95 @@ class ChatCompletionSchema(Schema):
     user = StrictString(allow_none=True)
 
 
-class ApiKeyCreateSchema(Schema):
-    """`POST /v1/api-keys` (system secret)."""
+class IdField(fields.Integer):
+    """A positive id: an integer in JSON, or its digits in a query string."""
+
+    def __init__(self, maximum: int = INT64_MAX, **kw: Any) -> None:
+        super().__init__(strict=True, validate=validate.Range(min=1, max=maximum), **kw)
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kw: Any) -> int:
+        if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 20:
+            value = int(value)
+        if isinstance(value, bool):
+            raise ValidationError("Must be an integer id.")
+        return super()._deserialize(value, attr, data, **kw)
+
+
+class KeyLimitsFields(Schema):
+    """The four limits of a key (each optional; null: no limit)."""
 
     class Meta:
         unknown = RAISE
 
-    name = StrictString(required=True, validate=validate.Length(min=1, max=200))
-    tenant = StrictString(load_default="default", validate=validate.Length(min=1, max=200))
-    role = StrictString(load_default="member", validate=validate.OneOf(("member", "admin")))
     rpm_limit = fields.Integer(strict=True, validate=validate.Range(min=1, max=INT32_MAX), allow_none=True)
     tpm_limit = fields.Integer(strict=True, validate=validate.Range(min=1, max=INT32_MAX), allow_none=True)
     daily_token_limit = fields.Integer(strict=True, validate=validate.Range(min=1, max=INT64_MAX),
                                        allow_none=True)
     max_concurrent = fields.Integer(strict=True, validate=validate.Range(min=1, max=INT32_MAX), allow_none=True)
-    budget_usd = StrictDecimal(validate=validate.Range(min=0, max=MAX_BUDGET_USD), allow_none=True,
-                               allow_nan=False)
+
+
+def _budget() -> StrictDecimal:
+    return StrictDecimal(validate=validate.Range(min=0, max=MAX_BUDGET_USD), allow_none=True, allow_nan=False)
+
+
+class ApiKeyUpdateSchema(KeyLimitsFields):
+    """`PATCH /v1/api-keys/<id>`: any of these; null clears a limit, the budget or the expiry."""
+
+    name = StrictString(validate=validate.Length(min=1, max=200))
+    budget_usd = _budget()
     allowed_models = fields.List(StrictString(validate=validate.Length(min=1)), allow_none=True)
     expires_at = fields.AwareDateTime(default_timezone=timezone.utc, allow_none=True)
+
+
+class ApiKeyCreateSchema(ApiKeyUpdateSchema):
+    """`POST /v1/api-keys`. `tenant` defaults to "default" for the system secret and to its own
+    tenant for a tenant admin (which may name no other)."""
+
+    name = StrictString(required=True, validate=validate.Length(min=1, max=200))
+    tenant = StrictString(validate=validate.Length(min=1, max=200))
+    role = StrictString(load_default="member", validate=validate.OneOf(("member", "admin")))
+
+
+class RotateSchema(Schema):
+    """`POST /v1/api-keys/<id>/rotate` (the body is optional)."""
+
+    class Meta:
+        unknown = RAISE
+
+    grace_period_s = StrictNumber(load_default=0, validate=validate.Range(min=0, max=30 * 86400))
+
+
+class TenantUpdateSchema(Schema):
+    """`PATCH /v1/tenants/<id>`: any of these (key_limits may name some of its four fields)."""
+
+    class Meta:
+        unknown = RAISE
+
+    name = StrictString(validate=validate.Length(min=1, max=200))
+    status = StrictString(validate=validate.OneOf(("active", "suspended")))
+    budget_usd = _budget()
+    key_limits = fields.Nested(KeyLimitsFields)
+
+
+class TenantCreateSchema(TenantUpdateSchema):
+    """`POST /v1/tenants`."""
+
+    name = StrictString(required=True, validate=validate.Length(min=1, max=200))
+    status = StrictString(load_default="active", validate=validate.OneOf(("active", "suspended")))
+
+
+class AuditQuerySchema(Schema):
+    """Query string of `GET /v1/audit`."""
+
+    class Meta:
+        unknown = RAISE
+
+    tenant = StrictString(validate=validate.Length(min=1, max=200))
+    action = StrictString(validate=validate.Length(min=1, max=40))
+    target_type = StrictString(validate=validate.OneOf(("tenant", "api_key")))
+    target_id = IdField()
+    before_id = IdField()
+    limit = IdField(maximum=1000, load_default=100)
 
 
 class UsageQuerySchema(Schema):
@@ -140,9 +211,17 @@ class UsageQuerySchema(Schema):
     start = fields.AwareDateTime(default_timezone=timezone.utc)
     end = fields.AwareDateTime(default_timezone=timezone.utc)
     model = StrictString(validate=validate.Length(min=1, max=200))
-    group_by = StrictString(validate=validate.OneOf(("model", "day")))
+    group_by = StrictString(validate=validate.OneOf(("model", "day", "key", "tenant")))
+    tenant = StrictString(validate=validate.Length(min=1, max=200))
+    api_key_id = IdField()
+    format = StrictString(validate=validate.OneOf(("json", "csv")))
 
 
 CHAT_SCHEMA = ChatCompletionSchema()
 API_KEY_CREATE_SCHEMA = ApiKeyCreateSchema()
+API_KEY_UPDATE_SCHEMA = ApiKeyUpdateSchema()
+ROTATE_SCHEMA = RotateSchema()
+TENANT_CREATE_SCHEMA = TenantCreateSchema()
+TENANT_UPDATE_SCHEMA = TenantUpdateSchema()
+AUDIT_QUERY_SCHEMA = AuditQuerySchema()
 USAGE_QUERY_SCHEMA = UsageQuerySchema()

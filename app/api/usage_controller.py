@@ -1,21 +1,37 @@
-"""GET/POST /v1/usage: totals and groupings of the usage rows the caller may see."""
+"""GET/POST /v1/usage: totals and groupings of the usage rows the caller may see, as JSON or CSV.
+
+Scope: a member key sees its own rows; a tenant admin key its tenant's (or one of its keys',
+with `api_key_id`); the system secret everyone's (or one tenant's with `tenant`, one key's with
+`api_key_id`). A tenant or key the caller may not see is answered like one that does not exist.
+"""
 from __future__ import annotations
 
+import csv
+import io
 from datetime import datetime
+from typing import Any
 
 from flask import Response, request
+from sqlalchemy import select
 
-from app.api.auth import authenticate
+from app.api.auth import caller
 from app.api.common import json_response, read_json_object
 from app.api.schemas import USAGE_QUERY_SCHEMA
-from app.errors import InvalidRequest
+from app.errors import InvalidRequest, NotFound, PermissionDenied
+from app.extensions import db
+from app.models import ApiKey, Tenant
 from app.runtime import runtime
-from app.services import usage_service
+from app.services import tenant_service, usage_service
+from app.services.actor import Actor
+
+TOTAL_COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd")
+GROUP_COLUMNS = {"model": ("model",), "day": ("day",), "key": ("api_key_id", "api_key_name"),
+                 "tenant": ("tenant_id", "tenant_name")}
 
 
 def usage() -> Response:
     rt = runtime()
-    key = authenticate()
+    actor = caller()
     raw = request.args.to_dict() if request.method == "GET" or not request.content_length \
         else read_json_object()
     params = USAGE_QUERY_SCHEMA.load(raw)
@@ -24,6 +40,81 @@ def usage() -> Response:
     end: datetime = params.get("end", default_end)
     if end <= start:
         raise InvalidRequest("'end' must be after 'start'.", param="end")
-    query = usage_service.UsageQuery(start=start, end=end, api_key_id=key.id,
-                                     model=params.get("model"), group_by=params.get("group_by"))
-    return json_response(usage_service.query_usage(rt.engine, query))
+    tenant_id, api_key_id = _scope(actor, params.get("tenant"), params.get("api_key_id"))
+    group_by = params.get("group_by")
+    query = usage_service.UsageQuery(start=start, end=end, api_key_id=api_key_id, tenant_id=tenant_id,
+                                     model=params.get("model"), group_by=group_by)
+    result = usage_service.query_usage(rt.engine, query)
+    if group_by in ("key", "tenant"):
+        _add_names(group_by, result["data"])
+    if _wants_csv(params.get("format")):
+        return _csv_response(result, group_by)
+    return json_response(result)
+
+
+def _scope(actor: Actor, tenant_name: str | None, api_key_id: int | None) -> tuple[int | None, int | None]:
+    """(tenant_id, api_key_id) filters the caller is allowed, from the parameters it sent."""
+    if actor.kind == "key" and not actor.is_tenant_admin:
+        if tenant_name is not None:
+            raise PermissionDenied("A member key reads its own usage only: 'tenant' needs a tenant admin "
+                                   "key.", param="tenant")
+        if api_key_id is not None and api_key_id != actor.key_id:
+            raise PermissionDenied("A member key reads its own usage only.", param="api_key_id")
+        return None, actor.key_id
+    tenant_id = actor.tenant_id  # None for the system secret: every tenant
+    if tenant_name is not None:
+        tenant = tenant_service.get_tenant_by_name(db.session, tenant_name)
+        if tenant is None or not actor.sees_tenant(tenant.id):
+            raise NotFound(f"No tenant named '{tenant_name}'.", param="tenant")
+        tenant_id = tenant.id
+    if api_key_id is not None:
+        key = db.session.get(ApiKey, api_key_id)
+        if key is None or not actor.sees_tenant(key.tenant_id):
+            raise NotFound(f"No API key with id {api_key_id}.", param="api_key_id")
+    return tenant_id, api_key_id
+
+
+def _add_names(group_by: str, data: list[dict[str, Any]]) -> None:
+    """Names next to ids, so that a bill reads without a second lookup."""
+    if group_by == "key":
+        ids = [row["api_key_id"] for row in data]
+        names = dict(db.session.execute(select(ApiKey.id, ApiKey.name).where(ApiKey.id.in_(ids))).all())
+        for row in data:
+            row["api_key_name"] = names.get(row["api_key_id"])
+    else:
+        ids = [row["tenant_id"] for row in data]
+        names = dict(db.session.execute(select(Tenant.id, Tenant.name).where(Tenant.id.in_(ids))).all())
+        for row in data:
+            row["tenant_name"] = names.get(row["tenant_id"])
+
+
+def _wants_csv(fmt: str | None) -> bool:
+    if fmt is not None:
+        return fmt == "csv"
+    return request.accept_mimetypes.best_match(["application/json", "text/csv"]) == "text/csv"
+
+
+def _csv_response(result: dict[str, Any], group_by: str | None) -> Response:
+    """One line per group (or one line of totals without group_by); money as exact decimals."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    if group_by:
+        columns = (*GROUP_COLUMNS[group_by], *TOTAL_COLUMNS)
+        writer.writerow(columns)
+        for row in result["data"]:
+            writer.writerow([_cell(row.get(c)) for c in columns])
+    else:
+        writer.writerow(("start", "end", *TOTAL_COLUMNS))
+        writer.writerow([result["start"], result["end"], *(result[c] for c in TOTAL_COLUMNS)])
+    resp = Response(out.getvalue(), mimetype="text/csv")
+    name = f"usage_{result['start'][:10]}_{result['end'][:10]}" + (f"_by_{group_by}" if group_by else "")
+    resp.headers["Content-Disposition"] = f'attachment; filename="{name}.csv"'
+    return resp
+
+
+def _cell(value: Any) -> Any:
+    """Spreadsheets run cells starting with = + - @ as formulas: key and tenant names are user
+    input, so such a cell gets a leading quote."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@"):
+        return "'" + value
+    return "" if value is None else value

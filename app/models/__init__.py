@@ -2,5 +2,6 @@
 from app.models.tenant import Tenant
 from app.models.api_key import ApiKey
 from app.models.usage import UsageRecord
+from app.models.audit import AuditEntry
 
-__all__ = ["Tenant", "ApiKey", "UsageRecord"]
+__all__ = ["Tenant", "ApiKey", "UsageRecord", "AuditEntry"]

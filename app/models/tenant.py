@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import String
+from sqlalchemy import Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.extensions import db
@@ -19,3 +19,8 @@ class Tenant(db.Model):
     status: Mapped[str] = mapped_column(String(20), nullable=False, default="active")
     budget_usd: Mapped[Decimal | None] = mapped_column(Money, nullable=True)  # per calendar month
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    # The limits of its keys: defaults of new keys, and the most a tenant admin may give one.
+    rpm_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tpm_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    daily_token_limit: Mapped[int | None] = mapped_column(BigId, nullable=True)
+    max_concurrent: Mapped[int | None] = mapped_column(Integer, nullable=True)

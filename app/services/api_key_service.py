@@ -11,11 +11,11 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, Callable
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -55,6 +55,8 @@ class KeyInfo:
     allowed_models: frozenset[str] | None
     expires_at: datetime | None
     revoked_at: datetime | None
+    # Set when the secret presented is the previous one of a rotated key: its grace period end.
+    secret_expires_at: datetime | None = None
 
     def usable(self, now: datetime | None = None) -> tuple[bool, str]:
         """(True, "") or (False, the reason a 401 gives)."""
@@ -62,6 +64,8 @@ class KeyInfo:
             return False, "This API key has been revoked."
         if self.expires_at is not None and self.expires_at <= (now or utcnow()):
             return False, "This API key has expired."
+        if self.secret_expires_at is not None and self.secret_expires_at <= (now or utcnow()):
+            return False, "This API key has been rotated; use its new secret."
         if self.tenant_status != "active":
             return False, "The tenant of this API key is suspended."
         return True, ""
@@ -70,7 +74,7 @@ class KeyInfo:
         return self.allowed_models is None or alias in self.allowed_models
 
 
-def key_info(key: ApiKey) -> KeyInfo:
+def key_info(key: ApiKey, secret_expires_at: datetime | None = None) -> KeyInfo:
     return KeyInfo(
         id=key.id, tenant_id=key.tenant_id, tenant_name=key.tenant.name,
         tenant_status=key.tenant.status, name=key.name, prefix=key.prefix, role=key.role,
@@ -78,7 +82,8 @@ def key_info(key: ApiKey) -> KeyInfo:
         max_concurrent=key.max_concurrent, budget_usd=key.budget_usd,
         tenant_budget_usd=key.tenant.budget_usd,
         allowed_models=frozenset(key.allowed_models) if key.allowed_models is not None else None,
-        expires_at=as_utc(key.expires_at), revoked_at=as_utc(key.revoked_at))
+        expires_at=as_utc(key.expires_at), revoked_at=as_utc(key.revoked_at),
+        secret_expires_at=as_utc(secret_expires_at))
 
 
 def key_to_dict(key: ApiKey) -> dict[str, Any]:
@@ -91,7 +96,19 @@ def key_to_dict(key: ApiKey) -> dict[str, Any]:
         "allowed_models": key.allowed_models,
         "expires_at": _iso(key.expires_at), "revoked_at": _iso(key.revoked_at),
         "created_at": _iso(key.created_at), "last_used_at": _iso(key.last_used_at),
+        "rotated_at": _iso(key.rotated_at),
+        "previous_key_expires_at": _iso(_live_grace(key.previous_key_expires_at)),
     }
+
+
+def _live_grace(value: datetime | None) -> datetime | None:
+    value = as_utc(value)
+    return value if value is not None and value > utcnow() else None
+
+
+def iso(value: datetime | None) -> str | None:
+    """ISO 8601 in UTC with a Z, as every admin answer shows times."""
+    return _iso(value)
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -113,13 +130,16 @@ def get_or_create_tenant(session: Session, name: str) -> Tenant:
         return session.scalars(select(Tenant).where(Tenant.name == name)).one()
 
 
-def mint_key(session: Session, *, name: str, tenant: str, role: str = "member",
+def mint_key(session: Session, *, name: str, tenant: "str | Tenant", role: str = "member",
              rpm_limit: int | None = None, tpm_limit: int | None = None,
              daily_token_limit: int | None = None, max_concurrent: int | None = None,
              budget_usd: Decimal | None = None, allowed_models: list[str] | None = None,
-             expires_at: datetime | None = None) -> tuple[ApiKey, str]:
-    """Create a key and return it with its plaintext (which exists only in this return value)."""
-    tenant_row = get_or_create_tenant(session, tenant)
+             expires_at: datetime | None = None, commit: bool = True) -> tuple[ApiKey, str]:
+    """Create a key and return it with its plaintext (which exists only in this return value).
+
+    `tenant` is a Tenant row or a name (created on first use). Commits unless `commit=False`.
+    """
+    tenant_row = tenant if isinstance(tenant, Tenant) else get_or_create_tenant(session, tenant)
     plaintext = generate_key()
     key = ApiKey(tenant_id=tenant_row.id, name=name, prefix=plaintext[:DISPLAY_PREFIX_LEN],
                  key_hash=hash_key(plaintext), role=role, rpm_limit=rpm_limit, tpm_limit=tpm_limit,
@@ -128,7 +148,10 @@ def mint_key(session: Session, *, name: str, tenant: str, role: str = "member",
                  created_at=utcnow())
     key.tenant = tenant_row
     session.add(key)
-    session.commit()
+    if commit:
+        session.commit()
+    else:
+        session.flush()
     return key, plaintext
 
 
@@ -139,14 +162,58 @@ def list_keys(session: Session, tenant_id: int | None = None) -> list[ApiKey]:
     return list(session.scalars(query))
 
 
-def revoke_key(session: Session, key_id: int) -> ApiKey | None:
+def revoke_key(session: Session, key_id: int, commit: bool = True) -> ApiKey | None:
     key = session.get(ApiKey, key_id)
     if key is None:
         return None
     if key.revoked_at is None:
-        key.revoked_at = utcnow()
-        session.commit()
+        key.revoked_at = utcnow()  # also ends a rotation's grace (usable() checks it first)
+        if commit:
+            session.commit()
     return key
+
+
+UPDATABLE_FIELDS = ("name", *LIMIT_FIELDS, "budget_usd", "allowed_models", "expires_at")
+
+
+def update_key(key: ApiKey, changes: dict[str, Any]) -> dict[str, Any]:
+    """Apply the changes (fields of UPDATABLE_FIELDS) and return {field: [old, new]} of those
+    that really changed, as JSON-friendly values for the audit log."""
+    changed: dict[str, Any] = {}
+    for name, new in changes.items():
+        if name not in UPDATABLE_FIELDS:
+            raise ValueError(f"not an updatable field: {name}")
+        old = getattr(key, name)
+        if name == "expires_at":
+            old = as_utc(old)
+        if old != new:
+            setattr(key, name, new)
+            changed[name] = [_plain(old), _plain(new)]
+    return changed
+
+
+def rotate_key(key: ApiKey, grace_s: float) -> str:
+    """Give the key a new secret and return it. The old secret keeps working for `grace_s`
+    seconds (0: it stops now); a secret still in an earlier grace period stops now."""
+    plaintext = generate_key()
+    now = utcnow()
+    if grace_s > 0:
+        key.previous_key_hash = key.key_hash
+        key.previous_key_expires_at = now + timedelta(seconds=grace_s)
+    else:
+        key.previous_key_hash, key.previous_key_expires_at = None, None
+    key.key_hash = hash_key(plaintext)
+    key.prefix = plaintext[:DISPLAY_PREFIX_LEN]
+    key.rotated_at = now
+    return plaintext
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return format_money(value)
+    if isinstance(value, datetime):
+        return _iso(value)
+    return value
 
 
 class KeyCache:
@@ -158,6 +225,11 @@ class KeyCache:
         self.ttl_s = ttl_s
         self._entries: dict[str, tuple[KeyInfo | None, float]] = {}
         self._lock = threading.Lock()
+        # Bumped by every invalidation: a lookup that read the database before an invalidation
+        # must not cache what it read (it may predate the change).
+        self.generation = 0
+        # Called on a cache miss (never on a hit): starts the pub/sub listener of this process.
+        self.on_miss: Callable[[], None] | None = None
 
     def get(self, key_hash: str) -> tuple[bool, KeyInfo | None]:
         entry = self._entries.get(key_hash)
@@ -165,21 +237,32 @@ class KeyCache:
             return False, None
         return True, entry[0]
 
-    def put(self, key_hash: str, info: KeyInfo | None) -> None:
+    def put(self, key_hash: str, info: KeyInfo | None, generation: int | None = None) -> None:
         ttl = self.ttl_s if info is not None else min(self.ttl_s, self.NEGATIVE_TTL_S)
         with self._lock:
+            if generation is not None and generation != self.generation:
+                return
             if len(self._entries) > 100_000:
                 self._entries.clear()
             self._entries[key_hash] = (info, time.monotonic() + ttl)
 
     def invalidate_key_id(self, key_id: int) -> None:
         with self._lock:
+            self.generation += 1
             for h, (info, _) in list(self._entries.items()):
                 if info is not None and info.id == key_id:
                     del self._entries[h]
 
+    def invalidate_tenant_id(self, tenant_id: int) -> None:
+        with self._lock:
+            self.generation += 1
+            for h, (info, _) in list(self._entries.items()):
+                if info is not None and info.tenant_id == tenant_id:
+                    del self._entries[h]
+
     def clear(self) -> None:
         with self._lock:
+            self.generation += 1
             self._entries.clear()
 
 
@@ -189,13 +272,23 @@ def lookup_key(session_factory: Callable[[], Session], cache: KeyCache, plaintex
     hit, info = cache.get(key_hash)
     if hit:
         return info
+    if cache.on_miss is not None:
+        cache.on_miss()
+    generation = cache.generation
     session = session_factory()
     try:
-        row = session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash))
-        info = key_info(row) if row is not None else None
+        row = session.scalar(select(ApiKey).where(
+            or_(ApiKey.key_hash == key_hash, ApiKey.previous_key_hash == key_hash)))
+        if row is None:
+            info = None
+        elif row.key_hash == key_hash:
+            info = key_info(row)
+        else:  # the previous secret of a rotated key, inside (or past) its grace period
+            info = key_info(row, secret_expires_at=row.previous_key_expires_at
+                            or datetime(1970, 1, 1, tzinfo=timezone.utc))
     finally:
         session.close()
-    cache.put(key_hash, info)
+    cache.put(key_hash, info, generation)
     return info
 
 

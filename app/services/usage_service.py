@@ -179,7 +179,14 @@ class UsageQuery:
     api_key_id: int | None = None
     tenant_id: int | None = None
     model: str | None = None
-    group_by: str | None = None  # "model" | "day"
+    group_by: str | None = None  # "model" | "day" | "key" | "tenant"
+
+
+# group_by -> (the label of the group in each data row, the column it groups on)
+GROUPS = {"model": ("model", lambda engine: UsageRecord.model),
+          "day": ("day", lambda engine: _day_expr(engine)),
+          "key": ("api_key_id", lambda engine: UsageRecord.api_key_id),
+          "tenant": ("tenant_id", lambda engine: UsageRecord.tenant_id)}
 
 
 def _day_expr(engine: Engine):
@@ -220,14 +227,15 @@ def query_usage(engine: Engine, q: UsageQuery) -> dict[str, Any]:
         total = conn.execute(select(*aggregates).where(*conditions)).one()
         data: list[dict[str, Any]] = []
         if q.group_by:
-            key = UsageRecord.model if q.group_by == "model" else _day_expr(engine)
+            label, column = GROUPS[q.group_by]
+            key = column(engine)
             rows = conn.execute(select(key.label("group"), *aggregates).where(*conditions)
                                 .group_by(key).order_by(key))
             for row in rows:
                 group = row.group
                 if isinstance(group, (date, datetime)):
                     group = group.isoformat()[:10]
-                data.append({q.group_by: str(group), **_totals(row)})
+                data.append({label: group if isinstance(group, int) else str(group), **_totals(row)})
     return {"object": "usage", "start": _iso(q.start), "end": _iso(q.end), **_totals(total), "data": data}
 
 

@@ -1,0 +1,185 @@
+"""Key changes reach every worker of every gateway process within one second: two gunicorn
+processes (2 gevent workers each) share PostgreSQL and Redis; their key caches live for 60 s,
+so only the pub/sub invalidation can explain a change seen in time. The test holds one
+keep-alive connection to each of the four workers, warms every worker's cache, makes the
+change through one process, and measures how long until all four workers apply it."""
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from Testing.conftest import app_config
+from Testing.support import SYSTEM_SECRET, GatewayProcess, http_json, wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+SYSTEM = {"X-System-Secret": SYSTEM_SECRET}
+DEADLINE_S = 1.0
+
+
+@pytest.fixture(scope="module")
+def replicas(pg_url, models_file, tmp_path_factory):
+    """Two gateway processes whose key caches would stay stale for a minute without pub/sub."""
+    env = {k: str(v) for k, v in app_config(pg_url, models_file, AUTH_CACHE_TTL_S=60, KEEPALIVE=30).items()}
+    procs = []
+    try:
+        for name in ("a", "b"):
+            procs.append(GatewayProcess(env, workers=2, log_path=tmp_path_factory.mktemp(f"prop-{name}") / "log")
+                         .start())
+        yield procs
+    finally:
+        for p in procs:
+            p.stop()
+
+
+class Worker:
+    """A keep-alive connection that always reaches the same gunicorn worker."""
+
+    def __init__(self, proc: GatewayProcess, conn: http.client.HTTPConnection, pid: int) -> None:
+        self.proc, self.conn, self.pid = proc, conn, pid
+
+    def status(self, key: str, path: str = "/v1/models") -> int:
+        self.conn.request("GET", path, headers={"Authorization": f"Bearer {key}"})
+        resp = self.conn.getresponse()
+        resp.read()
+        return resp.status
+
+
+@pytest.fixture
+def workers(replicas):
+    """One connection per worker of both processes (found by asking /health for the pid)."""
+    found: dict[int, Worker] = {}
+    spare = []
+    for proc in replicas:
+        expected = set(proc.worker_pids())
+        assert len(expected) == 2
+        deadline = time.monotonic() + 20
+        while not expected <= set(found) and time.monotonic() < deadline:
+            conn = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=10)
+            conn.request("GET", "/health")
+            resp = conn.getresponse()
+            pid = json.loads(resp.read())["worker"]["pid"]
+            if pid in found:
+                spare.append(conn)
+            else:
+                found[pid] = Worker(proc, conn, pid)
+        assert expected <= set(found), "could not reach every worker"
+    for conn in spare:
+        conn.close()
+    yield list(found.values())
+    for w in found.values():
+        w.conn.close()
+
+
+def admin(proc: GatewayProcess, method: str, path: str, body=None) -> dict:
+    status, _, answer = http_json(method, proc.base_url + path, body, headers=SYSTEM)
+    assert status in (200, 201), (status, answer)
+    return answer
+
+
+def warm(workers: list[Worker], *keys: str) -> None:
+    for w in workers:
+        for key in keys:
+            assert w.status(key) == 200, f"worker {w.pid} refused a valid key"
+
+
+def seconds_until_all(workers: list[Worker], key: str, status: int, since: float) -> float:
+    """Poll every worker until each answers `status` for `key`; the time since `since`."""
+    pending = list(workers)
+    while pending:
+        pending = [w for w in pending if w.status(key) != status]
+        if pending and time.monotonic() - since > 5:
+            raise AssertionError(f"workers {[w.pid for w in pending]} still do not answer {status} after 5 s")
+        if pending:
+            time.sleep(0.01)
+    elapsed = time.monotonic() - since
+    print(f"all {len(workers)} workers answer {status} after {elapsed * 1000:.0f} ms")
+    return elapsed
+
+
+def mint(proc: GatewayProcess, tenant: str, **fields) -> dict:
+    return admin(proc, "POST", "/v1/api-keys", {"name": "prop", "tenant": tenant, **fields})
+
+
+def test_revocation_reaches_every_worker_within_a_second(replicas, workers, clean_db):
+    """A key revoked through process A is refused by all four workers of A and B within 1 s."""
+    key = mint(replicas[0], "prop-revoke")
+    warm(workers, key["key"])
+    started = time.monotonic()
+    admin(replicas[0], "DELETE", f"/v1/api-keys/{key['id']}")
+    elapsed = seconds_until_all(workers, key["key"], 401, started)
+    assert elapsed < DEADLINE_S, f"revocation took {elapsed:.3f}s to reach every worker"
+
+
+def test_suspension_and_reactivation_reach_every_worker_within_a_second(replicas, workers, clean_db):
+    """Suspending a tenant through process B stops all its keys on every worker within 1 s (keys
+    of other tenants keep working); reactivating brings them back within 1 s."""
+    tenant = admin(replicas[1], "POST", "/v1/tenants", {"name": "prop-suspend"})
+    keys = [mint(replicas[0], "prop-suspend")["key"] for _ in range(2)]
+    bystander = mint(replicas[0], "prop-other")["key"]
+    warm(workers, *keys, bystander)
+    started = time.monotonic()
+    admin(replicas[1], "PATCH", f"/v1/tenants/{tenant['id']}", {"status": "suspended"})
+    elapsed = max(seconds_until_all(workers, k, 401, started) for k in keys)
+    assert elapsed < DEADLINE_S, f"suspension took {elapsed:.3f}s"
+    assert all(w.status(bystander) == 200 for w in workers)
+    started = time.monotonic()
+    admin(replicas[1], "PATCH", f"/v1/tenants/{tenant['id']}", {"status": "active"})
+    elapsed = max(seconds_until_all(workers, k, 200, started) for k in keys)
+    assert elapsed < DEADLINE_S, f"reactivation took {elapsed:.3f}s"
+
+
+def test_rotation_without_grace_reaches_every_worker_within_a_second(replicas, workers, clean_db):
+    """After a rotation with no grace period the old secret is refused everywhere within 1 s and
+    the new one works everywhere."""
+    key = mint(replicas[0], "prop-rotate")
+    warm(workers, key["key"])
+    started = time.monotonic()
+    rotated = admin(replicas[1], "POST", f"/v1/api-keys/{key['id']}/rotate")
+    elapsed = seconds_until_all(workers, key["key"], 401, started)
+    assert elapsed < DEADLINE_S, f"rotation took {elapsed:.3f}s"
+    warm(workers, rotated["key"])
+
+
+def test_rotation_grace_period_holds_on_every_worker(replicas, workers, clean_db):
+    """With grace_period_s=2 the old secret keeps working on every worker (with the new one)
+    until the grace ends, then is refused everywhere within a second of its end."""
+    key = mint(replicas[0], "prop-grace")
+    warm(workers, key["key"])
+    started = time.monotonic()
+    rotated = admin(replicas[0], "POST", f"/v1/api-keys/{key['id']}/rotate", {"grace_period_s": 2})
+    grace_ends = started + 2
+    checks = 0
+    while time.monotonic() < grace_ends - 0.3:  # well inside the grace period
+        warm(workers, key["key"], rotated["key"])
+        checks += 1
+        time.sleep(0.1)
+    assert checks >= 3
+    elapsed = seconds_until_all(workers, key["key"], 401, grace_ends)
+    assert elapsed < DEADLINE_S, f"old secret still accepted {elapsed:.3f}s after its grace ended"
+    warm(workers, rotated["key"])
+
+
+def test_patch_reaches_every_worker_within_a_second(replicas, workers, clean_db):
+    """A PATCH (allowed models; an expiry in the past) is applied by every worker within 1 s."""
+    key = mint(replicas[0], "prop-patch")
+    warm(workers, key["key"])
+    started = time.monotonic()
+    admin(replicas[1], "PATCH", f"/v1/api-keys/{key['id']}", {"allowed_models": ["gpt-4o-mini"]})
+
+    def everywhere() -> bool:
+        for w in workers:
+            w.conn.request("GET", "/v1/models", headers={"Authorization": f"Bearer {key['key']}"})
+            if [m["id"] for m in json.loads(w.conn.getresponse().read())["data"]] != ["gpt-4o-mini"]:
+                return False
+        return True
+    wait_until(everywhere, timeout=5, interval=0.01, message="allowed_models on every worker")
+    assert time.monotonic() - started < DEADLINE_S
+    started = time.monotonic()
+    past = (datetime.now(timezone.utc) - timedelta(seconds=1)).isoformat()
+    admin(replicas[0], "PATCH", f"/v1/api-keys/{key['id']}", {"expires_at": past})
+    assert seconds_until_all(workers, key["key"], 401, started) < DEADLINE_S

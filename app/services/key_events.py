@@ -1,0 +1,147 @@
+"""Key and tenant changes reach every worker of every process within a second.
+
+Each worker keeps its own `KeyCache` (a lookup per request would cost a database round trip).
+When an admin changes, rotates or revokes a key, or changes or suspends a tenant, the worker
+that made the change drops the affected entries at once and publishes a small message on a
+Redis pub/sub channel (`KEY_EVENTS_CHANNEL`); a listener in every worker drops the same
+entries when the message arrives (a few milliseconds later). The cache's TTL stays as the
+backstop for what pub/sub cannot promise (a listener that is reconnecting to Redis).
+
+The listener is a background thread (a greenlet under gevent) started lazily by the first
+cache miss of the process that serves requests, so it always runs in the worker after the
+fork, never in a gunicorn master. Every (re)subscription clears the whole cache, so messages
+published while it was disconnected cannot leave stale entries behind. Without Redis
+(embedded mode) there is one process, and the local invalidation is all there is.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from typing import Any, Optional
+
+import redis
+
+from app.services.api_key_service import KeyCache
+
+log = logging.getLogger("gateway.key_events")
+
+
+def encode_event(*, key_id: int | None = None, tenant_id: int | None = None) -> str:
+    """The message: which key or which tenant (all its keys) changed."""
+    if key_id is not None:
+        return json.dumps({"key_id": int(key_id)})
+    if tenant_id is not None:
+        return json.dumps({"tenant_id": int(tenant_id)})
+    return json.dumps({"all": True})
+
+
+def apply_event(cache: KeyCache, raw: bytes | str) -> None:
+    """Drop the cache entries a message names (anything unreadable clears everything)."""
+    try:
+        event = json.loads(raw)
+        if "key_id" in event:
+            cache.invalidate_key_id(int(event["key_id"]))
+        elif "tenant_id" in event:
+            cache.invalidate_tenant_id(int(event["tenant_id"]))
+        else:
+            cache.clear()
+    except (ValueError, TypeError, AttributeError):
+        cache.clear()
+
+
+def publish_event(client: Optional[redis.Redis], channel: str, message: str) -> bool:
+    """Publish on the channel; False (logged) when Redis is unreachable: the TTL then applies."""
+    if client is None:
+        return False
+    try:
+        client.publish(channel, message)
+        return True
+    except redis.RedisError as exc:
+        log.warning("could not publish a key change (%s); other workers see it within the "
+                    "cache TTL", type(exc).__name__)
+        return False
+
+
+class KeyEvents:
+    """The publisher and the per-worker listener of one app."""
+
+    def __init__(self, cache: KeyCache, redis_url: str, channel: str,
+                 publisher: Optional[redis.Redis] = None, max_retry_s: float = 2.0) -> None:
+        self.cache = cache
+        self.redis_url = redis_url
+        self.channel = channel
+        self.publisher = publisher
+        self.max_retry_s = max_retry_s
+        self.subscribed = threading.Event()   # set while the listener is subscribed
+        self.subscriptions = 0                # how many times it (re)subscribed
+        self._pid: int | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def changed(self, *, key_id: int | None = None, tenant_id: int | None = None) -> None:
+        """After a committed change: drop it here at once, and tell every other worker."""
+        message = encode_event(key_id=key_id, tenant_id=tenant_id)
+        apply_event(self.cache, message)
+        publish_event(self.publisher, self.channel, message)
+
+    def ensure_listening(self) -> None:
+        """Start this process's listener if it has none (cheap when it has one)."""
+        if not self.redis_url or self._pid == os.getpid() or self._stop.is_set():
+            return
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            self.subscribed.clear()
+            self._thread = threading.Thread(target=self._run, name="key-events", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 0.0) -> None:
+        """Ask the listener to end (it does within half a second); wait up to `timeout`."""
+        self._stop.set()
+        thread = self._thread
+        if timeout and thread is not None and thread.is_alive():
+            thread.join(timeout)
+
+    def _run(self) -> None:
+        delay = 0.05
+        while not self._stop.is_set():
+            client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2, socket_timeout=5,
+                                          socket_keepalive=True, health_check_interval=5)
+            pubsub = client.pubsub()
+            try:
+                pubsub.subscribe(self.channel)
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=0.5)
+                    if message is None:
+                        continue
+                    if message["type"] == "subscribe":
+                        # Anything published while we were not listening is unknown: start clean.
+                        self.cache.clear()
+                        self.subscriptions += 1
+                        self.subscribed.set()
+                        delay = 0.05
+                    elif message["type"] == "message":
+                        apply_event(self.cache, message["data"])
+            except (redis.RedisError, OSError) as exc:
+                if self.subscribed.is_set():
+                    log.warning("key-change listener lost Redis (%s); reconnecting (cache TTL "
+                                "applies meanwhile)", type(exc).__name__)
+            except Exception:  # never let the listener die: the cache would go stale silently
+                log.exception("key-change listener failed; restarting it")
+            finally:
+                self.subscribed.clear()
+                _close_quietly(pubsub, client)
+            self._stop.wait(delay)
+            delay = min(delay * 2, self.max_retry_s)
+
+
+def _close_quietly(*resources: Any) -> None:
+    for resource in resources:
+        try:
+            resource.close()
+        except Exception:
+            pass

@@ -1,0 +1,133 @@
+"""Tenants: creating, reading, updating and suspending them, and the limits of their keys.
+
+A tenant's `rpm_limit`, `tpm_limit`, `daily_token_limit` and `max_concurrent` are the limits
+of its keys: the defaults of a new key that does not set them, and the most a tenant admin
+may give a key. Its `budget_usd` is a monthly budget shared by all its keys (the limiter
+enforces it on every request) and the most a tenant admin may give one key.
+"""
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.models import ApiKey, Tenant
+from app.models.types import utcnow
+from app.services import audit_service
+from app.services.actor import Actor
+from app.services.api_key_service import LIMIT_FIELDS, iso
+from app.utils.money import format_money
+
+STATUSES = ("active", "suspended")
+
+
+def tenant_to_dict(tenant: Tenant, key_count: int | None = None) -> dict[str, Any]:
+    body = {
+        "id": tenant.id, "object": "tenant", "name": tenant.name, "status": tenant.status,
+        "budget_usd": format_money(tenant.budget_usd) if tenant.budget_usd is not None else None,
+        "key_limits": {f: getattr(tenant, f) for f in LIMIT_FIELDS},
+        "created_at": iso(tenant.created_at),
+    }
+    if key_count is not None:
+        body["keys"] = key_count
+    return body
+
+
+def get_tenant(session: Session, tenant_id: int) -> Tenant | None:
+    return session.get(Tenant, tenant_id)
+
+
+def get_tenant_by_name(session: Session, name: str) -> Tenant | None:
+    return session.scalar(select(Tenant).where(Tenant.name == name))
+
+
+def list_tenants(session: Session) -> list[Tenant]:
+    return list(session.scalars(select(Tenant).order_by(Tenant.id)))
+
+
+def key_counts(session: Session) -> dict[int, int]:
+    """Active (unrevoked) keys per tenant id."""
+    rows = session.execute(select(ApiKey.tenant_id, func.count()).where(ApiKey.revoked_at.is_(None))
+                           .group_by(ApiKey.tenant_id))
+    return {tenant_id: count for tenant_id, count in rows}
+
+
+def create_tenant(session: Session, actor: Actor, *, name: str, status: str = "active",
+                  budget_usd: Decimal | None = None,
+                  key_limits: dict[str, int | None] | None = None) -> Tenant | None:
+    """Create and commit a tenant (with its audit row); None when the name is taken."""
+    tenant = Tenant(name=name, status=status, budget_usd=budget_usd, created_at=utcnow(),
+                    **{f: (key_limits or {}).get(f) for f in LIMIT_FIELDS})
+    session.add(tenant)
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()
+        return None
+    audit_service.record(session, actor, "tenant.create", target_type="tenant", target_id=tenant.id,
+                         tenant_id=tenant.id, details={"name": name, "status": status,
+                                                       "budget_usd": _plain(budget_usd),
+                                                       "key_limits": key_limits or {}})
+    session.commit()
+    return tenant
+
+
+def update_tenant(session: Session, actor: Actor, tenant: Tenant,
+                  changes: dict[str, Any]) -> dict[str, Any] | None:
+    """Apply and commit `changes` (name, status, budget_usd, key_limits: a partial mapping).
+
+    Returns {field: [old, new]} of what changed ({} for nothing), or None when the new name
+    belongs to another tenant.
+    """
+    flat = {k: v for k, v in changes.items() if k != "key_limits"}
+    flat.update(changes.get("key_limits") or {})
+    changed: dict[str, Any] = {}
+    for name, new in flat.items():
+        old = getattr(tenant, name)
+        if old != new:
+            setattr(tenant, name, new)
+            changed[name] = [_plain(old), _plain(new)]
+    if not changed:
+        return {}
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()
+        return None
+    audit_service.record(session, actor, "tenant.update", target_type="tenant", target_id=tenant.id,
+                         tenant_id=tenant.id, details=changed)
+    session.commit()
+    return changed
+
+
+def key_defaults(tenant: Tenant, given: dict[str, Any]) -> dict[str, Any]:
+    """The tenant's key limits for every limit field a new key's request does not mention."""
+    return {f: getattr(tenant, f) for f in LIMIT_FIELDS if f not in given and getattr(tenant, f) is not None}
+
+
+def ceiling_violations(tenant: Tenant, values: dict[str, Any]) -> list[tuple[str, str]]:
+    """(field, reason) for each value of `values` above what the tenant allows its keys.
+
+    No limit (null) is above any limit the tenant has; a key without a budget is fine (the
+    tenant's budget still bounds all its keys), a key budget above the tenant's is not.
+    """
+    problems = []
+    for name in LIMIT_FIELDS:
+        ceiling = getattr(tenant, name)
+        if name not in values or ceiling is None:
+            continue
+        value = values[name]
+        if value is None or value > ceiling:
+            problems.append((name, f"the tenant allows its keys at most {name}={ceiling}"))
+    if "budget_usd" in values and tenant.budget_usd is not None and values["budget_usd"] is not None \
+            and values["budget_usd"] > tenant.budget_usd:
+        problems.append(("budget_usd", "a key's budget cannot exceed its tenant's monthly budget of "
+                                       f"{format_money(tenant.budget_usd)}"))
+    return problems
+
+
+def _plain(value: Any) -> Any:
+    return format_money(value) if isinstance(value, Decimal) else value
