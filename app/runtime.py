@@ -6,7 +6,7 @@ that code running after a response (no request context) can hold a plain referen
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import redis
 from flask import Flask, current_app
@@ -32,6 +32,9 @@ class Runtime:
     engine: Engine
     redis: Optional[redis.Redis]
     app: Flask
+    router: Any = None       # app.services.router.Router: candidates, retries, fallback
+    health: Any = None       # app.services.provider_health.HealthBoard: breakers, outcomes
+    uptime: Any = None       # app.services.uptime_service.UptimeChecker
 
 
 def runtime() -> Runtime:

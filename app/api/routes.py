@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from flask import Blueprint
 
-from app.api import chat_controller, health_controller, key_controller, models_controller, usage_controller
+from app.api import (chat_controller, health_controller, key_controller, models_controller, status_controller,
+                     usage_controller)
 
 api = Blueprint("api", __name__)
 
@@ -16,3 +17,5 @@ api.add_url_rule("/v1/usage", view_func=usage_controller.usage, methods=["GET", 
 api.add_url_rule("/v1/api-keys", view_func=key_controller.create_api_key, methods=["POST"])
 api.add_url_rule("/v1/api-keys", view_func=key_controller.list_api_keys, methods=["GET"])
 api.add_url_rule("/v1/api-keys/<int:key_id>", view_func=key_controller.revoke_api_key, methods=["DELETE"])
+api.add_url_rule("/v1/uptime/<path:model_id>", view_func=status_controller.uptime, methods=["GET"])
+api.add_url_rule("/v1/providers/status", view_func=status_controller.providers_status, methods=["GET"])

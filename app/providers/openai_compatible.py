@@ -50,6 +50,15 @@ def transport_error(exc: Exception, name: str) -> ProviderError:
     return ProviderUnavailable(f"provider {name!r} closed the connection")
 
 
+def http_timeouts(settings: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """HTTPPool's timeouts from a provider's models.json entry, else the gateway's defaults:
+    `connect_timeout_s`, `read_timeout_s` (or its older name `timeout_s`), `total_timeout_s`."""
+    read = settings.get("read_timeout_s", settings.get("timeout_s", defaults.get("read_timeout_s", 600)))
+    total = settings.get("total_timeout_s", defaults.get("total_timeout_s"))
+    return {"connect_timeout": float(settings.get("connect_timeout_s", defaults.get("connect_timeout_s", 10))),
+            "read_timeout": float(read), "total_timeout": float(total) if total else None}
+
+
 class HTTPStream:
     """An upstream stream that can be aborted from another greenlet (closing the socket)."""
 
@@ -76,10 +85,8 @@ class OpenAICompatibleProvider(Provider):
         super().__init__(name, settings, defaults)
         self.base_url = str(settings["base_url"]).rstrip("/")
         self.api_key_env = settings.get("api_key_env")
-        self.pool = HTTPPool(self.base_url, connect_timeout=float(settings.get(
-            "connect_timeout_s", defaults.get("connect_timeout_s", 10))), read_timeout=float(
-            settings.get("timeout_s", defaults.get("read_timeout_s", 600))),
-            maxsize=int(defaults.get("pool_maxsize", 64)))
+        self.pool = HTTPPool(self.base_url, maxsize=int(defaults.get("pool_maxsize", 64)),
+                             **http_timeouts(settings, defaults))
         self.static_headers = {"Content-Type": "application/json", "Accept": "application/json",
                                **{str(k): str(v) for k, v in (settings.get("headers") or {}).items()}}
 
