@@ -99,6 +99,8 @@ def close_app(application) -> None:
     gateway.limiter.flush(5)
     gateway.usage_batcher.flush(5)
     gateway.providers.close()
+    if getattr(gateway, "health", None) is not None:
+        gateway.health.stop()  # its Redis publisher loop
     gateway.engine.dispose()
 
 

@@ -86,8 +86,8 @@ def _models(router: Any, alias: str, size: RequestSize, key: Any) -> list[ModelE
                              "fallback model can hold it. Reduce the length of the messages or "
                              "max_tokens.", code="context_length_exceeded", param="messages") from None
     if not models:
-        raise PermissionDenied(f"This API key may use no model of the category '{alias}'.",
-                               param="model", code="model_not_allowed")
+        raise ModelNotFound(f"No model of the category '{alias}' is configured on this gateway.",
+                            param="model")
     return models
 
 

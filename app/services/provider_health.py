@@ -126,9 +126,9 @@ class HealthBoard:
 
     def fleet_snapshots(self, max_age_s: float) -> list[dict[str, dict[str, Any]]]:
         """Snapshots of every worker that published within `max_age_s` (this one included,
-        fresh). Without Redis: this worker's only."""
+        fresh). Without Redis, or with sharing off (interval 0): this worker's only."""
         own = self.local_snapshot()
-        if self.redis is None:
+        if self.redis is None or self.publish_interval_s <= 0:
             return [own]
         self.publish()
         try:
@@ -156,12 +156,15 @@ class HealthBoard:
         return result
 
     def stop(self) -> None:
+        """End the publisher loop (the app is being closed)."""
         self._stopped.set()
 
 
 def merge_snapshots(name: str, snapshots: Iterable[dict[str, dict[str, Any]]]) -> dict[str, Any]:
     """One deployment's view over all workers: the worst circuit state (and how many workers
-    see each), success ratio and p50 latency over their recent outcomes, the latest error."""
+    see each), success ratio and p50 latency over their recent outcomes, the latest error, and
+    a status: down (a circuit open, or every recent call failed), degraded (some failed, or a
+    circuit half-open), up, or unknown (no call seen yet)."""
     states = {CLOSED: 0, HALF_OPEN: 0, OPEN: 0}
     recent: list[int] = []
     latencies: list[int] = []
@@ -182,7 +185,15 @@ def merge_snapshots(name: str, snapshots: Iterable[dict[str, dict[str, Any]]]) -
             last_error, last_error_at = data.get("last_error"), at
     worst = max((s for s, n in states.items() if n), key=_STATE_RANK.__getitem__, default=CLOSED)
     latencies.sort()
+    ratio = sum(recent) / len(recent) if recent else None
+    if worst == OPEN or ratio == 0:
+        status = "down"
+    elif ratio is None:
+        status = "unknown"
+    else:
+        status = "up" if ratio >= 0.9 and worst == CLOSED else "degraded"
     return {
+        "status": status,
         "circuit": worst,
         "workers_by_circuit": {s: n for s, n in states.items() if n},
         "open_retry_in_s": round(retry_in, 3) if worst == OPEN else None,

@@ -133,9 +133,10 @@ class Router:
 
     def models_for(self, name: str, size: RequestSize, may_use: Callable[[str], bool]) -> list[ModelEntry]:
         """The models to try for `name`, in order, each able to hold the request; raises
-        ContextTooLong when none can ([] when the key may use none of them)."""
+        ContextTooLong when none can. The caller checked that the key may use `name`; a
+        category grants all of its models, an alias's fallbacks need their own grant."""
         if self.is_category(name):
-            pool = [m for m in self.category_models(name) if may_use(m.alias) or may_use(name)]
+            pool = self.category_models(name)  # the key may use `name`: that grants its models
             fitting = [m for m in pool if size.fits(m)]
             fitting.sort(key=self._category_rank)
         else:
