@@ -272,6 +272,18 @@ def test_category_grant_and_refusal(rclient, admin_headers, clean_db, fake_upstr
     assert resp.status_code == 403 and resp.get_json()["error"]["code"] == "model_not_allowed"
 
 
+def test_models_list_shows_category_aliases(rclient, key, admin_headers):
+    """/v1/models lists small/big/auto (categories with models) next to the aliases, and not
+    to a key whose allowed_models leave them out."""
+    ids = [m["id"] for m in rclient.get("/v1/models", headers={"Authorization": f"Bearer {key['key']}"})
+           .get_json()["data"]]
+    assert {"small", "big", "auto", "cat-a"} <= set(ids)
+    limited = minter(rclient, admin_headers)(name="lim", allowed_models=["cat-a"])
+    ids = [m["id"] for m in rclient.get("/v1/models", headers={"Authorization": f"Bearer {limited['key']}"})
+           .get_json()["data"]]
+    assert ids == ["cat-a"]
+
+
 def test_uptime_probes_each_deployment_records_usage_and_caches(rclient, key, clean_db, fake_upstream):
     """GET /v1/uptime/<model> probes every deployment with a one-token stream, reports the
     failing one as down with its error, bills each probe, and answers from its cache next."""
