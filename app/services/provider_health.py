@@ -74,6 +74,8 @@ class HealthBoard:
         rec.requests += 1
         rec.recent.append(True)
         rec.latencies.append(int(latency_s * 1000))
+        if rec.breaker.state != CLOSED:
+            log.info("circuit of %s closed again (this worker)", rec.name)
         rec.breaker.record_success()
         self._changed()
 
@@ -84,7 +86,11 @@ class HealthBoard:
         rec.last_error = exc.kind if exc is not None else "internal"
         rec.last_error_at = time.time()
         if trips_breaker:
+            was = rec.breaker.state
             rec.breaker.record_failure(exc.retry_after if exc is not None else None)
+            if rec.breaker.state == OPEN and was != OPEN:
+                log.warning("circuit of %s opened for %.1fs after %s (this worker)", rec.name,
+                            rec.breaker.open_for, rec.last_error)
         self._changed()
 
     def _changed(self) -> None:

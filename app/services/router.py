@@ -25,6 +25,7 @@ on failure, stop at once on a plain bad request (it would fail everywhere).
 """
 from __future__ import annotations
 
+import logging
 import random
 import time
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from app.providers.catalog import Catalog, Deployment, ModelEntry
 from app.services.provider_health import DeploymentHealth, HealthBoard
 from app.services.retry_policy import RetryPolicy
 
+log = logging.getLogger("gateway.router")
 T = TypeVar("T")
 CATEGORY_ALIASES = ("small", "big", "auto")
 # Error kinds that end the request at once: the request itself is wrong, any provider says so.
@@ -241,7 +243,11 @@ class Router:
                     if attempts < policy.max_attempts and rec.breaker.state == "closed":
                         delay = policy.delay_before_retry(exc, tries, clock() - started, self.rng)
                     if delay is None:
+                        log.info("deployment %s failed (%s, HTTP %s): next candidate", rec.name,
+                                 exc.kind, exc.upstream_status)
                         break
+                    log.info("deployment %s failed (%s, HTTP %s): retry in %.3fs", rec.name, exc.kind,
+                             exc.upstream_status, delay)
                     self.sleep(delay)
                     continue
                 except Exception:
