@@ -70,10 +70,19 @@ def redis_url() -> str:
     return REDIS_URL
 
 
+# Routing settings of the shared apps: short retry waits; a Retry-After of the fake's `fail-429`
+# (1 s) is not waited for; no retry after the 3 s read timeout of `hang`; breakers that never open
+# from the scripted failures other tests provoke (breakers are tested with their own settings in
+# Testing/services/test_circuit_breaker.py and Testing/api/test_routing.py).
+ROUTING_TEST_SETTINGS = {"ROUTER_RETRY_BASE_S": 0.01, "ROUTER_RETRY_MAX_BACKOFF_S": 0.05,
+                         "ROUTER_MAX_RETRY_AFTER_S": 0.5, "ROUTER_DEADLINE_S": 2.5,
+                         "BREAKER_FAILURE_THRESHOLD": 100000, "BREAKER_MIN_REQUESTS": 100000}
+
+
 def app_config(pg_url: str, models_file: Path, **overrides: Any) -> dict[str, Any]:
     return {"DATABASE_URL": pg_url, "MODELS_FILE": str(models_file), "SYSTEM_SECRET": SYSTEM_SECRET,
             "REDIS_URL": REDIS_URL, "LOG_LEVEL": "WARNING", "MAX_REQUEST_BYTES": 256 * 1024,
-            "KEY_EVENTS_CHANNEL": KEY_EVENTS_CHANNEL, **overrides}
+            "KEY_EVENTS_CHANNEL": KEY_EVENTS_CHANNEL, **ROUTING_TEST_SETTINGS, **overrides}
 
 
 @pytest.fixture
@@ -91,6 +100,8 @@ def close_app(application) -> None:
     gateway.limiter.flush(5)
     gateway.usage_batcher.flush(5)
     gateway.providers.close()
+    if getattr(gateway, "health", None) is not None:
+        gateway.health.stop()  # its Redis publisher loop
     gateway.engine.dispose()
 
 

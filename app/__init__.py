@@ -15,6 +15,11 @@ from app.providers.provider_manager import ProviderManager
 from app.runtime import Runtime
 from app.services.api_key_service import KeyCache, LastUsedTracker
 from app.services.key_events import KeyEvents
+from app.services.circuit_breaker import BreakerConfig
+from app.services.provider_health import HealthBoard
+from app.services.retry_policy import RetryPolicy
+from app.services.router import Router
+from app.services.uptime_service import UptimeChecker
 from app.services.settlement_service import Settlement
 from app.services.rate_limit_service import LocalLimiter, RateLimitService, RedisLimiter
 from app.services.usage_service import UsageBatcher, UsageWriter, period_totals
@@ -55,6 +60,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
         "connect_timeout_s": settings.UPSTREAM_CONNECT_TIMEOUT_S,
         "read_timeout_s": settings.UPSTREAM_READ_TIMEOUT_S,
         "pool_maxsize": settings.UPSTREAM_POOL_MAXSIZE,
+        "total_timeout_s": settings.UPSTREAM_TOTAL_TIMEOUT_S,
     })
     preload_tokenizers({m.tokenizer for m in providers.catalog.models.values()})
     with app.app_context():
@@ -77,6 +83,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
         last_used=last_used, usage_batcher=batcher,
         settlement=Settlement(batcher, engine, last_used, limiter), limiter=limiter, engine=engine,
         redis=redis_client, app=app, key_events=key_events)
+    _build_routing(app.extensions["gateway"])
 
     from app.api.routes import api
     app.register_blueprint(api)
@@ -86,6 +93,20 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     _BATCHERS.add(limiter)
     _announce_mode(settings, len(providers.catalog.models))
     return app
+
+
+def _build_routing(rt: Runtime) -> None:
+    """Health board (breakers), router (candidates, retries, fallback) and uptime checker."""
+    s = rt.settings
+    rt.health = HealthBoard(BreakerConfig(
+        failure_threshold=s.BREAKER_FAILURE_THRESHOLD, failure_ratio=s.BREAKER_FAILURE_RATIO,
+        window=s.BREAKER_WINDOW, min_requests=s.BREAKER_MIN_REQUESTS, cooldown_s=s.BREAKER_COOLDOWN_S),
+        redis_client=rt.redis, publish_interval_s=s.HEALTH_PUBLISH_INTERVAL_S)
+    rt.router = Router(rt.providers.catalog, rt.health, RetryPolicy(
+        max_attempts=s.ROUTER_MAX_ATTEMPTS, attempts_per_deployment=s.ROUTER_ATTEMPTS_PER_DEPLOYMENT,
+        base_s=s.ROUTER_RETRY_BASE_S, max_backoff_s=s.ROUTER_RETRY_MAX_BACKOFF_S,
+        deadline_s=s.ROUTER_DEADLINE_S, max_retry_after_s=s.ROUTER_MAX_RETRY_AFTER_S))
+    rt.uptime = UptimeChecker(rt.providers, rt.health, rt.redis, s.UPTIME_CACHE_S)
 
 
 def _limiter_backend(settings: Settings, redis_client: Any) -> Any:

@@ -65,6 +65,29 @@ class Settings:
     UPSTREAM_CONNECT_TIMEOUT_S: float = 10.0
     UPSTREAM_READ_TIMEOUT_S: float = 600.0
     UPSTREAM_POOL_MAXSIZE: int = 64
+    # Whole upstream call (stream included) when a provider sets no total_timeout_s.
+    UPSTREAM_TOTAL_TIMEOUT_S: float = 900.0
+    # Routing and retries (app/services/router.py, retry_policy.py): upstream calls per request
+    # (all deployments together), calls per deployment (1 = never retry the same one), full-jitter
+    # backoff base and cap, the total deadline after which no new attempt starts, and the longest
+    # upstream Retry-After that is waited for (longer: the next deployment is tried instead).
+    ROUTER_MAX_ATTEMPTS: int = 6
+    ROUTER_ATTEMPTS_PER_DEPLOYMENT: int = 2
+    ROUTER_RETRY_BASE_S: float = 0.25
+    ROUTER_RETRY_MAX_BACKOFF_S: float = 4.0
+    ROUTER_DEADLINE_S: float = 30.0
+    ROUTER_MAX_RETRY_AFTER_S: float = 10.0
+    # Circuit breaker per deployment and worker (app/services/circuit_breaker.py).
+    BREAKER_FAILURE_THRESHOLD: int = 5
+    BREAKER_FAILURE_RATIO: float = 0.5
+    BREAKER_WINDOW: int = 20
+    BREAKER_MIN_REQUESTS: int = 10
+    BREAKER_COOLDOWN_S: float = 30.0
+    # GET /v1/uptime/<model> answers from a cache this long (probes cost upstream calls).
+    UPTIME_CACHE_S: float = 5.0
+    # Workers publish their view of each deployment to Redis this often, for
+    # GET /v1/providers/status (0: no sharing, each worker reports its own view).
+    HEALTH_PUBLISH_INTERVAL_S: float = 2.0
     # A comment line is sent to streaming clients when the upstream is silent this long.
     STREAM_KEEPALIVE_S: float = 15.0
     # Redis down: "closed" answers 503, "open" admits without limits (logged and counted).
@@ -91,6 +114,8 @@ class Settings:
             elif env[f.name].strip():
                 setattr(s, f.name, env[f.name].strip())
         s.DATABASE_URL = normalize_database_url(s.DATABASE_URL)
+        if s.ROUTER_MAX_ATTEMPTS < 1 or s.ROUTER_ATTEMPTS_PER_DEPLOYMENT < 1:
+            raise ValueError("ROUTER_MAX_ATTEMPTS and ROUTER_ATTEMPTS_PER_DEPLOYMENT must be at least 1")
         if s.RATE_LIMIT_FAIL_MODE not in ("closed", "open"):
             raise ValueError(f"RATE_LIMIT_FAIL_MODE must be 'closed' or 'open', got {s.RATE_LIMIT_FAIL_MODE!r}")
         return s

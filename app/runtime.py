@@ -6,7 +6,7 @@ that code running after a response (no request context) can hold a plain referen
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import redis
 from flask import Flask, current_app
@@ -34,6 +34,9 @@ class Runtime:
     redis: Optional[redis.Redis]
     app: Flask
     key_events: Optional[KeyEvents] = None
+    router: Any = None       # app.services.router.Router: candidates, retries, fallback
+    health: Any = None       # app.services.provider_health.HealthBoard: breakers, outcomes
+    uptime: Any = None       # app.services.uptime_service.UptimeChecker
 
 
 def runtime() -> Runtime:

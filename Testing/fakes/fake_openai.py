@@ -32,7 +32,9 @@ Scripted behaviours (substring of ``model``; the flags after ``hang`` can be com
 a non-streaming request gets the connection closed without any answer), ``slow`` (50 ms
 between stream events / before a JSON answer), ``no-usage`` (never any ``usage``), ``tool``
 (a ``tool_calls`` answer, arguments streamed in several deltas), ``chunks-N`` (exactly N
-content pieces).
+content pieces), ``ra-S`` with ``fail-429`` (``Retry-After: S`` instead of 1, S a decimal
+number of seconds), ``flaky-N`` (the first N requests naming this exact model fail with 500,
+the next ones are answered; counters are forgotten by ``POST /_reset``).
 
 Test endpoints: ``GET /_requests`` (last 1000 requests: method, path, query, headers with
 lower-cased names, parsed JSON body), ``POST /_reset``, ``GET /_stats`` (requests and TCP
@@ -60,6 +62,8 @@ MAX_HEADER_BYTES = 64 * 1024
 CONTEXT_WINDOW = 128000
 
 _CHUNKS_RE = re.compile(r"chunks-(\d+)")
+_RETRY_AFTER_RE = re.compile(r"ra-(\d+(?:\.\d+)?)")
+_FLAKY_RE = re.compile(r"flaky-(\d+)")
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _REASONS = {
     100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
@@ -145,9 +149,11 @@ def scripted_error(model: str, messages: list[Any]) -> tuple[int, bytes, list[st
         return 500, error_body("The server had an error while processing your request. "
                                "Sorry about that!", "server_error"), []
     if "fail-429" in model:
+        ra = _RETRY_AFTER_RE.search(model)
+        after = ra.group(1) if ra else "1"
         return 429, error_body(f"Rate limit reached for {model} (fake upstream). "
-                               "Please try again in 1s.", "rate_limit_error", None,
-                               "rate_limit_exceeded"), ["Retry-After: 1"]
+                               f"Please try again in {after}s.", "rate_limit_error", None,
+                               "rate_limit_exceeded"), [f"Retry-After: {after}"]
     if "fail-401" in model:
         return 401, error_body("Incorrect API key provided: sk-fake***. You can find your "
                                "API key at https://platform.openai.com/account/api-keys.",
@@ -303,6 +309,7 @@ class FakeState:
         self.answers_cut = 0  # answers the client hung up on before reading them whole
         self.closed_with_partial_request = 0  # peer closed mid-request (headers/body unread)
         self._ids = 0
+        self.flaky_seen: dict[str, int] = {}  # model -> requests seen (``flaky-N``)
         self.connections: set[HttpConnection] = set()  # touched on the loop thread only
 
     def record(self, entry: dict[str, Any]) -> None:
@@ -320,6 +327,17 @@ class FakeState:
     def reset(self) -> None:
         with self._lock:
             self.recorded.clear()
+            self.flaky_seen.clear()
+
+    def flaky_failure(self, model: str) -> bool:
+        """True while a ``flaky-N`` model has been asked fewer than N + 1 times."""
+        m = _FLAKY_RE.search(model)
+        if m is None:
+            return False
+        with self._lock:
+            seen = self.flaky_seen.get(model, 0)
+            self.flaky_seen[model] = seen + 1
+        return seen < int(m.group(1))
 
     def next_id(self) -> str:
         self._ids += 1
@@ -526,6 +544,8 @@ class HttpConnection(asyncio.Protocol):
         if problem is not None:
             return self.respond(req, 400, problem)
         failure = scripted_error(body["model"].lower(), body["messages"])
+        if failure is None and self.state.flaky_failure(body["model"]):
+            failure = (500, error_body("Scripted flaky failure of the fake upstream.", "server_error"), [])
         if failure is not None:
             return self.respond(req, failure[0], failure[1], failure[2])
         if "hang" in body["model"].lower():

@@ -1,26 +1,31 @@
-"""POST /v1/chat/completions, readable top to bottom: auth, validation, admission, deployment,
-provider call (plain or streamed), settlement."""
+"""POST /v1/chat/completions, readable top to bottom: auth, validation, routing (models that fit,
+fallbacks, categories), admission, the attempt loop over deployments (retries, breakers,
+quotas), the provider call (plain or streamed), settlement."""
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Iterator
+import math
+from typing import Any, Callable, Iterator, TypeVar
 
-from flask import Response
+from flask import Response, request
 
 from app.api.auth import authenticate
 from app.api.common import JSON, new_request_id, read_json_object
 from app.api.schemas import CHAT_SCHEMA
-from app.errors import (ModelNotFound, PermissionDenied, RateLimited, ServiceUnavailable,
-                        from_provider_error, limit_error)
-from app.providers.base import ProviderError, StreamPiece
+from app.errors import (APIError, InvalidRequest, ModelNotFound, PermissionDenied, RateLimited,
+                        ServiceUnavailable, from_provider_error, limit_error)
+from app.providers.base import ProviderError, ProviderUnavailable, StreamPiece
+from app.providers.catalog import Deployment, ModelEntry
 from app.runtime import runtime
 from app.services.rate_limit_service import LimiterUnavailable, deployment_quota, key_limits, to_nano
+from app.services.router import Candidate, ContextTooLong, NoDeploymentAvailable, RequestSize
 from app.services.settlement_service import CompletionTrace
 from app.utils.streaming import DONE_EVENT, KEEPALIVE_EVENT, sse_event, with_heartbeat
 from app.utils.token_counter import count_messages
 
 log = logging.getLogger("gateway.api")
+T = TypeVar("T")
 
 
 def chat_completions() -> Response:
@@ -29,25 +34,29 @@ def chat_completions() -> Response:
     body = read_json_object()
     CHAT_SCHEMA.load(body)  # validates; unknown fields stay in `body` and pass through
     alias = body["model"]
-    entry = rt.providers.model(alias)
-    if entry is None:
+    router = rt.router
+    if rt.providers.model(alias) is None and not router.is_category(alias):
         raise ModelNotFound(f"The model '{alias}' does not exist on this gateway. "
                             "GET /v1/models lists the available models.", param="model")
     if not key.may_use(alias):
         raise PermissionDenied(f"This API key may not use the model '{alias}'.", param="model",
                                code="model_not_allowed")
-    trace = CompletionTrace(request_id=new_request_id(), key=key, entry=entry, deployment=None,
+    size = _request_size(body)
+    models = _models(router, alias, size, key)
+    trace = CompletionTrace(request_id=new_request_id(), key=key, entry=models[0], deployment=None,
                             request=body, streamed=bool(body.get("stream")))
+    trace.prompt_estimate = size.counted(models[0].tokenizer)
     _admit(rt, trace)
-    deployment, provider = _choose_deployment(rt, trace)
-    upstream_request = {**body, "model": deployment.model}
     if trace.streamed:
-        return _stream_completion(rt, provider, upstream_request, trace)
+        return _stream_completion(rt, models, trace)
     try:
-        completion = provider.complete(upstream_request)
+        cand, completion = _dispatch(rt, models, trace, lambda c: rt.providers.provider(
+            c.deployment.provider).complete({**body, "model": c.deployment.model}))
     except ProviderError as exc:
         _fail(rt, trace, exc)
         raise from_provider_error(exc) from None
+    except APIError:
+        raise  # already settled (no deployment could be tried)
     except Exception:
         _fail(rt, trace, None)  # a bug of ours: still release the reservation, record the call
         raise
@@ -57,6 +66,58 @@ def chat_completions() -> Response:
     _limit_headers(resp, trace)
     resp.call_on_close(lambda: rt.settlement.settle(trace))
     return resp
+
+
+def _request_size(body: dict[str, Any]) -> RequestSize:
+    """The request's size for context-window checks (tiktoken runs only for long prompts)."""
+    messages = body.get("messages") or []
+    length = request.content_length or len(json.dumps(body))
+    output = int(body.get("max_completion_tokens") or body.get("max_tokens") or 1)
+    return RequestSize(length, len(messages), output, lambda tokenizer: count_messages(messages, tokenizer))
+
+
+def _models(router: Any, alias: str, size: RequestSize, key: Any) -> list[ModelEntry]:
+    """The models that may serve the request, in order (fallbacks and categories resolved)."""
+    try:
+        models = router.models_for(alias, size, key.may_use)
+    except ContextTooLong as exc:
+        raise InvalidRequest(f"This model's maximum context length is {exc.largest} tokens. However, "
+                             f"your request needs {exc.needed} tokens (prompt plus max_tokens), and no "
+                             "fallback model can hold it. Reduce the length of the messages or "
+                             "max_tokens.", code="context_length_exceeded", param="messages") from None
+    if not models:
+        raise ModelNotFound(f"No model of the category '{alias}' is configured on this gateway.",
+                            param="model")
+    return models
+
+
+def _dispatch(rt: Any, models: list[ModelEntry], trace: CompletionTrace,
+              call: Callable[[Candidate], T]) -> tuple[Candidate, T]:
+    """Try the candidates (retries, fallback, breakers: app/services/router.py). Each attempt
+    sets the trace's model and deployment, so the usage row names the one that answered."""
+
+    def reserve(cand: Candidate) -> bool:
+        trace.entry, trace.deployment = cand.entry, cand.deployment
+        return _reserve_quota(rt, trace, cand.deployment)
+
+    def release(cand: Candidate) -> None:
+        if trace.quota is not None and trace.quota_tokens:
+            rt.limiter.deployment_settle(trace.quota, trace.quota_tokens)
+        trace.quota, trace.quota_tokens = None, 0
+
+    try:
+        return rt.router.dispatch(rt.router.candidates(models), call, started=trace.started,
+                                  reserve=reserve, release=release)
+    except NoDeploymentAvailable as exc:
+        rt.settlement.settle(trace, record=False)
+        if exc.quota_full:
+            raise RateLimited(f"Every deployment of '{trace.request['model']}' is at its provider quota; "
+                              "retry shortly.", code="rate_limit_exceeded",
+                              headers={"Retry-After": "1"}) from None
+        retry = max(1, math.ceil(exc.retry_in_s))
+        raise ServiceUnavailable(f"Every deployment of '{trace.request['model']}' is failing (circuit "
+                                 f"open after repeated upstream errors); retry in {retry}s.",
+                                 code="deployments_unavailable", headers={"Retry-After": str(retry)}) from None
 
 
 def _estimate(trace: CompletionTrace) -> tuple[int, int]:
@@ -86,26 +147,21 @@ def _admit(rt: Any, trace: CompletionTrace) -> None:
     trace.admission = adm
 
 
-def _choose_deployment(rt: Any, trace: CompletionTrace) -> tuple[Any, Any]:
-    """The first deployment (by priority) whose provider quota has room."""
-    for deployment in trace.entry.deployments:
-        quota = deployment_quota(deployment)
-        if quota is not None:
-            tokens = _estimate(trace)[0] if quota.tpm else 0
-            try:
-                if not rt.limiter.deployment_admit(quota, tokens):
-                    continue
-                trace.quota_tokens = tokens
-            except LimiterUnavailable:
-                rt.settlement.settle(trace, record=False)
-                raise ServiceUnavailable("Provider quotas cannot be checked right now; try again shortly.",
-                                         code="rate_limiter_unavailable") from None
-            trace.quota = quota
-        trace.deployment = deployment
-        return deployment, rt.providers.provider(deployment.provider)
-    rt.settlement.settle(trace, record=False)
-    raise RateLimited(f"Every deployment of '{trace.entry.alias}' is at its provider quota; "
-                      "retry shortly.", code="rate_limit_exceeded", headers={"Retry-After": "1"})
+def _reserve_quota(rt: Any, trace: CompletionTrace, deployment: Deployment) -> bool:
+    """Reserve the deployment's provider quota (rpm/tpm/rpd) if it has one; False when full."""
+    quota = deployment_quota(deployment)
+    if quota is None:
+        return True
+    tokens = _estimate(trace)[0] if quota.tpm else 0
+    try:
+        if not rt.limiter.deployment_admit(quota, tokens):
+            return False
+    except LimiterUnavailable:
+        rt.settlement.settle(trace, record=False)
+        raise ServiceUnavailable("Provider quotas cannot be checked right now; try again shortly.",
+                                 code="rate_limiter_unavailable") from None
+    trace.quota, trace.quota_tokens = quota, tokens
+    return True
 
 
 def _limit_headers(resp: Response, trace: CompletionTrace) -> None:
@@ -119,20 +175,27 @@ def _fail(rt: Any, trace: CompletionTrace, exc: ProviderError | None) -> None:
     rt.settlement.settle(trace)
 
 
-def _stream_completion(rt: Any, provider: Any, upstream_request: dict, trace: CompletionTrace) -> Response:
+def _stream_completion(rt: Any, models: list[ModelEntry], trace: CompletionTrace) -> Response:
     """Wait for the upstream's first event before answering, so that a failure before any
-    byte reaches the client is still an ordinary HTTP error (502/504 + envelope)."""
+    byte reaches the client is still retried or falls back, and otherwise is an ordinary HTTP
+    error (502/504 + envelope). Once bytes are out, a failure ends the stream instead."""
+    body = trace.request
+
+    def open_stream(cand: Candidate) -> tuple[Any, StreamPiece]:
+        upstream = rt.providers.provider(cand.deployment.provider).stream(
+            {**body, "model": cand.deployment.model})
+        try:
+            return upstream, next(iter(upstream))
+        except StopIteration:
+            raise ProviderUnavailable("The provider ended the stream without any event.") from None
+
     try:
-        upstream = provider.stream(upstream_request)
-        pieces = iter(upstream)
-        first = next(pieces)
-    except StopIteration:
-        exc: ProviderError = ProviderError("The provider ended the stream without any event.")
-        _fail(rt, trace, exc)
-        raise from_provider_error(exc) from None
+        cand, (upstream, first) = _dispatch(rt, models, trace, open_stream)
     except ProviderError as exc:
         _fail(rt, trace, exc)
         raise from_provider_error(exc) from None
+    except APIError:
+        raise
     except Exception:
         _fail(rt, trace, None)
         raise
@@ -168,6 +231,7 @@ def _stream_completion(rt: Any, provider: Any, upstream_request: dict, trace: Co
         except ProviderError as exc:
             # Bytes are out already: no fallback, end the stream with an error event.
             trace.status, trace.error_type = "error", exc.kind
+            rt.health.failure(cand.health, exc)
             pending.append(sse_event(json.dumps(from_provider_error(exc).body()).encode()))
             pending.append(DONE_EVENT)
             yield b"".join(pending)

@@ -1,4 +1,5 @@
-"""GET /v1/models: the aliases the calling key may use whose provider is configured."""
+"""GET /v1/models: the aliases the calling key may use whose provider is configured, and the
+category aliases (small/big/auto)."""
 from __future__ import annotations
 
 from typing import Any
@@ -8,6 +9,7 @@ from flask import Response
 from app.api.auth import authenticate
 from app.api.common import json_response
 from app.runtime import runtime
+from app.services.router import CATEGORY_ALIASES
 
 
 def list_models() -> Response:
@@ -19,6 +21,10 @@ def list_models() -> Response:
             continue  # not offered: no deployment's provider has its variables set
         data.append({"id": alias, "object": "model", "created": rt.providers.catalog.created,
                      "owned_by": entry.owned_by or _owner(rt, entry)})
+    for name in CATEGORY_ALIASES:  # small/big/auto: routed to the best model of the category
+        if rt.router.is_category(name) and rt.router.category_models(name) and key.may_use(name):
+            data.append({"id": name, "object": "model", "created": rt.providers.catalog.created,
+                         "owned_by": "gateway-router (category alias)"})
     return json_response({"object": "list", "data": data})
 
 

@@ -53,6 +53,9 @@ class ModelEntry:
     owned_by: str | None = None
     fallbacks: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+    # Rank among the models of a category alias (small/big/auto): lower first. Defaults to the
+    # best priority of the model's deployments.
+    priority: int = 1
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,10 @@ def _deployment(raw: Any, where: str, providers: dict[str, dict]) -> Deployment:
 
 
 _MODEL_KEYS = {"deployments", "context_window", "max_output_tokens", "pricing", "tokenizer",
-               "category", "owned_by", "fallbacks"}
+               "category", "owned_by", "fallbacks", "priority"}
+# Per-provider HTTP timeouts (seconds): connect, read (between two bytes, also the stream's idle
+# timeout; `timeout_s` is its older name) and total (the whole upstream call, stream included).
+TIMEOUT_KEYS = ("connect_timeout_s", "timeout_s", "read_timeout_s", "total_timeout_s")
 
 
 def _model(alias: str, raw: Any, providers: dict[str, dict]) -> ModelEntry:
@@ -136,11 +142,12 @@ def _model(alias: str, raw: Any, providers: dict[str, dict]) -> ModelEntry:
         raise CatalogError(f"{where}.fallbacks: must be a list of model aliases")
     context_window = _pos_int(raw.get("context_window", 8192), f"{where}.context_window")
     max_output = _pos_int(raw.get("max_output_tokens", 4096), f"{where}.max_output_tokens")
+    priority = _pos_int(raw.get("priority", min(d.priority for d in deployments)), f"{where}.priority")
     return ModelEntry(
         alias=alias, deployments=deployments, context_window=context_window or 0,
         max_output_tokens=max_output or 0, pricing=pricing, tokenizer=tokenizer,
         category=category, owned_by=raw.get("owned_by"), fallbacks=tuple(fallbacks),
-        extra={k: v for k, v in raw.items() if k not in _MODEL_KEYS},
+        extra={k: v for k, v in raw.items() if k not in _MODEL_KEYS}, priority=priority or 1,
     )
 
 
@@ -153,6 +160,11 @@ def parse_catalog(data: Any, created: int = 0) -> Catalog:
     for name, cfg in providers.items():
         if not isinstance(cfg, dict) or not isinstance(cfg.get("type"), str):
             raise CatalogError(f"providers.{name}: must be an object with a 'type'")
+        for key in TIMEOUT_KEYS:
+            value = cfg.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or value <= 0):
+                raise CatalogError(f"providers.{name}.{key}: must be a positive number of seconds")
     models_raw = data.get("models")
     if not isinstance(models_raw, dict) or not models_raw:
         raise CatalogError("models: must be a non-empty object of alias -> model")

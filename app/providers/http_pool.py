@@ -5,7 +5,8 @@ profiles (URL parsing, a liveness poll before each reuse, headers and body in tw
 httpx's pool collapses under gevent concurrency (TRAPS.md). `http.client` sends headers and
 a bytes body in one `send`, and this pool adds only a list of idle connections. Under gevent
 the sockets are cooperative; timeouts are per socket operation (connect, then every read:
-the read timeout is also the stream idle timeout).
+the read timeout is also the stream idle timeout). An optional total timeout bounds the whole
+call: it is checked before every read, and a read never waits longer than what is left of it.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import http.client
 import socket
 import ssl
 import threading
-from typing import Iterator
+import time
+from typing import Any, Iterator
 from urllib.parse import urlsplit
 
 # Errors of a reused keep-alive connection that the server had already closed: the request
@@ -42,15 +44,30 @@ class PooledResponse:
     """An upstream answer whose connection goes back to the pool once fully read."""
 
     def __init__(self, pool: "HTTPPool", conn: http.client.HTTPConnection,
-                 response: http.client.HTTPResponse) -> None:
+                 response: http.client.HTTPResponse, deadline: float | None = None) -> None:
         self._pool = pool
         self._conn: http.client.HTTPConnection | None = conn
         self._response = response
         self.status = response.status
         self.headers = response.headers
+        self._deadline = deadline
+        self._shortened = False  # the socket's timeout was cut to what is left of the total
+
+    def _bound(self) -> None:
+        """Enforce the total timeout before a read (raises socket.timeout when it is over)."""
+        left = self._deadline - time.monotonic()  # type: ignore[operator]
+        if left <= 0:
+            raise socket.timeout("total timeout")
+        if left < self._pool.read_timeout:
+            conn = self._conn
+            if conn is not None and conn.sock is not None:
+                conn.sock.settimeout(left)
+                self._shortened = True
 
     def read(self) -> bytes:
         try:
+            if self._deadline is not None:
+                self._bound()
             data = self._response.read()
         except _READ_ERRORS as exc:
             raise self._failed(exc) from None
@@ -60,7 +77,10 @@ class PooledResponse:
     def iter_chunks(self, size: int = 65536) -> Iterator[bytes]:
         """The body as it arrives (chunked decoding included)."""
         try:
+            deadline = self._deadline
             while True:
+                if deadline is not None:
+                    self._bound()
                 data = self._response.read1(size)
                 if not data:
                     return
@@ -80,6 +100,8 @@ class PooledResponse:
         if conn is None:
             return
         if self._response.isclosed() and not self._response.will_close:
+            if self._shortened and conn.sock is not None:
+                conn.sock.settimeout(self._pool.read_timeout)
             self._pool._put(conn)
         else:
             conn.close()
@@ -111,9 +133,19 @@ class PooledResponse:
                 pass
 
 
+def http_timeouts(settings: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """HTTPPool's timeouts from a provider's models.json entry, else the gateway's defaults:
+    `connect_timeout_s`, `read_timeout_s` (or its older name `timeout_s`), `total_timeout_s`."""
+    read = settings.get("read_timeout_s", settings.get("timeout_s", defaults.get("read_timeout_s", 600)))
+    total = settings.get("total_timeout_s", defaults.get("total_timeout_s"))
+    return {"connect_timeout": float(settings.get("connect_timeout_s", defaults.get("connect_timeout_s", 10))),
+            "read_timeout": float(read), "total_timeout": float(total) if total else None}
+
+
 class HTTPPool:
     def __init__(self, base_url: str, *, connect_timeout: float, read_timeout: float,
-                 maxsize: int = 64, ca_file: str | None = None) -> None:
+                 maxsize: int = 64, ca_file: str | None = None,
+                 total_timeout: float | None = None) -> None:
         parts = urlsplit(base_url)
         self.https = parts.scheme == "https"
         self.host = parts.hostname or "localhost"
@@ -121,6 +153,7 @@ class HTTPPool:
         self.base_path = parts.path.rstrip("/")
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.total_timeout = total_timeout
         self.maxsize = maxsize
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
@@ -160,11 +193,19 @@ class HTTPPool:
 
     def post(self, path: str, body: bytes, headers: dict[str, str]) -> PooledResponse:
         """POST and read the status and headers; the body is read from the answer."""
+        total = self.total_timeout
+        deadline = time.monotonic() + total if total else None
         for attempt in (0, 1):
             conn, reused = self._get()
             try:
                 conn.request("POST", self.base_path + path, body=body, headers=headers)
-                return PooledResponse(self, conn, conn.getresponse())
+                if deadline is not None and total < self.read_timeout:  # type: ignore[operator]
+                    conn.sock.settimeout(max(0.001, deadline - time.monotonic()))
+                    response = conn.getresponse()
+                    conn.sock.settimeout(self.read_timeout)
+                else:
+                    response = conn.getresponse()
+                return PooledResponse(self, conn, response, deadline)
             except _STALE:
                 conn.close()
                 if reused and attempt == 0:

@@ -19,7 +19,7 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 from app.providers.base import (Provider, ProviderBadRequest, ProviderError, ProviderUnavailable,
                                 StreamPiece, expand_env, not_configured)
-from app.providers.http_pool import HTTPPool, PooledResponse
+from app.providers.http_pool import HTTPPool, PooledResponse, http_timeouts
 from app.providers.openai_compatible import HTTPStream, transport_error
 from app.utils.streaming import iter_sse_batches
 
@@ -54,8 +54,7 @@ class NativeHTTPProvider(Provider):
         base_url, self._missing_url = expand_env(str(settings.get("base_url") or self.default_base_url))
         self.base_url = base_url.rstrip("/")
         self.api_key_env: str | None = settings.get("api_key_env")
-        self.connect_timeout = float(settings.get("connect_timeout_s", defaults.get("connect_timeout_s", 10)))
-        self.read_timeout = float(settings.get("timeout_s", defaults.get("read_timeout_s", 600)))
+        self.timeouts = http_timeouts(settings, defaults)
         self.pool = self.new_pool(self.base_url if not self._missing_url else "http://unconfigured.invalid")
         self.static_headers = {"Content-Type": "application/json", "Accept": "application/json",
                                **{str(k): str(v) for k, v in (settings.get("headers") or {}).items()}}
@@ -63,9 +62,8 @@ class NativeHTTPProvider(Provider):
         self.model_caps: dict[str, int] = dict(defaults.get("max_output_tokens") or {})
 
     def new_pool(self, base_url: str) -> HTTPPool:
-        return HTTPPool(base_url, connect_timeout=self.connect_timeout, read_timeout=self.read_timeout,
-                        maxsize=int(self.defaults.get("pool_maxsize", 64)),
-                        ca_file=self.settings.get("ca_file"))
+        return HTTPPool(base_url, maxsize=int(self.defaults.get("pool_maxsize", 64)),
+                        ca_file=self.settings.get("ca_file"), **self.timeouts)
 
     @classmethod
     def validate_settings(cls, name: str, settings: dict[str, Any]) -> None:

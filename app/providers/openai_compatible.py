@@ -13,7 +13,7 @@ from typing import Any, Iterator
 from app.providers.base import (Completion, Provider, ProviderError, ProviderTimeout,
                                 ProviderUnavailable, StreamPiece, error_for_status, expand_env,
                                 not_configured, parse_retry_after, redact, register)
-from app.providers.http_pool import (HTTPPool, PooledResponse, UpstreamConnectError,
+from app.providers.http_pool import (HTTPPool, PooledResponse, UpstreamConnectError, http_timeouts,
                                      UpstreamTimeoutError)
 from app.utils.streaming import DONE, iter_sse_batches
 
@@ -81,10 +81,8 @@ class OpenAICompatibleProvider(Provider):
         self.api_key_env = settings.get("api_key_env")
         # False for servers whose key is optional (local servers): the key is sent when set.
         self.key_required = bool(settings.get("key_required", True))
-        self.pool = HTTPPool(self.base_url, connect_timeout=float(settings.get(
-            "connect_timeout_s", defaults.get("connect_timeout_s", 10))), read_timeout=float(
-            settings.get("timeout_s", defaults.get("read_timeout_s", 600))),
-            maxsize=int(defaults.get("pool_maxsize", 64)))
+        self.pool = HTTPPool(self.base_url, maxsize=int(defaults.get("pool_maxsize", 64)),
+                             **http_timeouts(settings, defaults))
         self.static_headers = {"Content-Type": "application/json", "Accept": "application/json",
                                **{str(k): str(v) for k, v in (settings.get("headers") or {}).items()}}
 

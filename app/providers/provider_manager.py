@@ -1,7 +1,7 @@
 """Alias -> deployments -> provider instances, created once per process.
 
-Fallback across deployments, retries and circuit breakers come later; today the
-highest-priority deployment of an alias whose provider quota has room serves it.
+Which deployment serves a request (priority, weights, fallbacks, categories, retries, circuit
+breakers) is decided by `app/services/router.py`; this module only owns the instances.
 """
 from __future__ import annotations
 
