@@ -3,6 +3,7 @@ real gunicorn + gevent gateway process. Everything is started on free ports and 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -17,7 +18,9 @@ from Testing.support import (REDIS_URL, SYSTEM_SECRET, UPSTREAM_KEY, GatewayProc
                              write_models_file)
 
 os.environ["TEST_UPSTREAM_KEY"] = UPSTREAM_KEY
-TABLES = ("usage_records", "api_keys", "tenants")
+TABLES = ("usage_records", "usage_daily", "api_keys", "tenants")
+# Usage spool files of the test apps (only written while PostgreSQL and Redis are both down).
+SPOOL_DIR = tempfile.mkdtemp(prefix="gw-usage-spool-")
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +76,7 @@ def redis_url() -> str:
 def app_config(pg_url: str, models_file: Path, **overrides: Any) -> dict[str, Any]:
     return {"DATABASE_URL": pg_url, "MODELS_FILE": str(models_file), "SYSTEM_SECRET": SYSTEM_SECRET,
             "REDIS_URL": REDIS_URL, "LOG_LEVEL": "WARNING", "MAX_REQUEST_BYTES": 256 * 1024,
-            **overrides}
+            "USAGE_SPOOL_DIR": SPOOL_DIR, "USAGE_OUTBOX_POLL_S": 0.2, **overrides}
 
 
 @pytest.fixture
@@ -88,7 +91,7 @@ def close_app(application) -> None:
     """Write queued usage rows, then release the app's upstream and database connections."""
     gateway = application.extensions["gateway"]
     gateway.limiter.flush(5)
-    gateway.usage_batcher.flush(5)
+    gateway.usage_batcher.close(5)
     gateway.providers.close()
     gateway.engine.dispose()
 

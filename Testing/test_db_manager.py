@@ -18,6 +18,7 @@ from decimal import Decimal
 from typing import Any, Callable
 
 import pytest
+from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.orm import Session
 
@@ -27,7 +28,8 @@ from Testing.support import ROOT, database_exists, database_url, drop_database, 
 
 pytestmark = pytest.mark.timeout(120)
 
-SCHEMA = ["alembic_version", "api_keys", "tenants", "usage_records"]
+HEAD = ScriptDirectory.from_config(db_manager.alembic_config("sqlite://")).get_current_head()
+SCHEMA = ["alembic_version", "api_keys", "tenants", "usage_daily", "usage_records"]
 KEY_ARGS = ["create-key", "--name", "N", "--tenant", "T", "--rpm-limit", "5", "--budget-usd", "1.25",
             "--allowed-models", "demo,gpt-4o-mini", "--expires-at", "2030-01-01T00:00:00Z"]
 
@@ -47,10 +49,11 @@ def ok(proc: subprocess.CompletedProcess) -> list[str]:
 
 
 def tables(url: str) -> list[str]:
+    """The tables, without the monthly partitions of usage_records."""
     engine = create_engine(url)
     try:
         with engine.connect() as conn:
-            return sorted(inspect(conn).get_table_names())
+            return sorted(t for t in inspect(conn).get_table_names() if not t.startswith("usage_records_p"))
     finally:
         engine.dispose()
 
@@ -181,26 +184,26 @@ def seen(observed: dict, scenario: str) -> dict:
     return value
 
 
-def test_create_db_creates_missing_database_then_current_is_0001(observed):
-    """`create-db` creates a missing database and migrates it; `current` then prints 0001."""
+def test_create_db_creates_missing_database_then_current_is_head(observed):
+    """`create-db` creates a missing database and migrates it; `current` then prints the head revision."""
     s = seen(observed, "create_db")
     assert s["existed_before"] is False
-    assert ok(s["create"])[-1] == "created database and migrated to 0001"
+    assert ok(s["create"])[-1] == f"created database and migrated to {HEAD}"
     assert s["exists"] is True
     assert s["tables"] == SCHEMA
-    assert ok(s["current"]) == ["0001"]
+    assert ok(s["current"]) == [HEAD]
 
 
 def test_list_tables_downgrade_upgrade_current(observed):
-    """list-tables shows the schema; downgrade base empties it (current says so); upgrade restores 0001."""
+    """list-tables shows the schema; downgrade base empties it (current says so); upgrade restores the head."""
     s = seen(observed, "list_down_up")
     assert ok(s["list"]) == SCHEMA
     assert ok(s["downgrade"]) == ["at revision base (empty)"]
     assert s["tables_after_downgrade"] == ["alembic_version"]
     assert ok(s["current_after_downgrade"]) == ["base (no schema)"]
-    assert ok(s["upgrade"]) == ["at revision 0001"]
+    assert ok(s["upgrade"]) == [f"at revision {HEAD}"]
     assert s["tables_after_upgrade"] == SCHEMA
-    assert s["revision_after_upgrade"] == "0001"
+    assert s["revision_after_upgrade"] == HEAD
 
 
 def test_create_key_prints_key_once_and_stores_only_its_hash(observed):
@@ -241,12 +244,12 @@ def test_clean_db_yes_drops_all_tables(observed):
 
 
 def test_reset_db_yes_leaves_empty_schema_at_head(observed):
-    """`reset-db --yes` drops all data and leaves an empty schema at 0001."""
+    """`reset-db --yes` drops all data and leaves an empty schema at the head revision."""
     s = seen(observed, "reset_yes")
-    assert ok(s["reset"])[-1] == "reset: schema at 0001"
+    assert ok(s["reset"])[-1] == f"reset: schema at {HEAD}"
     assert s["tables"] == SCHEMA
     assert s["counts"] == {"tenants": 0, "api_keys": 0, "usage_records": 0}
-    assert s["versions"] == [{"version_num": "0001"}]
+    assert s["versions"] == [{"version_num": HEAD}]
 
 
 @pytest.mark.parametrize("scenario", [s for s in SCENARIOS if s.startswith("unreachable")])

@@ -10,6 +10,9 @@ import subprocess
 import sys
 
 import pytest
+from alembic.script import ScriptDirectory
+
+import db_manager
 
 from Testing.support import ROOT, SYSTEM_SECRET, free_port, http_json, wait_until
 
@@ -87,7 +90,8 @@ def test_run_py_embedded_mode_serves_the_whole_flow(embedded):
         rows = conn.execute("SELECT key_hash, prefix FROM api_keys").fetchall()
         version = conn.execute("SELECT version_num FROM alembic_version").fetchall()
     assert rows == [(hashlib.sha256(key["key"].encode()).hexdigest(), key["prefix"])]
-    assert version == [("0001",)]
+    head = ScriptDirectory.from_config(db_manager.alembic_config("sqlite://")).get_current_head()
+    assert version == [(head,)]
 
     def usage_written() -> bool:
         with sqlite3.connect(db_file) as conn:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Iterator
 
 import pytest
+from alembic.script import ScriptDirectory
 from sqlalchemy import Float, Numeric, create_engine, inspect, text
 
 import db_manager
@@ -13,7 +14,7 @@ from Testing.support import create_database, database_url, drop_database
 
 pytestmark = pytest.mark.timeout(60)
 
-TABLES = {"tenants", "api_keys", "usage_records"}
+TABLES = {"tenants", "api_keys", "usage_records", "usage_daily"}
 COLUMNS = {
     "tenants": {"id", "name", "status", "budget_usd", "created_at"},
     "api_keys": {"id", "tenant_id", "name", "prefix", "key_hash", "role", "rpm_limit", "tpm_limit",
@@ -24,6 +25,7 @@ COLUMNS = {
                       "cost_usd", "status", "error_type", "streamed", "cached", "latency_ms",
                       "ttft_ms", "created_at"},
 }
+HEAD = ScriptDirectory.from_config(db_manager.alembic_config("sqlite://")).get_current_head()
 MONEY = [("tenants", "budget_usd"), ("api_keys", "budget_usd"), ("usage_records", "cost_usd")]
 INDEXES = {"ix_usage_key_time": ("usage_records", ["api_key_id", "created_at"]),
            "ix_usage_tenant_time": ("usage_records", ["tenant_id", "created_at"])}
@@ -64,13 +66,17 @@ def assert_schema_at_head(url: str) -> None:
     try:
         with engine.connect() as conn:
             insp = inspect(conn)
-            assert set(insp.get_table_names()) == TABLES | {"alembic_version"}
+            partitions = {t for t in insp.get_table_names() if t.startswith("usage_records_p")}
+            assert set(insp.get_table_names()) - partitions == TABLES | {"alembic_version"}
             for table, expected in COLUMNS.items():
                 assert {c["name"] for c in insp.get_columns(table)} == expected, table
             for name, (table, cols) in INDEXES.items():
                 found = {ix["name"]: ix["column_names"] for ix in insp.get_indexes(table)}
                 assert found.get(name) == cols, (name, found)
-            assert ["request_id"] in unique_column_sets(insp, "usage_records")
+            # PostgreSQL: partitioned by month, so the idempotency key holds the partition key
+            usage_key = ["request_id", "created_at"] if engine.dialect.name == "postgresql" else ["request_id"]
+            assert usage_key in unique_column_sets(insp, "usage_records") or \
+                insp.get_pk_constraint("usage_records")["constrained_columns"] == usage_key
             assert ["key_hash"] in unique_column_sets(insp, "api_keys")
             assert ["name"] in unique_column_sets(insp, "tenants")
             for table, column in MONEY:
@@ -78,7 +84,7 @@ def assert_schema_at_head(url: str) -> None:
                 assert isinstance(col["type"], Numeric) and not isinstance(col["type"], Float), \
                     (table, column, col["type"])
                 assert (col["type"].precision, col["type"].scale) == (20, 10), (table, column)
-            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0001"]
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [HEAD]
     finally:
         engine.dispose()
 
@@ -86,7 +92,7 @@ def assert_schema_at_head(url: str) -> None:
 def round_trip(url: str) -> None:
     db_manager.upgrade(url)
     assert_schema_at_head(url)
-    assert db_manager.current_revision(url) == "0001"
+    assert db_manager.current_revision(url) == HEAD
 
     db_manager.downgrade(url, "base")
     assert table_names(url) - {"alembic_version"} == set()
@@ -94,7 +100,7 @@ def round_trip(url: str) -> None:
 
     db_manager.upgrade(url)
     assert_schema_at_head(url)
-    assert db_manager.current_revision(url) == "0001"
+    assert db_manager.current_revision(url) == HEAD
 
 
 def test_postgres_upgrade_downgrade_round_trip(fresh_pg_url):
@@ -123,7 +129,7 @@ def test_postgres_money_columns_are_numeric(fresh_pg_url):
 
 
 def test_postgres_unique_key_hash_and_request_id_enforced(fresh_pg_url):
-    """The unique api_keys.key_hash and usage_records.request_id really reject duplicates."""
+    """The unique api_keys.key_hash and usage_records (request_id, created_at) really reject duplicates."""
     from sqlalchemy.exc import IntegrityError
     db_manager.upgrade(fresh_pg_url)
     engine = create_engine(fresh_pg_url)
@@ -134,7 +140,7 @@ def test_postgres_unique_key_hash_and_request_id_enforced(fresh_pg_url):
             conn.execute(text("INSERT INTO api_keys (tenant_id, name, prefix, key_hash, created_at) "
                               "VALUES (:t, 'k', 'sk-x', 'h1', now())"), {"t": tid})
             conn.execute(text("INSERT INTO usage_records (request_id, tenant_id, api_key_id, model, "
-                              "status, created_at) VALUES ('r1', 1, 1, 'm', 'ok', now())"))
+                              "status, created_at) VALUES ('r1', 1, 1, 'm', 'ok', date_trunc('month', now()))"))
         with pytest.raises(IntegrityError):
             with engine.begin() as conn:
                 conn.execute(text("INSERT INTO api_keys (tenant_id, name, prefix, key_hash, created_at) "
@@ -142,7 +148,7 @@ def test_postgres_unique_key_hash_and_request_id_enforced(fresh_pg_url):
         with pytest.raises(IntegrityError):
             with engine.begin() as conn:
                 conn.execute(text("INSERT INTO usage_records (request_id, tenant_id, api_key_id, model, "
-                                  "status, created_at) VALUES ('r1', 1, 1, 'm', 'ok', now())"))
+                                  "status, created_at) VALUES ('r1', 1, 1, 'm', 'ok', date_trunc('month', now()))"))
     finally:
         engine.dispose()
 

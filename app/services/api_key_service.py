@@ -16,7 +16,7 @@ from decimal import Decimal
 from typing import Any, Callable
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.models import ApiKey, Tenant
@@ -165,6 +165,12 @@ class KeyCache:
             return False, None
         return True, entry[0]
 
+    def get_stale(self, key_hash: str) -> KeyInfo | None:
+        """The last known snapshot of a key even past its TTL (None for unknown keys): what
+        authentication falls back to while the database is unreachable."""
+        entry = self._entries.get(key_hash)
+        return entry[0] if entry is not None else None
+
     def put(self, key_hash: str, info: KeyInfo | None) -> None:
         ttl = self.ttl_s if info is not None else min(self.ttl_s, self.NEGATIVE_TTL_S)
         with self._lock:
@@ -193,6 +199,13 @@ def lookup_key(session_factory: Callable[[], Session], cache: KeyCache, plaintex
     try:
         row = session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash))
         info = key_info(row) if row is not None else None
+    except SQLAlchemyError:
+        # Database unreachable: a key this worker has seen keeps working on its last known
+        # state (an outage must not stop paying traffic); an unknown key cannot be checked.
+        stale = cache.get_stale(key_hash)
+        if stale is not None:
+            return stale
+        raise
     finally:
         session.close()
     cache.put(key_hash, info)
