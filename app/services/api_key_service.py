@@ -204,6 +204,7 @@ def lookup_key(session_factory: Callable[[], Session], cache: KeyCache, plaintex
         # state (an outage must not stop paying traffic); an unknown key cannot be checked.
         stale = cache.get_stale(key_hash)
         if stale is not None:
+            cache.put(key_hash, stale)  # and do not wait for the database again for one TTL
             return stale
         raise
     finally:

@@ -69,6 +69,7 @@ class UsageBatcher:
     MAX_BATCH = 500
     MAX_QUEUED = 200_000
     LOG_EVERY_S = 10.0
+    REDIS_RETRY_S = 5.0
 
     def __init__(self, writer: UsageWriter, redis_outbox: RedisOutbox | None = None,
                  spool: SpoolOutbox | None = None, poll_s: float = 1.0, partitions_ahead: int = 2,
@@ -89,6 +90,7 @@ class UsageBatcher:
         self._lock = threading.Lock()
         self._dead_lock = threading.Lock()
         self._last_log = 0.0
+        self._redis_down_until = 0.0  # Redis failed: skip it for a while (its client retries slowly)
         self.database_down = False
         self.failures = 0        # batches PostgreSQL did not take
         self.diverted = 0        # records sent to the outbox by this worker
@@ -177,13 +179,14 @@ class UsageBatcher:
         """Into the outbox: Redis if it answers, else the local spool; in memory only when
         neither can take them (retried)."""
         lines = [e.to_json() for e in batch]
-        if self.redis_outbox is not None:
+        if self._redis_usable():
             try:
                 depth = self.redis_outbox.push(lines)
                 self.diverted += len(lines)
                 self._log_divert(len(lines), f"the Redis outbox (depth {depth})")
                 return
             except Exception as exc:
+                self._redis_failed()
                 self._log_divert(0, f"nowhere in Redis ({type(exc).__name__}): trying the local spool")
         if self.spool is not None:
             try:
@@ -195,6 +198,12 @@ class UsageBatcher:
                 log.error("usage spool not writable (%s): %d rows kept in memory", exc, len(lines))
         self._queue.extendleft(reversed(batch))
         time.sleep(1.0)
+
+    def _redis_usable(self) -> bool:
+        return self.redis_outbox is not None and time.monotonic() >= self._redis_down_until
+
+    def _redis_failed(self) -> None:
+        self._redis_down_until = time.monotonic() + self.REDIS_RETRY_S
 
     def _log_divert(self, n: int, where: str) -> None:
         now = time.monotonic()
@@ -256,7 +265,7 @@ class UsageBatcher:
             self.database_down = False
             log.warning("usage: PostgreSQL answers again; replaying the outbox")
         try:
-            if self.redis_outbox is not None:
+            if self._redis_usable():
                 self._replay_redis(result)
             if self.spool is not None:
                 self.spool.replay(lambda lines: self._replay_lines(lines, result), self.MAX_BATCH)
@@ -269,6 +278,7 @@ class UsageBatcher:
             try:
                 lines = self.redis_outbox.claim(self.MAX_BATCH)
             except Exception:
+                self._redis_failed()
                 return  # Redis unavailable: nothing to replay from there now
             if not lines:
                 return
@@ -309,8 +319,9 @@ class UsageBatcher:
         depth: dict[str, Any] = {}
         if self.redis_outbox is not None:
             try:
-                depth["redis"] = self.redis_outbox.depth()
+                depth["redis"] = self.redis_outbox.depth() if self._redis_usable() else None
             except Exception:
+                self._redis_failed()
                 depth["redis"] = None  # unavailable
         if self.spool is not None:
             spool = self.spool.depth()
