@@ -267,7 +267,8 @@ def cmd_flush_usage(args: argparse.Namespace) -> int:
     engine = engine_for(args.url)
     client = make_redis(redis_url, 4) if redis_url else None
     spool = SpoolOutbox(args.spool_dir or settings.USAGE_SPOOL_DIR)
-    batcher = UsageBatcher(UsageWriter(engine), redis_outbox=RedisOutbox(client) if client else None, spool=spool)
+    outbox = RedisOutbox(client, settings.USAGE_OUTBOX_NAME) if client else None
+    batcher = UsageBatcher(UsageWriter(engine), redis_outbox=outbox, spool=spool)
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))  # unreachable: one line, exit 2 (see main)

@@ -21,6 +21,7 @@ os.environ["TEST_UPSTREAM_KEY"] = UPSTREAM_KEY
 TABLES = ("usage_records", "usage_daily", "api_keys", "tenants")
 # Usage spool files of the test apps (only written while PostgreSQL and Redis are both down).
 SPOOL_DIR = tempfile.mkdtemp(prefix="gw-usage-spool-")
+OUTBOX_NAME = "usage-test-" + os.urandom(4).hex()  # the Redis outbox list of this run's gateways
 
 
 @pytest.fixture(scope="session")
@@ -76,7 +77,8 @@ def redis_url() -> str:
 def app_config(pg_url: str, models_file: Path, **overrides: Any) -> dict[str, Any]:
     return {"DATABASE_URL": pg_url, "MODELS_FILE": str(models_file), "SYSTEM_SECRET": SYSTEM_SECRET,
             "REDIS_URL": REDIS_URL, "LOG_LEVEL": "WARNING", "MAX_REQUEST_BYTES": 256 * 1024,
-            "USAGE_SPOOL_DIR": SPOOL_DIR, "USAGE_OUTBOX_POLL_S": 0.2, **overrides}
+            "USAGE_SPOOL_DIR": SPOOL_DIR, "USAGE_OUTBOX_POLL_S": 0.2, "USAGE_OUTBOX_NAME": OUTBOX_NAME,
+            **overrides}
 
 
 @pytest.fixture

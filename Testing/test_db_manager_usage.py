@@ -17,7 +17,7 @@ import redis
 from sqlalchemy import create_engine, text
 
 import db_manager
-from app.services.usage_outbox import OUTBOX_KEY, SpoolOutbox
+from app.services.usage_outbox import SpoolOutbox, outbox_key
 from app.services.usage_partitions import existing_partitions, month_start, next_month
 from app.services.usage_service import UsageEvent, UsageWriter
 from Testing.support import REDIS_URL, ROOT, create_database, database_url, drop_database, free_port
@@ -37,8 +37,12 @@ def url() -> Iterator[str]:
         drop_database(name)
 
 
+OUTBOX_NAME = "usage-dbm-" + uuid.uuid4().hex[:8]  # this module's own outbox
+OUTBOX_KEY = outbox_key(OUTBOX_NAME)
+
+
 def run(url: str, *args: str, redis_url: str = REDIS_URL) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DATABASE_URL": url, "REDIS_URL": redis_url}
+    env = {**os.environ, "DATABASE_URL": url, "REDIS_URL": redis_url, "USAGE_OUTBOX_NAME": OUTBOX_NAME}
     return subprocess.run([sys.executable, "db_manager.py", *args], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=60)
 

@@ -90,7 +90,8 @@ def _usage_batcher(settings: Settings, engine: Any, redis_client: Any) -> UsageB
         writer, owns = UsageWriter(engine), False
     else:
         writer, owns = UsageWriter(dedicated_engine(settings.DATABASE_URL, settings.USAGE_WRITE_TIMEOUT_S)), True
-    return UsageBatcher(writer, redis_outbox=RedisOutbox(redis_client) if redis_client is not None else None,
+    outbox = RedisOutbox(redis_client, settings.USAGE_OUTBOX_NAME) if redis_client is not None else None
+    return UsageBatcher(writer, redis_outbox=outbox,
                         spool=SpoolOutbox(settings.USAGE_SPOOL_DIR), poll_s=settings.USAGE_OUTBOX_POLL_S,
                         partitions_ahead=settings.USAGE_PARTITIONS_AHEAD, owns_engine=owns)
 

@@ -73,6 +73,9 @@ class Settings:
     # Usage rows PostgreSQL cannot take go to the outbox: the Redis list when Redis answers, else
     # append-only files in this directory (local disk; fsync'ed). Every worker replays both.
     USAGE_SPOOL_DIR: str = str(ROOT_DIR / "instance" / "usage-spool")
+    # The Redis outbox is the list gw:{<name>}:outbox; deployments sharing one Redis need
+    # different names (each replays into its own database).
+    USAGE_OUTBOX_NAME: str = "usage"
     # How often each worker's flusher probes PostgreSQL and replays the outbox (seconds).
     USAGE_OUTBOX_POLL_S: float = 1.0
     # Bound on the usage writer's connect and statement time: past it, rows go to the outbox.

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import redis
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from app.services.usage_outbox import OUTBOX_KEY
+from app.services.usage_outbox import outbox_key
 from Testing.conftest import app_config
 from Testing.support import (REDIS_URL, SYSTEM_SECRET, GatewayProcess, free_port, http_json,
                              open_chat_stream, wait_until)
@@ -42,9 +43,14 @@ def rclient(clean_db):
 
 
 def start_gateway(db_url: str, models_file: Path, tmp_path: Path, **overrides) -> GatewayProcess:
+    """One gunicorn worker with its own outbox (spool directory and Redis list name), so no
+    other gateway of the test run replays it."""
     env = app_config(db_url, models_file, LOG_LEVEL="INFO", USAGE_OUTBOX_POLL_S=0.2, AUTH_CACHE_TTL_S=0.5,
-                     USAGE_SPOOL_DIR=str(tmp_path / "spool"), USAGE_WRITE_TIMEOUT_S=2, **overrides)
-    return GatewayProcess({k: str(v) for k, v in env.items()}, workers=1, log_path=tmp_path / "gw.log").start()
+                     USAGE_SPOOL_DIR=str(tmp_path / "spool"), USAGE_WRITE_TIMEOUT_S=2,
+                     USAGE_OUTBOX_NAME="usage-" + uuid.uuid4().hex[:8], **overrides)
+    gw = GatewayProcess({k: str(v) for k, v in env.items()}, workers=1, log_path=tmp_path / "gw.log").start()
+    gw.outbox_key = outbox_key(env["USAGE_OUTBOX_NAME"])
+    return gw
 
 
 def mint(gw: GatewayProcess, **fields) -> dict:
@@ -108,7 +114,7 @@ def test_postgres_outage_mid_load_every_completion_recorded_exactly_once(pg_url,
         served += [rid for s, rid, _ in more if s == 200]
         assert 7 <= len(served) - 23 <= 10
 
-        wait_until(lambda: rclient.llen(OUTBOX_KEY) == len(served) - 3, timeout=20, message="rows in the outbox")
+        wait_until(lambda: rclient.llen(gw.outbox_key) == len(served) - 3, timeout=20, message="rows in the outbox")
         status, _, health = http_json("GET", gw.base_url + "/health")
         assert status == 503 and health["database"] == "unavailable"
         assert health["usage_outbox"]["redis"] == len(served) - 3
@@ -121,7 +127,7 @@ def test_postgres_outage_mid_load_every_completion_recorded_exactly_once(pg_url,
         stored = request_ids(clean_db)
         assert sorted(stored) == sorted(served) and len(set(stored)) == len(stored)
         assert rollup_requests(clean_db) == len(served)
-        wait_until(lambda: rclient.llen(OUTBOX_KEY) == 0, message="empty outbox")
+        wait_until(lambda: rclient.llen(gw.outbox_key) == 0, message="empty outbox")
         status, _, health = http_json("GET", gw.base_url + "/health")
         assert status == 200 and health["worker"]["usage_database_down"] is False
     finally:
@@ -152,7 +158,7 @@ def test_worker_sigkilled_after_its_responses_loses_none_of_them(pg_url, models_
 
         def outbox_depth() -> int:
             if outbox == "redis":
-                return rclient.llen(OUTBOX_KEY)
+                return rclient.llen(gw.outbox_key)
             return sum(p.read_bytes().count(b"\n") for p in (tmp_path / "spool").glob("*.spool"))
         wait_until(lambda: outbox_depth() == 10, timeout=20, message="rows in the outbox")
         [worker] = gw.worker_pids()

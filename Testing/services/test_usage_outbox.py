@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from app.services.usage_batcher import DEAD_LETTER_FILE, UsageBatcher, dedicated_engine
-from app.services.usage_outbox import OUTBOX_KEY, RedisOutbox, SpoolOutbox
+from app.services.usage_outbox import RedisOutbox, SpoolOutbox, outbox_key
 from app.services.usage_service import UsageEvent, UsageQuery, UsageWriter, query_usage
 from Testing.support import REDIS_URL, free_port, wait_until
 from Testing.tcp_proxy import TcpProxy
@@ -40,6 +40,12 @@ def counts(engine) -> tuple[int, int, int]:
 
 
 @pytest.fixture
+def name() -> str:
+    """An outbox of this test's own (no other gateway of the test run replays it)."""
+    return "usage-" + uuid.uuid4().hex[:8]
+
+
+@pytest.fixture
 def rclient(clean_db):
     client = redis.Redis.from_url(REDIS_URL)
     yield client
@@ -58,11 +64,11 @@ def proxied_url(pg_url: str, proxy: TcpProxy) -> str:
     return make_url(pg_url).set(port=proxy.port).render_as_string(hide_password=False)
 
 
-def test_replaying_the_same_redis_outbox_twice_writes_nothing_the_second_time(clean_db, rclient):
+def test_replaying_the_same_redis_outbox_twice_writes_nothing_the_second_time(clean_db, rclient, name):
     """Every line of the Redis outbox is written once; the same lines pushed and replayed again
     add no row and nothing to the rollup; the outbox is empty afterwards."""
     lines = [e.to_json() for e in events(40)]
-    outbox = RedisOutbox(rclient)
+    outbox = RedisOutbox(rclient, name)
     batcher = UsageBatcher(UsageWriter(clean_db), redis_outbox=outbox)
     outbox.push(lines)
     assert batcher.replay_outbox() == {"records": 40, "new_rows": 40}
@@ -70,7 +76,7 @@ def test_replaying_the_same_redis_outbox_twice_writes_nothing_the_second_time(cl
     outbox.push(lines)
     assert batcher.replay_outbox() == {"records": 40, "new_rows": 0}
     assert counts(clean_db) == (40, 40, 40)
-    assert rclient.llen(OUTBOX_KEY) == 0
+    assert rclient.llen(outbox_key(name)) == 0
 
 
 def test_replaying_the_same_spool_file_twice_writes_nothing_the_second_time(clean_db, tmp_path):
@@ -101,11 +107,11 @@ def test_spool_file_of_a_live_writer_is_left_alone(clean_db, tmp_path):
     assert other.replay_outbox() == {"records": 5, "new_rows": 5}
 
 
-def test_database_down_rows_go_to_redis_and_are_replayed_exactly_once(pg_url, clean_db, rclient, proxy):
+def test_database_down_rows_go_to_redis_and_are_replayed_exactly_once(pg_url, clean_db, rclient, proxy, name):
     """PostgreSQL unreachable: submitted rows land in the Redis outbox (none held in memory),
     the batcher stops trying PostgreSQL until a probe answers, then replays them all once."""
     engine = dedicated_engine(proxied_url(pg_url, proxy), 2.0)
-    batcher = UsageBatcher(UsageWriter(engine), redis_outbox=RedisOutbox(rclient), poll_s=0.1)
+    batcher = UsageBatcher(UsageWriter(engine), redis_outbox=RedisOutbox(rclient, name), poll_s=0.1)
     try:
         for e in events(5):
             batcher.submit(e)
@@ -117,12 +123,12 @@ def test_database_down_rows_go_to_redis_and_are_replayed_exactly_once(pg_url, cl
             batcher.submit(e)
         assert batcher.flush(15)
         assert batcher.database_down
-        assert rclient.llen(OUTBOX_KEY) == 30
+        assert rclient.llen(outbox_key(name)) == 30
         assert batcher.outbox_depth()["redis"] == 30
         assert counts(clean_db)[0] == 5
         proxy.restore()
         wait_until(lambda: counts(clean_db) == (35, 35, 35), timeout=15, message="the outbox replayed")
-        wait_until(lambda: batcher.replayed == 30 and rclient.llen(OUTBOX_KEY) == 0, message="replay acked")
+        wait_until(lambda: batcher.replayed == 30 and rclient.llen(outbox_key(name)) == 0, message="replay acked")
         assert not batcher.database_down and counts(clean_db) == (35, 35, 35)
     finally:
         batcher.close(5)
@@ -134,7 +140,7 @@ def test_database_and_redis_down_rows_go_to_the_fsynced_spool(pg_url, clean_db, 
     with PostgreSQL back they are replayed once and the file is deleted."""
     engine = dedicated_engine(proxied_url(pg_url, proxy), 2.0)
     dead_redis = redis.Redis(port=free_port(), socket_connect_timeout=0.5)
-    batcher = UsageBatcher(UsageWriter(engine), redis_outbox=RedisOutbox(dead_redis),
+    batcher = UsageBatcher(UsageWriter(engine), redis_outbox=RedisOutbox(dead_redis, "usage-dead"),
                            spool=SpoolOutbox(tmp_path), poll_s=0.1)
     try:
         proxy.cut()
@@ -154,15 +160,15 @@ def test_database_and_redis_down_rows_go_to_the_fsynced_spool(pg_url, clean_db, 
         engine.dispose()
 
 
-def test_claim_of_a_dead_replayer_returns_to_the_outbox_after_its_lease(clean_db, rclient):
+def test_claim_of_a_dead_replayer_returns_to_the_outbox_after_its_lease(clean_db, rclient, name):
     """Lines claimed by a replayer that died before committing are claimed again by another
     once the lease expired, so they are not lost."""
     lines = [e.to_json() for e in events(7)]
-    dead = RedisOutbox(rclient, consumer="dead", lease_ms=100)
+    dead = RedisOutbox(rclient, name, consumer="dead", lease_ms=100)
     dead.push(lines)
     assert len(dead.claim(100)) == 7
-    assert rclient.llen(OUTBOX_KEY) == 0
-    alive = RedisOutbox(rclient, consumer="alive")
+    assert rclient.llen(outbox_key(name)) == 0
+    alive = RedisOutbox(rclient, name, consumer="alive")
     assert alive.claim(100) == []  # lease still running
     wait_until(lambda: len(alive.claim(100)) == 7, timeout=3, message="the expired claim taken over")
     batcher = UsageBatcher(UsageWriter(clean_db), redis_outbox=alive)

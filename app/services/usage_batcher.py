@@ -112,18 +112,20 @@ class UsageBatcher:
         self._idle.clear()
         self._wake.set()
         if self._thread is None or not self._thread.is_alive():
-            self.start()
+            self.start(flusher=False)
 
-    def start(self) -> None:
-        """Start the writer and the outbox flusher (lazily, in the process and under the gevent
-        hub that serves requests; gunicorn's post_worker_init calls it at worker start)."""
+    def start(self, flusher: bool = True) -> None:
+        """Start the writer, and the outbox flusher unless `flusher=False`. Threads start in the
+        process, and under the gevent hub, that serves requests: gunicorn's post_worker_init
+        (and run.py) start both at worker start; otherwise the writer starts with the first
+        record and the flusher with the first record diverted to the outbox."""
         with self._lock:
             if self._stop.is_set():
                 return
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
                 self._thread.start()
-            if self._flusher is None or not self._flusher.is_alive():
+            if flusher and (self._flusher is None or not self._flusher.is_alive()):
                 self._flusher = threading.Thread(target=self._flush_outbox_forever, name="usage-outbox",
                                                  daemon=True)
                 self._flusher.start()
@@ -178,6 +180,8 @@ class UsageBatcher:
     def _divert(self, batch: list[UsageEvent]) -> None:
         """Into the outbox: Redis if it answers, else the local spool; in memory only when
         neither can take them (retried)."""
+        if self._flusher is None:
+            self.start()  # someone has to replay them
         lines = [e.to_json() for e in batch]
         if self._redis_usable():
             try:

@@ -26,9 +26,7 @@ from typing import Callable
 
 log = logging.getLogger("gateway.usage")
 
-OUTBOX_KEY = "gw:{usage}:outbox"
-LEASES_KEY = "gw:{usage}:outbox:leases"
-CLAIM_PREFIX = "gw:{usage}:outbox:claim:"
+DEFAULT_NAME = "usage"
 
 # KEYS: 1 outbox, 2 leases hash, 3 this consumer's claim list
 # ARGV: 1 consumer id, 2 batch size, 3 lease ms, 4 claim-list prefix
@@ -69,38 +67,48 @@ def consumer_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
-class RedisOutbox:
-    """The shared outbox list in Redis (all replicas push to and replay from the same list)."""
+def outbox_key(name: str = DEFAULT_NAME) -> str:
+    return f"gw:{{{name}}}:outbox"
 
-    def __init__(self, client, consumer: str | None = None, lease_ms: int = 60_000) -> None:
+
+class RedisOutbox:
+    """The shared outbox list in Redis (all replicas of one deployment push to and replay from
+    the same list, `gw:{<name>}:outbox`; the name is the hash tag of its keys, so the scripts
+    also run on Redis Cluster). Deployments sharing one Redis need different names."""
+
+    def __init__(self, client, name: str = DEFAULT_NAME, consumer: str | None = None,
+                 lease_ms: int = 60_000) -> None:
         self.client = client
+        self.key = outbox_key(name)
+        self._leases_key = self.key + ":leases"
+        self._claim_prefix = self.key + ":claim:"
         self.consumer = consumer or consumer_id()
         self.lease_ms = lease_ms
-        self._claim_key = CLAIM_PREFIX + self.consumer
+        self._claim_key = self._claim_prefix + self.consumer
         self._claim = client.register_script(_CLAIM_LUA)
         self._release = client.register_script(_RELEASE_LUA)
 
     def push(self, lines: list[bytes]) -> int:
         """Append the lines; returns the outbox length after the push. Raises when Redis is down."""
-        return int(self.client.rpush(OUTBOX_KEY, *lines))
+        return int(self.client.rpush(self.key, *lines))
 
     def depth(self) -> int:
-        return int(self.client.llen(OUTBOX_KEY))
+        return int(self.client.llen(self.key))
 
     def claim(self, batch: int) -> list[bytes]:
         """Up to `batch` lines, moved into this consumer's claim list (or its unfinished claim)."""
-        return list(self._claim(keys=[OUTBOX_KEY, LEASES_KEY, self._claim_key],
-                                args=[self.consumer, batch, self.lease_ms, CLAIM_PREFIX]))
+        return list(self._claim(keys=[self.key, self._leases_key, self._claim_key],
+                                args=[self.consumer, batch, self.lease_ms, self._claim_prefix]))
 
     def ack(self) -> None:
         """The claimed lines are committed: forget them."""
         pipe = self.client.pipeline(transaction=True)
         pipe.delete(self._claim_key)
-        pipe.hdel(LEASES_KEY, self.consumer)
+        pipe.hdel(self._leases_key, self.consumer)
         pipe.execute()
 
     def release(self) -> None:
-        self._release(keys=[OUTBOX_KEY, LEASES_KEY, self._claim_key], args=[self.consumer])
+        self._release(keys=[self.key, self._leases_key, self._claim_key], args=[self.consumer])
 
 
 class SpoolOutbox:
