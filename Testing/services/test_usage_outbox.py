@@ -269,3 +269,14 @@ def test_sqlite_store_keeps_the_rollup_too(tmp_path):
         assert edge["requests"] == 5
     finally:
         engine.dispose()
+
+
+def test_spool_with_a_torn_last_line_replays_the_complete_lines(clean_db, tmp_path):
+    """A spool file whose writer died in the middle of a write: its complete lines are replayed
+    (in batches), the torn tail is skipped, the file is deleted."""
+    lines = [e.to_json() for e in events(7)]
+    (tmp_path / "usage-dead-worker.spool").write_bytes(b"".join(line + b"\n" for line in lines) + lines[0][:20])
+    batcher = UsageBatcher(UsageWriter(clean_db), spool=SpoolOutbox(tmp_path))
+    batcher.MAX_BATCH = 3
+    assert batcher.replay_outbox() == {"records": 7, "new_rows": 7}
+    assert list(tmp_path.glob("*.spool")) == [] and counts(clean_db) == (7, 7, 7)

@@ -22,7 +22,7 @@ import secrets
 import socket
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 log = logging.getLogger("gateway.usage")
 
@@ -196,11 +196,10 @@ class SpoolOutbox:
                     continue  # its writer is alive, or another worker is replaying it
                 if os.fstat(fd).st_nlink == 0:
                     continue  # deleted after a replay that finished while we waited
-                lines = _read_lines(fd, path)
-                for i in range(0, len(lines), batch):
-                    write(lines[i:i + batch])
+                for lines in _line_batches(fd, path, batch):
+                    write(lines)
+                    replayed += len(lines)
                 os.unlink(path)
-                replayed += len(lines)
             finally:
                 os.close(fd)
         return replayed
@@ -209,18 +208,24 @@ class SpoolOutbox:
         self.seal()
 
 
-def _read_lines(fd: int, path: Path) -> list[bytes]:
-    chunks = []
+def _line_batches(fd: int, path: Path, batch: int) -> Iterator[list[bytes]]:
+    """The file's complete lines in batches, read 1 MiB at a time (a long outage's spool can
+    be large)."""
+    rest, lines = b"", []
     while True:
         chunk = os.read(fd, 1 << 20)
         if not chunk:
             break
-        chunks.append(chunk)
-    data = b"".join(chunks)
-    lines = data.split(b"\n")
-    tail = lines.pop()  # b"" after a complete last line
-    if tail:
+        *complete, rest = (rest + chunk).split(b"\n")
+        for line in complete:
+            if line:
+                lines.append(line)
+                if len(lines) >= batch:
+                    yield lines
+                    lines = []
+    if lines:
+        yield lines
+    if rest:
         # A write cut short by the writer's death: its fsync never returned, so that batch was
         # still in flight in the dead worker (the window the README says SIGKILL can lose).
-        log.warning("usage spool %s ends with an incomplete line (%d bytes): skipped", path.name, len(tail))
-    return [line for line in lines if line]
+        log.warning("usage spool %s ends with an incomplete line (%d bytes): skipped", path.name, len(rest))
