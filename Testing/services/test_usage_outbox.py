@@ -14,7 +14,8 @@ import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from app.services.usage_batcher import DEAD_LETTER_FILE, UsageBatcher, dedicated_engine
+from app.services.usage_batcher import (DEAD_LETTER_FILE, WRITER_APPLICATION_NAME, UsageBatcher,
+                                        dedicated_engine)
 from app.services.usage_outbox import RedisOutbox, SpoolOutbox, outbox_key
 from app.services.usage_service import UsageEvent, UsageQuery, UsageWriter, query_usage
 from Testing.support import REDIS_URL, free_port, wait_until
@@ -130,6 +131,32 @@ def test_database_down_rows_go_to_redis_and_are_replayed_exactly_once(pg_url, cl
         wait_until(lambda: counts(clean_db) == (35, 35, 35), timeout=15, message="the outbox replayed")
         wait_until(lambda: batcher.replayed == 30 and rclient.llen(outbox_key(name)) == 0, message="replay acked")
         assert not batcher.database_down and counts(clean_db) == (35, 35, 35)
+    finally:
+        batcher.close(5)
+        engine.dispose()
+
+
+def test_writer_connections_killed_rows_replayed_exactly_once(pg_url, clean_db, rclient, name):
+    """The writer's PostgreSQL connections terminated (pg_terminate_backend, this test
+    database's writer connections only): the failed batch goes to the outbox and is replayed
+    as soon as PostgreSQL answers the probe; every row once."""
+    engine = dedicated_engine(pg_url, 2.0)
+    batcher = UsageBatcher(UsageWriter(engine), redis_outbox=RedisOutbox(rclient, name), poll_s=0.1)
+    try:
+        for e in events(5):
+            batcher.submit(e)
+        assert batcher.flush(10)
+        with clean_db.connect() as conn:
+            killed = conn.execute(text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name = :a"), {"a": WRITER_APPLICATION_NAME}).scalar()
+        assert killed >= 1
+        for e in events(20):
+            batcher.submit(e)
+        assert batcher.flush(10)
+        wait_until(lambda: counts(clean_db) == (25, 25, 25) and rclient.llen(outbox_key(name)) == 0,
+                   timeout=15, message="all rows once")
+        assert batcher.failures >= 1 and batcher.diverted >= 1 and not batcher.database_down
     finally:
         batcher.close(5)
         engine.dispose()

@@ -36,6 +36,7 @@ from app.services.usage_service import UsageEvent, UsageWriter
 log = logging.getLogger("gateway.usage")
 
 DEAD_LETTER_FILE = "dead-letter.jsonl"
+WRITER_APPLICATION_NAME = "gateway-usage-writer"  # how the writer's connections show in pg_stat_activity
 
 
 def dedicated_engine(url: str, timeout_s: float) -> Engine:
@@ -43,7 +44,8 @@ def dedicated_engine(url: str, timeout_s: float) -> Engine:
     the usage writer, and every connect and statement is bounded by `timeout_s`, so a
     database that hangs sends the rows to the outbox instead of holding them in memory."""
     engine = create_engine(url, pool_size=2, max_overflow=2, pool_timeout=timeout_s, pool_recycle=1800,
-                           connect_args={"connect_timeout": max(1, int(round(timeout_s)))})
+                           connect_args={"connect_timeout": max(1, int(round(timeout_s))),
+                                         "application_name": WRITER_APPLICATION_NAME})
     statement_ms = max(1, int(timeout_s * 1000))
 
     @sa_event.listens_for(engine, "connect")
