@@ -6,6 +6,7 @@
     python db_manager.py create-key --name NAME --tenant TENANT [--rpm-limit N ...]
     python db_manager.py create-tenant --name NAME [--budget-usd D] [--rpm-limit N ...]
     python db_manager.py list-keys [--tenant NAME] [--all] | revoke-key ID
+    python db_manager.py create-partitions [--months-ahead N] | flush-usage | prune-usage --older-than 90d
 
 The database is `DATABASE_URL` (or `--database-url`). When it cannot be reached, one line
 on stderr and exit status 2; never a traceback.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Callable
@@ -92,10 +93,14 @@ def current_revision(url: str) -> str | None:
 
 
 def list_tables(url: str) -> list[str]:
+    """The schema's tables (the monthly partitions of usage_records are not listed)."""
+    from app.services.usage_partitions import existing_partitions, is_partitioned
+
     engine = engine_for(url)
     try:
         with engine.connect() as conn:
-            return sorted(inspect(conn).get_table_names())
+            partitions = set(existing_partitions(conn)) if is_partitioned(conn) else set()
+            return sorted(set(inspect(conn).get_table_names()) - partitions)
     finally:
         engine.dispose()
 
@@ -327,6 +332,101 @@ def _announce_revocation(key_id: int) -> str:
         client.close()
 
 
+# --- usage store: partitions, outbox, retention -------------------------------------------
+
+def cmd_create_partitions(args: argparse.Namespace) -> int:
+    from app.services.usage_partitions import ensure_ahead, existing_partitions, is_partitioned
+
+    engine = engine_for(args.url)
+    try:
+        created = ensure_ahead(engine, args.months_ahead)
+        with engine.connect() as conn:
+            if not is_partitioned(conn):
+                print("usage_records is a plain table here (SQLite): nothing to partition")
+                return 0
+            months = sorted(existing_partitions(conn).values())
+        print(f"created {len(created)} partition(s)" + (f": {', '.join(created)}" if created else ""))
+        if months:
+            print(f"usage_records has {len(months)} monthly partitions, {months[0]:%Y-%m} to {months[-1]:%Y-%m}")
+    finally:
+        engine.dispose()
+    return 0
+
+
+def cmd_flush_usage(args: argparse.Namespace) -> int:
+    """Replay the usage outbox (the Redis list and the spool files of this machine) by hand."""
+    from app.extensions import make_redis
+    from app.services.usage_batcher import UsageBatcher
+    from app.services.usage_outbox import RedisOutbox, SpoolOutbox
+    from app.services.usage_service import UsageWriter
+
+    settings = Settings.from_env()
+    redis_url = settings.REDIS_URL if args.redis_url is None else args.redis_url
+    engine = engine_for(args.url)
+    client = make_redis(redis_url, 4) if redis_url else None
+    spool = SpoolOutbox(args.spool_dir or settings.USAGE_SPOOL_DIR)
+    outbox = RedisOutbox(client, settings.USAGE_OUTBOX_NAME) if client else None
+    batcher = UsageBatcher(UsageWriter(engine), redis_outbox=outbox, spool=spool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))  # unreachable: one line, exit 2 (see main)
+        before = batcher.outbox_depth()
+        result = batcher.replay_outbox()
+        after = batcher.outbox_depth()
+        print(f"replayed {result['records']} usage records ({result['new_rows']} new rows); "
+              f"outbox before: {_depth(before)}; after: {_depth(after)}")
+        if batcher.dead_letters:
+            print(f"{batcher.dead_letters} record(s) rejected by the database were set aside in "
+                  f"{spool.dir}/dead-letter.jsonl", file=sys.stderr)
+        return 0 if not batcher.database_down else EXIT_UNREACHABLE
+    finally:
+        spool.close()
+        if client is not None:
+            client.close()
+        engine.dispose()
+
+
+def _depth(depth: dict) -> str:
+    parts = []
+    if "redis" in depth:
+        parts.append(f"redis={depth['redis'] if depth['redis'] is not None else 'unavailable'}")
+    parts.append(f"spool_files={depth.get('spool_files', 0)}")
+    return " ".join(parts)
+
+
+def _older_than(value: str) -> datetime:
+    """`90d` / `90` (days before today, UTC) or an ISO date: the cutoff, a UTC midnight."""
+    raw = value.strip().lower()
+    days = raw[:-1] if raw.endswith("d") else raw
+    if days.isdigit():
+        today = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+        return today - timedelta(days=int(days))
+    try:
+        day = datetime.fromisoformat(value).date()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of days (90d) or a date (2026-01-01): {value!r}") from None
+    return datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
+
+
+def cmd_prune_usage(args: argparse.Namespace) -> int:
+    from app.services.usage_partitions import prune
+
+    cutoff = args.older_than
+    if cutoff is None:
+        days = Settings.from_env().USAGE_RETENTION_DAYS
+        if days <= 0:
+            raise CommandError("give --older-than (e.g. 90d) or set USAGE_RETENTION_DAYS")
+        cutoff = _older_than(str(days))
+    engine = engine_for(args.url)
+    try:
+        result = prune(engine, cutoff, keep_rollup=args.keep_rollup)
+    finally:
+        engine.dispose()
+    print(f"usage before {cutoff:%Y-%m-%d} pruned: {result['partitions_dropped']} monthly partition(s) dropped, "
+          f"{result['rows_deleted']} row(s) deleted, {result['rollup_rows_deleted']} daily rollup row(s) deleted")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="db_manager.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--database-url", help="overrides DATABASE_URL")
@@ -368,7 +468,21 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--all", action="store_true", help="include revoked keys")
     revoke = add("revoke-key", cmd_revoke_key, "revoke a key (running gateways are told through Redis)")
     revoke.add_argument("id", type=_bounded(2**63 - 1))
+    add_usage_commands(add)
     return parser
+
+
+def add_usage_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    parts = add("create-partitions", cmd_create_partitions,
+                "create this month's usage partition and the next ones (PostgreSQL)")
+    parts.add_argument("--months-ahead", type=_bounded(120), default=3)
+    flush = add("flush-usage", cmd_flush_usage, "replay the usage outbox (Redis list, local spool) now")
+    flush.add_argument("--redis-url", help="overrides REDIS_URL ('' for none)")
+    flush.add_argument("--spool-dir", help="overrides USAGE_SPOOL_DIR")
+    prune_ = add("prune-usage", cmd_prune_usage, "delete usage rows older than a cutoff")
+    prune_.add_argument("--older-than", type=_older_than,
+                        help="days (90d) or a date (2026-01-01); default USAGE_RETENTION_DAYS")
+    prune_.add_argument("--keep-rollup", action="store_true", help="keep the daily totals before the cutoff")
 
 
 def main(argv: list[str] | None = None) -> int:

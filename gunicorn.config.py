@@ -42,10 +42,23 @@ else:
     control_socket_disable = True
 
 
-def worker_exit(server, worker):
-    """Send the settlements and usage rows this worker still holds before it goes."""
+def _gateway(worker):
     app = getattr(worker, "wsgi", None)
-    gateway = getattr(app, "extensions", {}).get("gateway") if app is not None else None
+    return getattr(app, "extensions", {}).get("gateway") if app is not None else None
+
+
+def post_worker_init(worker):
+    """Start the usage writer and outbox flusher at once: a fresh worker replays what dead
+    workers left in the outbox even before its first request."""
+    gateway = _gateway(worker)
+    if gateway is not None:
+        gateway.usage_batcher.start()
+
+
+def worker_exit(server, worker):
+    """After in-flight requests finished (or graceful_timeout passed): send the settlements and
+    store the usage rows this worker still holds (in PostgreSQL, else in the outbox)."""
+    gateway = _gateway(worker)
     if gateway is not None:
         gateway.limiter.flush(timeout=5)
-        gateway.usage_batcher.flush(timeout=float(_env("GRACEFUL_TIMEOUT", "30")))
+        gateway.usage_batcher.close(timeout=float(_env("GRACEFUL_TIMEOUT", "30")))

@@ -19,6 +19,7 @@ def main() -> None:
         import db_manager
         db_manager.upgrade(settings.DATABASE_URL)
     app = create_app(settings)
+    app.extensions["gateway"].usage_batcher.start()  # the usage writer and the outbox flusher
     host = os.environ.get("HOST") or "127.0.0.1"
     port = int(os.environ.get("PORT") or "8000")
     app.run(host=host, port=port, threaded=True, debug=False, use_reloader=False)

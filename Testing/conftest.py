@@ -3,6 +3,7 @@ real gunicorn + gevent gateway process. Everything is started on free ports and 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -17,7 +18,10 @@ from Testing.support import (KEY_EVENTS_CHANNEL, REDIS_URL, SYSTEM_SECRET, UPSTR
                              write_models_file)
 
 os.environ["TEST_UPSTREAM_KEY"] = UPSTREAM_KEY
-TABLES = ("usage_records", "api_keys", "tenants", "audit_log")
+TABLES = ("usage_records", "usage_daily", "api_keys", "tenants", "audit_log")
+# Usage spool files of the test apps (only written while PostgreSQL and Redis are both down).
+SPOOL_DIR = tempfile.mkdtemp(prefix="gw-usage-spool-")
+OUTBOX_NAME = "usage-test-" + os.urandom(4).hex()  # the Redis outbox list of this run's gateways
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +86,8 @@ ROUTING_TEST_SETTINGS = {"ROUTER_RETRY_BASE_S": 0.01, "ROUTER_RETRY_MAX_BACKOFF_
 def app_config(pg_url: str, models_file: Path, **overrides: Any) -> dict[str, Any]:
     return {"DATABASE_URL": pg_url, "MODELS_FILE": str(models_file), "SYSTEM_SECRET": SYSTEM_SECRET,
             "REDIS_URL": REDIS_URL, "LOG_LEVEL": "WARNING", "MAX_REQUEST_BYTES": 256 * 1024,
-            "KEY_EVENTS_CHANNEL": KEY_EVENTS_CHANNEL, **ROUTING_TEST_SETTINGS, **overrides}
+            "KEY_EVENTS_CHANNEL": KEY_EVENTS_CHANNEL, "USAGE_SPOOL_DIR": SPOOL_DIR, "USAGE_OUTBOX_POLL_S": 0.2,
+            "USAGE_OUTBOX_NAME": OUTBOX_NAME, **ROUTING_TEST_SETTINGS, **overrides}
 
 
 @pytest.fixture
@@ -98,7 +103,7 @@ def close_app(application) -> None:
     gateway = application.extensions["gateway"]
     gateway.key_events.stop()
     gateway.limiter.flush(5)
-    gateway.usage_batcher.flush(5)
+    gateway.usage_batcher.close(5)
     gateway.providers.close()
     if getattr(gateway, "health", None) is not None:
         gateway.health.stop()  # its Redis publisher loop

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from Testing.support import ROOT, SYSTEM_SECRET, free_port, head_revision, http_json, wait_until
 
 pytestmark = pytest.mark.timeout(90)

@@ -22,7 +22,9 @@ from app.services.router import Router
 from app.services.uptime_service import UptimeChecker
 from app.services.settlement_service import Settlement
 from app.services.rate_limit_service import LocalLimiter, RateLimitService, RedisLimiter
-from app.services.usage_service import UsageBatcher, UsageWriter, period_totals
+from app.services.usage_batcher import UsageBatcher, dedicated_engine
+from app.services.usage_outbox import RedisOutbox, SpoolOutbox
+from app.services.usage_service import UsageWriter, period_totals
 from app.utils.token_counter import preload as preload_tokenizers
 
 log = logging.getLogger("gateway")
@@ -65,12 +67,11 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     preload_tokenizers({m.tokenizer for m in providers.catalog.models.values()})
     with app.app_context():
         engine = db.engine
-    writer = UsageWriter(engine)
-    batcher = UsageBatcher(writer)
     last_used = LastUsedTracker(settings.LAST_USED_WRITE_INTERVAL_S)
     redis_client = make_redis(settings.REDIS_URL, settings.REDIS_MAX_CONNECTIONS)
+    batcher = _usage_batcher(settings, engine, redis_client)
     limiter = RateLimitService(_limiter_backend(settings, redis_client),
-                               seed=lambda limits, day, month: period_totals(
+                               seed=lambda limits, day, month: seed_from_usage(
                                    engine, limits.key_id, limits.tenant_id, day, month),
                                fail_mode=settings.RATE_LIMIT_FAIL_MODE)
     key_cache = KeyCache(settings.AUTH_CACHE_TTL_S)
@@ -107,6 +108,31 @@ def _build_routing(rt: Runtime) -> None:
         base_s=s.ROUTER_RETRY_BASE_S, max_backoff_s=s.ROUTER_RETRY_MAX_BACKOFF_S,
         deadline_s=s.ROUTER_DEADLINE_S, max_retry_after_s=s.ROUTER_MAX_RETRY_AFTER_S))
     rt.uptime = UptimeChecker(rt.providers, rt.health, rt.redis, s.UPTIME_CACHE_S)
+
+
+def _usage_batcher(settings: Settings, engine: Any, redis_client: Any) -> UsageBatcher:
+    """Group commit on the writer's own small pool (PostgreSQL), with the Redis outbox when
+    Redis is configured and the local spool always."""
+    if settings.embedded_database:
+        writer, owns = UsageWriter(engine), False
+    else:
+        writer, owns = UsageWriter(dedicated_engine(settings.DATABASE_URL, settings.USAGE_WRITE_TIMEOUT_S)), True
+    outbox = RedisOutbox(redis_client, settings.USAGE_OUTBOX_NAME) if redis_client is not None else None
+    return UsageBatcher(writer, redis_outbox=outbox,
+                        spool=SpoolOutbox(settings.USAGE_SPOOL_DIR), poll_s=settings.USAGE_OUTBOX_POLL_S,
+                        partitions_ahead=settings.USAGE_PARTITIONS_AHEAD, owns_engine=owns)
+
+
+def seed_from_usage(engine: Any, key_id: int, tenant_id: int, day: int, month: str) -> dict[str, int]:
+    """The limiter's day/month counters rebuilt from the usage store. PostgreSQL unreachable:
+    the limiter is as unable to decide as without Redis (RATE_LIMIT_FAIL_MODE applies)."""
+    from sqlalchemy.exc import SQLAlchemyError
+    from app.services.rate_limit_service import LimiterUnavailable
+    try:
+        return period_totals(engine, key_id, tenant_id, day, month)
+    except SQLAlchemyError as exc:
+        log.error("limiter counters cannot be rebuilt: usage store unavailable (%s)", type(exc).__name__)
+        raise LimiterUnavailable() from None
 
 
 def _limiter_backend(settings: Settings, redis_client: Any) -> Any:

@@ -95,6 +95,20 @@ class Settings:
     # A concurrency slot is a lease that expires after this long even if never released
     # (a killed worker cannot leak slots). Longer than your longest stream.
     CONCURRENCY_LEASE_S: float = 600.0
+    # Usage rows PostgreSQL cannot take go to the outbox: the Redis list when Redis answers, else
+    # append-only files in this directory (local disk; fsync'ed). Every worker replays both.
+    USAGE_SPOOL_DIR: str = str(ROOT_DIR / "instance" / "usage-spool")
+    # The Redis outbox is the list gw:{<name>}:outbox; deployments sharing one Redis need
+    # different names (each replays into its own database).
+    USAGE_OUTBOX_NAME: str = "usage"
+    # How often each worker's flusher probes PostgreSQL and replays the outbox (seconds).
+    USAGE_OUTBOX_POLL_S: float = 1.0
+    # Bound on the usage writer's connect and statement time: past it, rows go to the outbox.
+    USAGE_WRITE_TIMEOUT_S: float = 5.0
+    # Monthly partitions of usage_records created ahead (this month + N) at worker start.
+    USAGE_PARTITIONS_AHEAD: int = 2
+    # Default of `db_manager prune-usage` when --older-than is not given (days; 0 = keep all).
+    USAGE_RETENTION_DAYS: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

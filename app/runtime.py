@@ -18,7 +18,7 @@ from app.services.api_key_service import KeyCache, LastUsedTracker
 from app.services.key_events import KeyEvents
 from app.services.rate_limit_service import RateLimitService
 from app.services.settlement_service import Settlement
-from app.services.usage_service import UsageBatcher
+from app.services.usage_batcher import UsageBatcher
 
 
 @dataclass

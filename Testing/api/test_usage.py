@@ -358,14 +358,17 @@ def events_same_request(key: dict) -> tuple[UsageEvent, UsageEvent]:
     first = UsageEvent(request_id="req_same", tenant_id=key["tenant_id"], api_key_id=key["id"],
                        model="gpt-4o-mini", prompt_tokens=10, completion_tokens=5,
                        cost_usd=Decimal("0.0000045"), created_at=at(2024, 1, 2))
+    # A replay carries the event's own created_at (fixed when the request started, kept in the
+    # outbox): (request_id, created_at) is the idempotency key of the partitioned table.
     replay = UsageEvent(request_id="req_same", tenant_id=key["tenant_id"], api_key_id=key["id"],
                         model="gpt-4o-mini", prompt_tokens=999, completion_tokens=999,
-                        cost_usd=Decimal("9"), created_at=at(2024, 1, 3))
+                        cost_usd=Decimal("9"), created_at=at(2024, 1, 2))
     return first, replay
 
 
 def test_usage_writer_is_idempotent_on_request_id(key, clean_db):
-    """Writing the same request_id twice stores one row, and the first write's figures stay."""
+    """Writing the same event (request_id, created_at) twice stores one row, and the first write's
+    figures stay."""
     writer = UsageWriter(clean_db)
     first, replay = events_same_request(key)
     writer.write([first])

@@ -13,7 +13,7 @@ from Testing.support import create_database, database_url, drop_database, head_r
 
 pytestmark = pytest.mark.timeout(60)
 
-TABLES = {"tenants", "api_keys", "usage_records", "audit_log"}
+TABLES = {"tenants", "api_keys", "usage_records", "usage_daily", "audit_log"}
 HEAD = head_revision()
 COLUMNS = {
     "tenants": {"id", "name", "status", "budget_usd", "created_at", "rpm_limit", "tpm_limit",
@@ -71,13 +71,17 @@ def assert_schema_at_head(url: str) -> None:
     try:
         with engine.connect() as conn:
             insp = inspect(conn)
-            assert set(insp.get_table_names()) == TABLES | {"alembic_version"}
+            partitions = {t for t in insp.get_table_names() if t.startswith("usage_records_p")}
+            assert set(insp.get_table_names()) - partitions == TABLES | {"alembic_version"}
             for table, expected in COLUMNS.items():
                 assert {c["name"] for c in insp.get_columns(table)} == expected, table
             for name, (table, cols) in INDEXES.items():
                 found = {ix["name"]: ix["column_names"] for ix in insp.get_indexes(table)}
                 assert found.get(name) == cols, (name, found)
-            assert ["request_id"] in unique_column_sets(insp, "usage_records")
+            # PostgreSQL: partitioned by month, so the idempotency key holds the partition key
+            usage_key = ["request_id", "created_at"] if engine.dialect.name == "postgresql" else ["request_id"]
+            assert usage_key in unique_column_sets(insp, "usage_records") or \
+                insp.get_pk_constraint("usage_records")["constrained_columns"] == usage_key
             assert ["key_hash"] in unique_column_sets(insp, "api_keys")
             assert ["name"] in unique_column_sets(insp, "tenants")
             for table, column in MONEY:
@@ -130,7 +134,7 @@ def test_postgres_money_columns_are_numeric(fresh_pg_url):
 
 
 def test_postgres_unique_key_hash_and_request_id_enforced(fresh_pg_url):
-    """The unique api_keys.key_hash and usage_records.request_id really reject duplicates."""
+    """The unique api_keys.key_hash and usage_records (request_id, created_at) really reject duplicates."""
     from sqlalchemy.exc import IntegrityError
     db_manager.upgrade(fresh_pg_url)
     engine = create_engine(fresh_pg_url)
@@ -141,7 +145,7 @@ def test_postgres_unique_key_hash_and_request_id_enforced(fresh_pg_url):
             conn.execute(text("INSERT INTO api_keys (tenant_id, name, prefix, key_hash, created_at) "
                               "VALUES (:t, 'k', 'sk-x', 'h1', now())"), {"t": tid})
             conn.execute(text("INSERT INTO usage_records (request_id, tenant_id, api_key_id, model, "
-                              "status, created_at) VALUES ('r1', 1, 1, 'm', 'ok', now())"))
+                              "status, created_at) VALUES ('r1', 1, 1, 'm', 'ok', date_trunc('month', now()))"))
         with pytest.raises(IntegrityError):
             with engine.begin() as conn:
                 conn.execute(text("INSERT INTO api_keys (tenant_id, name, prefix, key_hash, created_at) "
@@ -149,7 +153,7 @@ def test_postgres_unique_key_hash_and_request_id_enforced(fresh_pg_url):
         with pytest.raises(IntegrityError):
             with engine.begin() as conn:
                 conn.execute(text("INSERT INTO usage_records (request_id, tenant_id, api_key_id, model, "
-                                  "status, created_at) VALUES ('r1', 1, 1, 'm', 'ok', now())"))
+                                  "status, created_at) VALUES ('r1', 1, 1, 'm', 'ok', date_trunc('month', now()))"))
     finally:
         engine.dispose()
 

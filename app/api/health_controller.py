@@ -31,8 +31,9 @@ def health() -> Response:
     if code != 200:
         status["status"] = "degraded"
     # Counters of the worker that answered (each gunicorn worker has its own).
-    status["worker"] = {"pid": os.getpid(), "usage_rows_queued": rt.usage_batcher.depth,
-                        "usage_write_failures": rt.usage_batcher.failures,
+    status["worker"] = {"pid": os.getpid(), **rt.usage_batcher.stats(),
                         "rate_limit_fail_mode": rt.settings.RATE_LIMIT_FAIL_MODE,
                         "fail_open_admissions": rt.limiter.fail_open_admissions}
+    # Usage records waiting for PostgreSQL: the shared Redis list and this machine's spool files.
+    status["usage_outbox"] = rt.usage_batcher.outbox_depth()
     return json_response(status, code)

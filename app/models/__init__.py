@@ -1,7 +1,7 @@
 """SQLAlchemy models; alembic's `migrations/` owns the schema they describe."""
 from app.models.tenant import Tenant
 from app.models.api_key import ApiKey
-from app.models.usage import UsageRecord
+from app.models.usage import UsageDaily, UsageRecord
 from app.models.audit import AuditEntry
 
-__all__ = ["Tenant", "ApiKey", "UsageRecord", "AuditEntry"]
+__all__ = ["Tenant", "ApiKey", "UsageRecord", "UsageDaily", "AuditEntry"]

@@ -3,7 +3,9 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import Boolean, Index, Integer, String
+from datetime import date
+
+from sqlalchemy import BigInteger, Boolean, Date, Index, Integer, Numeric, PrimaryKeyConstraint, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.extensions import db
@@ -13,13 +15,16 @@ from app.models.types import BigId, Money, UTCDateTime, utcnow
 class UsageRecord(db.Model):
     """One row per request that reached (or was meant to reach) a provider.
 
-    Lean on purpose: no request bodies, no copies of prices. `request_id` is unique so that
-    writes are idempotent (a replayed record is a no-op, never a second bill).
+    Lean on purpose: no request bodies, no copies of prices. Writes are idempotent on
+    (request_id, created_at) (a replayed record is a no-op, never a second bill): on PostgreSQL
+    the table is partitioned by month on `created_at`, and a partitioned table's unique key must
+    hold the partition key. `created_at` is fixed when the event is created and carried through
+    the outbox, so a replay always presents the same key. `id` is a plain sequence number.
     """
     __tablename__ = "usage_records"
 
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    request_id: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    id: Mapped[int] = mapped_column(BigId, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant_id: Mapped[int] = mapped_column(BigId, nullable=False)
     api_key_id: Mapped[int] = mapped_column(BigId, nullable=False)
     model: Mapped[str] = mapped_column(String(200), nullable=False)
@@ -35,9 +40,31 @@ class UsageRecord(db.Model):
     cached: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     latency_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
     ttft_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True, default=utcnow)
 
     __table_args__ = (
         Index("ix_usage_key_time", "api_key_id", "created_at"),
         Index("ix_usage_tenant_time", "tenant_id", "created_at"),
+    )
+
+
+class UsageDaily(db.Model):
+    """The daily rollup: one row per (UTC day, tenant, key, model alias), maintained in the same
+    transaction as the raw rows it sums (only rows actually inserted are added, so a replay adds
+    nothing). `/v1/usage` reads whole days here and raw rows only for partial edge days."""
+    __tablename__ = "usage_daily"
+
+    day: Mapped[date] = mapped_column(Date, nullable=False)
+    tenant_id: Mapped[int] = mapped_column(BigId, nullable=False)
+    api_key_id: Mapped[int] = mapped_column(BigId, nullable=False)
+    model: Mapped[str] = mapped_column(String(200), nullable=False)
+    requests: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    total_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    cost_usd: Mapped[Decimal] = mapped_column(Numeric(30, 10, asdecimal=True), nullable=False, default=0)
+
+    __table_args__ = (
+        PrimaryKeyConstraint("api_key_id", "day", "model", "tenant_id", name="pk_usage_daily"),
+        Index("ix_usage_daily_tenant_day", "tenant_id", "day"),
     )

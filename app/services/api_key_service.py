@@ -16,7 +16,7 @@ from decimal import Decimal
 from typing import Any, Callable
 
 from sqlalchemy import or_, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.models import ApiKey, Tenant
@@ -237,14 +237,22 @@ class KeyCache:
             return False, None
         return True, entry[0]
 
+    def get_stale(self, key_hash: str) -> KeyInfo | None:
+        """The last known snapshot of a key even past its TTL (None for unknown keys): what
+        authentication falls back to while the database is unreachable."""
+        entry = self._entries.get(key_hash)
+        return entry[0] if entry is not None else None
+
     def put(self, key_hash: str, info: KeyInfo | None, generation: int | None = None) -> None:
         ttl = self.ttl_s if info is not None else min(self.ttl_s, self.NEGATIVE_TTL_S)
         with self._lock:
-            if generation is not None and generation != self.generation:
-                return
             if len(self._entries) > 100_000:
                 self._entries.clear()
-            self._entries[key_hash] = (info, time.monotonic() + ttl)
+            # A lookup that overlapped an invalidation may have read the old row: kept only as
+            # already expired (the next request looks it up again; `get_stale` may still use it
+            # while the database is unreachable).
+            fresh = generation is None or generation == self.generation
+            self._entries[key_hash] = (info, time.monotonic() + ttl if fresh else 0.0)
 
     def invalidate_key_id(self, key_id: int) -> None:
         with self._lock:
@@ -264,6 +272,14 @@ class KeyCache:
         with self._lock:
             self.generation += 1
             self._entries.clear()
+
+    def expire_all(self) -> None:
+        """Every entry must be looked up again, but stays known to `get_stale`: changes may
+        have been missed (the listener was reconnecting), yet a database outage at the same
+        time should not lock out the keys this worker was serving."""
+        with self._lock:
+            self.generation += 1
+            self._entries = {h: (info, 0.0) for h, (info, _) in self._entries.items()}
 
 
 def lookup_key(session_factory: Callable[[], Session], cache: KeyCache, plaintext: str) -> KeyInfo | None:
@@ -286,6 +302,14 @@ def lookup_key(session_factory: Callable[[], Session], cache: KeyCache, plaintex
         else:  # the previous secret of a rotated key, inside (or past) its grace period
             info = key_info(row, secret_expires_at=row.previous_key_expires_at
                             or datetime(1970, 1, 1, tzinfo=timezone.utc))
+    except SQLAlchemyError:
+        # Database unreachable: a key this worker has seen keeps working on its last known
+        # state (an outage must not stop paying traffic); an unknown key cannot be checked.
+        stale = cache.get_stale(key_hash)
+        if stale is not None:
+            cache.put(key_hash, stale, generation)  # and do not wait for the database again for one TTL
+            return stale
+        raise
     finally:
         session.close()
     cache.put(key_hash, info, generation)

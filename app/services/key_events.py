@@ -9,8 +9,9 @@ backstop for what pub/sub cannot promise (a listener that is reconnecting to Red
 
 The listener is a background thread (a greenlet under gevent) started lazily by the first
 cache miss of the process that serves requests, so it always runs in the worker after the
-fork, never in a gunicorn master. Every (re)subscription clears the whole cache, so messages
-published while it was disconnected cannot leave stale entries behind. Without Redis
+fork, never in a gunicorn master. Every (re)subscription expires the whole cache, so messages
+published while it was disconnected cannot leave stale entries behind (the expired entries only
+serve as the fallback while the database is unreachable, see `lookup_key`). Without Redis
 (embedded mode) there is one process, and the local invalidation is all there is.
 """
 from __future__ import annotations
@@ -119,8 +120,9 @@ class KeyEvents:
                     if message is None:
                         continue
                     if message["type"] == "subscribe":
-                        # Anything published while we were not listening is unknown: start clean.
-                        self.cache.clear()
+                        # Anything published while we were not listening is unknown: every
+                        # entry is looked up again (kept only as the outage fallback).
+                        self.cache.expire_all()
                         self.subscriptions += 1
                         self.subscribed.set()
                         delay = 0.05

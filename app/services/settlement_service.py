@@ -20,7 +20,8 @@ from app.models.types import utcnow
 from app.providers.catalog import Deployment, ModelEntry
 from app.services.api_key_service import KeyInfo, LastUsedTracker
 from app.services.rate_limit_service import Admission, DeploymentQuota, RateLimitService, to_nano
-from app.services.usage_service import UsageBatcher, UsageEvent
+from app.services.usage_batcher import UsageBatcher
+from app.services.usage_service import UsageEvent
 from app.utils.token_counter import count_messages, count_text
 
 log = logging.getLogger("gateway.settlement")

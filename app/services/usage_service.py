@@ -1,30 +1,41 @@
-"""Usage records: writing one row per completion, and reading totals for `/v1/usage`."""
+"""Usage records: one row per completion (idempotent writes that keep the daily rollup exact),
+and reading totals for `/v1/usage` from the rollup plus raw rows for partial edge days.
+
+The background group commit and the outbox live in `usage_batcher.py`; the outbox stores in
+`usage_outbox.py`; monthly partitions and retention in `usage_partitions.py`.
+"""
 from __future__ import annotations
 
+import json
 import logging
-import threading
-import time
-from collections import deque
+from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Date, cast, func, insert, select
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Engine
+from sqlalchemy import Date, cast, func, literal, select, union_all
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
 
-from app.models import UsageRecord
+from app.models import UsageDaily, UsageRecord
 from app.models.types import utcnow
+from app.services import usage_partitions
 from app.utils.money import format_money
 
 log = logging.getLogger("gateway.usage")
 TABLE = UsageRecord.__table__
+ROLLUP = UsageDaily.__table__
 
 
 @dataclass
 class UsageEvent:
-    """Everything known about one request once it is over, ready to become a row."""
+    """Everything known about one request once it is over, ready to become a row.
+
+    `created_at` is set when the request starts and never changes: with `request_id` it is
+    the row's idempotency key, so it travels with the event through the outbox (as ISO 8601
+    with microseconds, which PostgreSQL stores exactly)."""
     request_id: str
     tenant_id: int
     api_key_id: int
@@ -53,114 +64,126 @@ class UsageEvent:
             "created_at": self.created_at,
         }
 
+    def to_json(self) -> bytes:
+        """One outbox line (no newline inside)."""
+        created = self.created_at if self.created_at.tzinfo else self.created_at.replace(tzinfo=timezone.utc)
+        return json.dumps({
+            "v": 1, "request_id": self.request_id, "tenant_id": self.tenant_id,
+            "api_key_id": self.api_key_id, "model": self.model, "provider": self.provider,
+            "upstream_model": self.upstream_model, "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens, "cost_usd": str(self.cost_usd),
+            "status": self.status, "error_type": self.error_type, "streamed": self.streamed,
+            "cached": self.cached, "latency_ms": self.latency_ms, "ttft_ms": self.ttft_ms,
+            "created_at": created.astimezone(timezone.utc).isoformat(timespec="microseconds"),
+        }, separators=(",", ":")).encode()
 
-def _insert_ignoring_duplicates(engine: Engine):
-    """INSERT ... ON CONFLICT (request_id) DO NOTHING: a replayed record is never billed twice."""
-    if engine.dialect.name == "postgresql":
-        return postgresql.insert(TABLE).on_conflict_do_nothing(index_elements=["request_id"])
-    if engine.dialect.name == "sqlite":
-        return sqlite.insert(TABLE).on_conflict_do_nothing(index_elements=["request_id"])
-    return insert(TABLE)
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> "UsageEvent":
+        data = json.loads(raw)
+        data.pop("v", None)
+        data["cost_usd"] = Decimal(data["cost_usd"])
+        data["created_at"] = datetime.fromisoformat(data["created_at"])
+        return cls(**data)
+
+
+# --- writing -------------------------------------------------------------------------------
+
+_COLUMNS = [("request_id", "varchar"), ("tenant_id", "bigint"), ("api_key_id", "bigint"),
+            ("model", "varchar"), ("provider", "varchar"), ("upstream_model", "varchar"),
+            ("prompt_tokens", "integer"), ("completion_tokens", "integer"), ("total_tokens", "integer"),
+            ("cost_usd", "numeric"), ("status", "varchar"), ("error_type", "varchar"),
+            ("streamed", "boolean"), ("cached", "boolean"), ("latency_ms", "integer"),
+            ("ttft_ms", "integer"), ("created_at", "timestamptz")]
+_SUMS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd")
+
+# One statement, one round trip, fixed text (psycopg prepares it once): insert the batch as
+# arrays, skip rows already stored, and add to the daily rollup exactly the rows that were
+# inserted (RETURNING), so that a replay or a duplicate adds nothing. Rollup rows are upserted
+# in key order, so concurrent batches lock them in the same order (no deadlock).
+_PG_WRITE = f"""
+WITH ins AS (
+  INSERT INTO usage_records ({", ".join(c for c, _ in _COLUMNS)})
+  SELECT * FROM unnest({", ".join(f"%({c})s::{t}[]" for c, t in _COLUMNS)})
+  ON CONFLICT (request_id, created_at) DO NOTHING
+  RETURNING created_at, tenant_id, api_key_id, model, prompt_tokens, completion_tokens,
+            total_tokens, cost_usd
+), up AS (
+INSERT INTO usage_daily AS d (day, tenant_id, api_key_id, model, requests, prompt_tokens,
+                              completion_tokens, total_tokens, cost_usd)
+SELECT (created_at AT TIME ZONE 'UTC')::date, tenant_id, api_key_id, model, count(*),
+       sum(prompt_tokens), sum(completion_tokens), sum(total_tokens), sum(cost_usd)
+FROM ins GROUP BY 1, 2, 3, 4 ORDER BY 3, 1, 4, 2
+ON CONFLICT (api_key_id, day, model, tenant_id) DO UPDATE SET
+  requests = d.requests + EXCLUDED.requests,
+  prompt_tokens = d.prompt_tokens + EXCLUDED.prompt_tokens,
+  completion_tokens = d.completion_tokens + EXCLUDED.completion_tokens,
+  total_tokens = d.total_tokens + EXCLUDED.total_tokens,
+  cost_usd = d.cost_usd + EXCLUDED.cost_usd
+)
+SELECT count(*) AS new_rows FROM ins
+"""
 
 
 class UsageWriter:
-    """Inserts usage rows, skipping request ids already stored (idempotent replays)."""
+    """Inserts usage rows and their rollup in one transaction, skipping rows already stored
+    (idempotent replays). Creates a missing monthly partition on demand."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._postgres = engine.dialect.name == "postgresql"
-        columns = [c.name for c in TABLE.columns if c.name != "id"]
-        # PostgreSQL: one fixed statement through psycopg's executemany (pipelined, parsed once).
-        # SQLAlchemy's multi-VALUES rewriting produced a new statement text per batch size,
-        # which psycopg re-parsed every time: 15% of a worker's CPU in profiles.
-        self._pg_sql = (f"INSERT INTO {TABLE.name} ({', '.join(columns)}) VALUES "
-                        f"({', '.join(f'%({c})s' for c in columns)}) ON CONFLICT (request_id) DO NOTHING")
-        self._stmt = _insert_ignoring_duplicates(engine)
+        self._months_ready: set[date] = set()
 
     def write(self, events: list[UsageEvent]) -> int:
         """Insert the rows; returns how many were new. Raises on database errors."""
         if not events:
             return 0
-        rows = [e.row() for e in events]
+        unique: dict[str, UsageEvent] = {}
+        for e in events:
+            unique.setdefault(e.request_id, e)  # a batch holding one request twice: the first wins
+        batch = list(unique.values())
+        if not self._postgres:
+            return self._write_sqlite(batch)
+        months = {usage_partitions.month_start(e.created_at) for e in batch}
+        if not months <= self._months_ready:
+            usage_partitions.ensure_partitions(self.engine, months - self._months_ready)
+            self._months_ready |= months
+        try:
+            return self._write_pg(batch)
+        except IntegrityError as exc:
+            if "no partition" not in str(exc):
+                raise
+            # a partition dropped by retention while we believed it there: create it, retry once
+            self._months_ready.clear()
+            usage_partitions.ensure_partitions(self.engine, months)
+            self._months_ready |= months
+            return self._write_pg(batch)
+
+    def _write_pg(self, batch: list[UsageEvent]) -> int:
+        rows = [e.row() for e in batch]
+        params = {c: [r[c] for r in rows] for c, _ in _COLUMNS}
         with self.engine.begin() as conn:
-            if self._postgres:
-                result = conn.exec_driver_sql(self._pg_sql, rows)
-            else:
-                result = conn.execute(self._stmt, rows)
-            return max(result.rowcount, 0)
+            return int(conn.exec_driver_sql(_PG_WRITE, params).scalar())
 
-
-class UsageBatcher:
-    """Writes usage rows in the background, in batches, so that no request waits for a commit.
-
-    `submit` only appends to a queue; one writer thread (a greenlet under gevent) drains it,
-    inserting everything queued so far in one statement ("group commit": no timer, batches grow
-    by themselves under load). A failed write keeps the rows queued and retries with backoff;
-    the insert ignores request ids already stored, so a retry never bills twice. Rows wait in
-    this worker's memory only while PostgreSQL is unreachable or while one insert runs.
-    """
-
-    MAX_BATCH = 500
-    MAX_QUEUED = 200_000
-
-    def __init__(self, writer: UsageWriter) -> None:
-        self.writer = writer
-        self._queue: deque[UsageEvent] = deque()
-        self._wake = threading.Event()
-        self._idle = threading.Event()
-        self._idle.set()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self.failures = 0
-
-    @property
-    def depth(self) -> int:
-        return len(self._queue)
-
-    def submit(self, event: UsageEvent) -> None:
-        if len(self._queue) >= self.MAX_QUEUED:
-            log.error("usage queue full (%d rows): writing %s synchronously", self.MAX_QUEUED, event.request_id)
-            self.writer.write([event])
-            return
-        self._queue.append(event)
-        self._idle.clear()
-        self._wake.set()
-        if self._thread is None or not self._thread.is_alive():
-            self._start()
-
-    def _start(self) -> None:
-        # Started lazily, in the process (and under the gevent hub) that serves requests.
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
-                self._thread.start()
-
-    def _run(self) -> None:
-        backoff = 0.2
-        while True:
-            self._wake.wait()
-            self._wake.clear()
-            while self._queue:
-                batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.MAX_BATCH))]
-                try:
-                    self.writer.write(batch)
-                    backoff = 0.2
-                except Exception as exc:
-                    self.failures += 1
-                    self._queue.extendleft(reversed(batch))
-                    log.error("usage write failed (%s); %d rows kept queued, retrying in %.1fs",
-                              type(exc).__name__, len(self._queue), backoff)
-                    time.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
-            if not self._queue:
-                self._idle.set()
-
-    def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until everything queued is written (shutdown, tests). True when empty."""
-        if self._queue and (self._thread is None or not self._thread.is_alive()):
-            self._start()
-        self._wake.set()
-        return self._idle.wait(timeout) and not self._queue
+    def _write_sqlite(self, batch: list[UsageEvent]) -> int:
+        insert_row = sqlite.insert(TABLE).on_conflict_do_nothing(index_elements=["request_id"])
+        groups: dict[tuple, list] = {}
+        with self.engine.begin() as conn:
+            for e in batch:
+                if conn.execute(insert_row, e.row()).rowcount != 1:
+                    continue
+                day = e.created_at.astimezone(timezone.utc).date() if e.created_at.tzinfo else e.created_at.date()
+                sums = groups.setdefault((day, e.tenant_id, e.api_key_id, e.model), [0, 0, 0, 0, Decimal(0)])
+                for i, v in enumerate((1, e.prompt_tokens, e.completion_tokens,
+                                       e.prompt_tokens + e.completion_tokens, e.cost_usd)):
+                    sums[i] += v
+            for (day, tenant, key, model), sums in sorted(groups.items()):
+                values = dict(zip(_SUMS, sums))
+                stmt = sqlite.insert(ROLLUP).values(day=day, tenant_id=tenant, api_key_id=key, model=model,
+                                                    **values)
+                conn.execute(stmt.on_conflict_do_update(
+                    index_elements=["api_key_id", "day", "model", "tenant_id"],
+                    set_={c: ROLLUP.c[c] + stmt.excluded[c] for c in _SUMS}))
+        return sum(g[0] for g in groups.values())
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -179,14 +202,7 @@ class UsageQuery:
     api_key_id: int | None = None
     tenant_id: int | None = None
     model: str | None = None
-    group_by: str | None = None  # "model" | "day" | "key" | "tenant"
-
-
-# group_by -> (the label of the group in each data row, the column it groups on)
-GROUPS = {"model": ("model", lambda engine: UsageRecord.model),
-          "day": ("day", lambda engine: _day_expr(engine)),
-          "key": ("api_key_id", lambda engine: UsageRecord.api_key_id),
-          "tenant": ("tenant_id", lambda engine: UsageRecord.tenant_id)}
+    group_by: str | None = None  # a name of GROUP_BY: "model" | "day" | "key" | "tenant"
 
 
 def _day_expr(engine: Engine):
@@ -196,46 +212,106 @@ def _day_expr(engine: Engine):
     return func.date(col)
 
 
-def _totals(row: Any) -> dict[str, Any]:
-    cost = Decimal(row.cost_usd or 0)
-    return {
-        "requests": int(row.requests or 0),
-        "prompt_tokens": int(row.prompt_tokens or 0),
-        "completion_tokens": int(row.completion_tokens or 0),
-        "total_tokens": int(row.total_tokens or 0),
-        "cost_usd": format_money(cost),
-    }
+def _day_value(value: Any) -> str:
+    return value.isoformat()[:10] if isinstance(value, (date, datetime)) else str(value)
+
+
+# group_by name -> (raw-row expression, rollup column, JSON value, the group's field in each data
+# row). A new grouping is one line.
+GROUP_BY: dict[str, tuple[Any, Any, Any, str]] = {
+    "model": (lambda engine: UsageRecord.model, UsageDaily.model, str, "model"),
+    "day": (_day_expr, UsageDaily.day, _day_value, "day"),
+    "key": (lambda engine: UsageRecord.api_key_id, UsageDaily.api_key_id, int, "api_key_id"),
+    "tenant": (lambda engine: UsageRecord.tenant_id, UsageDaily.tenant_id, int, "tenant_id"),
+}
+
+
+def _midnight(d: date) -> datetime:
+    return datetime(d.year, d.month, d.day, tzinfo=timezone.utc)
+
+
+def split_period(start: datetime, end: datetime) -> tuple[tuple[date, date] | None, list[tuple[datetime, datetime]]]:
+    """[start, end) as whole UTC days [first_day, last_day) for the rollup, and the partial
+    edges before and after them for the raw rows. No whole day inside: one raw range."""
+    start, end = start.astimezone(timezone.utc), end.astimezone(timezone.utc)
+    first = start.date() if start == _midnight(start.date()) else start.date() + timedelta(days=1)
+    last = end.date()
+    if first >= last:
+        return None, [(start, end)]
+    edges = []
+    if start < _midnight(first):
+        edges.append((start, _midnight(first)))
+    if _midnight(last) < end:
+        edges.append((_midnight(last), end))
+    return (first, last), edges
+
+
+def _aggregates(table: Any, rows: Any) -> list[Any]:
+    return [rows.label("requests"),
+            func.coalesce(func.sum(table.prompt_tokens), 0).label("prompt_tokens"),
+            func.coalesce(func.sum(table.completion_tokens), 0).label("completion_tokens"),
+            func.coalesce(func.sum(table.total_tokens), 0).label("total_tokens"),
+            func.coalesce(func.sum(table.cost_usd), 0).label("cost_usd")]
+
+
+def _filters(table: Any, q: UsageQuery) -> list[Any]:
+    conditions = []
+    if q.api_key_id is not None:
+        conditions.append(table.api_key_id == q.api_key_id)
+    if q.tenant_id is not None:
+        conditions.append(table.tenant_id == q.tenant_id)
+    if q.model:
+        conditions.append(table.model == q.model)
+    return conditions
+
+
+def _grouped_sums(conn: Connection, q: UsageQuery) -> dict[Any, list]:
+    """{group value (None without group_by): [requests, prompt, completion, total, cost]},
+    read in one round trip: the rollup for whole days UNION ALL the raw rows of the edges."""
+    engine = conn.engine
+    whole, edges = split_period(q.start, q.end)
+    raw_group, rollup_group = (GROUP_BY[q.group_by][0](engine), GROUP_BY[q.group_by][1]) \
+        if q.group_by else (literal(None), literal(None))
+    parts = []
+    if whole is not None:
+        stmt = select(rollup_group.label("g"), *_aggregates(UsageDaily, func.coalesce(
+            func.sum(UsageDaily.requests), 0))).where(
+            UsageDaily.day >= whole[0], UsageDaily.day < whole[1], *_filters(UsageDaily, q))
+        parts.append(stmt.group_by(rollup_group) if q.group_by else stmt)
+    for lo, hi in edges:
+        stmt = select(raw_group.label("g"), *_aggregates(UsageRecord, func.count())).where(
+            UsageRecord.created_at >= _db_time(engine, lo), UsageRecord.created_at < _db_time(engine, hi),
+            *_filters(UsageRecord, q))
+        parts.append(stmt.group_by(raw_group) if q.group_by else stmt)
+    sums: dict[Any, list] = defaultdict(lambda: [0, 0, 0, 0, Decimal(0)])
+    for row in conn.execute(union_all(*parts) if len(parts) > 1 else parts[0]):
+        if not row.requests:
+            continue
+        acc = sums[row.g]
+        acc[0] += int(row.requests)
+        acc[1] += int(row.prompt_tokens)
+        acc[2] += int(row.completion_tokens)
+        acc[3] += int(row.total_tokens)
+        acc[4] += Decimal(row.cost_usd or 0)
+    return sums
+
+
+def _totals(sums: list) -> dict[str, Any]:
+    return {"requests": sums[0], "prompt_tokens": sums[1], "completion_tokens": sums[2],
+            "total_tokens": sums[3], "cost_usd": format_money(sums[4])}
 
 
 def query_usage(engine: Engine, q: UsageQuery) -> dict[str, Any]:
-    aggregates = [
-        func.count().label("requests"),
-        func.coalesce(func.sum(UsageRecord.prompt_tokens), 0).label("prompt_tokens"),
-        func.coalesce(func.sum(UsageRecord.completion_tokens), 0).label("completion_tokens"),
-        func.coalesce(func.sum(UsageRecord.total_tokens), 0).label("total_tokens"),
-        func.coalesce(func.sum(UsageRecord.cost_usd), 0).label("cost_usd"),
-    ]
-    start, end = _db_time(engine, q.start), _db_time(engine, q.end)
-    conditions = [UsageRecord.created_at >= start, UsageRecord.created_at < end]
-    if q.api_key_id is not None:
-        conditions.append(UsageRecord.api_key_id == q.api_key_id)
-    if q.tenant_id is not None:
-        conditions.append(UsageRecord.tenant_id == q.tenant_id)
-    if q.model:
-        conditions.append(UsageRecord.model == q.model)
     with engine.connect() as conn:
-        total = conn.execute(select(*aggregates).where(*conditions)).one()
-        data: list[dict[str, Any]] = []
-        if q.group_by:
-            label, column = GROUPS[q.group_by]
-            key = column(engine)
-            rows = conn.execute(select(key.label("group"), *aggregates).where(*conditions)
-                                .group_by(key).order_by(key))
-            for row in rows:
-                group = row.group
-                if isinstance(group, (date, datetime)):
-                    group = group.isoformat()[:10]
-                data.append({label: group if isinstance(group, int) else str(group), **_totals(row)})
+        groups = _grouped_sums(conn, q)
+    total = [0, 0, 0, 0, Decimal(0)]
+    for sums in groups.values():
+        total = [a + b for a, b in zip(total, sums)]
+    data: list[dict[str, Any]] = []
+    if q.group_by:
+        as_json, field = GROUP_BY[q.group_by][2:]
+        for group in sorted(groups, key=lambda g: (g is None, g)):
+            data.append({field: as_json(group), **_totals(groups[group])})
     return {"object": "usage", "start": _iso(q.start), "end": _iso(q.end), **_totals(total), "data": data}
 
 
@@ -250,24 +326,21 @@ def _iso(value: datetime) -> str:
 
 
 def period_totals(engine: Engine, key_id: int, tenant_id: int, day: int, month: str) -> dict[str, int]:
-    """What the limiter's day and month counters should hold, rebuilt from the usage rows:
+    """What the limiter's day and month counters should hold, rebuilt from the usage store:
     the key's tokens on UTC day `day` (days since 1970-01-01), and the key's and the tenant's
-    spend in `month` ("YYYYMM"), in nano-dollars rounded up."""
+    spend in `month` ("YYYYMM"), in nano-dollars rounded up. Whole days and months: read from
+    the daily rollup only."""
     from app.services.rate_limit_service import to_nano
 
     day_start = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(days=day)
     month_start = datetime(int(month[:4]), int(month[4:]), 1, tzinfo=timezone.utc)
     month_end = (month_start + timedelta(days=32)).replace(day=1)
-    col = UsageRecord
     with engine.connect() as conn:
-        day_tokens = conn.execute(select(func.coalesce(func.sum(col.total_tokens), 0)).where(
-            col.api_key_id == key_id, col.created_at >= _db_time(engine, day_start),
-            col.created_at < _db_time(engine, day_start + timedelta(days=1)))).scalar()
-        key_spend = conn.execute(select(func.coalesce(func.sum(col.cost_usd), 0)).where(
-            col.api_key_id == key_id, col.created_at >= _db_time(engine, month_start),
-            col.created_at < _db_time(engine, month_end))).scalar()
-        tenant_spend = conn.execute(select(func.coalesce(func.sum(col.cost_usd), 0)).where(
-            col.tenant_id == tenant_id, col.created_at >= _db_time(engine, month_start),
-            col.created_at < _db_time(engine, month_end))).scalar()
-    return {"day": int(day_tokens or 0), "key_spend": to_nano(Decimal(key_spend or 0)),
-            "tenant_spend": to_nano(Decimal(tenant_spend or 0))}
+        day_sums = _grouped_sums(conn, UsageQuery(day_start, day_start + timedelta(days=1), api_key_id=key_id))
+        key_sums = _grouped_sums(conn, UsageQuery(month_start, month_end, api_key_id=key_id))
+        tenant_sums = _grouped_sums(conn, UsageQuery(month_start, month_end, tenant_id=tenant_id))
+
+    def only(sums: dict[Any, list], i: int) -> Any:
+        return sums[None][i] if None in sums else 0
+    return {"day": int(only(day_sums, 3)), "key_spend": to_nano(Decimal(only(key_sums, 4))),
+            "tenant_spend": to_nano(Decimal(only(tenant_sums, 4)))}

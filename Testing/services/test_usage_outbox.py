@@ -1,0 +1,312 @@
+"""The usage outbox and the usage store, in-process against the real PostgreSQL and Redis:
+rows PostgreSQL cannot take go to the Redis list (or, Redis down too, to an fsync'ed spool
+file) and are replayed exactly once; replays are idempotent; the daily rollup plus raw edge
+rows equal the raw sums for any period; a bad record does not block its batch."""
+from __future__ import annotations
+
+import random
+import uuid
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+import redis
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from app.services.usage_batcher import (DEAD_LETTER_FILE, WRITER_APPLICATION_NAME, UsageBatcher,
+                                        dedicated_engine)
+from app.services.usage_outbox import RedisOutbox, SpoolOutbox, outbox_key
+from app.services.usage_service import UsageEvent, UsageQuery, UsageWriter, query_usage
+from Testing.support import REDIS_URL, free_port, wait_until
+from Testing.tcp_proxy import TcpProxy
+
+pytestmark = pytest.mark.timeout(90)
+UTC = timezone.utc
+
+
+def events(n: int, at: datetime | None = None, key: int = 1, tenant: int = 1, model: str = "m") -> list[UsageEvent]:
+    at = at or datetime.now(UTC)
+    return [UsageEvent(request_id="req_" + uuid.uuid4().hex, tenant_id=tenant, api_key_id=key, model=model,
+                       prompt_tokens=3, completion_tokens=4, cost_usd=Decimal("0.0000021"),
+                       created_at=at + timedelta(microseconds=i)) for i in range(n)]
+
+
+def counts(engine) -> tuple[int, int, int]:
+    """(raw rows, distinct request ids, requests summed in the rollup)."""
+    with engine.connect() as conn:
+        raw, distinct = conn.execute(text("SELECT count(*), count(DISTINCT request_id) FROM usage_records")).one()
+        rolled = conn.execute(text("SELECT coalesce(sum(requests), 0) FROM usage_daily")).scalar()
+    return raw, distinct, int(rolled)
+
+
+@pytest.fixture
+def name() -> str:
+    """An outbox of this test's own (no other gateway of the test run replays it)."""
+    return "usage-" + uuid.uuid4().hex[:8]
+
+
+@pytest.fixture
+def rclient(clean_db):
+    client = redis.Redis.from_url(REDIS_URL)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def proxy(pg_url):
+    url = make_url(pg_url)
+    p = TcpProxy(url.host or "127.0.0.1", url.port or 5432).start()
+    yield p
+    p.cut()
+
+
+def proxied_url(pg_url: str, proxy: TcpProxy) -> str:
+    return make_url(pg_url).set(port=proxy.port).render_as_string(hide_password=False)
+
+
+def test_replaying_the_same_redis_outbox_twice_writes_nothing_the_second_time(clean_db, rclient, name):
+    """Every line of the Redis outbox is written once; the same lines pushed and replayed again
+    add no row and nothing to the rollup; the outbox is empty afterwards."""
+    lines = [e.to_json() for e in events(40)]
+    outbox = RedisOutbox(rclient, name)
+    batcher = UsageBatcher(UsageWriter(clean_db), redis_outbox=outbox)
+    outbox.push(lines)
+    assert batcher.replay_outbox() == {"records": 40, "new_rows": 40}
+    assert counts(clean_db) == (40, 40, 40)
+    outbox.push(lines)
+    assert batcher.replay_outbox() == {"records": 40, "new_rows": 0}
+    assert counts(clean_db) == (40, 40, 40)
+    assert rclient.llen(outbox_key(name)) == 0
+
+
+def test_replaying_the_same_spool_file_twice_writes_nothing_the_second_time(clean_db, tmp_path):
+    """A spool file is replayed and deleted; the same records spooled and replayed again add
+    nothing."""
+    lines = [e.to_json() for e in events(25)]
+    for expected_new in (25, 0):
+        dead_worker = SpoolOutbox(tmp_path)
+        dead_worker.append(lines[:10])
+        dead_worker.append(lines[10:])
+        dead_worker.close()
+        assert (tmp_path.glob("*.spool").__next__()).read_bytes().count(b"\n") == 25
+        batcher = UsageBatcher(UsageWriter(clean_db), spool=SpoolOutbox(tmp_path))
+        assert batcher.replay_outbox() == {"records": 25, "new_rows": expected_new}
+        assert list(tmp_path.glob("*.spool")) == []
+        assert counts(clean_db) == (25, 25, 25)
+
+
+def test_spool_file_of_a_live_writer_is_left_alone(clean_db, tmp_path):
+    """A spool file whose writer is alive (holds its lock) is not replayed by others; once the
+    writer seals it (or dies) it is."""
+    live = SpoolOutbox(tmp_path)
+    live.append([e.to_json() for e in events(5)])
+    other = UsageBatcher(UsageWriter(clean_db), spool=SpoolOutbox(tmp_path))
+    assert other.replay_outbox()["records"] == 0
+    assert counts(clean_db)[0] == 0
+    live.seal()
+    assert other.replay_outbox() == {"records": 5, "new_rows": 5}
+
+
+def test_database_down_rows_go_to_redis_and_are_replayed_exactly_once(pg_url, clean_db, rclient, proxy, name):
+    """PostgreSQL unreachable: submitted rows land in the Redis outbox (none held in memory),
+    the batcher stops trying PostgreSQL until a probe answers, then replays them all once."""
+    engine = dedicated_engine(proxied_url(pg_url, proxy), 2.0)
+    batcher = UsageBatcher(UsageWriter(engine), redis_outbox=RedisOutbox(rclient, name), poll_s=0.1)
+    try:
+        for e in events(5):
+            batcher.submit(e)
+        assert batcher.flush(10)
+        wait_until(lambda: counts(clean_db)[0] == 5, message="rows written while up")
+        proxy.cut()
+        outage = events(30)
+        for e in outage:
+            batcher.submit(e)
+        assert batcher.flush(15)
+        assert batcher.database_down
+        assert rclient.llen(outbox_key(name)) == 30
+        assert batcher.outbox_depth()["redis"] == 30
+        assert counts(clean_db)[0] == 5
+        proxy.restore()
+        wait_until(lambda: counts(clean_db) == (35, 35, 35), timeout=15, message="the outbox replayed")
+        wait_until(lambda: batcher.replayed == 30 and rclient.llen(outbox_key(name)) == 0, message="replay acked")
+        assert not batcher.database_down and counts(clean_db) == (35, 35, 35)
+    finally:
+        batcher.close(5)
+        engine.dispose()
+
+
+def test_writer_connections_killed_rows_replayed_exactly_once(pg_url, clean_db, rclient, name):
+    """The writer's PostgreSQL connections terminated (pg_terminate_backend, this test
+    database's writer connections only): the failed batch goes to the outbox and is replayed
+    as soon as PostgreSQL answers the probe; every row once."""
+    engine = dedicated_engine(pg_url, 2.0)
+    batcher = UsageBatcher(UsageWriter(engine), redis_outbox=RedisOutbox(rclient, name), poll_s=0.1)
+    try:
+        for e in events(5):
+            batcher.submit(e)
+        assert batcher.flush(10)
+        with clean_db.connect() as conn:
+            killed = conn.execute(text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name = :a"), {"a": WRITER_APPLICATION_NAME}).scalar()
+        assert killed >= 1
+        for e in events(20):
+            batcher.submit(e)
+        assert batcher.flush(10)
+        wait_until(lambda: counts(clean_db) == (25, 25, 25) and rclient.llen(outbox_key(name)) == 0,
+                   timeout=15, message="all rows once")
+        assert batcher.failures >= 1 and batcher.diverted >= 1 and not batcher.database_down
+    finally:
+        batcher.close(5)
+        engine.dispose()
+
+
+def test_database_and_redis_down_rows_go_to_the_fsynced_spool(pg_url, clean_db, tmp_path, proxy):
+    """PostgreSQL and Redis both unreachable: the rows are appended to the local spool file;
+    with PostgreSQL back they are replayed once and the file is deleted."""
+    engine = dedicated_engine(proxied_url(pg_url, proxy), 2.0)
+    dead_redis = redis.Redis(port=free_port(), socket_connect_timeout=0.5)
+    batcher = UsageBatcher(UsageWriter(engine), redis_outbox=RedisOutbox(dead_redis, "usage-dead"),
+                           spool=SpoolOutbox(tmp_path), poll_s=0.1)
+    try:
+        proxy.cut()
+        batch = events(12)
+        for e in batch:
+            batcher.submit(e)
+        assert batcher.flush(15)
+        spooled = b"".join(p.read_bytes() for p in tmp_path.glob("*.spool"))
+        assert sorted(UsageEvent.from_json(line).request_id for line in spooled.splitlines()) == \
+            sorted(e.request_id for e in batch)
+        assert batcher.outbox_depth()["redis"] is None and batcher.outbox_depth()["spool_files"] == 1
+        proxy.restore()
+        wait_until(lambda: counts(clean_db) == (12, 12, 12), timeout=15, message="the spool replayed")
+        wait_until(lambda: list(tmp_path.glob("*.spool")) == [], message="the spool file deleted")
+    finally:
+        batcher.close(5)
+        engine.dispose()
+
+
+def test_claim_of_a_dead_replayer_returns_to_the_outbox_after_its_lease(clean_db, rclient, name):
+    """Lines claimed by a replayer that died before committing are claimed again by another
+    once the lease expired, so they are not lost."""
+    lines = [e.to_json() for e in events(7)]
+    dead = RedisOutbox(rclient, name, consumer="dead", lease_ms=100)
+    dead.push(lines)
+    assert len(dead.claim(100)) == 7
+    assert rclient.llen(outbox_key(name)) == 0
+    alive = RedisOutbox(rclient, name, consumer="alive")
+    assert alive.claim(100) == []  # lease still running
+    wait_until(lambda: len(alive.claim(100)) == 7, timeout=3, message="the expired claim taken over")
+    batcher = UsageBatcher(UsageWriter(clean_db), redis_outbox=alive)
+    assert batcher.replay_outbox()["new_rows"] == 7
+
+
+def test_a_record_the_database_rejects_does_not_block_its_batch(clean_db, tmp_path):
+    """A record PostgreSQL refuses for good (a model name too long for its column) is set aside
+    in the dead-letter file; the other rows of its batch are written."""
+    good = events(4)
+    bad = events(1, model="x" * 300)[0]
+    batcher = UsageBatcher(UsageWriter(clean_db), spool=SpoolOutbox(tmp_path))
+    for e in good[:2] + [bad] + good[2:]:
+        batcher.submit(e)
+    assert batcher.flush(10)
+    assert counts(clean_db) == (4, 4, 4)
+    assert batcher.dead_letters == 1
+    assert UsageEvent.from_json((tmp_path / DEAD_LETTER_FILE).read_bytes().strip()).request_id == bad.request_id
+    batcher.close(2)
+
+
+# --- rollup + edges -----------------------------------------------------------------------------
+
+FIELDS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd")
+
+
+def raw_sums(engine, start: datetime, end: datetime, group: str | None, **where) -> dict:
+    expr = {"model": "model", "day": "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+            "key": "api_key_id", "tenant": "tenant_id", None: "NULL"}[group]
+    cond = " ".join(f"AND {c} = :{c}" for c in where)
+    with engine.connect() as conn:
+        rows = conn.execute(text(
+            f"SELECT {expr} AS g, count(*), sum(prompt_tokens), sum(completion_tokens), sum(total_tokens), "
+            f"sum(cost_usd) FROM usage_records WHERE created_at >= :s AND created_at < :e {cond} GROUP BY 1"),
+            {"s": start, "e": end, **where}).all()
+    return {r[0]: (int(r[1]), int(r[2]), int(r[3]), int(r[4]), Decimal(r[5])) for r in rows}
+
+
+GROUP_FIELD = {"model": "model", "day": "day", "key": "api_key_id", "tenant": "tenant_id"}
+
+
+def api_sums(body: dict, group: str | None) -> dict:
+    groups = body["data"] if group else ([body] if body["requests"] else [])
+    return {(g[GROUP_FIELD[group]] if group else None): tuple(Decimal(g[f]) if f == "cost_usd" else g[f] for f in FIELDS)
+            for g in groups}
+
+
+def test_rollup_plus_edges_equal_raw_sums_across_partition_boundaries(clean_db):
+    """For random periods (whole days, partial edges, month and year boundaries, instants given
+    in other time zones), totals and every grouping read from the rollup + raw edges equal the
+    sums of the raw rows, with exact money."""
+    rnd = random.Random(7)
+    writer = UsageWriter(clean_db)
+    boundaries = [datetime(2025, 12, 31, 23, 59, 59, 999999, tzinfo=UTC), datetime(2026, 1, 1, tzinfo=UTC),
+                  datetime(2026, 1, 31, 23, 59, 59, tzinfo=UTC), datetime(2026, 2, 1, tzinfo=UTC),
+                  datetime(2026, 3, 1, 0, 0, 0, 1, tzinfo=UTC)]
+    base = datetime(2025, 12, 20, tzinfo=UTC)
+    evs = []
+    for i in range(600):
+        at = boundaries[i % 5] if i < 50 else base + timedelta(seconds=rnd.randrange(80 * 86400))
+        evs.append(UsageEvent(request_id=f"req_{i}", tenant_id=1 + i % 3, api_key_id=1 + i % 7,
+                              model=rnd.choice(["a", "b", "c"]), prompt_tokens=rnd.randrange(1000),
+                              completion_tokens=rnd.randrange(500),
+                              cost_usd=Decimal(rnd.randrange(10**6)) / 10**10, created_at=at))
+    for i in range(0, len(evs), 97):
+        writer.write(evs[i:i + 97])
+    writer.write(evs[:200])  # a replay: changes nothing
+    zones = [UTC, timezone(timedelta(hours=14)), timezone(timedelta(hours=-9, minutes=-30))]
+    periods = [(datetime(2025, 12, 1, tzinfo=UTC), datetime(2026, 4, 1, tzinfo=UTC)),
+               (datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 2, 1, tzinfo=UTC)),
+               (boundaries[0], boundaries[3]), (boundaries[1], boundaries[1] + timedelta(microseconds=1))]
+    for _ in range(25):
+        s = base + timedelta(seconds=rnd.randrange(80 * 86400))
+        periods.append((s.astimezone(rnd.choice(zones)), (s + timedelta(seconds=rnd.randrange(1, 40 * 86400)))
+                        .astimezone(rnd.choice(zones))))
+    for start, end in periods:
+        for group in (None, "model", "day", "key", "tenant"):
+            for where in ({}, {"api_key_id": 3}, {"tenant_id": 2}):
+                q = UsageQuery(start=start, end=end, group_by=group, **where)
+                got = api_sums(query_usage(clean_db, q), group)
+                want = raw_sums(clean_db, start, end, group, **where)
+                assert got == want, (start, end, group, where)
+
+
+def test_sqlite_store_keeps_the_rollup_too(tmp_path):
+    """Embedded mode: the plain SQLite table, the same idempotent writes and rollup reads."""
+    import db_manager
+    url = f"sqlite:///{tmp_path}/u.db"
+    db_manager.upgrade(url)
+    engine = create_engine(url)
+    try:
+        writer = UsageWriter(engine)
+        batch = events(10, at=datetime(2026, 1, 31, 20, tzinfo=UTC)) + \
+            events(5, at=datetime(2026, 2, 1, 1, tzinfo=UTC))
+        assert writer.write(batch) == 15 and writer.write(batch) == 0
+        body = query_usage(engine, UsageQuery(datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 3, 1, tzinfo=UTC),
+                                              api_key_id=1, group_by="day"))
+        assert [(g["day"], g["requests"]) for g in body["data"]] == [("2026-01-31", 10), ("2026-02-01", 5)]
+        edge = query_usage(engine, UsageQuery(datetime(2026, 1, 31, 21, tzinfo=UTC),
+                                              datetime(2026, 2, 2, tzinfo=UTC), api_key_id=1))
+        assert edge["requests"] == 5
+    finally:
+        engine.dispose()
+
+
+def test_spool_with_a_torn_last_line_replays_the_complete_lines(clean_db, tmp_path):
+    """A spool file whose writer died in the middle of a write: its complete lines are replayed
+    (in batches), the torn tail is skipped, the file is deleted."""
+    lines = [e.to_json() for e in events(7)]
+    (tmp_path / "usage-dead-worker.spool").write_bytes(b"".join(line + b"\n" for line in lines) + lines[0][:20])
+    batcher = UsageBatcher(UsageWriter(clean_db), spool=SpoolOutbox(tmp_path))
+    batcher.MAX_BATCH = 3
+    assert batcher.replay_outbox() == {"records": 7, "new_rows": 7}
+    assert list(tmp_path.glob("*.spool")) == [] and counts(clean_db) == (7, 7, 7)
