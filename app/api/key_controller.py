@@ -30,7 +30,7 @@ def create_api_key() -> Response:
     session = db.session
     tenant_name = params.pop("tenant", None)
     if actor.is_operator:
-        tenant = api_key_service.get_or_create_tenant(session, tenant_name or "default")
+        tenant = tenant_service.get_or_create_tenant(session, actor, tenant_name or "default")
     else:
         tenant = session.get(Tenant, actor.tenant_id)
         if tenant_name is not None and tenant_name != tenant.name:

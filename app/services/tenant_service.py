@@ -55,6 +55,26 @@ def key_counts(session: Session) -> dict[int, int]:
     return {tenant_id: count for tenant_id, count in rows}
 
 
+def get_or_create_tenant(session: Session, actor: Actor, name: str) -> Tenant:
+    """The tenant named `name`, created on first use (minting a key into a new tenant) with its
+    `tenant.create` audit row, in the caller's transaction. A tenant created concurrently by
+    another request is used as is (its creator wrote the audit row)."""
+    tenant = get_tenant_by_name(session, name)
+    if tenant is not None:
+        return tenant
+    try:
+        with session.begin_nested():
+            tenant = Tenant(name=name, status="active", created_at=utcnow())
+            session.add(tenant)
+            session.flush()
+    except IntegrityError:
+        return session.scalars(select(Tenant).where(Tenant.name == name)).one()
+    audit_service.record(session, actor, "tenant.create", target_type="tenant", target_id=tenant.id,
+                         tenant_id=tenant.id, details={"name": name, "status": "active",
+                                                       "created_with_first_key": True})
+    return tenant
+
+
 def create_tenant(session: Session, actor: Actor, *, name: str, status: str = "active",
                   budget_usd: Decimal | None = None,
                   key_limits: dict[str, int | None] | None = None) -> Tenant | None:
