@@ -118,7 +118,7 @@ def revoke_api_key(key_id: int) -> Response:
 
 
 def _visible_key(actor: Actor, key_id: int) -> ApiKey:
-    key = db.session.get(ApiKey, key_id)
+    key = db.session.get(ApiKey, key_id) if 0 < key_id <= tenant_service.MAX_ID else None
     if key is None or not actor.sees_tenant(key.tenant_id):
         raise NotFound(f"No API key with id {key_id}.", param="id")
     return key

@@ -36,8 +36,12 @@ def tenant_to_dict(tenant: Tenant, key_count: int | None = None) -> dict[str, An
     return body
 
 
+# Ids are BIGINTs: a larger number (from a URL) names nothing, and PostgreSQL would refuse it.
+MAX_ID = 2**63 - 1
+
+
 def get_tenant(session: Session, tenant_id: int) -> Tenant | None:
-    return session.get(Tenant, tenant_id)
+    return session.get(Tenant, tenant_id) if 0 < tenant_id <= MAX_ID else None
 
 
 def get_tenant_by_name(session: Session, name: str) -> Tenant | None:
