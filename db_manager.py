@@ -220,12 +220,14 @@ def cmd_create_key(args: argparse.Namespace) -> int:
 
     from app.services import audit_service
     from app.services.actor import CLI
+    from app.services.tenant_service import get_or_create_tenant
 
     engine = engine_for(args.url)
     try:
         with Session(engine) as session:
+            tenant = get_or_create_tenant(session, CLI, args.tenant)  # audited when it is new
             key, plaintext = mint_key(
-                session, name=args.name, tenant=args.tenant, role=args.role,
+                session, name=args.name, tenant=tenant, role=args.role,
                 rpm_limit=args.rpm_limit, tpm_limit=args.tpm_limit,
                 daily_token_limit=args.daily_token_limit, max_concurrent=args.max_concurrent,
                 budget_usd=args.budget_usd,

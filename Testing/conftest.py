@@ -164,6 +164,18 @@ def usage_rows(engine, where: str = "TRUE", params: dict | None = None) -> list[
         return [dict(r._mapping) for r in rows]
 
 
+# The usage rows of a key minted in the running test: `since` is a time taken before it was minted.
+# Key ids restart at 1 in every test (clean_db) and gateways write rows after their answers, so a
+# row of an earlier test's key with the same id can land after the truncation; its request began
+# before the tables were emptied, so its time tells it apart.
+KEY_ROWS = "api_key_id = :k AND created_at >= :since"
+
+
+def key_rows(engine, key: dict, count: int, timeout: float = 10) -> list[dict]:
+    """Wait for `count` usage rows of `key` (a dict with `id` and `since`) and return all of them."""
+    return wait_for_rows(engine, count, KEY_ROWS, {"k": key["id"], "since": key["since"]}, timeout=timeout)
+
+
 def wait_for_rows(engine, count: int, where: str = "TRUE", params: dict | None = None,
                   timeout: float = 10) -> list[dict]:
     """Usage rows are written after the response: poll until `count` of them are there."""

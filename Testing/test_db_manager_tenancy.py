@@ -53,7 +53,8 @@ def test_create_tenant_and_key(capsys, pg_url, clean_db):
 def test_list_keys_and_revoke_key(capsys, monkeypatch, pg_url, clean_db):
     """list-keys shows id, tenant, name, prefix, role, status and expiry, never a secret or hash;
     revoke-key revokes, audits as the CLI and publishes the key id on KEY_EVENTS_CHANNEL; the key
-    is then listed only with --all; --tenant filters; unknown ids and tenants are errors."""
+    is then listed only with --all; --tenant filters; unknown ids and tenants are errors. A key
+    minted into a tenant that does not exist yet creates it with a `tenant.create` audit row."""
     channel = "gw-test-dbm-" + secrets.token_hex(4)
     monkeypatch.setenv("REDIS_URL", REDIS_URL)
     monkeypatch.setenv("KEY_EVENTS_CHANNEL", channel)
@@ -87,6 +88,10 @@ def test_list_keys_and_revoke_key(capsys, monkeypatch, pg_url, clean_db):
     assert run(capsys, pg_url, "list-keys", "--tenant", "nope")[::2] == (1, "error: no tenant named 'nope'\n")
     assert rows(clean_db, "SELECT actor_type, action FROM audit_log WHERE action = 'key.revoke'") == [
         {"actor_type": "cli", "action": "key.revoke"}]
+    # create-key into tenants that did not exist created them: audited as the CLI, once each
+    assert rows(clean_db, "SELECT a.actor_type, t.name FROM audit_log a JOIN tenants t ON t.id = a.target_id "
+                          "WHERE a.action = 'tenant.create' ORDER BY a.id") == [
+        {"actor_type": "cli", "name": "one"}, {"actor_type": "cli", "name": "two"}]
     monkeypatch.delenv("REDIS_URL")
     run(capsys, pg_url, "create-key", "--name", "c", "--tenant", "one")
     c = rows(clean_db, "SELECT id FROM api_keys WHERE name = 'c'")[0]

@@ -1,7 +1,7 @@
 """`db_manager.py` usage commands as real subprocesses: create-partitions creates this month's
 and the next ones, flush-usage drains the outbox (Redis list and spool files) once and writes
 nothing on a second run, prune-usage drops whole old months and deletes older rows (and their
-rollup unless --keep-rollup)."""
+rollup unless --keep-rollup), and by default keeps USAGE_RETENTION_DAYS days."""
 from __future__ import annotations
 
 import os
@@ -134,5 +134,27 @@ def test_prune_usage_older_than(url, keep_rollup):
         assert days == kept + ["2025-03-05", "2025-04-01"]
         UsageWriter(engine).write([event(times[0] + timedelta(hours=1))])  # the month is re-created on demand
         assert count(engine, "SELECT count(*) FROM usage_records") == 3
+    finally:
+        engine.dispose()
+
+
+def test_prune_usage_defaults_to_usage_retention_days(url, monkeypatch, capsys):
+    """Without --older-than, prune-usage keeps the last USAGE_RETENTION_DAYS days: older rows go,
+    newer ones stay. With the setting at 0 (keep everything) it does not guess a cutoff: one error
+    line naming the setting, exit 1, nothing deleted."""
+    engine = create_engine(url)
+    try:
+        now = datetime.now(UTC)
+        recent = event(now - timedelta(days=1))
+        UsageWriter(engine).write([event(now - timedelta(days=400)), recent])
+        monkeypatch.setenv("USAGE_RETENTION_DAYS", "0")
+        assert db_manager.main(["--database-url", url, "prune-usage"]) == 1
+        assert "USAGE_RETENTION_DAYS" in capsys.readouterr().err
+        assert count(engine, "SELECT count(*) FROM usage_records") == 2
+        monkeypatch.setenv("USAGE_RETENTION_DAYS", "30")
+        assert db_manager.main(["--database-url", url, "prune-usage"]) == 0
+        assert "pruned" in capsys.readouterr().out
+        with engine.connect() as conn:
+            assert list(conn.execute(text("SELECT request_id FROM usage_records")).scalars()) == [recent.request_id]
     finally:
         engine.dispose()

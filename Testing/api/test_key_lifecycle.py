@@ -72,6 +72,21 @@ def test_create_read_list_update_tenant(client, tenant, clean_db):
     assert error(client.get("/v1/tenants/999", headers=SYSTEM), 404)["code"] == "not_found"
 
 
+def test_tenant_created_by_the_first_key_is_audited(client, clean_db):
+    """A key minted by the system secret into a tenant that does not exist yet creates it, and
+    the audit log shows that creation (actor system) before the key's; a second key into the same
+    tenant creates nothing more."""
+    first = ok(client.post("/v1/api-keys", headers=SYSTEM, json={"name": "a", "tenant": "newco"}), 201)
+    ok(client.post("/v1/api-keys", headers=SYSTEM, json={"name": "b", "tenant": "newco"}), 201)
+    rows = audit(clean_db)
+    assert [(r["action"], r["actor_type"], r["tenant_id"]) for r in rows] == [
+        ("tenant.create", "system", first["tenant_id"]), ("key.create", "system", first["tenant_id"]),
+        ("key.create", "system", first["tenant_id"])]
+    assert rows[0]["target_id"] == first["tenant_id"] and rows[0]["details"]["name"] == "newco"
+    listed = ok(client.get("/v1/audit?action=tenant.create", headers=SYSTEM))["data"]
+    assert [e["target"] for e in listed] == [{"type": "tenant", "id": first["tenant_id"]}]
+
+
 @pytest.mark.parametrize("body,param", [
     ({}, "name"), ({"name": ""}, "name"), ({"name": 5}, "name"), ({"name": "x", "status": "gone"}, "status"),
     ({"name": "x", "budget_usd": "-1"}, "budget_usd"), ({"name": "x", "key_limits": {"rpm_limit": 0}},

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+import redis
 
-from Testing.conftest import app_config, close_app, minter, usage_rows, wait_for_rows
-from Testing.support import free_port
+from Testing.conftest import KEY_ROWS, app_config, close_app, minter, usage_rows, wait_for_rows
+from Testing.support import REDIS_URL, free_port, wait_until
 
 MESSAGES = [{"role": "user", "content": "hello routing"}]
 PRICING = {"input_per_mtok": "1", "output_per_mtok": "2"}
@@ -307,6 +309,52 @@ def test_uptime_probes_each_deployment_records_usage_and_caches(rclient, key, cl
     assert again["cached"] is True and len(fake_upstream.chat_requests()) == 1
     assert rclient.get("/v1/uptime/uptime-mixed").status_code == 401
     assert rclient.get("/v1/uptime/no-such", headers=auth).status_code == 404
+
+
+def test_uptime_probes_count_against_the_keys_limits(rclient, admin_headers, clean_db, fake_upstream):
+    """Each probe of GET /v1/uptime is a completion of the calling key: the two probes of a
+    two-deployment alias use up an rpm limit of 2 (the next completion is refused) while the
+    round holds a single concurrency slot (max_concurrent=1 does not refuse its second probe)."""
+    fake_upstream.reset()
+    k = minter(rclient, admin_headers)(name="uptime-rpm", rpm_limit=2, max_concurrent=1)
+    auth = {"Authorization": f"Bearer {k['key']}"}
+    resp = rclient.get("/v1/uptime/uptime-mixed", headers=auth)
+    assert resp.status_code == 200, resp.get_json()
+    assert resp.get_json()["cached"] is False and len(fake_upstream.chat_requests()) == 1
+    refused = chat(rclient, k, "fb-dead-first")
+    assert refused.status_code == 429 and refused.get_json()["error"]["type"] == "rate_limit_error"
+    assert len(rows_of(clean_db, k, 2, "uptime-mixed")) == 2
+    assert usage_rows(clean_db, "api_key_id = :k AND model = 'fb-dead-first'", {"k": k["id"]}) == []
+
+
+@pytest.mark.parametrize("limits,status,error_type", [
+    ({"rpm_limit": 1}, 429, "rate_limit_error"),
+    ({"budget_usd": "0.000001"}, 429, "insufficient_quota"),
+])
+def test_uptime_round_refused_by_the_keys_limits_probes_nothing(rclient, admin_headers, clean_db, fake_upstream,
+                                                                 limits, status, error_type):
+    """A key whose rpm limit cannot take every probe of the round, or whose budget cannot pay for
+    one, gets the refused completion's answer: no probe reaches the upstream, nothing is billed or
+    cached, and the reservations made are released (the key's concurrency slot is free again)."""
+    fake_upstream.reset()
+    since = datetime.now(timezone.utc)
+    k = minter(rclient, admin_headers)(name="uptime-refused", max_concurrent=1, **limits)
+    auth = {"Authorization": f"Bearer {k['key']}"}
+    resp = rclient.get("/v1/uptime/uptime-mixed", headers=auth)
+    assert resp.status_code == status, resp.get_json()
+    assert resp.get_json()["error"]["type"] == error_type
+    assert fake_upstream.chat_requests() == []
+    other = minter(rclient, admin_headers)(name="uptime-other")
+    fresh = rclient.get("/v1/uptime/uptime-mixed", headers={"Authorization": f"Bearer {other['key']}"})
+    assert fresh.status_code == 200 and fresh.get_json()["cached"] is False  # the refusal cached nothing
+    time.sleep(0.2)  # settlement of the other key's probes is written after its answer
+    assert usage_rows(clean_db, KEY_ROWS, {"k": k["id"], "since": since}) == []
+    leases = redis.Redis.from_url(REDIS_URL)
+    try:
+        lease_key = f"gw:{{t:{k['tenant_id']}}}:k:{k['id']}:lease"
+        wait_until(lambda: leases.zcard(lease_key) == 0, timeout=5, message="the probe's lease released")
+    finally:
+        leases.close()
 
 
 def test_providers_status_reports_the_failing_deployment_down(rclient, key, admin_headers, clean_db):

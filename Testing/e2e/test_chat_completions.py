@@ -6,12 +6,14 @@ import asyncio
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from decimal import Decimal
+from urllib.parse import urlencode
 
 import openai
 import pytest
 
-from Testing.conftest import usage_rows, wait_for_rows
+from Testing.conftest import KEY_ROWS, key_rows, usage_rows
 from Testing.fakes.fake_openai import prompt_tokens_for
 from Testing.support import SYSTEM_SECRET, UPSTREAM_KEY, http_json, open_chat_stream
 from app.utils.token_counter import count_messages, count_text
@@ -22,10 +24,12 @@ MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content
 
 @pytest.fixture
 def key(gateway, clean_db) -> dict:
+    """A fresh key; `since` is a time after the tables were emptied and before the key existed."""
+    since = datetime.now(timezone.utc)
     status, _, body = http_json("POST", gateway.base_url + "/v1/api-keys",
                                 {"name": "e2e", "tenant": "e2e-tenant"}, {"X-System-Secret": SYSTEM_SECRET})
     assert status == 201, body
-    return body
+    return {**body, "since": since}
 
 
 @pytest.fixture
@@ -34,7 +38,7 @@ def client(gateway, key) -> openai.OpenAI:
 
 
 def rows_for(engine, key: dict, count: int) -> list[dict]:
-    return wait_for_rows(engine, count, "api_key_id = :k", {"k": key["id"]})
+    return key_rows(engine, key, count)
 
 
 def expected_cost(prompt: int, completion: int) -> Decimal:
@@ -131,20 +135,26 @@ def test_usage_rows_equal_upstream_usage_for_many_requests(gateway, key, clean_d
     """N concurrent completions leave exactly N rows whose sums equal what the upstream reported."""
     n = 24
 
+    request_ids: set[str] = set()
+
     def call(i: int):
+        messages = [{"role": "user", "content": f"request {i} " * (i + 1)}]
         if i % 2:
-            chunks = list(client.chat.completions.create(
-                model="gpt-4o-mini", messages=[{"role": "user", "content": f"request {i} " * (i + 1)}],
-                stream=True, stream_options={"include_usage": True}))
-            return chunks[-1].usage
-        return client.chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": f"request {i} " * (i + 1)}]).usage
+            raw = client.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini", messages=messages, stream=True, stream_options={"include_usage": True})
+            request_ids.add(raw.headers["x-request-id"])
+            return list(raw.parse())[-1].usage
+        raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=messages)
+        request_ids.add(raw.headers["x-request-id"])
+        return raw.parse().usage
 
     with ThreadPoolExecutor(8) as pool:
         usages = list(pool.map(call, range(n)))
+    assert len(request_ids) == n
     rows = rows_for(clean_db, key, n)
     time.sleep(0.3)
-    assert len(usage_rows(clean_db, "api_key_id = :k", {"k": key["id"]})) == n
+    assert len(usage_rows(clean_db, KEY_ROWS, {"k": key["id"], "since": key["since"]})) == n
+    assert {r["request_id"] for r in rows} == request_ids
     assert sum(r["prompt_tokens"] for r in rows) == sum(u.prompt_tokens for u in usages)
     assert sum(r["completion_tokens"] for r in rows) == sum(u.completion_tokens for u in usages)
     assert len({r["request_id"] for r in rows}) == n
@@ -153,7 +163,8 @@ def test_usage_rows_equal_upstream_usage_for_many_requests(gateway, key, clean_d
                                        sum(u.completion_tokens for u in usages))
 
     headers = {"Authorization": f"Bearer {key['key']}"}
-    status, _, report = http_json("GET", gateway.base_url + "/v1/usage?group_by=model", headers=headers)
+    query = urlencode({"group_by": "model", "start": key["since"].isoformat()})
+    status, _, report = http_json("GET", gateway.base_url + "/v1/usage?" + query, headers=headers)
     assert status == 200
     assert report["requests"] == n
     assert report["prompt_tokens"] == sum(r["prompt_tokens"] for r in rows)

@@ -8,11 +8,12 @@ import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from decimal import Decimal
 
 import pytest
 
-from Testing.conftest import app_config, wait_for_rows
+from Testing.conftest import app_config, key_rows
 from Testing.support import (SYSTEM_SECRET, GatewayProcess, free_port, http_json, open_chat_stream,
                              wait_until)
 
@@ -29,12 +30,14 @@ def gateway_b(pg_url, models_file, tmp_path_factory):
 
 
 def mint(gateway, **fields) -> dict:
+    """A key through the admin API; `since` (a time before it existed) finds its usage rows."""
     fields.setdefault("name", "limited")
     fields.setdefault("tenant", "limits-tenant")
+    since = datetime.now(timezone.utc)
     status, _, body = http_json("POST", gateway.base_url + "/v1/api-keys", fields,
                                 {"X-System-Secret": SYSTEM_SECRET})
     assert status == 201, body
-    return body
+    return {**body, "since": since}
 
 
 def chat(gateway, key: str, model: str = "demo", **extra) -> tuple[int, dict, object]:
@@ -74,7 +77,7 @@ def test_tpm_concurrent_requests_never_exceed_the_limit(gateway, gateway_b, clea
                      for i in range(5)], workers=5)
     admitted = [r for r in results if r[0] == 200]
     assert 1 <= len(admitted) < 5
-    rows = wait_for_rows(clean_db, len(admitted), "api_key_id = :k", {"k": created["id"]})
+    rows = key_rows(clean_db, created, len(admitted))
     assert sum(r["total_tokens"] for r in rows) <= 100
     assert admitted[0][1]["x-ratelimit-limit-tokens"] == "100"
 
@@ -114,7 +117,7 @@ def test_budget_never_exceeded_under_concurrency(gateway, gateway_b, clean_db):
     refused = [r for r in results if r[0] == 429]
     assert admitted and refused and len(admitted) + len(refused) == 40
     assert refused[0][2]["error"]["code"] == "insufficient_quota"
-    rows = wait_for_rows(clean_db, len(admitted), "api_key_id = :k", {"k": created["id"]})
+    rows = key_rows(clean_db, created, len(admitted))
     assert sum(r["cost_usd"] for r in rows) <= Decimal("0.0002")
 
 

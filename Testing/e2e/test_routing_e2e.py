@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime, timezone
 
 import openai
 import pytest
 
-from Testing.conftest import app_config, wait_for_rows
+from Testing.conftest import app_config, key_rows
 from Testing.support import SYSTEM_SECRET, GatewayProcess, free_port, http_json
 
 MESSAGES = [{"role": "user", "content": "hello fallback"}]
@@ -42,9 +43,11 @@ def test_fallback_status_and_uptime_through_gunicorn(routing_gateway, clean_db):
     """The openai client gets answers (plain and streamed) although the first deployment is down;
     the usage rows name the live deployment; /v1/providers/status reports the dead one down with
     an open circuit; /v1/uptime probes both and says which is down."""
+    since = datetime.now(timezone.utc)
     status, _, key = http_json("POST", routing_gateway.base_url + "/v1/api-keys",
                                {"name": "e2e-routing", "tenant": "routing"}, {"X-System-Secret": SYSTEM_SECRET})
     assert status == 201
+    key["since"] = since
     client = openai.OpenAI(api_key=key["key"], base_url=routing_gateway.base_url + "/v1", max_retries=0, timeout=30)
     n = 6
     for i in range(n):
@@ -54,7 +57,7 @@ def test_fallback_status_and_uptime_through_gunicorn(routing_gateway, clean_db):
         else:
             text = client.chat.completions.create(model="resilient", messages=MESSAGES).choices[0].message.content
         assert text.startswith("Echo:")
-    rows = wait_for_rows(clean_db, n, "api_key_id = :k", {"k": key["id"]})
+    rows = key_rows(clean_db, key, n)
     assert {(r["provider"], r["status"]) for r in rows} == {("live", "ok")}
 
     time.sleep(0.6)  # every worker has published its view

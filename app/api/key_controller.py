@@ -30,7 +30,7 @@ def create_api_key() -> Response:
     session = db.session
     tenant_name = params.pop("tenant", None)
     if actor.is_operator:
-        tenant = api_key_service.get_or_create_tenant(session, tenant_name or "default")
+        tenant = tenant_service.get_or_create_tenant(session, actor, tenant_name or "default")
     else:
         tenant = session.get(Tenant, actor.tenant_id)
         if tenant_name is not None and tenant_name != tenant.name:
@@ -118,7 +118,7 @@ def revoke_api_key(key_id: int) -> Response:
 
 
 def _visible_key(actor: Actor, key_id: int) -> ApiKey:
-    key = db.session.get(ApiKey, key_id)
+    key = db.session.get(ApiKey, key_id) if 0 < key_id <= tenant_service.MAX_ID else None
     if key is None or not actor.sees_tenant(key.tenant_id):
         raise NotFound(f"No API key with id {key_id}.", param="id")
     return key

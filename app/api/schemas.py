@@ -111,6 +111,22 @@ class ChatCompletionSchema(Schema):
     user = StrictString(allow_none=True)
 
 
+class UTCDateTime(fields.AwareDateTime):
+    """An ISO 8601 time (UTC when it has no offset), returned in UTC. A time UTC cannot hold
+    (31 Dec 9999 west of Greenwich, 1 Jan 0001 east of it) is refused here, where it would
+    otherwise overflow later, when compared or stored."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(default_timezone=timezone.utc, **kwargs)
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kw: Any) -> Any:
+        moment = super()._deserialize(value, attr, data, **kw)
+        try:
+            return moment.astimezone(timezone.utc)
+        except OverflowError:
+            raise ValidationError("Not a time that can be expressed in UTC.") from None
+
+
 class IdField(fields.Integer):
     """A positive id: an integer in JSON, or its digits in a query string."""
 
@@ -148,7 +164,7 @@ class ApiKeyUpdateSchema(KeyLimitsFields):
     name = StrictString(validate=validate.Length(min=1, max=200))
     budget_usd = _budget()
     allowed_models = fields.List(StrictString(validate=validate.Length(min=1)), allow_none=True)
-    expires_at = fields.AwareDateTime(default_timezone=timezone.utc, allow_none=True)
+    expires_at = UTCDateTime(allow_none=True)
 
 
 class ApiKeyCreateSchema(ApiKeyUpdateSchema):
@@ -208,8 +224,8 @@ class UsageQuerySchema(Schema):
     class Meta:
         unknown = RAISE
 
-    start = fields.AwareDateTime(default_timezone=timezone.utc)
-    end = fields.AwareDateTime(default_timezone=timezone.utc)
+    start = UTCDateTime()
+    end = UTCDateTime()
     model = StrictString(validate=validate.Length(min=1, max=200))
     group_by = StrictString(validate=validate.OneOf(("model", "day", "key", "tenant")))
     tenant = StrictString(validate=validate.Length(min=1, max=200))

@@ -10,7 +10,6 @@ from app.api.common import json_response, read_json_object
 from app.api.schemas import TENANT_CREATE_SCHEMA, TENANT_UPDATE_SCHEMA
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.extensions import db
-from app.models import Tenant
 from app.runtime import runtime
 from app.services import tenant_service
 
@@ -34,7 +33,7 @@ def list_tenants() -> Response:
 
 def get_tenant(tenant_id: int) -> Response:
     actor = admin_caller()
-    tenant = db.session.get(Tenant, tenant_id)
+    tenant = tenant_service.get_tenant(db.session, tenant_id)
     if tenant is None or not actor.sees_tenant(tenant.id):
         raise NotFound(f"No tenant with id {tenant_id}.", param="id")
     return json_response(tenant_service.tenant_to_dict(tenant, tenant_service.key_counts(db.session)
@@ -46,7 +45,7 @@ def update_tenant(tenant_id: int) -> Response:
     changes = TENANT_UPDATE_SCHEMA.load(read_json_object())
     if not changes:
         raise InvalidRequest("Nothing to change: send at least one field.", code="invalid_value")
-    tenant = db.session.get(Tenant, tenant_id)
+    tenant = tenant_service.get_tenant(db.session, tenant_id)
     if tenant is None:
         raise NotFound(f"No tenant with id {tenant_id}.", param="id")
     changed = tenant_service.update_tenant(db.session, actor, tenant, changes)

@@ -36,8 +36,12 @@ def tenant_to_dict(tenant: Tenant, key_count: int | None = None) -> dict[str, An
     return body
 
 
+# Ids are BIGINTs: a larger number (from a URL) names nothing, and PostgreSQL would refuse it.
+MAX_ID = 2**63 - 1
+
+
 def get_tenant(session: Session, tenant_id: int) -> Tenant | None:
-    return session.get(Tenant, tenant_id)
+    return session.get(Tenant, tenant_id) if 0 < tenant_id <= MAX_ID else None
 
 
 def get_tenant_by_name(session: Session, name: str) -> Tenant | None:
@@ -53,6 +57,26 @@ def key_counts(session: Session) -> dict[int, int]:
     rows = session.execute(select(ApiKey.tenant_id, func.count()).where(ApiKey.revoked_at.is_(None))
                            .group_by(ApiKey.tenant_id))
     return {tenant_id: count for tenant_id, count in rows}
+
+
+def get_or_create_tenant(session: Session, actor: Actor, name: str) -> Tenant:
+    """The tenant named `name`, created on first use (minting a key into a new tenant) with its
+    `tenant.create` audit row, in the caller's transaction. A tenant created concurrently by
+    another request is used as is (its creator wrote the audit row)."""
+    tenant = get_tenant_by_name(session, name)
+    if tenant is not None:
+        return tenant
+    try:
+        with session.begin_nested():
+            tenant = Tenant(name=name, status="active", created_at=utcnow())
+            session.add(tenant)
+            session.flush()
+    except IntegrityError:
+        return session.scalars(select(Tenant).where(Tenant.name == name)).one()
+    audit_service.record(session, actor, "tenant.create", target_type="tenant", target_id=tenant.id,
+                         tenant_id=tenant.id, details={"name": name, "status": "active",
+                                                       "created_with_first_key": True})
+    return tenant
 
 
 def create_tenant(session: Session, actor: Actor, *, name: str, status: str = "active",

@@ -4,7 +4,8 @@ alias, timed to the first event and to the end.
 Results are cached for `cache_s` seconds, in Redis when there is one (so every worker and
 replica answers from the same probe) else in the worker, and one worker probes an alias at
 a time: the endpoint cannot be used to flood a provider. Each probe is a real upstream call:
-the caller records its usage (`on_probe`) like any other completion, and its outcome feeds
+the caller admits it against the calling key's limits first (`admit`) and records its usage
+(`on_probe`) like any other completion, and its outcome feeds
 the deployment's health record (a successful probe closes an open circuit).
 """
 from __future__ import annotations
@@ -52,7 +53,11 @@ class UptimeChecker:
         self._local: dict[str, tuple[float, dict[str, Any]]] = {}
         self._locks: dict[str, threading.Lock] = {}
 
-    def check(self, entry: ModelEntry, on_probe: Callable[[ProbeResult], None]) -> dict[str, Any]:
+    def check(self, entry: ModelEntry, on_probe: Callable[[ProbeResult], None],
+              admit: Callable[[list[ProbeResult]], None] | None = None) -> dict[str, Any]:
+        """The alias's report, from the cache or from a new probe round. `admit` sees the round's
+        probes before any goes out and may raise to cancel it (nothing probed, nothing cached);
+        `on_probe` gets each probe's outcome afterwards."""
         cached = self._cached(entry.alias)
         if cached is not None:
             return {**cached, "cached": True}
@@ -61,7 +66,10 @@ class UptimeChecker:
             cached = self._cached(entry.alias)
             if cached is not None:
                 return {**cached, "cached": True}
-            results = self._probe_all(entry)
+            results = self._planned(entry)
+            if admit is not None:
+                admit(results)
+            self._probe_all(results)
             for result in results:
                 on_probe(result)
             report = {
@@ -73,16 +81,18 @@ class UptimeChecker:
             self._store(entry.alias, report)
         return {**report, "cached": False}
 
-    def _probe_all(self, entry: ModelEntry) -> list[ProbeResult]:
+    @staticmethod
+    def _planned(entry: ModelEntry) -> list[ProbeResult]:
+        return [ProbeResult(dep, {"model": dep.model, "messages": PROBE_MESSAGES, "max_tokens": 1,
+                                  "stream": True}) for dep in entry.deployments]
+
+    def _probe_all(self, results: list[ProbeResult]) -> None:
         """Probe the deployments side by side (a hung one costs its timeout once, not N times)."""
-        results = [ProbeResult(dep, {"model": dep.model, "messages": PROBE_MESSAGES, "max_tokens": 1,
-                                     "stream": True}) for dep in entry.deployments]
         threads = [threading.Thread(target=self._probe, args=(r,), daemon=True) for r in results]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        return results
 
     def _probe(self, result: ProbeResult) -> None:
         dep = result.deployment
