@@ -11,8 +11,8 @@ tenants; rows spread uniformly over the 12 UTC months before the current one, lo
 COPY into the partitioned table; the daily rollup built from them (as the writer keeps it);
 ANALYZE. Then, through the Flask app (its test client: the whole request path without the
 network), the median and p95 of 30 calls of `/v1/usage` for one key's month (whole days: the
-rollup only; and shifted by 12 h: two raw edge days), and `query_usage` for one tenant's year
-(the tenant scope has no HTTP route in this version), also read from raw rows only for
+rollup only; and shifted by 12 h: two raw edge days), and `/v1/usage?tenant=...` for one
+tenant's year (as the operator, with the system secret), also read from raw rows only for
 comparison. Finally the writer: rows/s with the rollup kept in the same statement vs. a
 plain insert. Prints a Markdown table.
 """
@@ -179,8 +179,8 @@ def main() -> int:
                 "SELECT pg_total_relation_size('usage_daily'), (SELECT count(*) FROM usage_daily)").fetchone()
 
         from app import create_app
-        from app.services.usage_service import UsageQuery, query_usage
-        app = create_app({"DATABASE_URL": url, "REDIS_URL": "", "LOG_LEVEL": "WARNING"})
+        secret = uuid.uuid4().hex
+        app = create_app({"DATABASE_URL": url, "REDIS_URL": "", "LOG_LEVEL": "WARNING", "SYSTEM_SECRET": secret})
         client = app.test_client()
         headers = {"Authorization": f"Bearer {plain_key}"}
         key_id, tenant_id = keys[0]
@@ -199,7 +199,9 @@ def main() -> int:
         rt_engine = app.extensions["gateway"].engine
 
         def tenant_year() -> None:
-            query_usage(rt_engine, UsageQuery(start, end, tenant_id=tenant_id, group_by="model"))
+            resp = client.get(f"/v1/usage?tenant=tenant-0&start={iso(start)}&end={iso(end)}&group_by=model",
+                              headers={"X-System-Secret": secret})
+            assert resp.status_code == 200, resp.get_json()
 
         def tenant_year_raw() -> None:
             with rt_engine.connect() as conn:
@@ -209,7 +211,7 @@ def main() -> int:
         figures = {
             "key month, whole days (HTTP, group_by=day)": timed(key_month),
             "key month shifted 12 h: 2 raw edge days (HTTP, group_by=model)": timed(key_month_edges),
-            "tenant year (query_usage, group_by=model)": timed(tenant_year),
+            "tenant year (HTTP, tenant=..., group_by=model)": timed(tenant_year),
             "tenant year from raw rows only (no rollup)": timed(tenant_year_raw, runs=3),
         }
         body = client.get(f"/v1/usage?start={iso(month)}&end={iso(month_end)}", headers=headers).get_json()

@@ -36,12 +36,12 @@ def error(resp, status: int) -> dict:
 @pytest.fixture
 def tenant(client):
     return ok(client.post("/v1/tenants", headers=SYSTEM, json={
-        "name": "acme", "budget_usd": "100", "key_limits": {"rpm_limit": 60, "tpm_limit": 10000}}), 201)
+        "name": "lifeco", "budget_usd": "100", "key_limits": {"rpm_limit": 60, "tpm_limit": 10000}}), 201)
 
 
 @pytest.fixture
 def tadmin(client, tenant):
-    return ok(client.post("/v1/api-keys", headers=SYSTEM, json={"name": "acme-admin", "tenant": "acme",
+    return ok(client.post("/v1/api-keys", headers=SYSTEM, json={"name": "lifeco-admin", "tenant": "lifeco",
                                                                 "role": "admin"}), 201)
 
 
@@ -55,12 +55,12 @@ def audit(engine) -> list[dict]:
 def test_create_read_list_update_tenant(client, tenant, clean_db):
     """POST creates a tenant with its budget and key limits; GET reads and lists it; PATCH changes
     only what it names; a duplicate name is 409; each change leaves an audit row."""
-    assert tenant["name"] == "acme" and tenant["status"] == "active" and tenant["budget_usd"] == "100"
+    assert tenant["name"] == "lifeco" and tenant["status"] == "active" and tenant["budget_usd"] == "100"
     assert tenant["key_limits"] == {"rpm_limit": 60, "tpm_limit": 10000, "daily_token_limit": None,
                                     "max_concurrent": None}
     assert ok(client.get(f"/v1/tenants/{tenant['id']}", headers=SYSTEM)) == tenant
-    assert [t["name"] for t in ok(client.get("/v1/tenants", headers=SYSTEM))["data"]] == ["acme"]
-    assert error(client.post("/v1/tenants", headers=SYSTEM, json={"name": "acme"}), 409)["param"] == "name"
+    assert [t["name"] for t in ok(client.get("/v1/tenants", headers=SYSTEM))["data"]] == ["lifeco"]
+    assert error(client.post("/v1/tenants", headers=SYSTEM, json={"name": "lifeco"}), 409)["param"] == "name"
     changed = ok(client.patch(f"/v1/tenants/{tenant['id']}", headers=SYSTEM,
                               json={"budget_usd": "250.5", "key_limits": {"max_concurrent": 3}}))
     assert changed["budget_usd"] == "250.5"
