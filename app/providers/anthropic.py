@@ -19,9 +19,9 @@ with Retry-After when sent; "prompt is too long" is `context_too_long`.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from typing import Any
 
-from app.providers.base import (Completion, ProviderBadRequest, ProviderContextTooLong, ProviderError,
+from app.providers.base import (ProviderBadRequest, ProviderContextTooLong, ProviderError,
                                 ProviderRateLimited, ProviderUnavailable, StreamPiece, error_for_status,
                                 parse_retry_after, redact, register)
 from app.providers.native_http import (ChunkFactory, NativeHTTPProvider, StreamTranslator, choice,
@@ -226,6 +226,9 @@ class AnthropicStream(StreamTranslator):
 @register
 class AnthropicProvider(NativeHTTPProvider):
     type = "anthropic"
+    from_upstream = staticmethod(from_anthropic)
+    stream_batches = staticmethod(sse_batches)
+    stream_translator = AnthropicStream
     default_base_url = "https://api.anthropic.com/v1"
 
     def headers(self, stream: bool) -> dict[str, str]:
@@ -253,18 +256,3 @@ class AnthropicProvider(NativeHTTPProvider):
         if stream:
             body["stream"] = True
         return self.post("/messages", json.dumps(body, separators=(",", ":")).encode(), self.headers(stream))
-
-    def complete(self, request: dict[str, Any]) -> Completion:
-        resp = self._post(request, stream=False)
-        data = self.read_json(resp)
-        with self.translating():
-            body = from_anthropic(data, request["model"])
-        return Completion(body=body, usage=body["usage"])
-
-    def stream(self, request: dict[str, Any]) -> Iterator[StreamPiece]:
-        resp = self._post(request, stream=True)
-        return self.stream_from(resp, sse_batches, AnthropicStream(request["model"]))
-
-    def close(self) -> None:
-        self.pool.close()
-

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import quote
 
-from app.providers.base import (Completion, ProviderAuthError, ProviderBadRequest, ProviderContextTooLong,
+from app.providers.base import (ProviderAuthError, ProviderBadRequest, ProviderContextTooLong,
                                 ProviderError, ProviderNotFound, ProviderRateLimited, ProviderUnavailable,
                                 StreamPiece, error_for_status, parse_retry_after, redact, register)
 from app.providers.native_http import (ChunkFactory, NativeHTTPProvider, StreamTranslator, choice,
@@ -271,6 +271,9 @@ def gemini_error(status: int, parsed: Any, headers: Any) -> ProviderError:
 @register
 class GeminiProvider(NativeHTTPProvider):
     type = "gemini"
+    from_upstream = staticmethod(from_gemini)
+    stream_batches = staticmethod(sse_batches)
+    stream_translator = GeminiStream
     default_base_url = "https://generativelanguage.googleapis.com/v1beta"
 
     def headers(self, stream: bool) -> dict[str, str]:
@@ -293,16 +296,3 @@ class GeminiProvider(NativeHTTPProvider):
         model = quote(str(request["model"]).removeprefix("models/"), safe="-._~")
         path = f"/models/{model}:streamGenerateContent?alt=sse" if stream else f"/models/{model}:generateContent"
         return self.post(path, json.dumps(body, separators=(",", ":")).encode(), self.headers(stream))
-
-    def complete(self, request: dict[str, Any]) -> Completion:
-        data = self.read_json(self._post(request, stream=False))
-        with self.translating():
-            body = from_gemini(data, request["model"])
-        return Completion(body=body, usage=body["usage"])
-
-    def stream(self, request: dict[str, Any]) -> Iterator[StreamPiece]:
-        resp = self._post(request, stream=True)
-        return self.stream_from(resp, sse_batches, GeminiStream(request["model"]))
-
-    def close(self) -> None:
-        self.pool.close()

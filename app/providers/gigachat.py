@@ -20,10 +20,10 @@ import json
 import threading
 import time
 import uuid
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from app.providers.base import (Completion, ProviderAuthError, ProviderBadRequest, ProviderContextTooLong,
+from app.providers.base import (ProviderAuthError, ProviderBadRequest, ProviderContextTooLong,
                                 ProviderError, ProviderUnavailable, StreamPiece, error_for_status,
                                 parse_retry_after, redact, register)
 from app.providers.http_pool import PooledResponse
@@ -183,6 +183,9 @@ def gigachat_error(status: int, message: str, headers: Any) -> ProviderError:
 @register
 class GigaChatProvider(NativeHTTPProvider):
     type = "gigachat"
+    from_upstream = staticmethod(from_gigachat)
+    stream_batches = staticmethod(sse_batches)
+    stream_translator = GigaChatStream
     default_base_url = "https://gigachat.devices.sberbank.ru/api/v1"
 
     def __init__(self, name: str, settings: dict[str, Any], defaults: dict[str, Any]) -> None:
@@ -259,16 +262,8 @@ class GigaChatProvider(NativeHTTPProvider):
                 raise
         raise ProviderUnavailable("unreachable")  # pragma: no cover
 
-    def complete(self, request: dict[str, Any]) -> Completion:
-        data = self.read_json(self._post(request, stream=False))
-        with self.translating():
-            body = from_gigachat(data, request["model"])
-        return Completion(body=body, usage=body.get("usage"))
 
-    def stream(self, request: dict[str, Any]) -> Iterator[StreamPiece]:
-        resp = self._post(request, stream=True)
-        return self.stream_from(resp, sse_batches, GigaChatStream(request["model"]))
 
     def close(self) -> None:
-        self.pool.close()
+        super().close()
         self.auth_pool.close()

@@ -17,7 +17,7 @@ import uuid
 from contextlib import contextmanager
 from typing import Any, Callable, ClassVar, Iterable, Iterator
 
-from app.providers.base import (Provider, ProviderBadRequest, ProviderError, ProviderUnavailable,
+from app.providers.base import (Completion, Provider, ProviderBadRequest, ProviderError, ProviderUnavailable,
                                 StreamPiece, expand_env, not_configured)
 from app.providers.http_pool import HTTPPool, PooledResponse, http_timeouts
 from app.providers.openai_compatible import HTTPStream, transport_error
@@ -44,10 +44,17 @@ class StreamTranslator:
 
 
 class NativeHTTPProvider(Provider):
-    """Base of the adapters that speak a provider's own HTTP protocol."""
+    """Base of the adapters that speak a provider's own HTTP protocol.
+
+    An adapter supplies `_post` (its request, sent with `post`), `from_upstream` (its answer
+    -> an OpenAI completion), `stream_batches` (how its stream body splits into events) and
+    `stream_translator` (its events -> OpenAI chunks); the calls themselves are the same."""
 
     default_base_url: ClassVar[str] = ""
     key_required: ClassVar[bool] = True  # False: the key variable is optional (local servers)
+    from_upstream: ClassVar[Callable[[Any, str], dict[str, Any]]]
+    stream_batches: ClassVar[Callable[[Iterator[bytes]], Iterator[list[bytes]]]]
+    stream_translator: ClassVar[Callable[[str], StreamTranslator]]
 
     def __init__(self, name: str, settings: dict[str, Any], defaults: dict[str, Any]) -> None:
         super().__init__(name, settings, defaults)
@@ -148,6 +155,23 @@ class NativeHTTPProvider(Provider):
             raise
         except MALFORMED:
             raise self.malformed() from None
+
+    def _post(self, request: dict[str, Any], stream: bool) -> PooledResponse:
+        raise NotImplementedError
+
+    def complete(self, request: dict[str, Any]) -> Completion:
+        data = self.read_json(self._post(request, stream=False))
+        with self.translating():
+            body = type(self).from_upstream(data, request["model"])
+        return Completion(body=body, usage=body.get("usage"))
+
+    def stream(self, request: dict[str, Any]) -> Iterator[StreamPiece]:
+        resp = self._post(request, stream=True)
+        cls = type(self)
+        return self.stream_from(resp, cls.stream_batches, cls.stream_translator(request["model"]))
+
+    def close(self) -> None:
+        self.pool.close()
 
     def stream_from(self, resp: PooledResponse, batches: Callable[[Iterator[bytes]], Iterator[list[bytes]]],
                     translator: StreamTranslator) -> HTTPStream:

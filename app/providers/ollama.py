@@ -16,9 +16,9 @@ a 404 `not_found` naming the model.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from typing import Any
 
-from app.providers.base import (Completion, ProviderBadRequest, ProviderError, ProviderNotFound,
+from app.providers.base import (ProviderBadRequest, ProviderError, ProviderNotFound,
                                 ProviderUnavailable, StreamPiece, error_for_status, parse_retry_after,
                                 redact, register)
 from app.providers.native_http import (ChunkFactory, NativeHTTPProvider, StreamTranslator, choice,
@@ -159,6 +159,9 @@ class OllamaStream(StreamTranslator):
 @register
 class OllamaProvider(NativeHTTPProvider):
     type = "ollama"
+    from_upstream = staticmethod(from_ollama)
+    stream_batches = staticmethod(ndjson_batches)
+    stream_translator = OllamaStream
     default_base_url = "http://127.0.0.1:11434"
     key_required = False
 
@@ -185,16 +188,3 @@ class OllamaProvider(NativeHTTPProvider):
         explicit = request.get("max_completion_tokens") or request.get("max_tokens")
         body = to_ollama(request, self.output_cap(request) if explicit else None, stream)
         return self.post("/api/chat", json.dumps(body, separators=(",", ":")).encode(), self.headers(stream))
-
-    def complete(self, request: dict[str, Any]) -> Completion:
-        data = self.read_json(self._post(request, stream=False))
-        with self.translating():
-            body = from_ollama(data, request["model"])
-        return Completion(body=body, usage=body.get("usage"))
-
-    def stream(self, request: dict[str, Any]) -> Iterator[StreamPiece]:
-        resp = self._post(request, stream=True)
-        return self.stream_from(resp, ndjson_batches, OllamaStream(request["model"]))
-
-    def close(self) -> None:
-        self.pool.close()
