@@ -16,7 +16,7 @@ from decimal import Decimal
 from typing import Any, Callable
 
 from sqlalchemy import or_, select
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.models import ApiKey, Tenant
@@ -116,30 +116,17 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat().replace("+00:00", "Z") if value else None
 
 
-def get_or_create_tenant(session: Session, name: str) -> Tenant:
-    tenant = session.scalar(select(Tenant).where(Tenant.name == name))
-    if tenant is not None:
-        return tenant
-    try:
-        with session.begin_nested():
-            tenant = Tenant(name=name, status="active", created_at=utcnow())
-            session.add(tenant)
-            session.flush()
-        return tenant
-    except IntegrityError:  # created concurrently by another request: use that one
-        return session.scalars(select(Tenant).where(Tenant.name == name)).one()
-
-
-def mint_key(session: Session, *, name: str, tenant: "str | Tenant", role: str = "member",
+def mint_key(session: Session, *, name: str, tenant: Tenant, role: str = "member",
              rpm_limit: int | None = None, tpm_limit: int | None = None,
              daily_token_limit: int | None = None, max_concurrent: int | None = None,
              budget_usd: Decimal | None = None, allowed_models: list[str] | None = None,
              expires_at: datetime | None = None, commit: bool = True) -> tuple[ApiKey, str]:
     """Create a key and return it with its plaintext (which exists only in this return value).
 
-    `tenant` is a Tenant row or a name (created on first use). Commits unless `commit=False`.
+    `tenant_service.get_or_create_tenant` gives the tenant (audited when new). Commits unless
+    `commit=False`.
     """
-    tenant_row = tenant if isinstance(tenant, Tenant) else get_or_create_tenant(session, tenant)
+    tenant_row = tenant
     plaintext = generate_key()
     key = ApiKey(tenant_id=tenant_row.id, name=name, prefix=plaintext[:DISPLAY_PREFIX_LEN],
                  key_hash=hash_key(plaintext), role=role, rpm_limit=rpm_limit, tpm_limit=tpm_limit,
