@@ -45,26 +45,40 @@ else:
 
 
 class _OneSendResponse(gunicorn_wsgi.Response):
-    """gunicorn's response writer, except that the status line and headers leave in the same
-    `send` as the first body bytes (gunicorn sends them alone first). On loopback or a LAN
-    every `send` costs a syscall and a wake-up of the peer: one less per response, and a
-    stream's headers arrive with its first event. The edge cases (no body allowed, an empty
-    or over-long first write) stay with gunicorn."""
+    """gunicorn's response writer, with fewer `send`s: the status line and headers leave with
+    the first body bytes (gunicorn sends them alone first), and a chunked body's terminating
+    chunk leaves with the last data when the app marks it (a bytes object whose `ends_body`
+    is true: app/utils/streaming.py `FinalChunk`), instead of alone in `close()`. On loopback
+    or a LAN every `send` costs a syscall and a wake-up of the peer. The edge cases (no body
+    allowed, not bytes, empty, longer than Content-Length) stay with gunicorn."""
+
+    _ended = False  # the terminating chunk went out with the last data
 
     def write(self, arg):  # noqa: ANN001 - gunicorn's signature
-        if (self.headers_sent or self._omits_body or not isinstance(arg, bytes) or not arg
-                or (self.response_length is not None and len(arg) > self.response_length)):
+        if self._ended:
+            return
+        if (self._omits_body or not isinstance(arg, bytes) or not arg
+                or (self.response_length is not None and len(arg) > self.response_length - self.sent)):
             return super().write(arg)
-        head = self.default_headers()
-        head.extend(["%s: %s\r\n" % (k, v) for k, v in self.headers])
-        data = gunicorn_util.to_bytestring("%s\r\n" % "".join(head), "latin-1")
-        self.headers_sent = True
+        data = b""
+        if not self.headers_sent:
+            head = self.default_headers()
+            head.extend(["%s: %s\r\n" % (k, v) for k, v in self.headers])
+            data = gunicorn_util.to_bytestring("%s\r\n" % "".join(head), "latin-1")
+            self.headers_sent = True
         self.sent += len(arg)
         if self.chunked:
             data += b"%X\r\n%s\r\n" % (len(arg), arg)
+            if getattr(arg, "ends_body", False):
+                data += b"0\r\n\r\n"
+                self._ended = True
         else:
             data += arg
         self.sock.sendall(data)
+
+    def close(self):
+        if not self._ended:
+            super().close()
 
 
 def post_fork(server, worker):

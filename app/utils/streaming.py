@@ -74,6 +74,12 @@ def iter_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
         yield buf.strip()
 
 
+class FinalChunk(bytes):
+    """The last bytes of a streamed body. Servers that know the marker (gunicorn.config.py)
+    send the end of the chunked body in the same write; to anyone else it is plain bytes."""
+    ends_body = True
+
+
 def sse_event(data: bytes) -> bytes:
     return b"data: " + data + b"\n\n"
 
