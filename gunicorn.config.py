@@ -11,6 +11,8 @@ import multiprocessing
 import os
 
 from dotenv import load_dotenv
+from gunicorn import util as gunicorn_util
+from gunicorn.http import wsgi as gunicorn_wsgi
 
 load_dotenv(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env"), override=False)
 
@@ -40,6 +42,48 @@ if os.environ.get("GUNICORN_CONTROL_SOCKET"):
     control_socket = os.environ["GUNICORN_CONTROL_SOCKET"]
 else:
     control_socket_disable = True
+
+
+class _OneSendResponse(gunicorn_wsgi.Response):
+    """gunicorn's response writer, with fewer `send`s: the status line and headers leave with
+    the first body bytes (gunicorn sends them alone first), and a chunked body's terminating
+    chunk leaves with the last data when the app marks it (a bytes object whose `ends_body`
+    is true: app/utils/streaming.py `FinalChunk`), instead of alone in `close()`. On loopback
+    or a LAN every `send` costs a syscall and a wake-up of the peer. The edge cases (no body
+    allowed, not bytes, empty, longer than Content-Length) stay with gunicorn."""
+
+    _ended = False  # the terminating chunk went out with the last data
+
+    def write(self, arg):  # noqa: ANN001 - gunicorn's signature
+        if self._ended:
+            return
+        if (self._omits_body or not isinstance(arg, bytes) or not arg
+                or (self.response_length is not None and len(arg) > self.response_length - self.sent)):
+            return super().write(arg)
+        data = b""
+        if not self.headers_sent:
+            head = self.default_headers()
+            head.extend(["%s: %s\r\n" % (k, v) for k, v in self.headers])
+            data = gunicorn_util.to_bytestring("%s\r\n" % "".join(head), "latin-1")
+            self.headers_sent = True
+        self.sent += len(arg)
+        if self.chunked:
+            data += b"%X\r\n%s\r\n" % (len(arg), arg)
+            if getattr(arg, "ends_body", False):
+                data += b"0\r\n\r\n"
+                self._ended = True
+        else:
+            data += arg
+        self.sock.sendall(data)
+
+    def close(self):
+        if not self._ended:
+            super().close()
+
+
+def post_fork(server, worker):
+    """Installed in the worker only (the master serves no request)."""
+    gunicorn_wsgi.Response = _OneSendResponse
 
 
 def _gateway(worker):

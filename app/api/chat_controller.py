@@ -21,7 +21,7 @@ from app.runtime import runtime
 from app.services.rate_limit_service import LimiterUnavailable, deployment_quota, key_limits, to_nano
 from app.services.router import Candidate, ContextTooLong, NoDeploymentAvailable, RequestSize
 from app.services.settlement_service import CompletionTrace
-from app.utils.streaming import DONE_EVENT, KEEPALIVE_EVENT, sse_event, with_heartbeat
+from app.utils.streaming import DONE_EVENT, KEEPALIVE_EVENT, FinalChunk, sse_event, with_heartbeat
 from app.utils.token_counter import count_messages
 
 log = logging.getLogger("gateway.api")
@@ -227,14 +227,14 @@ def _stream_completion(rt: Any, models: list[ModelEntry], trace: CompletionTrace
                 except StopIteration:
                     break
             pending.append(DONE_EVENT)
-            yield b"".join(pending)
+            yield FinalChunk(b"".join(pending))
         except ProviderError as exc:
             # Bytes are out already: no fallback, end the stream with an error event.
             trace.status, trace.error_type = "error", exc.kind
             rt.health.failure(cand.health, exc)
             pending.append(sse_event(json.dumps(from_provider_error(exc).body()).encode()))
             pending.append(DONE_EVENT)
-            yield b"".join(pending)
+            yield FinalChunk(b"".join(pending))
         except GeneratorExit:
             trace.status, trace.error_type = "client_disconnected", "client_disconnected"
             raise
