@@ -50,7 +50,10 @@ class _OneSendResponse(gunicorn_wsgi.Response):
     chunk leaves with the last data when the app marks it (a bytes object whose `ends_body`
     is true: app/utils/streaming.py `FinalChunk`), instead of alone in `close()`. On loopback
     or a LAN every `send` costs a syscall and a wake-up of the peer. The edge cases (no body
-    allowed, not bytes, empty, longer than Content-Length) stay with gunicorn."""
+    allowed, not bytes, empty, longer than Content-Length) stay with gunicorn. It relies on
+    gunicorn's Response internals as of the version pinned in requirements.txt (27.0.1);
+    Testing/test_gunicorn_config.py checks the bytes on the wire, so an upgrade that changes
+    them fails there, not in production."""
 
     _ended = False  # the terminating chunk went out with the last data
 

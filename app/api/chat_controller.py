@@ -10,11 +10,12 @@ from typing import Any, Callable, Iterator, TypeVar
 
 from flask import Response, request
 
+from app.api.admission import admit_or_raise
 from app.api.auth import authenticate
 from app.api.common import JSON, new_request_id, read_json_object
 from app.api.schemas import CHAT_SCHEMA
 from app.errors import (APIError, InvalidRequest, ModelNotFound, PermissionDenied, RateLimited,
-                        ServiceUnavailable, from_provider_error, limit_error)
+                        ServiceUnavailable, from_provider_error)
 from app.providers.base import ProviderError, ProviderUnavailable, StreamPiece
 from app.providers.catalog import Deployment, ModelEntry
 from app.runtime import runtime
@@ -136,15 +137,7 @@ def _admit(rt: Any, trace: CompletionTrace) -> None:
     if not limits.any:
         return
     tokens, cost = _estimate(trace) if limits.needs_tokens else (0, 0)
-    try:
-        adm = rt.limiter.admit(limits, trace.request_id, tokens, cost)
-    except LimiterUnavailable:
-        raise ServiceUnavailable("Rate limits cannot be checked right now (the limiter's Redis is "
-                                 "unreachable); try again shortly.", code="rate_limiter_unavailable") from None
-    if not adm.admitted:
-        raise limit_error(adm.reason, adm.retry_after_ms, adm.headers, tokens=tokens, rpm=limits.rpm,
-                          tpm=limits.tpm, daily=limits.daily_tokens, concurrent=limits.max_concurrent)
-    trace.admission = adm
+    trace.admission = admit_or_raise(rt.limiter, limits, trace.request_id, tokens, cost)
 
 
 def _reserve_quota(rt: Any, trace: CompletionTrace, deployment: Deployment) -> bool:

@@ -9,12 +9,13 @@ from typing import Any
 
 from flask import Response, request
 
+from app.api.admission import admit_or_raise
 from app.api.auth import authenticate, require_system_secret
 from app.api.common import json_response, new_request_id
-from app.errors import ModelNotFound, PermissionDenied, ServiceUnavailable, limit_error
+from app.errors import ModelNotFound, PermissionDenied
 from app.runtime import runtime
 from app.services.provider_health import merge_snapshots
-from app.services.rate_limit_service import KeyLimits, LimiterUnavailable, key_limits, to_nano
+from app.services.rate_limit_service import KeyLimits, key_limits, to_nano
 from app.services.router import deployment_name
 from app.services.settlement_service import CompletionTrace
 from app.services.uptime_service import PROBE_MESSAGES, ProbeResult
@@ -73,15 +74,8 @@ def _admit_probe(rt: Any, trace: CompletionTrace, limits: KeyLimits) -> None:
     trace.prompt_estimate = count_messages(PROBE_MESSAGES, trace.entry.tokenizer)
     tokens = trace.prompt_estimate + 1
     cost = to_nano(trace.entry.pricing.cost(trace.prompt_estimate, 1)) if limits.needs_tokens else 0
-    try:
-        adm = rt.limiter.admit(limits, trace.request_id, tokens if limits.needs_tokens else 0, cost)
-    except LimiterUnavailable:
-        raise ServiceUnavailable("Rate limits cannot be checked right now (the limiter's Redis is "
-                                 "unreachable); try again shortly.", code="rate_limiter_unavailable") from None
-    if not adm.admitted:
-        raise limit_error(adm.reason, adm.retry_after_ms, adm.headers, tokens=tokens, rpm=limits.rpm,
-                          tpm=limits.tpm, daily=limits.daily_tokens, concurrent=limits.max_concurrent)
-    trace.admission = adm
+    trace.admission = admit_or_raise(rt.limiter, limits, trace.request_id,
+                                     tokens if limits.needs_tokens else 0, cost)
 
 
 def providers_status() -> Response:
