@@ -20,7 +20,7 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator
 from app.providers.base import (Completion, Provider, ProviderBadRequest, ProviderError, ProviderUnavailable,
                                 StreamPiece, expand_env, not_configured)
 from app.providers.http_pool import HTTPPool, PooledResponse, http_timeouts
-from app.providers.openai_compatible import HTTPStream, transport_error
+from app.providers.openai_compatible import HTTPStream, post_checked, transport_error
 from app.utils.streaming import iter_sse_batches
 
 # What translating a malformed upstream answer can raise.
@@ -121,17 +121,7 @@ class NativeHTTPProvider(Provider):
     def post(self, path: str, body: bytes, headers: dict[str, str],
              pool: HTTPPool | None = None) -> PooledResponse:
         """POST; an error status raises the mapped ProviderError; transport failures too."""
-        try:
-            resp = (pool or self.pool).post(path, body, headers)
-        except OSError as exc:
-            raise transport_error(exc, self.name) from None
-        if resp.status >= 400:
-            try:
-                data = resp.read()
-            except OSError:
-                data = b""
-            raise self.upstream_error(resp.status, data, resp.headers)
-        return resp
+        return post_checked(pool or self.pool, path, body, headers, self.name, self.upstream_error)
 
     def read_json(self, resp: PooledResponse) -> Any:
         try:

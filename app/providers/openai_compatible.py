@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 from app.providers.base import (Completion, Provider, ProviderError, ProviderTimeout,
@@ -48,6 +48,23 @@ def transport_error(exc: Exception, name: str) -> ProviderError:
     if isinstance(exc, UpstreamConnectError):
         return ProviderUnavailable(f"provider {name!r} refused the connection")
     return ProviderUnavailable(f"provider {name!r} closed the connection")
+
+
+def post_checked(pool: HTTPPool, path: str, body: bytes, headers: dict[str, str], name: str,
+                 to_error: Callable[[int, bytes, Any], ProviderError]) -> PooledResponse:
+    """POST through the pool; a transport failure or an error status (>= 400, its body mapped
+    by `to_error`) raises the ProviderError of the taxonomy."""
+    try:
+        resp = pool.post(path, body, headers)
+    except OSError as exc:
+        raise transport_error(exc, name) from None
+    if resp.status >= 400:
+        try:
+            data = resp.read()
+        except OSError:
+            data = b""
+        raise to_error(resp.status, data, resp.headers)
+    return resp
 
 
 class HTTPStream:
@@ -115,17 +132,7 @@ class OpenAICompatibleProvider(Provider):
         headers = self.headers()
         if stream:
             headers["Accept"] = "text/event-stream"
-        try:
-            resp = self.pool.post("/chat/completions", body, headers)
-        except OSError as exc:
-            raise transport_error(exc, self.name) from None
-        if resp.status >= 400:
-            try:
-                data = resp.read()
-            except OSError:
-                data = b""
-            raise upstream_error(resp.status, data, resp.headers)
-        return resp
+        return post_checked(self.pool, "/chat/completions", body, headers, self.name, upstream_error)
 
     def complete(self, request: dict[str, Any]) -> Completion:
         resp = self._post(request, stream=False)
