@@ -155,6 +155,16 @@ class PooledResponse:
             except RuntimeError:  # a read still in progress in another greenlet
                 pass
 
+    def drain(self) -> None:
+        """Read what is left of the body (after a stream's last event) so that the connection
+        can be reused; closed instead when that read fails."""
+        try:
+            for _ in self.iter_chunks():
+                pass
+            self.release()
+        except OSError:
+            self.close()
+
 
 def http_timeouts(settings: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """HTTPPool's timeouts from a provider's models.json entry, else the gateway's defaults:

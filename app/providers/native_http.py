@@ -197,7 +197,7 @@ class NativeHTTPProvider(Provider):
                 yield from _flushed(last)
             finally:
                 if complete:
-                    _drain(resp)
+                    resp.drain()
                 else:
                     resp.close()
 
@@ -208,15 +208,6 @@ def _flushed(pieces: list[StreamPiece]) -> Iterator[StreamPiece]:
     for i, piece in enumerate(pieces):
         piece.flush = i == len(pieces) - 1
         yield piece
-
-
-def _drain(resp: PooledResponse) -> None:
-    try:
-        for _ in resp.iter_chunks():
-            pass
-        resp.release()
-    except OSError:
-        resp.close()
 
 
 def sse_batches(chunks: Iterator[bytes]) -> Iterator[list[bytes]]:

@@ -173,18 +173,9 @@ class OpenAICompatibleProvider(Provider):
             raise ProviderUnavailable(f"provider {self.name!r} ended the stream without [DONE]")
         finally:
             if finished:
-                self._finish(resp)
+                resp.drain()  # past [DONE] to the end of the body: the connection is reused
             else:
                 resp.close()  # aborted or broken mid-body: never reuse this connection
-
-    def _finish(self, resp: PooledResponse) -> None:
-        """Read past [DONE] to the end of the body so the connection can be reused."""
-        try:
-            for _ in resp.iter_chunks():
-                pass
-            resp.release()
-        except OSError:
-            resp.close()
 
     def _read(self, resp: PooledResponse) -> Iterator[bytes]:
         try:
