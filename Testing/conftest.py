@@ -13,6 +13,7 @@ from sqlalchemy import create_engine, text
 
 import db_manager
 from Testing.fakes.fake_openai import FakeOpenAI
+from Testing.tcp_proxy import TcpProxy
 from Testing.support import (KEY_EVENTS_CHANNEL, REDIS_URL, SYSTEM_SECRET, UPSTREAM_KEY, GatewayProcess,
                              create_database, database_url, drop_database, wait_until,
                              write_models_file)
@@ -54,6 +55,14 @@ def clean_db(pg_engine) -> Any:
     client.flushdb()
     client.close()
     return pg_engine
+
+
+@pytest.fixture
+def pg_proxy(pg_url: str) -> Iterator[TcpProxy]:
+    """A TCP proxy before the test database: `.url` goes through it, `cut()` is an outage."""
+    proxy = TcpProxy.in_front_of(pg_url)
+    yield proxy
+    proxy.cut()
 
 
 @pytest.fixture(scope="session")

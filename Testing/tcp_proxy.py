@@ -6,6 +6,8 @@ from __future__ import annotations
 import socket
 import threading
 
+from sqlalchemy.engine import make_url
+
 from Testing.support import free_port
 
 
@@ -13,9 +15,18 @@ class TcpProxy:
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
         self.port = free_port()
+        self.url = ""  # the database URL through this proxy (in_front_of)
         self._listener: socket.socket | None = None
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
+
+    @classmethod
+    def in_front_of(cls, database_url: str) -> "TcpProxy":
+        """A started proxy before the server of `database_url`; `.url` reaches it through the proxy."""
+        url = make_url(database_url)
+        proxy = cls(url.host or "127.0.0.1", url.port or 5432).start()
+        proxy.url = url.set(port=proxy.port).render_as_string(hide_password=False)
+        return proxy
 
     def start(self) -> "TcpProxy":
         self.restore()

@@ -7,6 +7,7 @@ import weakref
 from typing import Any, Mapping
 
 from flask import Flask, Response, g
+from sqlalchemy.exc import SQLAlchemyError
 
 from app.config import Settings, load_dotenv_once
 from app.errors import register_error_handlers
@@ -21,7 +22,7 @@ from app.services.retry_policy import RetryPolicy
 from app.services.router import Router
 from app.services.uptime_service import UptimeChecker
 from app.services.settlement_service import Settlement
-from app.services.rate_limit_service import LocalLimiter, RateLimitService, RedisLimiter
+from app.services.rate_limit_service import LimiterUnavailable, LocalLimiter, RateLimitService, RedisLimiter
 from app.services.usage_batcher import UsageBatcher, dedicated_engine
 from app.services.usage_outbox import RedisOutbox, SpoolOutbox
 from app.services.usage_service import UsageWriter, period_totals
@@ -126,8 +127,6 @@ def _usage_batcher(settings: Settings, engine: Any, redis_client: Any) -> UsageB
 def seed_from_usage(engine: Any, key_id: int, tenant_id: int, day: int, month: str) -> dict[str, int]:
     """The limiter's day/month counters rebuilt from the usage store. PostgreSQL unreachable:
     the limiter is as unable to decide as without Redis (RATE_LIMIT_FAIL_MODE applies)."""
-    from sqlalchemy.exc import SQLAlchemyError
-    from app.services.rate_limit_service import LimiterUnavailable
     try:
         return period_totals(engine, key_id, tenant_id, day, month)
     except SQLAlchemyError as exc:

@@ -8,7 +8,6 @@ import time
 import uuid
 
 import pytest
-from sqlalchemy.engine import make_url
 
 from Testing.conftest import app_config, close_app
 from Testing.support import SYSTEM_SECRET
@@ -21,11 +20,9 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 @pytest.fixture
 def outage_app(pg_url, models_file, clean_db, tmp_path):
     """The app behind a proxy; its outbox is its own (no other gateway of the run replays it)."""
-    url = make_url(pg_url)
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432).start()
+    proxy = TcpProxy.in_front_of(pg_url)
     from app import create_app
-    application = create_app(app_config(url.set(port=proxy.port).render_as_string(hide_password=False),
-                                        models_file, AUTH_CACHE_TTL_S=0.2, USAGE_WRITE_TIMEOUT_S=1,
+    application = create_app(app_config(proxy.url, models_file, AUTH_CACHE_TTL_S=0.2, USAGE_WRITE_TIMEOUT_S=1,
                                         USAGE_OUTBOX_NAME="usage-outage-" + uuid.uuid4().hex[:8],
                                         USAGE_SPOOL_DIR=str(tmp_path)))
     yield application, proxy

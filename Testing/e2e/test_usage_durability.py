@@ -15,24 +15,14 @@ from pathlib import Path
 import pytest
 import redis
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 
 from app.services.usage_outbox import outbox_key
 from Testing.conftest import app_config
 from Testing.support import (REDIS_URL, SYSTEM_SECRET, GatewayProcess, free_port, http_json,
                              open_chat_stream, wait_until)
-from Testing.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.timeout(120)
 MESSAGES = [{"role": "user", "content": "count to three"}]
-
-
-@pytest.fixture
-def proxy(pg_url):
-    url = make_url(pg_url)
-    p = TcpProxy(url.host or "127.0.0.1", url.port or 5432).start()
-    yield p
-    p.cut()
 
 
 @pytest.fixture
@@ -77,16 +67,12 @@ def rollup_requests(engine) -> int:
         return int(conn.execute(text("SELECT coalesce(sum(requests), 0) FROM usage_daily")).scalar())
 
 
-def proxied(pg_url: str, proxy: TcpProxy) -> str:
-    return make_url(pg_url).set(port=proxy.port).render_as_string(hide_password=False)
-
-
 def test_postgres_outage_mid_load_every_completion_recorded_exactly_once(pg_url, models_file, tmp_path,
-                                                                         proxy, rclient, clean_db):
+                                                                         pg_proxy, rclient, clean_db):
     """With PostgreSQL unreachable: completions keep being served for cached keys (also past the
     cache TTL), limits keep counting in Redis, an unknown key gets a 503 envelope, /health shows
     the outbox; once PostgreSQL is back every completion served appears exactly once."""
-    gw = start_gateway(proxied(pg_url, proxy), models_file, tmp_path)
+    gw = start_gateway(pg_proxy.url, models_file, tmp_path)
     try:
         key = mint(gw, rpm_limit=30)["key"]
         other = mint(gw, name="never-used")["key"]
@@ -97,7 +83,7 @@ def test_postgres_outage_mid_load_every_completion_recorded_exactly_once(pg_url,
             served.append(rid)
         wait_until(lambda: len(request_ids(clean_db)) == 3, message="warm-up rows")
 
-        proxy.cut()
+        pg_proxy.cut()
         time.sleep(0.6)  # past AUTH_CACHE_TTL_S: the key is served from its last known state
         with ThreadPoolExecutor(8) as pool:
             results = list(pool.map(lambda i: chat(gw, key, stream=i % 2 == 1), range(20)))
@@ -121,7 +107,7 @@ def test_postgres_outage_mid_load_every_completion_recorded_exactly_once(pg_url,
         assert health["worker"]["usage_database_down"] is True
         assert request_ids(clean_db) == served[:3] or sorted(request_ids(clean_db)) == sorted(served[:3])
 
-        proxy.restore()
+        pg_proxy.restore()
         wait_until(lambda: len(request_ids(clean_db)) == len(served), timeout=20, message="the outbox replayed")
         time.sleep(0.5)
         stored = request_ids(clean_db)
@@ -138,18 +124,18 @@ def test_postgres_outage_mid_load_every_completion_recorded_exactly_once(pg_url,
 
 
 @pytest.mark.parametrize("outbox", ["redis", "spool"])
-def test_worker_sigkilled_after_its_responses_loses_none_of_them(pg_url, models_file, tmp_path, proxy,
+def test_worker_sigkilled_after_its_responses_loses_none_of_them(pg_url, models_file, tmp_path, pg_proxy,
                                                                  rclient, clean_db, outbox):
     """During an outage a worker answers, its rows reach the outbox (Redis, or the fsync'ed
     spool when Redis is down too), then it is SIGKILLed: the worker gunicorn starts in its place
     replays them when PostgreSQL is back, so every finished request is billed once."""
     overrides = {} if outbox == "redis" else {"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
-    gw = start_gateway(proxied(pg_url, proxy), models_file, tmp_path, **overrides)
+    gw = start_gateway(pg_proxy.url, models_file, tmp_path, **overrides)
     try:
         key = mint(gw)["key"]  # no limits: admission needs no Redis
         assert chat(gw, key)[0] == 200
         wait_until(lambda: len(request_ids(clean_db)) == 1, message="warm-up row")
-        proxy.cut()
+        pg_proxy.cut()
         served = []
         for i in range(10):
             status, rid, body = chat(gw, key, stream=i % 2 == 0)
@@ -164,7 +150,7 @@ def test_worker_sigkilled_after_its_responses_loses_none_of_them(pg_url, models_
         [worker] = gw.worker_pids()
         os.kill(worker, signal.SIGKILL)
         wait_until(lambda: gw.worker_pids() not in ([], [worker]), timeout=20, message="a new worker")
-        proxy.restore()
+        pg_proxy.restore()
         wait_until(lambda: len(request_ids(clean_db)) == 11, timeout=30, message="the outbox replayed")
         time.sleep(0.5)
         stored = request_ids(clean_db)

@@ -12,14 +12,12 @@ from decimal import Decimal
 import pytest
 import redis
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from app.services.usage_batcher import (DEAD_LETTER_FILE, WRITER_APPLICATION_NAME, UsageBatcher,
                                         dedicated_engine)
 from app.services.usage_outbox import RedisOutbox, SpoolOutbox, outbox_key
 from app.services.usage_service import UsageEvent, UsageQuery, UsageWriter, query_usage
 from Testing.support import REDIS_URL, free_port, wait_until
-from Testing.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.timeout(90)
 UTC = timezone.utc
@@ -51,18 +49,6 @@ def rclient(clean_db):
     client = redis.Redis.from_url(REDIS_URL)
     yield client
     client.close()
-
-
-@pytest.fixture
-def proxy(pg_url):
-    url = make_url(pg_url)
-    p = TcpProxy(url.host or "127.0.0.1", url.port or 5432).start()
-    yield p
-    p.cut()
-
-
-def proxied_url(pg_url: str, proxy: TcpProxy) -> str:
-    return make_url(pg_url).set(port=proxy.port).render_as_string(hide_password=False)
 
 
 def test_replaying_the_same_redis_outbox_twice_writes_nothing_the_second_time(clean_db, rclient, name):
@@ -108,17 +94,17 @@ def test_spool_file_of_a_live_writer_is_left_alone(clean_db, tmp_path):
     assert other.replay_outbox() == {"records": 5, "new_rows": 5}
 
 
-def test_database_down_rows_go_to_redis_and_are_replayed_exactly_once(pg_url, clean_db, rclient, proxy, name):
+def test_database_down_rows_go_to_redis_and_are_replayed_exactly_once(pg_url, clean_db, rclient, pg_proxy, name):
     """PostgreSQL unreachable: submitted rows land in the Redis outbox (none held in memory),
     the batcher stops trying PostgreSQL until a probe answers, then replays them all once."""
-    engine = dedicated_engine(proxied_url(pg_url, proxy), 2.0)
+    engine = dedicated_engine(pg_proxy.url, 2.0)
     batcher = UsageBatcher(UsageWriter(engine), redis_outbox=RedisOutbox(rclient, name), poll_s=0.1)
     try:
         for e in events(5):
             batcher.submit(e)
         assert batcher.flush(10)
         wait_until(lambda: counts(clean_db)[0] == 5, message="rows written while up")
-        proxy.cut()
+        pg_proxy.cut()
         outage = events(30)
         for e in outage:
             batcher.submit(e)
@@ -127,7 +113,7 @@ def test_database_down_rows_go_to_redis_and_are_replayed_exactly_once(pg_url, cl
         assert rclient.llen(outbox_key(name)) == 30
         assert batcher.outbox_depth()["redis"] == 30
         assert counts(clean_db)[0] == 5
-        proxy.restore()
+        pg_proxy.restore()
         wait_until(lambda: counts(clean_db) == (35, 35, 35), timeout=15, message="the outbox replayed")
         wait_until(lambda: batcher.replayed == 30 and rclient.llen(outbox_key(name)) == 0, message="replay acked")
         assert not batcher.database_down and counts(clean_db) == (35, 35, 35)
@@ -162,15 +148,15 @@ def test_writer_connections_killed_rows_replayed_exactly_once(pg_url, clean_db, 
         engine.dispose()
 
 
-def test_database_and_redis_down_rows_go_to_the_fsynced_spool(pg_url, clean_db, tmp_path, proxy):
+def test_database_and_redis_down_rows_go_to_the_fsynced_spool(pg_url, clean_db, tmp_path, pg_proxy):
     """PostgreSQL and Redis both unreachable: the rows are appended to the local spool file;
     with PostgreSQL back they are replayed once and the file is deleted."""
-    engine = dedicated_engine(proxied_url(pg_url, proxy), 2.0)
+    engine = dedicated_engine(pg_proxy.url, 2.0)
     dead_redis = redis.Redis(port=free_port(), socket_connect_timeout=0.5)
     batcher = UsageBatcher(UsageWriter(engine), redis_outbox=RedisOutbox(dead_redis, "usage-dead"),
                            spool=SpoolOutbox(tmp_path), poll_s=0.1)
     try:
-        proxy.cut()
+        pg_proxy.cut()
         batch = events(12)
         for e in batch:
             batcher.submit(e)
@@ -179,7 +165,7 @@ def test_database_and_redis_down_rows_go_to_the_fsynced_spool(pg_url, clean_db, 
         assert sorted(UsageEvent.from_json(line).request_id for line in spooled.splitlines()) == \
             sorted(e.request_id for e in batch)
         assert batcher.outbox_depth()["redis"] is None and batcher.outbox_depth()["spool_files"] == 1
-        proxy.restore()
+        pg_proxy.restore()
         wait_until(lambda: counts(clean_db) == (12, 12, 12), timeout=15, message="the spool replayed")
         wait_until(lambda: list(tmp_path.glob("*.spool")) == [], message="the spool file deleted")
     finally:
