@@ -1,22 +1,12 @@
-"""The gunicorn response writer of gunicorn.config.py: fewer sends, byte-exact HTTP/1.1."""
+"""The gunicorn response writer of app/overrides.py: fewer sends, byte-exact HTTP/1.1."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 from gunicorn.config import Config
 
+from app.overrides import OneSendResponse
 from app.utils.streaming import FinalChunk
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _response_class() -> type:
-    spec = importlib.util.spec_from_file_location("gateway_gunicorn_config", ROOT / "gunicorn.config.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module._OneSendResponse
 
 
 class RecordingSocket:
@@ -30,7 +20,7 @@ class RecordingSocket:
 def _response(headers: list[tuple[str, str]]) -> tuple[object, RecordingSocket]:
     req = SimpleNamespace(version=(1, 1), method="POST", should_close=lambda: False)
     sock = RecordingSocket()
-    resp = _response_class()(req, sock, Config())
+    resp = OneSendResponse(req, sock, Config())
     resp.start_response("200 OK", headers)
     return resp, sock
 

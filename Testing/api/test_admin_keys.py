@@ -13,7 +13,7 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import text
 
-from Testing.conftest import app_config, close_app, minter
+from Testing.conftest import app_config, close_app, minter, start_app
 from Testing.support import SYSTEM_SECRET
 
 pytestmark = pytest.mark.timeout(60)
@@ -195,8 +195,7 @@ def test_admin_api_requires_system_secret(shared_client, shared_mint, pg_engine,
 
 def test_admin_api_disabled_without_system_secret(pg_url, models_file, pg_engine):
     """With SYSTEM_SECRET empty the admin API answers 503 naming SYSTEM_SECRET, whatever is sent."""
-    from app import create_app
-    application = create_app(app_config(pg_url, models_file, SYSTEM_SECRET=""))
+    application = start_app(app_config(pg_url, models_file, SYSTEM_SECRET=""))
     before = counts(pg_engine)
     try:
         c = application.test_client()
@@ -260,8 +259,7 @@ def test_mint_body_must_be_a_json_object(shared_client, admin_headers, data):
 
 def test_key_expiry(pg_url, models_file):
     """A key works until its expires_at, then gets 401 saying it expired."""
-    from app import create_app
-    application = create_app(app_config(pg_url, models_file, AUTH_CACHE_TTL_S=0.1))
+    application = start_app(app_config(pg_url, models_file, AUTH_CACHE_TTL_S=0.1))
     try:
         c = application.test_client()
         expires = datetime.now(timezone.utc) + timedelta(seconds=2)

@@ -9,7 +9,7 @@ import time
 import pytest
 from sqlalchemy import text
 
-from Testing.conftest import app_config, close_app
+from Testing.conftest import app_config, close_app, start_app
 from Testing.support import SYSTEM_SECRET
 
 pytestmark = pytest.mark.timeout(60)
@@ -144,8 +144,7 @@ def test_last_used_at_written_then_throttled(client, mint, pg_engine):
 
 def test_last_used_at_rewritten_after_interval(pg_url, models_file, pg_engine):
     """After LAST_USED_WRITE_INTERVAL_S the next successful call writes a newer last_used_at."""
-    from app import create_app
-    application = create_app(app_config(pg_url, models_file, LAST_USED_WRITE_INTERVAL_S=0.3))
+    application = start_app(app_config(pg_url, models_file, LAST_USED_WRITE_INTERVAL_S=0.3))
     try:
         c = application.test_client()
         resp = c.post("/v1/api-keys", json={"name": "k"}, headers={"X-System-Secret": SYSTEM_SECRET})

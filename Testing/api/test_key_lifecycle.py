@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import text
 
-from Testing.conftest import app_config, close_app
+from Testing.conftest import app_config, close_app, start_app
 from Testing.support import SYSTEM_SECRET
 
 pytestmark = pytest.mark.timeout(60)
@@ -212,8 +212,7 @@ def test_rotate_without_grace_stops_the_old_secret_now(client, tadmin, clean_db)
 def test_rotate_with_grace_keeps_the_old_secret_until_it_ends(pg_url, models_file, clean_db):
     """With grace_period_s the old secret keeps working (with the new one) until the grace ends,
     then gets 401 saying the key was rotated; rotating again ends an earlier grace at once."""
-    from app import create_app
-    application = create_app(app_config(pg_url, models_file, AUTH_CACHE_TTL_S=30))
+    application = start_app(app_config(pg_url, models_file, AUTH_CACHE_TTL_S=30))
     try:
         c = application.test_client()
         k = ok(c.post("/v1/api-keys", headers=SYSTEM, json={"name": "g"}), 201)

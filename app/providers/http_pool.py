@@ -2,10 +2,9 @@
 
 Why not urllib3 or httpx: on the gateway's hot path urllib3 cost ~0.45 ms of CPU per call in
 profiles (URL parsing, a liveness poll before each reuse, headers and body in two sends);
-httpx's pool collapses under gevent concurrency (TRAPS.md). This pool adds only a list of idle
-connections to `http.client`, whose connections here send the headers and a bytes body in one
-`send` (plain `http.client` uses two: one more syscall, and on loopback one more wake-up of
-the upstream, per call). Under gevent
+httpx's pool collapses under gevent concurrency. This pool adds only a list of
+idle connections to `http.client`; its connection classes come from app/overrides.py (headers
+and a bytes body in one `send` unless that override is off). Under gevent
 the sockets are cooperative; timeouts are per socket operation (connect, then every read:
 the read timeout is also the stream idle timeout). An optional total timeout bounds the whole
 call: it is checked before every read, and a read never waits longer than what is left of it.
@@ -28,27 +27,6 @@ _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
 # What reading a body can raise; AttributeError is http.client's answer when the socket was
 # closed under a read in progress (abort).
 _READ_ERRORS = (socket.timeout, http.client.HTTPException, OSError, ValueError, AttributeError)
-
-
-class _OneSend:
-    """Mixin for `http.client` connections: headers and a bytes body leave in one `send`."""
-
-    def _send_output(self, message_body: Any = None, encode_chunked: bool = False) -> None:
-        if isinstance(message_body, bytes) and not encode_chunked:
-            self._buffer.extend((b"", b""))  # type: ignore[attr-defined]
-            msg = b"\r\n".join(self._buffer) + message_body  # type: ignore[attr-defined]
-            del self._buffer[:]  # type: ignore[attr-defined]
-            self.send(msg)  # type: ignore[attr-defined]
-            return
-        super()._send_output(message_body, encode_chunked)  # type: ignore[misc]
-
-
-class _HTTPConnection(_OneSend, http.client.HTTPConnection):
-    pass
-
-
-class _HTTPSConnection(_OneSend, http.client.HTTPSConnection):
-    pass
 
 
 class UpstreamConnectError(OSError):
@@ -178,7 +156,9 @@ def http_timeouts(settings: dict[str, Any], defaults: dict[str, Any]) -> dict[st
 class HTTPPool:
     def __init__(self, base_url: str, *, connect_timeout: float, read_timeout: float,
                  maxsize: int = 64, ca_file: str | None = None,
-                 total_timeout: float | None = None) -> None:
+                 total_timeout: float | None = None,
+                 connection_classes: tuple[type[http.client.HTTPConnection], type[http.client.HTTPConnection]]
+                 | None = None) -> None:
         parts = urlsplit(base_url)
         self.https = parts.scheme == "https"
         self.host = parts.hostname or "localhost"
@@ -193,13 +173,15 @@ class HTTPPool:
         # ca_file: a provider whose certificate chain is not in the system store (GigaChat's
         # Russian Trusted Root CA) is verified against that file instead of not at all.
         self._ssl = ssl.create_default_context(cafile=ca_file) if self.https else None
+        self._http_class, self._https_class = connection_classes or (
+            http.client.HTTPConnection, http.client.HTTPSConnection)
 
     def _new(self) -> http.client.HTTPConnection:
         if self.https:
-            conn: http.client.HTTPConnection = _HTTPSConnection(
+            conn: http.client.HTTPConnection = self._https_class(
                 self.host, self.port, timeout=self.connect_timeout, context=self._ssl)
         else:
-            conn = _HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
+            conn = self._http_class(self.host, self.port, timeout=self.connect_timeout)
         try:
             conn.connect()
         except socket.timeout:
