@@ -70,3 +70,27 @@ def test_body_longer_than_content_length_is_cut_by_gunicorn():
     resp.write(b"abcdef")
     resp.close()
     assert _split(b"".join(sock.sends))[1] == b"abc"
+
+
+def test_empty_stream_is_headers_and_terminating_chunk_in_one_send():
+    """No body at all (chunked): close() sends the headers and the 0-chunk together."""
+    resp, sock = _response([("Content-Type", "text/event-stream")])
+    resp.write(b"")  # gunicorn drops an empty chunk (it would end the body)
+    assert not resp.headers_sent  # nothing on the wire yet: gunicorn could still answer a 500
+    resp.close()
+    assert len(sock.sends) == 1
+    head, body = _split(sock.sends[0])
+    assert b"Transfer-Encoding: chunked" in head and body == b"0\r\n\r\n"
+
+
+def test_no_body_status_sends_the_headers_alone_once():
+    """A 204: gunicorn's write() drops the body; close() sends the headers, once, no chunk."""
+    req = SimpleNamespace(version=(1, 1), method="POST", should_close=lambda: False)
+    sock = RecordingSocket()
+    resp = OneSendResponse(req, sock, Config())
+    resp.start_response("204 No Content", [("X-Request-ID", "r1")])
+    resp.write(b"dropped")
+    resp.close()
+    assert len(sock.sends) == 1
+    head, body = _split(sock.sends[0])
+    assert head.startswith(b"HTTP/1.1 204 No Content\r\n") and b"X-Request-ID: r1" in head and body == b""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import redis
 from flask import current_app
@@ -69,8 +69,10 @@ class Runtime:
     router: Router            # candidates, retries, fallback
     uptime: UptimeChecker
     overrides: dict[str, bool] = field(default_factory=dict)   # which guarded overrides are in use
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _state: str = field(default="built", repr=False)           # built -> started -> closed
+    # A `clock` (time source for breakers, caches and expiry) joins these fields when the
+    # injectable clock lands; build_runtime passes it to the objects that read time.
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _state: str = field(default="built", init=False, repr=False)  # built -> started -> closed
 
     @property
     def started(self) -> bool:
@@ -178,7 +180,8 @@ def seed_from_usage(engine: Engine, key_id: int, tenant_id: int, day: int, month
         raise LimiterUnavailable() from None
 
 
-def _limiter_backend(settings: Settings, redis_client: Optional[redis.Redis], pool_bypass: bool) -> Any:
+def _limiter_backend(settings: Settings, redis_client: Optional[redis.Redis],
+                     pool_bypass: bool) -> RedisLimiter | LocalLimiter:
     lease_ms = int(settings.CONCURRENCY_LEASE_S * 1000)
     if redis_client is None:
         return LocalLimiter(lease_ms)

@@ -143,6 +143,8 @@ class UsageBatcher:
                     time.sleep(1.0)
             if not self._queue:
                 self._idle.set()
+                if self._stop.is_set():
+                    return  # closed: everything queued is stored
 
     def _store(self, batch: list[UsageEvent]) -> None:
         if not self.database_down:
