@@ -303,5 +303,11 @@ class RedisFreeList:
             self._idle.append(conn)
             self._slots.release()
 
+    def close(self) -> None:
+        """Disconnect the idle connections (the pool does not know them)."""
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.disconnect()
+
 
 ALL = (GUNICORN_WRITER, HTTP_ONE_SEND, TIKTOKEN_LOADER, REDIS_POOL_BYPASS)

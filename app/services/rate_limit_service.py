@@ -152,9 +152,10 @@ class RedisLimiter:
         list of connections, straight on the wire) instead of redis-py's pipeline and pool."""
         self.client = client
         self.lease_ms = lease_ms
+        self._free_list = (RedisFreeList(client.connection_pool, max_connections, LimiterUnavailable)
+                           if pool_bypass else None)
         self._execute: Callable[[list[tuple[Any, ...]]], list[Any]] = (
-            RedisFreeList(client.connection_pool, max_connections, LimiterUnavailable).execute
-            if pool_bypass else self._pipelined)
+            self._free_list.execute if self._free_list is not None else self._pipelined)
         self.script_text = SCRIPT_PATH.read_text()
         self.sha = hashlib.sha1(self.script_text.encode()).hexdigest()
 
@@ -194,6 +195,11 @@ class RedisLimiter:
                     word in str(result) for word in ("LOADING", "MASTERDOWN", "READONLY")):
                 raise LimiterUnavailable(str(result))
         return results
+
+    def close(self) -> None:
+        """Release this limiter's own Redis connections (the client's pool is its owner's)."""
+        if self._free_list is not None:
+            self._free_list.close()
 
     def _pipelined(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """redis-py's own way: a non-transactional pipeline on the client's pool."""
@@ -466,6 +472,9 @@ class RateLimitService:
             self._closed = True
         done = self.flush(timeout)
         self._wake.set()
+        backend_close = getattr(self.backend, "close", None)
+        if backend_close is not None:
+            backend_close()
         return done
 
     def _settle_now(self, items: list[tuple[Admission, int, int]]) -> None:
