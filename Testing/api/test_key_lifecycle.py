@@ -264,7 +264,7 @@ def test_audit_endpoint_lists_newest_first_with_paging(client, tadmin, clean_db)
     body = ok(client.get("/v1/audit", headers=bearer(tadmin)))
     actions = [e["action"] for e in body["data"]]
     assert actions == ["key.revoke", "key.update", "key.create", "key.create", "tenant.create"]
-    assert body["data"][0]["actor"] == {"type": "key", "api_key_id": tadmin["id"]}
+    assert body["data"][0]["actor"] == {"type": "key", "api_key_id": tadmin["id"], "name": f"key:{tadmin['id']}"}
     assert body["data"][0]["target"] == {"type": "api_key", "id": k["id"]}
     page = ok(client.get("/v1/audit?limit=2", headers=SYSTEM))
     assert page["has_more"] is True and len(page["data"]) == 2
