@@ -204,9 +204,10 @@ class Admin:
             return
         unknown = [n for n in names if n not in self.known_models]
         if unknown:
-            raise InvalidRequest(
-                f"Unknown model alias {unknown[0]!r} in allowed_models; known aliases: "
-                f"{', '.join(sorted(self.known_models))}.", param="allowed_models", code="model_not_found")
+            known = sorted(self.known_models)
+            listed = ", ".join(known[:40]) + (f" and {len(known) - 40} more" if len(known) > 40 else "")
+            raise InvalidRequest(f"Unknown model alias {unknown[0]!r} in allowed_models; known aliases: {listed}.",
+                                 param="allowed_models", code="model_not_found")
 
     def _audit(self, action: str, key: ApiKey, details: dict[str, Any]) -> None:
         audit_service.record(self.session, self.actor, action, target_type="api_key", target_id=key.id,
