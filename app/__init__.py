@@ -70,7 +70,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, clock: Clock 
     preload_tokenizers({m.tokenizer for m in providers.catalog.models.values()})
     with app.app_context():
         engine = db.engine
-    last_used = LastUsedTracker(settings.LAST_USED_WRITE_INTERVAL_S)
+    last_used = LastUsedTracker(settings.LAST_USED_WRITE_INTERVAL_S, clock.monotonic)
     redis_client = make_redis(settings.REDIS_URL, settings.REDIS_MAX_CONNECTIONS)
     batcher = _usage_batcher(settings, engine, redis_client)
     limiter = RateLimitService(_limiter_backend(settings, redis_client, clock),

@@ -298,12 +298,13 @@ def lookup_key(session_factory: Callable[[], Session], cache: KeyCache, plaintex
 class LastUsedTracker:
     """Writes `last_used_at` at most once per interval per key, off the request path."""
 
-    def __init__(self, interval_s: float) -> None:
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.interval_s = interval_s
+        self.clock = clock
         self._written: dict[int, float] = {}
 
     def due(self, key_id: int) -> bool:
-        now = time.monotonic()
+        now = self.clock()
         last = self._written.get(key_id)
         if last is not None and now - last < self.interval_s:
             return False
