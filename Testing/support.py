@@ -75,6 +75,18 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
         time.sleep(interval)
 
 
+def ok(resp: Any, status: int = 200) -> Any:
+    """The JSON body of a Flask test response that must have `status`."""
+    assert resp.status_code == status, (resp.status_code, resp.get_json())
+    return resp.get_json()
+
+
+def error(resp: Any, status: int) -> dict:
+    """The `error` object of a Flask test response that must be an error with `status`."""
+    assert resp.status_code == status, (resp.status_code, resp.get_json())
+    return resp.get_json()["error"]
+
+
 def http_json(method: str, url: str, body: Any = None, headers: dict | None = None,
               timeout: float = 30) -> tuple[int, dict, Any]:
     """A plain HTTP call (no client library): (status, headers, parsed JSON or text)."""

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import text
 
-from Testing.support import SYSTEM_SECRET
+from Testing.support import SYSTEM_SECRET, error, ok
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -20,16 +20,6 @@ CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_t
 
 def bearer(key: dict | str) -> dict:
     return {"Authorization": f"Bearer {key['key'] if isinstance(key, dict) else key}"}
-
-
-def ok(resp, status: int = 200) -> dict:
-    assert resp.status_code == status, (resp.status_code, resp.get_json())
-    return resp.get_json()
-
-
-def error(resp, status: int) -> dict:
-    assert resp.status_code == status, (resp.status_code, resp.get_json())
-    return resp.get_json()["error"]
 
 
 @pytest.fixture

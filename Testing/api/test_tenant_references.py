@@ -7,20 +7,10 @@ from __future__ import annotations
 import pytest
 
 import db_manager
-from Testing.support import SYSTEM_SECRET
+from Testing.support import SYSTEM_SECRET, error, ok
 
 pytestmark = pytest.mark.timeout(60)
 SYSTEM = {"X-System-Secret": SYSTEM_SECRET}
-
-
-def ok(resp, status: int = 200) -> dict:
-    assert resp.status_code == status, (resp.status_code, resp.get_json())
-    return resp.get_json()
-
-
-def error(resp, status: int) -> dict:
-    assert resp.status_code == status, (resp.status_code, resp.get_json())
-    return resp.get_json()["error"]
 
 
 @pytest.fixture
