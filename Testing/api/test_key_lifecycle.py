@@ -4,7 +4,6 @@ them), PATCH of a key, rotation with and without a grace period, expiry set by P
 revocation, and the audit rows each change leaves."""
 from __future__ import annotations
 
-import time
 from datetime import datetime, timedelta, timezone
 
 import pytest

@@ -4,7 +4,6 @@ the first streamed byte, retries honouring Retry-After, breakers, categories, up
 from __future__ import annotations
 
 import json
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import secrets
 import subprocess
-import time
 from dataclasses import replace
 
 import pytest
