@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, text
 import db_manager
 from Testing.fakes.fake_openai import FakeOpenAI
 from Testing.tcp_proxy import TcpProxy
-from Testing.support import (KEY_EVENTS_CHANNEL, REDIS_URL, SYSTEM_SECRET, UPSTREAM_KEY, GatewayProcess,
+from Testing.support import (KEY_EVENTS_CHANNEL, REDIS_URL, SYSTEM_SECRET, UPSTREAM_KEY, FakeClock, GatewayProcess,
                              create_database, database_url, drop_database, wait_until,
                              write_models_file)
 
@@ -99,11 +99,12 @@ def app_config(pg_url: str, models_file: Path, **overrides: Any) -> dict[str, An
             "USAGE_OUTBOX_NAME": OUTBOX_NAME, **ROUTING_TEST_SETTINGS, **overrides}
 
 
-def start_app(config: dict[str, Any]):
-    """An app built by the factory with its runtime started (its background threads running),
-    as a gunicorn worker has it. Close it with `close_app`."""
+def start_app(config: dict[str, Any], **kwargs: Any):
+    """An app built by the factory (`kwargs`: its other arguments, e.g. `clock`) with its
+    runtime started (its background threads running), as a gunicorn worker has it. Close it
+    with `close_app`."""
     from app import create_app
-    application = create_app(config)
+    application = create_app(config, **kwargs)
     application.extensions["gateway"].start()
     return application
 
@@ -192,3 +193,18 @@ def wait_for_rows(engine, count: int, where: str = "TRUE", params: dict | None =
     wait_until(lambda: len(usage_rows(engine, where, params)) >= count, timeout=timeout,
                message=f"{count} usage rows where {where}")
     return usage_rows(engine, where, params)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A clock the test moves by hand (see `clocked_app`)."""
+    return FakeClock()
+
+
+@pytest.fixture
+def clocked_app(pg_url, models_file, clean_db, clock):
+    """The `app` fixture on the `clock` fixture: key expiry, grace periods, cache lifetimes and
+    breaker cooldowns move when the test calls `clock.advance(...)`, never by sleeping."""
+    application = start_app(app_config(pg_url, models_file), clock=clock)
+    yield application
+    close_app(application)

@@ -10,12 +10,15 @@ from app.config import Settings, load_dotenv_once
 from app.errors import register_error_handlers
 from app.extensions import cors, db
 from app.runtime import Runtime, build_runtime
+from app.utils.clock import SYSTEM_CLOCK, Clock
 
 log = logging.getLogger("gateway")
 
 
-def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
-    """Build the app. `config`: a Settings, or a mapping of overrides on top of the environment."""
+def create_app(config: Settings | Mapping[str, Any] | None = None, clock: Clock = SYSTEM_CLOCK) -> Flask:
+    """Build the app around a runtime (not started: see app/runtime.py). `config`: a Settings,
+    or a mapping of overrides on top of the environment. `clock`: the time source of every
+    time-dependent decision (tests pass a FakeClock)."""
     load_dotenv_once()
     if isinstance(config, Settings):
         settings = config
@@ -40,7 +43,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
 
     with app.app_context():
         engine = db.engine
-    rt = build_runtime(settings, engine=engine)
+    rt = build_runtime(settings, engine=engine, clock=clock)
     app.extensions["gateway"] = rt
 
     from app.api.routes import api

@@ -47,6 +47,7 @@ from app.services.uptime_service import UptimeChecker
 from app.services.usage_batcher import UsageBatcher, dedicated_engine
 from app.services.usage_outbox import RedisOutbox, SpoolOutbox
 from app.services.usage_service import UsageWriter, period_totals
+from app.utils.clock import SYSTEM_CLOCK, Clock, epoch_seconds
 from app.utils.token_counter import preload as preload_tokenizers
 
 log = logging.getLogger("gateway")
@@ -68,9 +69,8 @@ class Runtime:
     health: HealthBoard       # breakers and outcomes per deployment
     router: Router            # candidates, retries, fallback
     uptime: UptimeChecker
+    clock: Clock              # every time-dependent decision reads it (tests move it)
     overrides: dict[str, bool] = field(default_factory=dict)   # which guarded overrides are in use
-    # A `clock` (time source for breakers, caches and expiry) joins these fields when the
-    # injectable clock lands; build_runtime passes it to the objects that read time.
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _state: str = field(default="built", init=False, repr=False)  # built -> started -> closed
 
@@ -111,10 +111,10 @@ class Runtime:
         return settled and stored
 
 
-def build_runtime(settings: Settings, engine: Engine | None = None) -> Runtime:
+def build_runtime(settings: Settings, engine: Engine | None = None, clock: Clock = SYSTEM_CLOCK) -> Runtime:
     """Every per-process object, built and wired, none started. `engine`: the database engine
     to share (the Flask app's, so that its session and the runtime use one pool); by default
-    one is made from the settings."""
+    one is made from the settings. `clock`: the time source of every object that reads time."""
     if engine is None:
         engine = create_engine(settings.DATABASE_URL, **engine_options(settings))
     in_use = {o.name: o.usable(getattr(settings, o.switch)) for o in
@@ -129,18 +129,19 @@ def build_runtime(settings: Settings, engine: Engine | None = None) -> Runtime:
     preload_tokenizers({m.tokenizer for m in providers.catalog.models.values()},
                        local_files=settings.OVERRIDE_TIKTOKEN_LOADER)
     redis_client = make_redis(settings.REDIS_URL, settings.REDIS_MAX_CONNECTIONS)
-    last_used = LastUsedTracker(settings.LAST_USED_WRITE_INTERVAL_S)
+    last_used = LastUsedTracker(settings.LAST_USED_WRITE_INTERVAL_S, clock.monotonic)
     batcher = _usage_batcher(settings, engine, redis_client)
     limiter = RateLimitService(
-        _limiter_backend(settings, redis_client, in_use[overrides.REDIS_POOL_BYPASS.name]),
+        _limiter_backend(settings, redis_client, in_use[overrides.REDIS_POOL_BYPASS.name], clock),
         seed=lambda limits, day, month: seed_from_usage(engine, limits.key_id, limits.tenant_id, day, month),
         fail_mode=settings.RATE_LIMIT_FAIL_MODE)
-    key_cache = KeyCache(settings.AUTH_CACHE_TTL_S)
+    key_cache = KeyCache(settings.AUTH_CACHE_TTL_S, clock.monotonic)
     health = HealthBoard(BreakerConfig(
         failure_threshold=settings.BREAKER_FAILURE_THRESHOLD, failure_ratio=settings.BREAKER_FAILURE_RATIO,
         window=settings.BREAKER_WINDOW, min_requests=settings.BREAKER_MIN_REQUESTS,
         cooldown_s=settings.BREAKER_COOLDOWN_S),
-        redis_client=redis_client, publish_interval_s=settings.HEALTH_PUBLISH_INTERVAL_S)
+        redis_client=redis_client, publish_interval_s=settings.HEALTH_PUBLISH_INTERVAL_S,
+        clock=clock.monotonic)
     return Runtime(
         settings=settings, providers=providers, key_cache=key_cache, last_used=last_used,
         usage_batcher=batcher, settlement=Settlement(batcher, engine, last_used, limiter),
@@ -153,7 +154,8 @@ def build_runtime(settings: Settings, engine: Engine | None = None) -> Runtime:
             attempts_per_deployment=settings.ROUTER_ATTEMPTS_PER_DEPLOYMENT,
             base_s=settings.ROUTER_RETRY_BASE_S, max_backoff_s=settings.ROUTER_RETRY_MAX_BACKOFF_S,
             deadline_s=settings.ROUTER_DEADLINE_S, max_retry_after_s=settings.ROUTER_MAX_RETRY_AFTER_S)),
-        uptime=UptimeChecker(providers, health, redis_client, settings.UPTIME_CACHE_S),
+        uptime=UptimeChecker(providers, health, redis_client, settings.UPTIME_CACHE_S, clock=clock.monotonic),
+        clock=clock,
         overrides={**in_use, overrides.TIKTOKEN_LOADER.name: settings.OVERRIDE_TIKTOKEN_LOADER})
 
 
@@ -181,10 +183,10 @@ def seed_from_usage(engine: Engine, key_id: int, tenant_id: int, day: int, month
 
 
 def _limiter_backend(settings: Settings, redis_client: Optional[redis.Redis],
-                     pool_bypass: bool) -> RedisLimiter | LocalLimiter:
+                     pool_bypass: bool, clock: Clock) -> RedisLimiter | LocalLimiter:
     lease_ms = int(settings.CONCURRENCY_LEASE_S * 1000)
     if redis_client is None:
-        return LocalLimiter(lease_ms)
+        return LocalLimiter(lease_ms, clock=lambda: epoch_seconds(clock))
     return RedisLimiter(redis_client, lease_ms, settings.REDIS_MAX_CONNECTIONS, pool_bypass=pool_bypass)
 
 
