@@ -49,18 +49,10 @@ def _runtime(worker):
 
 def post_worker_init(worker):
     """The app was built in this worker (after the fork and gevent's patching), no request
-    served yet: install gunicorn's response writer with fewer sends (app/overrides.py; when
-    the installed gunicorn is the one it was written for and OVERRIDE_GUNICORN_WRITER is not
-    0), then start the runtime's background threads (usage writer, outbox flusher, settlement
-    sender, key-event listener, health publisher). A fresh worker replays what dead workers
-    left in the outbox even before its first request."""
-    from app import overrides  # already imported by the app, after gevent patched the worker
+    served yet: start its runtime's background threads (usage writer, outbox flusher,
+    settlement sender, key-event listener, health publisher). A fresh worker replays what
+    dead workers left in the outbox even before its first request."""
     runtime = _runtime(worker)
-    switched_on = runtime.settings.OVERRIDE_GUNICORN_WRITER if runtime is not None else True
-    installed = overrides.install_gunicorn_writer(switched_on)
-    # gunicorn builds each HTTP/1 response from this module attribute: set before any request.
-    worker.log.info("worker %s: response writer %s", worker.pid,
-                    "OneSendResponse (override installed)" if installed else "gunicorn's own")
     if runtime is not None:
         runtime.start()
 

@@ -1,13 +1,11 @@
 """The guarded overrides of app/overrides.py: each is used only with the library version and
 hooks it was written for, else it is not installed and one log line says so; each can be
-switched off; the gunicorn response writer is installed in every real gunicorn worker."""
+switched off; every real gunicorn worker reports the overrides it uses."""
 from __future__ import annotations
 
-import http.client
 import logging
 
 import pytest
-from gunicorn.http import wsgi as gunicorn_wsgi
 
 from app import overrides
 from Testing.conftest import app_config
@@ -15,10 +13,8 @@ from Testing.support import GatewayProcess, wait_until
 
 # The versions the overrides were written for: a library upgrade must fail here (and be
 # re-checked against the override's hooks) before it disables an override in production.
-WRITTEN_FOR = {"gunicorn_response_writer": "27.0.", "http_client_one_send": "3.11.",
-               "tiktoken_local_files": "0.14.", "redis_pool_bypass": "8.1."}
-OTHER_VERSION = {"gunicorn_response_writer": "28.0.0", "http_client_one_send": "3.13.1",
-                 "tiktoken_local_files": "0.15.0", "redis_pool_bypass": "7.4.0"}
+WRITTEN_FOR = {"tiktoken_local_files": "0.14.", "redis_pool_bypass": "8.1."}
+OTHER_VERSION = {"tiktoken_local_files": "0.15.0", "redis_pool_bypass": "7.4.0"}
 
 
 def _records(caplog) -> list[logging.LogRecord]:
@@ -53,27 +49,6 @@ def test_a_switched_off_override_is_not_used_and_says_so_once(override, caplog):
     assert override.switch in record.getMessage() and "switched off" in record.getMessage()
 
 
-def test_gunicorn_without_the_hook_keeps_its_own_writer(monkeypatch, caplog):
-    """A gunicorn whose Response has no `_emit_body` (the hook the writer is built on): the
-    writer is not installed, gunicorn's own Response stays, one warning names the hook."""
-    caplog.set_level(logging.INFO, logger="gateway.overrides")
-    original = gunicorn_wsgi.Response
-    monkeypatch.delattr(gunicorn_wsgi.Response, "_emit_body")
-    assert overrides.install_gunicorn_writer(True) is False
-    assert gunicorn_wsgi.Response is original
-    [record] = _records(caplog)
-    assert "Response._emit_body" in record.getMessage()
-
-
-def test_gunicorn_writer_switched_off_is_not_installed(monkeypatch):
-    monkeypatch.setattr(gunicorn_wsgi, "Response", gunicorn_wsgi.Response)  # restored afterwards
-    original = gunicorn_wsgi.Response
-    assert overrides.install_gunicorn_writer(False) is False
-    assert gunicorn_wsgi.Response is original
-    assert overrides.install_gunicorn_writer(True) is True
-    assert gunicorn_wsgi.Response is overrides.OneSendResponse
-
-
 def test_redis_without_a_hook_disables_the_pool_bypass(monkeypatch, caplog):
     import redis
     caplog.set_level(logging.INFO, logger="gateway.overrides")
@@ -84,37 +59,37 @@ def test_redis_without_a_hook_disables_the_pool_bypass(monkeypatch, caplog):
     assert "Connection.send_packed_command" in record.getMessage()
 
 
-def test_upstream_connection_classes_follow_the_switch():
-    assert overrides.http_connection_classes(True) == (overrides.OneSendHTTPConnection,
-                                                       overrides.OneSendHTTPSConnection)
-    assert overrides.http_connection_classes(False) == (http.client.HTTPConnection, http.client.HTTPSConnection)
+def test_tiktoken_without_the_hook_is_not_patched(monkeypatch, caplog):
+    """A tiktoken whose encoding constructors no longer go through `load_tiktoken_bpe`: the
+    local-file loader is not used, one warning names the missing hook."""
+    import tiktoken_ext.openai_public as op
+    caplog.set_level(logging.INFO, logger="gateway.overrides")
+    monkeypatch.delattr(op, "load_tiktoken_bpe")
+    assert overrides.TIKTOKEN_LOADER.usable(True) is False
+    [record] = _records(caplog)
+    assert "openai_public.load_tiktoken_bpe" in record.getMessage()
 
 
-def _writer_lines(proc: GatewayProcess) -> dict[int, str]:
-    lines = {}
-    for line in proc.log_text().splitlines():
-        if ": response writer " in line and "worker " in line:
-            pid = int(line.split("worker ", 1)[1].split(":", 1)[0])
-            lines[pid] = line.split(": response writer ", 1)[1]
-    return lines
+def _ready_lines(proc: GatewayProcess) -> list[str]:
+    return [line for line in proc.log_text().splitlines() if "gateway ready:" in line]
 
 
-def test_every_gunicorn_worker_installs_the_response_writer(gateway):
-    """Each worker of the real `gunicorn -k gevent` gateway logs, before serving, that its
-    HTTP/1 responses use OneSendResponse."""
-    pids = gateway.worker_pids()
-    assert len(pids) == 2
-    wait_until(lambda: set(pids) <= set(_writer_lines(gateway)), message="both workers' writer lines")
-    lines = _writer_lines(gateway)
-    assert [lines[p] for p in pids] == ["OneSendResponse (override installed)"] * 2
+def test_every_gunicorn_worker_uses_the_overrides(gateway):
+    """Each worker of the real `gunicorn -k gevent` gateway built its runtime with both
+    overrides in use, and says so when it is ready."""
+    assert len(gateway.worker_pids()) == 2
+    wait_until(lambda: len(_ready_lines(gateway)) >= 2, message="both workers ready")
+    assert all(line.endswith("overrides: redis_pool_bypass=on, tiktoken_local_files=on")
+               for line in _ready_lines(gateway))
 
 
-def test_gunicorn_workers_keep_their_own_writer_when_switched_off(pg_url, models_file, tmp_path):
-    """OVERRIDE_GUNICORN_WRITER=0: the worker serves with gunicorn's own Response, and says so."""
+def test_gunicorn_workers_without_the_redis_bypass_say_so(pg_url, models_file, tmp_path):
+    """OVERRIDE_REDIS_POOL_BYPASS=0: the worker builds its runtime without the override, and
+    one line says it is switched off (the limiter's rules through redis-py's pipeline are
+    tested in Testing/services/test_rate_limit_service.py, backend "redis-pipeline")."""
     env = {k: str(v) for k, v in app_config(pg_url, models_file, LOG_LEVEL="INFO").items()}
-    env["OVERRIDE_GUNICORN_WRITER"] = "0"
+    env["OVERRIDE_REDIS_POOL_BYPASS"] = "0"
     with GatewayProcess(env, workers=1, log_path=tmp_path / "gunicorn.log") as proc:
-        [pid] = proc.worker_pids()
-        wait_until(lambda: pid in _writer_lines(proc), message="the worker's writer line")
-        assert _writer_lines(proc)[pid] == "gunicorn's own"
-        assert "override gunicorn_response_writer not installed: switched off" in proc.log_text()
+        wait_until(lambda: len(_ready_lines(proc)) == 1, message="the worker ready")
+        assert _ready_lines(proc)[0].endswith("overrides: redis_pool_bypass=off, tiktoken_local_files=on")
+        assert proc.log_text().count("override redis_pool_bypass not installed: switched off") == 1

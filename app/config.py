@@ -111,8 +111,6 @@ class Settings:
     USAGE_RETENTION_DAYS: int = 0
     # Overrides of third-party internals (app/overrides.py, docs/overrides.md). Each is used only
     # when the installed library is the version it was written for; 0 switches it off.
-    OVERRIDE_GUNICORN_WRITER: bool = True      # response headers and body in one send
-    OVERRIDE_HTTP_ONE_SEND: bool = True        # upstream request headers and body in one send
     OVERRIDE_TIKTOKEN_LOADER: bool = True      # tiktoken encodings from data/tokenizers/
     OVERRIDE_REDIS_POOL_BYPASS: bool = True    # the limiter's own Redis connection free list
     extra: dict[str, Any] = field(default_factory=dict)

@@ -117,14 +117,12 @@ def build_runtime(settings: Settings, engine: Engine | None = None, clock: Clock
     one is made from the settings. `clock`: the time source of every object that reads time."""
     if engine is None:
         engine = create_engine(settings.DATABASE_URL, **engine_options(settings))
-    in_use = {o.name: o.usable(getattr(settings, o.switch)) for o in
-              (overrides.HTTP_ONE_SEND, overrides.REDIS_POOL_BYPASS)}
+    pool_bypass = overrides.REDIS_POOL_BYPASS.usable(settings.OVERRIDE_REDIS_POOL_BYPASS)
     providers = ProviderManager.from_file(settings.MODELS_FILE, defaults={
         "connect_timeout_s": settings.UPSTREAM_CONNECT_TIMEOUT_S,
         "read_timeout_s": settings.UPSTREAM_READ_TIMEOUT_S,
         "pool_maxsize": settings.UPSTREAM_POOL_MAXSIZE,
         "total_timeout_s": settings.UPSTREAM_TOTAL_TIMEOUT_S,
-        "connection_classes": overrides.http_connection_classes(in_use[overrides.HTTP_ONE_SEND.name]),
     })
     preload_tokenizers({m.tokenizer for m in providers.catalog.models.values()},
                        local_files=settings.OVERRIDE_TIKTOKEN_LOADER)
@@ -132,7 +130,7 @@ def build_runtime(settings: Settings, engine: Engine | None = None, clock: Clock
     last_used = LastUsedTracker(settings.LAST_USED_WRITE_INTERVAL_S, clock.monotonic)
     batcher = _usage_batcher(settings, engine, redis_client)
     limiter = RateLimitService(
-        _limiter_backend(settings, redis_client, in_use[overrides.REDIS_POOL_BYPASS.name], clock),
+        _limiter_backend(settings, redis_client, pool_bypass, clock),
         seed=lambda limits, day, month: seed_from_usage(engine, limits.key_id, limits.tenant_id, day, month),
         fail_mode=settings.RATE_LIMIT_FAIL_MODE)
     key_cache = KeyCache(settings.AUTH_CACHE_TTL_S, clock.monotonic)
@@ -156,7 +154,8 @@ def build_runtime(settings: Settings, engine: Engine | None = None, clock: Clock
             deadline_s=settings.ROUTER_DEADLINE_S, max_retry_after_s=settings.ROUTER_MAX_RETRY_AFTER_S)),
         uptime=UptimeChecker(providers, health, redis_client, settings.UPTIME_CACHE_S, clock=clock.monotonic),
         clock=clock,
-        overrides={**in_use, overrides.TIKTOKEN_LOADER.name: settings.OVERRIDE_TIKTOKEN_LOADER})
+        overrides={overrides.REDIS_POOL_BYPASS.name: pool_bypass,
+                   overrides.TIKTOKEN_LOADER.name: settings.OVERRIDE_TIKTOKEN_LOADER})
 
 
 def _usage_batcher(settings: Settings, engine: Engine, redis_client: Optional[redis.Redis]) -> UsageBatcher:

@@ -2,9 +2,9 @@
 
 Why not urllib3 or httpx: on the gateway's hot path urllib3 cost ~0.45 ms of CPU per call in
 profiles (URL parsing, a liveness poll before each reuse, headers and body in two sends);
-httpx's pool collapses under gevent concurrency. This pool adds only a list of
-idle connections to `http.client`; its connection classes come from app/overrides.py (headers
-and a bytes body in one `send` unless that override is off). Under gevent
+httpx's pool collapses under gevent concurrency. This pool adds only a list of idle
+connections to `http.client` (whose headers and body leave in two `send`s: joining them was
+measured and did not pay, docs/overrides.md). Under gevent
 the sockets are cooperative; timeouts are per socket operation (connect, then every read:
 the read timeout is also the stream idle timeout). An optional total timeout bounds the whole
 call: it is checked before every read, and a read never waits longer than what is left of it.
@@ -156,9 +156,7 @@ def http_timeouts(settings: dict[str, Any], defaults: dict[str, Any]) -> dict[st
 class HTTPPool:
     def __init__(self, base_url: str, *, connect_timeout: float, read_timeout: float,
                  maxsize: int = 64, ca_file: str | None = None,
-                 total_timeout: float | None = None,
-                 connection_classes: tuple[type[http.client.HTTPConnection], type[http.client.HTTPConnection]]
-                 | None = None) -> None:
+                 total_timeout: float | None = None) -> None:
         parts = urlsplit(base_url)
         self.https = parts.scheme == "https"
         self.host = parts.hostname or "localhost"
@@ -173,15 +171,13 @@ class HTTPPool:
         # ca_file: a provider whose certificate chain is not in the system store (GigaChat's
         # Russian Trusted Root CA) is verified against that file instead of not at all.
         self._ssl = ssl.create_default_context(cafile=ca_file) if self.https else None
-        self._http_class, self._https_class = connection_classes or (
-            http.client.HTTPConnection, http.client.HTTPSConnection)
 
     def _new(self) -> http.client.HTTPConnection:
         if self.https:
-            conn: http.client.HTTPConnection = self._https_class(
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
                 self.host, self.port, timeout=self.connect_timeout, context=self._ssl)
         else:
-            conn = self._http_class(self.host, self.port, timeout=self.connect_timeout)
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
         try:
             conn.connect()
         except socket.timeout:

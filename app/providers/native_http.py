@@ -70,8 +70,7 @@ class NativeHTTPProvider(Provider):
 
     def new_pool(self, base_url: str) -> HTTPPool:
         return HTTPPool(base_url, maxsize=int(self.defaults.get("pool_maxsize", 64)),
-                        ca_file=self.settings.get("ca_file"),
-                        connection_classes=self.defaults.get("connection_classes"), **self.timeouts)
+                        ca_file=self.settings.get("ca_file"), **self.timeouts)
 
     @classmethod
     def validate_settings(cls, name: str, settings: dict[str, Any]) -> None:

@@ -99,7 +99,6 @@ class OpenAICompatibleProvider(Provider):
         # False for servers whose key is optional (local servers): the key is sent when set.
         self.key_required = bool(settings.get("key_required", True))
         self.pool = HTTPPool(self.base_url, maxsize=int(defaults.get("pool_maxsize", 64)),
-                             connection_classes=defaults.get("connection_classes"),
                              **http_timeouts(settings, defaults))
         self.static_headers = {"Content-Type": "application/json", "Accept": "application/json",
                                **{str(k): str(v) for k, v in (settings.get("headers") or {}).items()}}
