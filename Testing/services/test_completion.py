@@ -291,3 +291,19 @@ def test_unconfigured_deployment_is_skipped_and_its_breaker_stays_closed(rt, key
     assert rt.health.get("unset/never-called").breaker.state == "closed"
     rows, leases, _ = settled(rt, key)
     assert len(rows) == 2 and leases == 0
+
+
+# -- uptime probes are completion runs too ---------------------------------------------------------
+
+def test_uptime_probe_is_a_run_with_its_own_endpoint(capp, rt, admin_headers):
+    """A probe round of a one-deployment alias: one row with endpoint "uptime" (streamed, one
+    output token asked), the round's lease and reservation released."""
+    client = capp.test_client()
+    minted = minter(client, admin_headers)(name="probe", max_concurrent=1, daily_token_limit=1_000_000)
+    with capp.test_request_context(headers={"Authorization": f"Bearer {minted['key']}"}):
+        key = authenticate()
+    resp = client.get("/v1/uptime/ok", headers={"Authorization": f"Bearer {minted['key']}"})
+    assert resp.status_code == 200 and resp.get_json()["status"] == "up"
+    row = only_row(rt, key)
+    assert (row["endpoint"], row["status"], row["streamed"], row["upstream_model"]) == \
+        ("uptime", "ok", True, "gpt-4o-mini")
