@@ -32,8 +32,8 @@ from app.errors import APIError, ModelNotFound, PermissionDenied, api_error_for,
 from app.providers.base import (Completion, Provider, ProviderError, ProviderUnavailable, StreamPiece,
                                 not_configured)
 from app.providers.catalog import Deployment, ModelEntry
-from app.services.rate_limit_service import deployment_quota, key_limits, to_nano
-from app.services.router import Candidate, RequestSize
+from app.services.rate_limit_service import LimiterUnavailable, deployment_quota, key_limits, to_nano
+from app.services.router import Candidate, ContextTooLong, RequestSize
 from app.services.settlement_service import CompletionTrace
 from app.utils.streaming import with_heartbeat
 from app.utils.token_counter import count_messages
@@ -44,14 +44,6 @@ Pieces = Iterator[Optional[StreamPiece]]
 _OK = ("ok", None)
 _DISCONNECTED = ("client_disconnected", "client_disconnected")
 _INTERNAL = ("error", "internal")
-
-
-def _default_complete(run: "CompletionRun", provider: Provider, deployment: Deployment) -> Completion:
-    return provider.complete({**run.trace.request, "model": deployment.model})
-
-
-def _default_stream(run: "CompletionRun", provider: Provider, deployment: Deployment) -> Iterator[StreamPiece]:
-    return provider.stream({**run.trace.request, "model": deployment.model})
 
 
 class CompletionRun:
@@ -99,8 +91,8 @@ class CompletionRun:
             size = _request_size(body, body_bytes)
             try:
                 models = router.models_for(alias, size, key.may_use)
-            except Exception as exc:
-                raise api_error_for(exc) from None
+            except ContextTooLong as exc:
+                raise _refusal(exc) from None
             if not models:
                 raise ModelNotFound(f"No model of the category '{alias}' is configured on this gateway.",
                                     param="model")
@@ -125,8 +117,8 @@ class CompletionRun:
         tokens, cost = self._estimate() if limits.needs_tokens else (0, 0)
         try:
             adm = self.rt.limiter.admit(limits, self.trace.request_id, tokens, cost)
-        except Exception as exc:
-            raise api_error_for(exc) from None
+        except LimiterUnavailable as exc:
+            raise _refusal(exc) from None
         if not adm.admitted:
             raise limit_error(adm.reason, adm.retry_after_ms, adm.headers, tokens=tokens, rpm=limits.rpm,
                               tpm=limits.tpm, daily=limits.daily_tokens, concurrent=limits.max_concurrent)
@@ -163,7 +155,7 @@ class CompletionRun:
         """The whole answer. `invoke(provider, deployment)` replaces the provider call (native
         passthrough); it returns a Completion whose `usage` is OpenAI-shaped. Raises APIError
         (the run is settled then)."""
-        call = invoke or (lambda p, d: _default_complete(self, p, d))
+        call = invoke or self._provider_complete
         completion = self._dispatch(call)
         self.trace.first_byte()
         self.trace.usage, self.trace.body = completion.usage, completion.body
@@ -175,7 +167,7 @@ class CompletionRun:
         Waits for the first piece, so that a failure before it still falls back or raises
         APIError (settled). After it, an upstream failure is raised from the iterator as
         ProviderError. The run settles when the iterator ends, raises or is closed."""
-        call = invoke or (lambda p, d: _default_stream(self, p, d))
+        call = invoke or self._provider_stream
 
         def open_stream(provider: Provider, deployment: Deployment) -> tuple[Any, StreamPiece]:
             upstream = call(provider, deployment)
@@ -225,6 +217,13 @@ class CompletionRun:
 
     # -- the attempt loop ------------------------------------------------------------------------
 
+    def _provider_complete(self, provider: Provider, deployment: Deployment) -> Completion:
+        """The default call: the canonical request with the deployment's upstream model id."""
+        return provider.complete({**self.trace.request, "model": deployment.model})
+
+    def _provider_stream(self, provider: Provider, deployment: Deployment) -> Iterator[StreamPiece]:
+        return provider.stream({**self.trace.request, "model": deployment.model})
+
     def _dispatch(self, call: Invoke) -> Any:
         """Call `call(provider, deployment)` on the candidates (or the pinned deployment) until
         one answers. Any failure settles the run and is raised as APIError."""
@@ -244,7 +243,7 @@ class CompletionRun:
                 raise
             err = api_error_for(exc, model=self.trace.request.get("model"))
             if err is None:
-                raise
+                raise  # a bug of ours: the generic handler answers 500 (the run is settled)
             raise err from exc
 
     def _attempt(self, call: Invoke) -> Callable[[Candidate], Any]:
@@ -356,6 +355,12 @@ class CompletionRun:
         if status != "ok":
             trace.status, trace.error_type = status, error_type
         settlement.settle(trace, record=self._attempted)
+
+
+def _refusal(exc: Exception) -> APIError:
+    err = api_error_for(exc)
+    assert err is not None, exc
+    return err
 
 
 def _abort(upstream: Any) -> None:

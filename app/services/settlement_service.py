@@ -83,23 +83,21 @@ def _completion_text(trace: CompletionTrace) -> str:
     return "".join(parts)
 
 
-def _detail(usage: dict[str, Any], group: str, name: str) -> int | None:
-    """An integer of the provider's usage details (`prompt_tokens_details.cached_tokens`), or
-    None when the provider did not say."""
-    details = usage.get(group)
-    value = details.get(name) if isinstance(details, dict) else None
+def _count(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def usage_details(usage: dict[str, Any] | None) -> tuple[int | None, int | None, int | None]:
-    """(cached, cache-write, reasoning) tokens from an OpenAI-shaped usage dict; Anthropic's
-    cache writes arrive normalised as `cache_creation_input_tokens`."""
+    """(cached, cache-write, reasoning) tokens from an OpenAI-shaped usage dict
+    (`prompt_tokens_details.cached_tokens`, `cache_creation_input_tokens` as Anthropic's usage
+    is normalised, `completion_tokens_details.reasoning_tokens`); None where it does not say."""
     if not usage:
         return None, None, None
-    write = usage.get("cache_creation_input_tokens")
-    return (_detail(usage, "prompt_tokens_details", "cached_tokens"),
-            write if isinstance(write, int) and not isinstance(write, bool) else None,
-            _detail(usage, "completion_tokens_details", "reasoning_tokens"))
+    prompt = usage.get("prompt_tokens_details")
+    completion = usage.get("completion_tokens_details")
+    return (_count(prompt.get("cached_tokens")) if isinstance(prompt, dict) else None,
+            _count(usage.get("cache_creation_input_tokens")),
+            _count(completion.get("reasoning_tokens")) if isinstance(completion, dict) else None)
 
 
 def usage_figures(trace: CompletionTrace) -> tuple[int, int]:
