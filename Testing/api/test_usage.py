@@ -173,7 +173,7 @@ def test_group_by_model(client, key, clean_db):
 
 def test_group_by_endpoint_exact_from_the_rollup_and_the_edges(client, key, clean_db):
     """group_by=endpoint: whole days come from the rollup (keyed by endpoint since migration
-    0004) and the partial last day from raw rows; both keep the endpoints apart."""
+    0005_usage_endpoint) and the partial last day from raw rows; both keep the endpoints apart."""
     add_rows(clean_db, key,
              {"created_at": at(2024, 1, 2), "prompt": 1, "completion": 2, "cost": "0.1"},
              {"created_at": at(2024, 1, 2, 5), "endpoint": "uptime", "prompt": 10, "completion": 1, "cost": "0.2"},

@@ -1,4 +1,4 @@
-"""Migration 0004 on data, on PostgreSQL and on the embedded SQLite: rows written before it say
+"""Migration 0005_usage_endpoint on data, on PostgreSQL and on the embedded SQLite: rows written before it say
 they came from chat completions and have no token details; the rollup's key gains the
 endpoint (two endpoints of one day, key and model are two rollup rows); downgrade folds them
 back into one row with the sums of both."""
@@ -26,7 +26,7 @@ def url(request, tmp_path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/gw.db"
         return
-    name = create_database("gw_mig4")
+    name = create_database("gw_mig5")
     try:
         yield database_url(name)
     finally:
@@ -34,13 +34,13 @@ def url(request, tmp_path) -> Iterator[str]:
 
 
 def test_old_rows_are_chat_completions_and_downgrade_folds_endpoints(url):
-    db_manager.upgrade(url, "0003")
+    db_manager.upgrade(url, "0004_audit_actor_name")
     engine = create_engine(url)
     try:
         with engine.begin() as conn:
             conn.execute(text(INSERT_RECORD))
             conn.execute(text(INSERT_DAILY))
-        db_manager.upgrade(url, "0004")
+        db_manager.upgrade(url, "0005_usage_endpoint")
         with engine.begin() as conn:
             row = conn.execute(text("SELECT endpoint, cached_tokens, cache_write_tokens, reasoning_tokens "
                                     "FROM usage_records WHERE request_id = 'old'")).one()
@@ -49,7 +49,7 @@ def test_old_rows_are_chat_completions_and_downgrade_folds_endpoints(url):
             conn.execute(text("INSERT INTO usage_daily (day, tenant_id, api_key_id, model, endpoint, requests, "
                               "prompt_tokens, completion_tokens, total_tokens, cost_usd) VALUES "
                               "('2026-11-20', 1, 2, 'm', 'responses', 2, 10, 4, 14, 0.25)"))
-        db_manager.downgrade(url, "0003")
+        db_manager.downgrade(url, "0004_audit_actor_name")
         with engine.connect() as conn:
             rows = conn.execute(text("SELECT day, requests, prompt_tokens, completion_tokens, total_tokens, "
                                      "cost_usd FROM usage_daily")).all()

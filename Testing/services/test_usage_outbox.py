@@ -299,7 +299,7 @@ def test_spool_with_a_torn_last_line_replays_the_complete_lines(clean_db, tmp_pa
 
 
 def test_outbox_lines_written_before_the_endpoint_column_still_replay(clean_db, rclient, name):
-    """A version-1 line (spooled by a gateway older than migration 0004: no endpoint, no token
+    """A version-1 line (spooled by a gateway older than migration 0005_usage_endpoint: no endpoint, no token
     details) replays as a chat completion without details; a version-2 line keeps its own; the
     rollup counts them under their endpoints."""
     at = datetime.now(UTC).isoformat(timespec="microseconds")

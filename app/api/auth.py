@@ -33,7 +33,7 @@ def authenticate() -> KeyInfo:
     info = lookup_key(lambda: db.session, rt.key_cache, token)
     if info is None:
         raise AuthenticationFailed("Incorrect API key provided.")
-    ok, reason = info.usable()
+    ok, reason = info.usable(rt.clock.now())
     if not ok:
         raise AuthenticationFailed(reason)
     g.api_key = info

@@ -1,7 +1,7 @@
 """usage rows say which endpoint served them, and the provider's token details
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0005_usage_endpoint
+Revises: 0004_audit_actor_name
 Create Date: 2026-12-01
 
 `usage_records` gains `endpoint` (text, NOT NULL, default 'chat.completions': every row before
@@ -18,8 +18,8 @@ changes a primary key by copying the table (alembic's batch mode).
 from alembic import op
 import sqlalchemy as sa
 
-revision = "0004"
-down_revision = "0003"
+revision = "0005_usage_endpoint"
+down_revision = "0004_audit_actor_name"
 branch_labels = None
 depends_on = None
 
@@ -52,7 +52,7 @@ def downgrade() -> None:
     # Rows of other endpoints fold into their (day, tenant, key, model) row again.
     bind = op.get_bind()
     op.execute("""
-        CREATE TABLE usage_daily_0004 AS
+        CREATE TABLE usage_daily_0005 AS
         SELECT day, tenant_id, api_key_id, model, sum(requests) AS requests,
                sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens,
                sum(total_tokens) AS total_tokens, sum(cost_usd) AS cost_usd
@@ -71,8 +71,8 @@ def downgrade() -> None:
         INSERT INTO usage_daily (day, tenant_id, api_key_id, model, requests, prompt_tokens,
                                  completion_tokens, total_tokens, cost_usd)
         SELECT day, tenant_id, api_key_id, model, requests, prompt_tokens, completion_tokens,
-               total_tokens, cost_usd FROM usage_daily_0004""")
-    op.execute("DROP TABLE usage_daily_0004")
+               total_tokens, cost_usd FROM usage_daily_0005""")
+    op.execute("DROP TABLE usage_daily_0005")
     if bind.dialect.name == "postgresql":
         for name in (*DETAILS, "endpoint"):
             op.drop_column("usage_records", name)
