@@ -4,13 +4,14 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping
 
-from flask import Flask, Response, g
+from flask import Flask, Response, current_app, g, request
 
 from app.config import Settings, load_dotenv_once
 from app.errors import register_error_handlers
 from app.extensions import cors, db
 from app.runtime import Runtime, build_runtime
 from app.utils.clock import SYSTEM_CLOCK, Clock
+from app.utils.redaction import install_log_redaction
 
 log = logging.getLogger("gateway")
 
@@ -28,6 +29,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, clock: Clock 
             setattr(settings, name, value)
         settings.DATABASE_URL = Settings.from_env({"DATABASE_URL": settings.DATABASE_URL}).DATABASE_URL
     _configure_logging(settings.LOG_LEVEL)
+    install_log_redaction()
 
     app = Flask(__name__)
     app.config.from_mapping(settings.to_flask())
@@ -50,6 +52,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, clock: Clock 
     app.register_blueprint(api)
     register_error_handlers(app)
     app.after_request(_request_id_header)
+    app.after_request(_stream_idle_deadline)
     _announce_mode(rt)
     return app
 
@@ -58,6 +61,19 @@ def _request_id_header(resp: Response) -> Response:
     rid = g.get("request_id")
     if rid:
         resp.headers["X-Request-ID"] = rid
+    return resp
+
+
+def _stream_idle_deadline(resp: Response) -> Response:
+    """A streamed answer to a client that stops reading blocks its worker's send once the
+    client's TCP window is full. Under gunicorn the send gets a deadline
+    (STREAM_CLIENT_IDLE_S): past it the send fails, the connection is closed and the run
+    settles once as client_disconnected. (The upstream is not read meanwhile: back-pressure
+    in app/utils/streaming.py.)"""
+    idle = current_app.config.get("STREAM_CLIENT_IDLE_S") or 0
+    sock = request.environ.get("gunicorn.socket")
+    if idle > 0 and sock is not None and resp.mimetype == "text/event-stream":
+        sock.settimeout(idle)
     return resp
 
 

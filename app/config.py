@@ -90,6 +90,15 @@ class Settings:
     HEALTH_PUBLISH_INTERVAL_S: float = 2.0
     # A comment line is sent to streaming clients when the upstream is silent this long.
     STREAM_KEEPALIVE_S: float = 15.0
+    # Back-pressure: at most this many bytes of one upstream stream are read ahead of what the
+    # client has taken (a client that stops reading stops the upstream read at this point).
+    STREAM_BUFFER_BYTES: int = 1024 * 1024
+    # A streaming client that takes nothing for this long is given up (its connection is
+    # closed, the run settles as client_disconnected). 0: no deadline.
+    STREAM_CLIENT_IDLE_S: float = 60.0
+    # After a client hang-up, the upstream is still read (text discarded) this long for the
+    # provider's usage; without it by then the gateway counts the tokens (row marked estimated).
+    STREAM_USAGE_GRACE_S: float = 5.0
     # Redis down: "closed" answers 503, "open" admits without limits (logged and counted).
     RATE_LIMIT_FAIL_MODE: str = "closed"
     # A concurrency slot is a lease that expires after this long even if never released

@@ -13,7 +13,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 from urllib.parse import parse_qs
 
 from Testing.fakes.fake_openai import _new_loop, _original
@@ -61,7 +61,7 @@ class Reply:
 @dataclass
 class Streamed:
     """A 200 answer streamed event by event (each element leaves in its own write)."""
-    events: list[bytes]
+    events: Iterable[bytes | float]   # a number: pause that many seconds there (a silent upstream)
     content_type: str = "text/event-stream"
     delay_s: float = 0.0
     die_after: int | None = None  # cut the connection after this many events (no terminator)
@@ -224,6 +224,9 @@ class FakeHTTPServer:
                 await writer.drain()
                 writer.transport.abort()
                 return False
+            if isinstance(event, (int, float)):
+                await asyncio.sleep(event)
+                continue
             if i and answer.delay_s:
                 await asyncio.sleep(answer.delay_s)
             writer.write(b"%x\r\n%s\r\n" % (len(event), event))

@@ -3,7 +3,8 @@ from __future__ import annotations
 from datetime import date, datetime
 from decimal import Decimal
 
-from sqlalchemy import BigInteger, Boolean, Date, Index, Integer, Numeric, PrimaryKeyConstraint, String, Text
+from sqlalchemy import (BigInteger, Boolean, Date, Index, Integer, Numeric, PrimaryKeyConstraint, String, Text,
+                        false as sa_false)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.extensions import db
@@ -48,6 +49,9 @@ class UsageRecord(db.Model):
     cached_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     cache_write_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     reasoning_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # true: the provider's usage was missing or unusable; the gateway counted the tokens
+    usage_estimated: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False,
+                                                  server_default=sa_false())
 
     __table_args__ = (
         Index("ix_usage_key_time", "api_key_id", "created_at"),

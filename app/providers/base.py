@@ -11,6 +11,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
 
+# Re-exported: the providers redact upstream text and register their credentials through base.
+from app.utils.redaction import redact, register_secret, register_secret_env  # noqa: F401
+
 
 class ProviderError(Exception):
     """An upstream failure, classified. `kind` decides retry, fallback and the client status."""
@@ -21,6 +24,7 @@ class ProviderError(Exception):
 
     def __init__(self, message: str, *, upstream_status: int | None = None,
                  retry_after: float | None = None, code: str | None = None) -> None:
+        message = redact(message)  # upstream text reaches clients and logs: never a secret
         super().__init__(message)
         self.message = message
         self.upstream_status = upstream_status
@@ -186,15 +190,6 @@ def registered_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
-_SECRET_PATTERN = re.compile(r"(sk-[A-Za-z0-9_\-*]{4,}|(?:Bearer|Basic)\s+\S+|key=[^&\s]+"
-                             r"|AIza[0-9A-Za-z_\-]{10,})")
-
-
-def redact(text: str) -> str:
-    """Remove anything that looks like a credential from an upstream message before it is shown."""
-    return _SECRET_PATTERN.sub("[redacted]", text)
-
-
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -205,6 +200,8 @@ def expand_env(template: str) -> tuple[str, list[str]]:
 
     def sub(match: re.Match) -> str:
         value = os.environ.get(match.group(1), "")
+        if _looks_secret(match.group(1)):
+            register_secret_env(match.group(1))
         if not value:
             missing.append(match.group(1))
         return value
@@ -216,3 +213,10 @@ def not_configured(name: str, missing: list[str]) -> ProviderNotConfigured:
     names = ", ".join(missing)
     return ProviderNotConfigured(f"provider {name!r} is not configured: set {names} in the gateway's "
                                  "environment (or .env)", code="provider_not_configured")
+
+
+def _looks_secret(env_name: str) -> bool:
+    """A `${VAR}` of models.json whose name says it holds a credential (base URLs may carry one)."""
+    upper = env_name.upper()
+    return any(word in upper for word in ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL"))
+

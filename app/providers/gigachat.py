@@ -25,7 +25,7 @@ from urllib.parse import urlencode, urlsplit
 
 from app.providers.base import (ProviderAuthError, ProviderBadRequest, ProviderContextTooLong,
                                 ProviderError, ProviderUnavailable, StreamPiece, error_for_status,
-                                parse_retry_after, redact, register)
+                                parse_retry_after, redact, register, register_secret)
 from app.providers.http_pool import PooledResponse
 from app.providers.native_http import (ChunkFactory, NativeHTTPProvider, StreamTranslator, choice,
                                        completion_body, content_parts, forced_tool, function_tools,
@@ -236,6 +236,7 @@ class GigaChatProvider(NativeHTTPProvider):
             token, expires_ms = data["access_token"], data["expires_at"]
             if not isinstance(token, str) or not token or isinstance(expires_ms, bool):
                 raise ValueError("token")
+            register_secret(token)  # an upstream echoing it in an error must not show it
             return token, float(expires_ms) / 1000.0
 
     # -- chat ------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 from app.providers.base import (Completion, Provider, ProviderBadRequest, ProviderError, ProviderUnavailable,
-                                StreamPiece, expand_env, not_configured)
+                                StreamPiece, expand_env, not_configured, register_secret_env)
 from app.providers.http_pool import HTTPPool, PooledResponse, http_timeouts
 from app.providers.openai_compatible import HTTPStream, post_checked, transport_error
 from app.utils.streaming import iter_sse_batches
@@ -61,6 +61,7 @@ class NativeHTTPProvider(Provider):
         base_url, self._missing_url = expand_env(str(settings.get("base_url") or self.default_base_url))
         self.base_url = base_url.rstrip("/")
         self.api_key_env: str | None = settings.get("api_key_env")
+        register_secret_env(self.api_key_env)
         self.timeouts = http_timeouts(settings, defaults)
         self.pool = self.new_pool(self.base_url if not self._missing_url else "http://unconfigured.invalid")
         self.static_headers = {"Content-Type": "application/json", "Accept": "application/json",

@@ -12,7 +12,8 @@ from typing import Any, Callable, Iterator
 
 from app.providers.base import (Completion, Provider, ProviderError, ProviderTimeout,
                                 ProviderUnavailable, StreamPiece, error_for_status, expand_env,
-                                not_configured, parse_retry_after, redact, register)
+                                not_configured, parse_retry_after, redact, register,
+                                register_secret_env)
 from app.providers.http_pool import (HTTPPool, PooledResponse, UpstreamConnectError, http_timeouts,
                                      UpstreamTimeoutError)
 from app.utils.streaming import DONE, iter_sse_batches
@@ -96,6 +97,7 @@ class OpenAICompatibleProvider(Provider):
         base_url, self._missing_url = expand_env(str(settings["base_url"]))
         self.base_url = base_url.rstrip("/") if not self._missing_url else "http://unconfigured.invalid"
         self.api_key_env = settings.get("api_key_env")
+        register_secret_env(self.api_key_env)
         # False for servers whose key is optional (local servers): the key is sent when set.
         self.key_required = bool(settings.get("key_required", True))
         self.pool = HTTPPool(self.base_url, maxsize=int(defaults.get("pool_maxsize", 64)),

@@ -23,6 +23,8 @@ greenlet); it is not shared.
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
 from dataclasses import replace
 from inspect import GEN_CREATED, getgeneratorstate
@@ -34,7 +36,7 @@ from app.providers.base import (Completion, Provider, ProviderError, ProviderUna
 from app.providers.catalog import Deployment, ModelEntry
 from app.services.rate_limit_service import LimiterUnavailable, deployment_quota, key_limits, to_nano
 from app.services.router import Candidate, ContextTooLong, RequestSize
-from app.services.settlement_service import CompletionTrace
+from app.services.settlement_service import FOLD_BYTES, CompletionTrace, piece_bytes as _piece_bytes, usable_usage
 from app.utils.streaming import with_heartbeat
 from app.utils.token_counter import count_messages
 
@@ -290,18 +292,17 @@ class CompletionRun:
 
     def _iterate(self, upstream: Any, first: StreamPiece) -> Generator[Optional[StreamPiece], None, None]:
         trace = self.trace
-        keepalive = self.rt.settings.STREAM_KEEPALIVE_S
-        rest = with_heartbeat(upstream, keepalive) if keepalive > 0 else upstream
+        settings = self.rt.settings
+        keepalive = settings.STREAM_KEEPALIVE_S
+        rest = with_heartbeat(upstream, keepalive, settings.STREAM_BUFFER_BYTES) if keepalive > 0 else upstream
         outcome = _DISCONNECTED
+        source = iter(rest)
         try:
             trace.first_byte()
             piece: Optional[StreamPiece] = first
-            source = iter(rest)
             while True:
                 if piece is not None:
-                    if piece.usage is not None:
-                        trace.usage = piece.usage
-                    trace.chunks.append(piece)
+                    trace.add_piece(piece)
                 yield piece
                 try:
                     piece = next(source)
@@ -315,6 +316,8 @@ class CompletionRun:
             raise
         except GeneratorExit:
             outcome = self._closing_outcome
+            if outcome == _DISCONNECTED:
+                self._await_usage(source, upstream)
             raise
         except Exception:
             outcome = _INTERNAL
@@ -324,6 +327,36 @@ class CompletionRun:
             if close is not None:
                 close()
             self._finish(*outcome)
+
+    def _await_usage(self, source: Iterator[Optional[StreamPiece]], upstream: Any) -> None:
+        """The client hung up: the provider bills what it generated, so bill its usage.
+        If it has not arrived yet, keep reading the upstream for at most STREAM_USAGE_GRACE_S
+        (the upstream is then cut), discarding the text past one counting buffer (FOLD_BYTES,
+        so the fallback count costs little CPU). Without usable usage by then, settlement
+        counts the tokens it kept and marks the row estimated."""
+        trace = self.trace
+        grace = self.rt.settings.STREAM_USAGE_GRACE_S
+        if usable_usage(trace.usage, trace.entry.context_window) is not None or grace <= 0:
+            return
+        deadline = time.monotonic() + grace
+        timer = threading.Timer(grace, _abort, (upstream,))  # unblocks a read that hangs
+        timer.daemon = True
+        timer.start()
+        try:
+            for piece in source:
+                if piece is not None:
+                    if piece.usage is not None:
+                        trace.usage = piece.usage
+                        if usable_usage(piece.usage, trace.entry.context_window):
+                            return
+                    if trace.chunk_bytes + _piece_bytes(piece) <= FOLD_BYTES:
+                        trace.add_piece(piece)  # counted should no usage come; the rest is discarded
+                if time.monotonic() >= deadline:
+                    return
+        except Exception:  # the upstream failed or was cut: settle with what arrived
+            return
+        finally:
+            timer.cancel()
 
     def _guarded(self, body: Any) -> Iterator[bytes]:
         """The encoded body: an exception of the encoder marks the run as failed inside the

@@ -27,6 +27,12 @@ from app.services.usage_service import UsageEvent
 from app.utils.token_counter import count_messages, count_text
 
 log = logging.getLogger("gateway.settlement")
+FOLD_BYTES = 256 * 1024  # streamed pieces kept for counting, per run, before they are counted
+
+
+def piece_bytes(piece: StreamPiece) -> int:
+    """The memory a kept piece stands for (its raw JSON; a parsed chunk counts as 256)."""
+    return len(piece.raw) if piece.raw is not None else 256
 
 
 @dataclass
@@ -44,6 +50,8 @@ class CompletionTrace:
     usage: dict[str, Any] | None = None
     body: dict[str, Any] | None = None       # non-streaming answer, for counting when no usage
     chunks: list[StreamPiece] = field(default_factory=list)  # streamed pieces, same purpose
+    chunk_bytes: int = 0                     # size of `chunks`, folded into a count past a bound
+    folded_tokens: int = 0                   # tokens of streamed pieces already counted and dropped
     endpoint: str = "chat.completions"       # the API that was called, written to the row
     status: str = "ok"                       # ok | error | client_disconnected
     error_type: str | None = None
@@ -52,15 +60,28 @@ class CompletionTrace:
     quota: DeploymentQuota | None = None     # the deployment's provider quota, if it has one
     quota_tokens: int = 0                    # tokens reserved on that quota
 
+    def add_piece(self, piece: StreamPiece) -> None:
+        """Keep a streamed piece for counting its tokens should the provider's usage be
+        unusable. Its usage, when it carries one, becomes the run's. Memory stays bounded:
+        past FOLD_BYTES the kept pieces are counted (tiktoken) and dropped."""
+        if piece.usage is not None:
+            self.usage = piece.usage
+        self.chunks.append(piece)
+        self.chunk_bytes += piece_bytes(piece)
+        if self.chunk_bytes > FOLD_BYTES:
+            self.folded_tokens += count_text(_completion_text(self, with_body=False), self.entry.tokenizer)
+            self.chunks.clear()
+            self.chunk_bytes = 0
+
     def first_byte(self) -> None:
         if self.first_byte_at is None:
             self.first_byte_at = time.perf_counter()
 
 
-def _completion_text(trace: CompletionTrace) -> str:
+def _completion_text(trace: CompletionTrace, with_body: bool = True) -> str:
     """The generated text (and tool-call arguments) when the provider gave no usage figures."""
     parts: list[str] = []
-    if trace.body is not None:
+    if with_body and trace.body is not None:
         for choice in trace.body.get("choices") or ():
             msg = choice.get("message") or {}
             if isinstance(msg.get("content"), str):
@@ -87,6 +108,27 @@ def _count(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+# A provider's token figure above this many times the model's context window (or above the
+# fallback when the model declares none) is not a count but garbage: the gateway counts instead.
+_ABSURD_FACTOR = 4
+_ABSURD_FALLBACK = 10_000_000
+
+
+def usable_usage(usage: Any, context_window: int | None) -> tuple[int, int] | None:
+    """(prompt, completion) tokens of a provider's usage dict when they can be billed: both
+    present, integers (not booleans, not strings), not negative, not absurdly large. None:
+    the usage is missing or unusable, and the gateway counts the tokens itself."""
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+    if prompt is None or completion is None:
+        return None
+    ceiling = _ABSURD_FACTOR * context_window if context_window else _ABSURD_FALLBACK
+    if not (0 <= prompt <= ceiling and 0 <= completion <= ceiling):
+        return None
+    return prompt, completion
+
+
 def usage_details(usage: dict[str, Any] | None) -> tuple[int | None, int | None, int | None]:
     """(cached, cache-write, reasoning) tokens from an OpenAI-shaped usage dict
     (`prompt_tokens_details.cached_tokens`, `cache_creation_input_tokens` as Anthropic's usage
@@ -100,18 +142,20 @@ def usage_details(usage: dict[str, Any] | None) -> tuple[int | None, int | None,
             _count(completion.get("reasoning_tokens")) if isinstance(completion, dict) else None)
 
 
-def usage_figures(trace: CompletionTrace) -> tuple[int, int]:
-    """(prompt, completion) tokens: the provider's figures when given, else tiktoken counts."""
-    usage = trace.usage
-    if usage and isinstance(usage.get("prompt_tokens"), int):
-        return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-    produced_nothing = trace.body is None and not trace.chunks
+def usage_figures(trace: CompletionTrace) -> tuple[int, int, bool]:
+    """(prompt, completion, estimated): the provider's figures when they are usable (see
+    `usable_usage`), else tiktoken counts of the prompt and of the text the gateway saw
+    (estimated=True)."""
+    figures = usable_usage(trace.usage, trace.entry.context_window)
+    if figures is not None:
+        return figures[0], figures[1], False
+    produced_nothing = trace.body is None and not trace.chunks and not trace.folded_tokens
     if produced_nothing and trace.status == "error":
-        return 0, 0  # failed before any token: providers do not bill it
+        return 0, 0, False  # failed before any token: providers do not bill it
     prompt = trace.prompt_estimate
     if prompt is None:
         prompt = count_messages(trace.request.get("messages") or [], trace.entry.tokenizer)
-    return prompt, count_text(_completion_text(trace), trace.entry.tokenizer)
+    return prompt, trace.folded_tokens + count_text(_completion_text(trace), trace.entry.tokenizer), True
 
 
 class Settlement:
@@ -123,8 +167,8 @@ class Settlement:
         self.limiter = limiter
 
     def event(self, trace: CompletionTrace) -> UsageEvent:
-        prompt, completion = usage_figures(trace)
-        cached, cache_write, reasoning = usage_details(trace.usage)
+        prompt, completion, estimated = usage_figures(trace)
+        cached, cache_write, reasoning = usage_details(trace.usage) if not estimated else (None, None, None)
         now = time.perf_counter()
         return UsageEvent(
             request_id=trace.request_id, tenant_id=trace.key.tenant_id, api_key_id=trace.key.id,
@@ -137,7 +181,7 @@ class Settlement:
             latency_ms=int((now - trace.started) * 1000),
             ttft_ms=int((trace.first_byte_at - trace.started) * 1000) if trace.first_byte_at else None,
             created_at=trace.created_at, endpoint=trace.endpoint, cached_tokens=cached,
-            cache_write_tokens=cache_write, reasoning_tokens=reasoning,
+            cache_write_tokens=cache_write, reasoning_tokens=reasoning, usage_estimated=estimated,
         )
 
     def settle(self, trace: CompletionTrace, record: bool = True) -> None:

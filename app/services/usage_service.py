@@ -57,6 +57,7 @@ class UsageEvent:
     cached_tokens: int | None = None         # prompt tokens read from the provider's cache
     cache_write_tokens: int | None = None    # prompt tokens written to it (Anthropic)
     reasoning_tokens: int | None = None      # completion tokens spent reasoning
+    usage_estimated: bool = False            # tokens counted by the gateway (no usable provider usage)
 
     def row(self) -> dict[str, Any]:
         return {
@@ -68,14 +69,15 @@ class UsageEvent:
             "cached": self.cached, "latency_ms": self.latency_ms, "ttft_ms": self.ttft_ms,
             "created_at": self.created_at, "endpoint": self.endpoint, "cached_tokens": self.cached_tokens,
             "cache_write_tokens": self.cache_write_tokens, "reasoning_tokens": self.reasoning_tokens,
+            "usage_estimated": self.usage_estimated,
         }
 
     def to_json(self) -> bytes:
         """One outbox line (no newline inside). Version 2 added `endpoint` and the token
-        details; `from_json` reads version 1 lines (written before) with their defaults."""
+        details, version 3 `usage_estimated`; `from_json` reads older lines with their defaults."""
         created = self.created_at if self.created_at.tzinfo else self.created_at.replace(tzinfo=timezone.utc)
         return json.dumps({
-            "v": 2, "request_id": self.request_id, "tenant_id": self.tenant_id,
+            "v": 3, "request_id": self.request_id, "tenant_id": self.tenant_id,
             "api_key_id": self.api_key_id, "model": self.model, "provider": self.provider,
             "upstream_model": self.upstream_model, "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens, "cost_usd": str(self.cost_usd),
@@ -84,6 +86,7 @@ class UsageEvent:
             "created_at": created.astimezone(timezone.utc).isoformat(timespec="microseconds"),
             "endpoint": self.endpoint, "cached_tokens": self.cached_tokens,
             "cache_write_tokens": self.cache_write_tokens, "reasoning_tokens": self.reasoning_tokens,
+            "usage_estimated": self.usage_estimated,
         }, separators=(",", ":")).encode()
 
     @classmethod
@@ -103,7 +106,8 @@ _COLUMNS = [("request_id", "varchar"), ("tenant_id", "bigint"), ("api_key_id", "
             ("cost_usd", "numeric"), ("status", "varchar"), ("error_type", "varchar"),
             ("streamed", "boolean"), ("cached", "boolean"), ("latency_ms", "integer"),
             ("ttft_ms", "integer"), ("created_at", "timestamptz"), ("endpoint", "text"),
-            ("cached_tokens", "integer"), ("cache_write_tokens", "integer"), ("reasoning_tokens", "integer")]
+            ("cached_tokens", "integer"), ("cache_write_tokens", "integer"), ("reasoning_tokens", "integer"),
+            ("usage_estimated", "boolean")]
 _SUMS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd")
 
 # One statement, one round trip, fixed text (psycopg prepares it once): insert the batch as

@@ -93,30 +93,55 @@ class _Failure:
         self.exc = exc
 
 
-def with_heartbeat(source: Iterator[T], interval: float) -> Iterator[T | None]:
+def _piece_size(item: object) -> int:
+    """Bytes an item holds (its `raw` payload; a parsed chunk counts as a small constant)."""
+    raw = getattr(item, "raw", None)
+    return len(raw) if isinstance(raw, (bytes, bytearray)) else 256
+
+
+def with_heartbeat(source: Iterator[T], interval: float,
+                   max_buffered: int = 1024 * 1024) -> Iterator[T | None]:
     """Pull `source` in a helper thread (a greenlet under gevent) and yield `None` whenever
     nothing arrived for `interval` seconds, so the caller can send a keep-alive comment and
     notice a client that hung up even while the upstream is silent.
 
+    Back-pressure: the helper reads ahead at most `max_buffered` bytes of items the consumer
+    has not taken (a client that stops reading blocks its consumer in the socket send); then
+    it waits, and the upstream's own TCP window stops the provider. Memory per stream is
+    bounded by that, whatever the length of the answer.
+
     The hand-over is a deque and an Event rather than a `queue.Queue`: the consumer waits only
     when the deque is empty and then takes everything that arrived, instead of paying a
     locked `get` and `put` per event (~20 per stream)."""
-    items: deque = deque()  # unbounded: the pump must never block on a gone consumer
+    items: deque = deque()
     ready = threading.Event()
+    room = threading.Event()   # set while the buffer is below `max_buffered`
+    room.set()
     stop = threading.Event()
+    lock = threading.Lock()
+    buffered = [0]
 
     def pump() -> None:
         try:
             for item in source:
                 if stop.is_set():
                     break
-                items.append(item)
+                size = _piece_size(item)
+                with lock:
+                    buffered[0] += size
+                    if buffered[0] > max_buffered:
+                        room.clear()
+                items.append((item, size))
                 ready.set()
+                while not room.is_set() and not stop.is_set():
+                    room.wait(interval if interval > 0 else 1.0)
+                if stop.is_set():
+                    break
         except BaseException as exc:  # handed to the consumer, re-raised there
-            items.append(_Failure(exc))
+            items.append((_Failure(exc), 0))
             ready.set()
             return
-        items.append(_END)
+        items.append((_END, 0))
         ready.set()
 
     worker = threading.Thread(target=pump, daemon=True, name="upstream-pump")
@@ -130,7 +155,12 @@ def with_heartbeat(source: Iterator[T], interval: float) -> Iterator[T | None]:
                 if not items and not ready.wait(interval):
                     yield None
                     continue
-            item = items.popleft()
+            item, size = items.popleft()
+            if size:
+                with lock:
+                    buffered[0] -= size
+                    if buffered[0] <= max_buffered:
+                        room.set()
             if item is _END:
                 return
             if isinstance(item, _Failure):
@@ -140,6 +170,7 @@ def with_heartbeat(source: Iterator[T], interval: float) -> Iterator[T | None]:
             yield item
     finally:
         stop.set()
+        room.set()
         # The pump may be blocked in a read: `abort` closes the upstream connection under it.
         abort = getattr(source, "abort", None)
         if abort is not None and worker.is_alive():
