@@ -21,6 +21,11 @@ def _env(name: str, default: str) -> str:
 
 bind = f"{_env('HOST', '0.0.0.0')}:{_env('PORT', '8000')}"
 workers = int(_env("WEB_CONCURRENCY", str(multiprocessing.cpu_count())))
+# Without REDIS_URL the limiter lives in each worker's memory: N workers would each admit the
+# key's full rpm/tpm/budget/concurrency (N times the limit). Embedded mode runs one worker.
+EMBEDDED_LIMITER_ONE_WORKER = not os.environ.get("REDIS_URL", "").strip() and workers > 1
+if EMBEDDED_LIMITER_ONE_WORKER:
+    requested_workers, workers = workers, 1
 worker_class = "gevent"
 worker_connections = int(_env("WORKER_CONNECTIONS", "1000"))
 preload_app = False
@@ -40,6 +45,13 @@ if os.environ.get("GUNICORN_CONTROL_SOCKET"):
     control_socket = os.environ["GUNICORN_CONTROL_SOCKET"]
 else:
     control_socket_disable = True
+
+
+def on_starting(server):
+    if EMBEDDED_LIMITER_ONE_WORKER:
+        server.log.warning("REDIS_URL is not set: the rate limiter is embedded in each worker's memory, "
+                           "so %d workers would each admit every key's full limits; starting 1 worker "
+                           "instead of %d. Set REDIS_URL to run several.", requested_workers, requested_workers)
 
 
 def _runtime(worker):
