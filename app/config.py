@@ -175,6 +175,9 @@ def engine_options(settings: Settings) -> dict[str, Any]:
         "max_overflow": settings.DB_MAX_OVERFLOW,
         "pool_timeout": 10,
         "pool_recycle": 1800,
+        # A pooled connection is checked (one round trip) before use: after a PostgreSQL restart
+        # or failover a dead connection is replaced instead of failing the request.
+        "pool_pre_ping": True,
         "connect_args": {"connect_timeout": 5},
     }
 

@@ -162,6 +162,10 @@ def api_error_for(exc: BaseException, *, model: str | None = None) -> APIError |
                               "fallback model can hold it. Reduce the length of the messages or "
                               "max_tokens.", code="context_length_exceeded", param="messages")
     if db_errors.is_unreachable(exc):
+        if db_errors.missing_database():
+            return ServiceUnavailable("The gateway's database does not exist on the database server "
+                                      "(DATABASE_URL names a database that was never created); the "
+                                      "operator must create it.", code="database_not_found")
         return ServiceUnavailable("The database is unavailable; try again shortly.",
                                   code="database_unavailable")
     return None

@@ -37,6 +37,7 @@ from app.extensions import make_redis
 from app.providers.provider_manager import ProviderManager
 from app.services.api_key_service import KeyCache, LastUsedTracker
 from app.services.circuit_breaker import BreakerConfig
+from app.services.database_check import missing_database
 from app.services.key_events import KeyEvents
 from app.services.provider_health import HealthBoard
 from app.services.rate_limit_service import LimiterUnavailable, LocalLimiter, RateLimitService, RedisLimiter
@@ -48,6 +49,7 @@ from app.services.usage_batcher import UsageBatcher, dedicated_engine
 from app.services.usage_outbox import RedisOutbox, SpoolOutbox
 from app.services.usage_service import UsageWriter, period_totals
 from app.utils.clock import SYSTEM_CLOCK, Clock, epoch_seconds
+from app.utils.db_errors import set_missing_database
 from app.utils.token_counter import preload as preload_tokenizers
 
 log = logging.getLogger("gateway")
@@ -86,11 +88,22 @@ class Runtime:
             if self._state != "built":
                 return self
             self._state = "started"
+            self._check_database()
             self.usage_batcher.start()   # the usage writer and the outbox flusher
             self.limiter.start()         # the settlement sender
             self.key_events.start()      # the key-event listener (with Redis)
             self.health.start()          # the health publisher (with Redis)
         return self
+
+    def _check_database(self) -> None:
+        """One clear error line when DATABASE_URL names a database the server does not have
+        (requests then answer 503 database_not_found)."""
+        missing = missing_database(self.engine)
+        set_missing_database(missing)
+        if missing:
+            log.error("DATABASE_URL names the database %r, which does not exist on the PostgreSQL server: "
+                      "requests that need it answer 503 database_not_found until it is created "
+                      "(db_manager.py create-db)", missing)
 
     def close(self, timeout: float = 10.0) -> bool:
         """Stop the background threads, send the settlements and store the usage rows still

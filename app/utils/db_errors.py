@@ -73,3 +73,18 @@ def is_already_exists(exc: BaseException) -> bool:
     """CREATE of an object that exists (or that a concurrent CREATE just made: the catalogue's
     unique index reports that race as unique_violation)."""
     return sqlstate(exc) in (DUPLICATE_TABLE, UNIQUE_VIOLATION)
+
+
+# Set at start-up when the server answers but has no database of DATABASE_URL's name
+# (app/services/database_check.py): "unreachable" errors then mean that, and say so.
+_missing_database: str | None = None
+
+
+def set_missing_database(name: str | None) -> None:
+    global _missing_database
+    _missing_database = name
+
+
+def missing_database() -> str | None:
+    """The name of the configured database when start-up found it missing on the server."""
+    return _missing_database
