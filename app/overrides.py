@@ -138,16 +138,18 @@ class RedisFreeList:
         import redis
         if not self._slots.acquire(timeout=5):
             raise self.unavailable("no Redis connection free within 5 s")
-        conn = self._idle.pop() if self._idle else self.pool.make_connection()
+        reused = bool(self._idle)
+        conn = self._idle.pop() if reused else self.pool.make_connection()
         try:
-            conn.send_packed_command(conn.pack_commands(commands))
-            results: list[Any] = []
-            for _ in commands:
-                try:
-                    results.append(conn.read_response())
-                except redis.ResponseError as exc:
-                    results.append(exc)
-            return results
+            try:
+                return self._send(conn, commands)
+            except (redis.ConnectionError, OSError):
+                if not reused:
+                    raise
+                # An idle connection can be dead (Redis restarted, a failover, an idle timeout):
+                # reconnect once before deciding Redis is down.
+                conn.disconnect()
+                return self._send(conn, commands)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             conn.disconnect()
             raise self.unavailable(str(exc)) from None
@@ -157,6 +159,18 @@ class RedisFreeList:
         finally:
             self._idle.append(conn)
             self._slots.release()
+
+    @staticmethod
+    def _send(conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+        import redis
+        conn.send_packed_command(conn.pack_commands(commands))
+        results: list[Any] = []
+        for _ in commands:
+            try:
+                results.append(conn.read_response())
+            except redis.ResponseError as exc:
+                results.append(exc)
+        return results
 
     def close(self) -> None:
         """Disconnect the idle connections (the pool does not know them)."""
