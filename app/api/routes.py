@@ -4,11 +4,12 @@ from __future__ import annotations
 from flask import Blueprint
 
 from app.api import (audit_controller, chat_controller, health_controller, key_controller, models_controller,
-                     status_controller, tenant_controller, usage_controller)
+                     openapi_controller, status_controller, tenant_controller, usage_controller)
 
 api = Blueprint("api", __name__)
 
 api.add_url_rule("/health", view_func=health_controller.health, methods=["GET"])
+api.add_url_rule("/openapi.json", view_func=openapi_controller.openapi_document, methods=["GET"])
 for prefix in ("/v1", ""):
     api.add_url_rule(f"{prefix}/chat/completions", endpoint=f"chat{prefix}",
                      view_func=chat_controller.chat_completions, methods=["POST"])
