@@ -133,8 +133,9 @@ def test_hang_up_bills_the_providers_usage_that_arrives_after(gw, clean_db):
 
 
 def test_hang_up_without_usage_counts_after_the_grace_period(gw, clean_db):
-    """The provider never sends usage: after the grace period (2 s here) the gateway bills its
-    own count of the prompt and of the three words it read, and marks the row estimated."""
+    """The provider never sends usage: the gateway reads on after the hang-up (two more words
+    arrive then), and after the grace period (2 s here) bills its own count of the prompt and
+    of the three words, and marks the row estimated."""
     key = mint(gw)
     _hang_up_after_first_event(gw, key["key"], "no-usage-hang")
     rows = key_rows(clean_db, key, 1, timeout=20)

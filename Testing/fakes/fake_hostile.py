@@ -8,7 +8,8 @@ whose answers break the gateway's assumptions, picked by a substring of the requ
 ``usage-missing``   ... a usage object without the token fields
 ``late-usage``      a stream of LATE_EVENTS content events LATE_DELAY_S apart, then the usage
                     chunk (LATE_PROMPT / LATE_COMPLETION tokens) and [DONE]
-``no-usage-hang``   a stream of 3 content events, then silence (never usage, never the end)
+``no-usage-hang``   one content event, a pause of HANG_PAUSE_S, two more, then silence (never
+                    usage, never the end)
 ``long-stream``     a fast, endless-looking stream: LONG_EVENTS events of ~1 KiB each
 
 Streams are written with back-pressure (asyncio drain): a gateway that stops reading stops
@@ -25,6 +26,7 @@ from Testing.fakes.http_fake import FakeHTTPServer, FakeRequest, Reply, Streamed
 LATE_EVENTS = 10
 LATE_DELAY_S = 0.1
 LATE_PROMPT, LATE_COMPLETION = 1234, 567
+HANG_PAUSE_S = 0.5
 LONG_EVENTS = 40000
 LONG_WORD = "lorem " * 160  # ~1 KiB of content per event
 BAD_USAGE = {
@@ -95,7 +97,9 @@ class HostileOpenAI(FakeHTTPServer):
 
     @staticmethod
     def _hang(model: str) -> Iterator[bytes | float]:
-        for word in ("one", " two", " three"):
+        yield _chunk(model, {"content": "one"})
+        yield HANG_PAUSE_S  # the client hangs up here; the rest comes during the gateway's grace read
+        for word in (" two", " three"):
             yield _chunk(model, {"content": word})
         yield 3600.0
 
