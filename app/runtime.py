@@ -103,7 +103,7 @@ class Runtime:
         if missing:
             log.error("DATABASE_URL names the database %r, which does not exist on the PostgreSQL server: "
                       "requests that need it answer 503 database_not_found until it is created "
-                      "(db_manager.py create-db)", missing)
+                      "(python db_manager.py create-db)", missing)
 
     def close(self, timeout: float = 10.0) -> bool:
         """Stop the background threads, send the settlements and store the usage rows still
