@@ -28,7 +28,7 @@ COLUMNS = {
                       "upstream_model", "prompt_tokens", "completion_tokens", "total_tokens",
                       "cost_usd", "status", "error_type", "streamed", "cached", "latency_ms",
                       "ttft_ms", "created_at", "endpoint", "cached_tokens", "cache_write_tokens",
-                      "reasoning_tokens"},
+                      "reasoning_tokens", "usage_estimated"},
     "usage_daily": {"day", "tenant_id", "api_key_id", "model", "endpoint", "requests", "prompt_tokens",
                     "completion_tokens", "total_tokens", "cost_usd"},
 }
