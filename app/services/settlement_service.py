@@ -192,8 +192,14 @@ class Settlement:
         event = None
         try:
             event = self.event(trace)
-            self._release(trace, event.prompt_tokens + event.completion_tokens, to_nano(event.cost_usd))
-            if record:
+        except Exception:
+            log.exception("usage of %s could not be worked out: its reservation is billed", trace.request_id)
+        try:
+            if event is not None:
+                self._release(trace, event.prompt_tokens + event.completion_tokens, to_nano(event.cost_usd))
+            elif trace.admission is not None:  # never hold the slot: settle at the reserved amounts
+                self._release(trace, trace.admission.tokens, trace.admission.cost_nano)
+            if record and event is not None:
                 self.writer.submit(event)
         except Exception:
             log.exception("usage record %s could not be settled", trace.request_id)
