@@ -6,6 +6,7 @@ from typing import Any, Mapping
 
 from flask import Flask, Response, current_app, g, request
 
+from app.api.stream_deadline import with_send_deadline
 from app.config import Settings, load_dotenv_once
 from app.errors import register_error_handlers
 from app.extensions import cors, db
@@ -66,14 +67,13 @@ def _request_id_header(resp: Response) -> Response:
 
 def _stream_idle_deadline(resp: Response) -> Response:
     """A streamed answer to a client that stops reading blocks its worker's send once the
-    client's TCP window is full. Under gunicorn the send gets a deadline
-    (STREAM_CLIENT_IDLE_S): past it the send fails, the connection is closed and the run
-    settles once as client_disconnected. (The upstream is not read meanwhile: back-pressure
-    in app/utils/streaming.py.)"""
+    client's TCP window is full: under gunicorn each write gets a deadline
+    (STREAM_CLIENT_IDLE_S, app/api/stream_deadline.py). The upstream is not read meanwhile
+    (back-pressure in app/utils/streaming.py)."""
     idle = current_app.config.get("STREAM_CLIENT_IDLE_S") or 0
     sock = request.environ.get("gunicorn.socket")
-    if idle > 0 and sock is not None and resp.mimetype == "text/event-stream":
-        sock.settimeout(idle)
+    if idle > 0 and sock is not None and resp.mimetype == "text/event-stream" and not resp.is_sequence:
+        resp.response = with_send_deadline(resp.response, sock, idle)
     return resp
 
 
