@@ -53,6 +53,7 @@ def test_request_bodies_come_from_the_marshmallow_schemas(client):
 
 def test_the_document_loads_as_openapi(client):
     """schemathesis (which validates the document) reads every operation of it."""
-    schema = schemathesis.openapi.from_dict(_described(client))
+    document = _described(client)
+    schema = schemathesis.openapi.from_dict(document)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 21
+    assert len(operations) == sum(len(ops) for ops in document["paths"].values()) > 0
