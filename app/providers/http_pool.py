@@ -2,7 +2,7 @@
 
 Why not urllib3 or httpx: on the gateway's hot path urllib3 cost ~0.45 ms of CPU per call in
 profiles (URL parsing, a liveness poll before each reuse, headers and body in two sends);
-httpx's pool collapses under gevent concurrency (TRAPS.md). This pool adds only a list of idle
+httpx's pool collapses under gevent concurrency (docs/traps.md). This pool adds only a list of idle
 connections to `http.client`, whose connections here send the headers and a bytes body in one
 `send` (plain `http.client` uses two: one more syscall, and on loopback one more wake-up of
 the upstream, per call). Under gevent
