@@ -22,7 +22,7 @@ say() { printf '[test.sh] %s\n' "$*"; }
 die() { printf '[test.sh] ERROR: %s\n' "$*" >&2; exit 1; }
 is_root() { [ "$(id -u)" = 0 ]; }
 apt_install() {
-  is_root || die "$1 is not reachable and I am not root: start it yourself (see README, 'Running the tests')."
+  is_root || die "$1 is not reachable and I am not root: start it yourself (see docs/testing.md)."
   say "installing $1 with apt-get (${*:2})"
   DEBIAN_FRONTEND=noninteractive apt-get update -q
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${@:2}"
