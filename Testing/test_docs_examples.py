@@ -55,6 +55,66 @@ def test_the_readme_quick_start_is_run_against_the_embedded_gateway():
     assert any(b.runnable for b in code_blocks("README.md", readme.read_text()))
 
 
+SAMPLE_PAGE = """<!-- docs-test: postgres -->
+# A page
+
+```bash
+echo one
+```
+
+<!-- docs-test: skip: needs a real provider -->
+```python
+print("two")
+```
+
+<!-- docs-test: expect-error -->
+```sh
+false
+```
+
+```json
+{"three": 3}
+```
+"""
+
+
+def test_a_page_is_read_as_its_setup_and_blocks_with_their_markers():
+    """The harness reads the setup line, each fence's language and line, and the marker on the
+    line before a fence (skip with its reason, expect-error)."""
+    assert declared_setup(SAMPLE_PAGE) == "postgres"
+    assert declared_setup("# no setup line\n") is None
+    blocks = code_blocks("page.md", SAMPLE_PAGE)
+    assert [(b.line, b.language, b.text, b.skip_reason, b.expect_error) for b in blocks] == [
+        (4, "bash", "echo one\n", None, False),
+        (9, "python", 'print("two")\n', "needs a real provider", False),
+        (14, "sh", "false\n", None, True),
+        (18, "json", '{"three": 3}\n', None, False),
+    ]
+    assert [b.where for b in blocks if b.runnable] == ["page.md:4", "page.md:14"]
+
+
+def test_the_page_script_reports_the_failing_block_and_requires_expected_errors(tmp_path):
+    """The page script stops at the first failing block with its location recorded, and an
+    expect-error block that succeeds fails the page."""
+    state = tmp_path / "at"
+    failing = [Block("p.md", 3, "bash", "echo ok\n"), Block("p.md", 7, "bash", "false\necho after\n"),
+               Block("p.md", 11, "bash", "echo never\n")]
+    done = subprocess.run(["bash", "-c", page_script(failing, 1, state)], capture_output=True, text=True)
+    assert (done.returncode, done.stdout, state.read_text()) == (1, "ok\n", "p.md:7\n")
+
+    expected = [Block("p.md", 3, "bash", "echo fine\n", expect_error=True)]
+    done = subprocess.run(["bash", "-c", page_script(expected, 1, state)], capture_output=True, text=True)
+    assert (done.returncode, state.read_text()) == (97, "p.md:3\n")
+
+    addresses = [Block("p.md", 3, "bash", "echo localhost:8000 http://127.0.0.1:8000/v1\n")]
+    done = subprocess.run(["bash", "-c", page_script(addresses, 4321, state)], capture_output=True, text=True)
+    assert done.stdout == "127.0.0.1:4321 http://127.0.0.1:4321/v1\n"
+
+    refused = [Block("p.md", 3, "bash", "false\n", expect_error=True), Block("p.md", 9, "bash", "echo next\n")]
+    done = subprocess.run(["bash", "-c", page_script(refused, 1, state)], capture_output=True, text=True)
+    assert (done.returncode, done.stdout, state.read_text()) == (0, "next\n", "done\n")
+
+
 def fresh_clone_view(directory: Path, secret: str) -> Path:
     """A directory that looks like a fresh clone after serve.sh wrote `.env`: symlinks to the
     repository's files (and its .venv), plus a `.env` of our own."""

@@ -4,7 +4,7 @@
 #   ./scripts/serve.sh --prod     gunicorn with gevent workers (gunicorn.config.py)
 # Embedded default: SQLite under instance/, in-process limiter, the offline `demo` model.
 # Set DATABASE_URL / REDIS_URL (in the environment or .env) for PostgreSQL and Redis.
-# The first run creates .venv and installs the packages (about a minute, every step printed).
+# The first run creates .venv and installs the packages (about half a minute, every step printed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 say() { printf '[serve.sh] %s\n' "$*"; }

@@ -1,6 +1,6 @@
 # Sourced by serve.sh, test.sh and db_manager.sh (not run on its own): the project's virtual
 # environment in .venv, created and filled on first use. Each step prints one line saying what it
-# does, and pip shows its own progress, so a first run (about a minute) is never silent.
+# does, and pip shows its own progress, so a first run (about half a minute of it) is never silent.
 #   ensure_venv requirements.txt        runtime packages
 #   ensure_venv requirements-dev.txt    runtime + test packages
 # Needs `say` (one progress line) and `die` (message and exit 1) from the sourcing script.
@@ -30,7 +30,7 @@ ensure_venv() {
     return
   fi
   started=$(date +%s)
-  say "installing the Python packages of $requirements into .venv (first time: about a minute)"
+  say "installing the Python packages of $requirements into .venv (the first time: about half a minute)"
   .venv/bin/pip install --disable-pip-version-check --progress-bar on -r "$requirements"
   cp "$requirements" "$stamp"
   [ "$requirements" = requirements.txt ] || cp requirements.txt .venv/.installed
