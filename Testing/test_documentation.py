@@ -114,7 +114,7 @@ def test_docker_compose_passes_every_provider_variable_to_the_gateway():
 
 # Pages other branches add (linked from the README's Documentation section before they land).
 # Remove a name once its page is on main: the link check then holds for it too.
-PAGES_FROM_OTHER_BRANCHES = {"docs/overrides.md", "docs/replicas.md",
+PAGES_FROM_OTHER_BRANCHES = {"docs/replicas.md",
                              "docs/console.md", "docs/responses.md", "docs/messages.md"}
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 
