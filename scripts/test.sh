@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Sets up and runs the whole test suite on a fresh Debian machine with Python 3.11:
+# Sets up and runs the test suite on a fresh Debian machine with Python 3.11:
 #   ./scripts/test.sh                          the whole suite (Testing/)
 #   ./scripts/test.sh -q                       the whole suite, options passed to pytest (.ci/run)
 #   ./scripts/test.sh Testing/test_x.py -k y   only what the arguments select (paths from the repo root)
-# 1. a virtualenv in .venv with requirements-dev.txt (first time: about a minute, progress shown);
+# 1. a virtualenv in .venv with requirements-dev.txt (first time: about half a minute, progress shown);
 # 2. PostgreSQL and Redis: used where already reachable, otherwise installed with apt-get
 #    (when root) and started; otherwise a clear message and exit 1;
 # 3. pytest with the arguments given; without a path it collects Testing/ (pytest.ini's
