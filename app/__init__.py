@@ -9,6 +9,7 @@ from typing import Any, Mapping
 from flask import Flask, Response, g
 from sqlalchemy.exc import SQLAlchemyError
 
+from app.api.request_guard import RequestGuard
 from app.config import Settings, load_dotenv_once
 from app.utils.clock import SYSTEM_CLOCK, Clock, epoch_seconds
 from app.errors import register_error_handlers
@@ -16,6 +17,7 @@ from app.extensions import cors, db, make_redis
 from app.providers.provider_manager import ProviderManager
 from app.runtime import Runtime
 from app.services.api_key_service import KeyCache, LastUsedTracker
+from app.services.auth_throttle import AuthThrottle
 from app.services.key_events import KeyEvents
 from app.services.circuit_breaker import BreakerConfig
 from app.services.provider_health import HealthBoard
@@ -77,7 +79,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, clock: Clock 
                                seed=lambda limits, day, month: seed_from_usage(
                                    engine, limits.key_id, limits.tenant_id, day, month),
                                fail_mode=settings.RATE_LIMIT_FAIL_MODE)
-    key_cache = KeyCache(settings.AUTH_CACHE_TTL_S, clock.monotonic)
+    key_cache = KeyCache(settings.AUTH_CACHE_TTL_S, clock.monotonic, settings.AUTH_NEGATIVE_CACHE_TTL_S)
     key_events = KeyEvents(key_cache, settings.REDIS_URL, settings.KEY_EVENTS_CHANNEL, publisher=redis_client)
     # The listener starts with the first cache miss of the process that serves requests
     # (a gunicorn worker, after the fork); a cache hit never calls this.
@@ -86,13 +88,17 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, clock: Clock 
         settings=settings, providers=providers, key_cache=key_cache,
         last_used=last_used, usage_batcher=batcher,
         settlement=Settlement(batcher, engine, last_used, limiter), limiter=limiter, engine=engine,
-        redis=redis_client, app=app, key_events=key_events, clock=clock)
+        redis=redis_client, app=app, key_events=key_events, clock=clock,
+        auth_throttle=AuthThrottle(settings.AUTH_FAILURE_LIMIT, settings.AUTH_FAILURE_WINDOW_S,
+                                   lambda: epoch_seconds(clock), redis_client))
     _build_routing(app.extensions["gateway"])
 
     from app.api.routes import api
     app.register_blueprint(api)
     register_error_handlers(app)
     app.after_request(_request_id_header)
+    # Client address, connections per address, the body read with a deadline, security headers.
+    app.wsgi_app = RequestGuard(app.wsgi_app, settings)  # type: ignore[method-assign]
     _BATCHERS.add(batcher)
     _BATCHERS.add(limiter)
     _announce_mode(settings, len(providers.catalog.models))
