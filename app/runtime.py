@@ -39,6 +39,7 @@ class Runtime:
     health: Any = None       # app.services.provider_health.HealthBoard: breakers, outcomes
     uptime: Any = None       # app.services.uptime_service.UptimeChecker
     clock: Clock = SYSTEM_CLOCK  # every time-dependent decision reads it (tests move it)
+    auth_throttle: Any = None  # app.services.auth_throttle.AuthThrottle: failed attempts per address
 
 
 def runtime() -> Runtime:
