@@ -71,8 +71,9 @@ def reject_unstorable_strings(body: Any) -> None:
             for key in value:
                 problem = unstorable(key)
                 if problem:
-                    raise InvalidRequest(f"Invalid field name in '{path or 'body'}': it {problem}.",
-                                         param=path or None, code="invalid_value")
+                    where = _printable(f"{path}.{key}" if path else key)
+                    raise InvalidRequest(f"Invalid field name '{where}': it {problem}.",
+                                         param=where, code="invalid_value")
             stack.extend((value[key], f"{path}.{key}" if path else key) for key in reversed(value))
         elif isinstance(value, list):
             stack.extend((value[i], f"{path}[{i}]") for i in range(len(value) - 1, -1, -1))
