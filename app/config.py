@@ -131,6 +131,10 @@ class Settings:
     CONTENT_SECURITY_POLICY: str = ("default-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
                                     "form-action 'self'; object-src 'none'")
     REFERRER_POLICY: str = "no-referrer"
+    # Overrides of third-party internals (app/overrides.py, docs/overrides.md). Each is used only
+    # when the installed library is the version it was written for; 0 switches it off.
+    OVERRIDE_TIKTOKEN_LOADER: bool = True      # tiktoken encodings from data/tokenizers/
+    OVERRIDE_REDIS_POOL_BYPASS: bool = True    # the limiter's own Redis connection free list
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

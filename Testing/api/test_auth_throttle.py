@@ -9,8 +9,7 @@ from typing import Iterator
 import pytest
 from sqlalchemy import event
 
-from app import create_app
-from Testing.conftest import app_config, close_app
+from Testing.conftest import app_config, close_app, start_app
 from Testing.support import SYSTEM_SECRET, FakeClock
 
 ATTACKER = {"REMOTE_ADDR": "203.0.113.5"}
@@ -20,7 +19,7 @@ WRONG = {"Authorization": "Bearer sk-not-a-key-of-this-gateway"}
 
 def _app(pg_url, models_file, clock, **overrides):
     settings = {"AUTH_FAILURE_LIMIT": 3, "AUTH_FAILURE_WINDOW_S": 60, **overrides}
-    return create_app(app_config(pg_url, models_file, **settings), clock=clock)
+    return start_app(app_config(pg_url, models_file, **settings), clock=clock)
 
 
 @pytest.fixture(params=["in-process", "redis"])
@@ -95,7 +94,10 @@ def test_an_unknown_key_is_remembered_for_the_negative_cache_ttl(pg_url, models_
     def count(conn, cursor, statement, *args):
         if "FROM api_keys" in statement and "key_hash" in statement:
             lookups.append(statement)
-    event.listen(app.extensions["gateway"].engine, "before_cursor_execute", count)
+    rt = app.extensions["gateway"]
+    event.listen(rt.engine, "before_cursor_execute", count)
+    # The key-event listener expires the cache once when it subscribes: let that happen first.
+    assert rt.key_events.subscribed.wait(10)
     try:
         client = app.test_client()
         assert client.get("/v1/models", headers=WRONG).status_code == 401
