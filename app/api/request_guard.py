@@ -3,8 +3,11 @@
 - **Client address**: the peer's address, or the client named by `X-Forwarded-For` when the
   peer is one of `TRUSTED_PROXIES` (stored in the environ for the per-address limits).
 - **Connections per client address**: at most `MAX_CONNECTIONS_PER_CLIENT` requests of one
-  address in progress in this worker (body, processing and response, streams included); past
-  it: 429 and the connection is closed, before the body is read.
+  address being read or processed in this worker (from the headers until the app returns its
+  response: the whole of a JSON answer, a stream until its first piece); past it: 429 and the
+  connection is closed, before the body is read. Counting ends when the app returns, not when
+  the response is closed, so that no server or test client that forgets to close a response
+  can leak a count.
 - **The request body is read here, whole, with a deadline**: it must be complete within
   `REQUEST_BODY_TIMEOUT_S` plus one second per `REQUEST_BODY_MIN_RATE` bytes received so far
   (408 and close otherwise), and hold at most `MAX_REQUEST_BYTES` (413). Chunked bodies
@@ -23,8 +26,6 @@ import ipaddress
 import threading
 import time
 from typing import Any, Callable, Iterable
-
-from werkzeug.wsgi import ClosingIterator
 
 from app.config import Settings
 from app.errors import APIError, RateLimited, RequestTimeout, RequestTooLarge, error_response
@@ -123,14 +124,11 @@ class RequestGuard:
                 code="too_many_connections", headers={"Retry-After": "1"}), close=True)
         try:
             self._buffer_body(environ)
-            body = self.app(environ, with_headers)
+            return self.app(environ, with_headers)
         except _BodyRefused as refused:
-            self._leave(address)
             return self._refuse(environ, with_headers, start_response, refused.error, refused.close)
-        except BaseException:
+        finally:
             self._leave(address)
-            raise
-        return ClosingIterator(body, lambda: self._leave(address))
 
     # -- connections per address ---------------------------------------------------------------
 
