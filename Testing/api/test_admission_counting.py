@@ -11,6 +11,8 @@ import pytest
 
 from app.services.rate_limit_service import KeyLimits
 from app.utils import token_counter
+from Testing.conftest import app_config, close_app, minter, start_app
+from Testing.support import SYSTEM_SECRET
 
 HI = [{"role": "user", "content": "Hi"}]
 # Keys in sorted order, as Flask's test client sends them: its compact JSON is 21 tokens.
@@ -104,6 +106,21 @@ def test_a_key_over_its_rpm_is_refused_before_its_prompt_is_counted(client, mint
     assert "requests per minute" in resp.get_json()["error"]["message"]
     assert resp.headers["Retry-After"]
     assert token_counts == []
+
+
+def test_without_redis_too_a_key_over_its_rpm_is_refused_before_counting(pg_url, models_file, clean_db,
+                                                                          token_counts):
+    """The in-process limiter (no REDIS_URL) refuses the same way before counting."""
+    app = start_app(app_config(pg_url, models_file, REDIS_URL=""))
+    try:
+        client = app.test_client()
+        key = minter(client, {"X-System-Secret": SYSTEM_SECRET})(rpm_limit=1, tpm_limit=10_000_000)["key"]
+        assert _chat(client, key, max_tokens=5).status_code == 200
+        token_counts.clear()
+        assert _chat(client, key, messages=HUGE, max_tokens=5).status_code == 429
+        assert token_counts == []
+    finally:
+        close_app(app)
 
 
 def test_a_key_at_its_concurrency_limit_is_refused_before_its_prompt_is_counted(client, app, mint, token_counts):

@@ -249,6 +249,25 @@ def test_every_response_carries_the_security_headers(guarded, method, path, head
     assert "content-security-policy" not in hdrs
 
 
+def test_failed_keys_are_counted_per_address_across_workers(guarded):
+    """20 unknown keys from one address (AUTH_FAILURE_LIMIT's default), whichever of the two
+    workers serves each (counted in Redis): the next attempt from it is 429 with Retry-After;
+    another address still gets 401."""
+    def attempt(source: str) -> tuple[int, dict[str, str], bytes]:
+        sock = _connect(guarded.port, source)
+        try:
+            sock.sendall(_head("GET", "/v1/models", {"Authorization": "Bearer sk-guess", "Connection": "close"}))
+            return _read_response(sock)
+        finally:
+            sock.close()
+    assert [attempt("127.0.0.4")[0] for _ in range(20)] == [401] * 20
+    status, headers, body = attempt("127.0.0.4")
+    assert status == 429
+    assert json.loads(body)["error"]["code"] == "too_many_failed_attempts"
+    assert int(headers["retry-after"]) >= 1
+    assert attempt("127.0.0.5")[0] == 401
+
+
 # --- the guard's parts, without a server --------------------------------------------------------
 
 def _html_app(csp: str | None = None):

@@ -32,6 +32,7 @@ from app.errors import APIError, RateLimited, RequestTimeout, RequestTooLarge, e
 
 CLIENT_ADDRESS = "gateway.client_address"  # environ key of the resolved client address
 _READ_PIECE = 16 * 1024
+_UNRESOLVED = object()
 _StartResponse = Callable[..., Any]
 
 
@@ -106,6 +107,7 @@ class RequestGuard:
         self.clock = clock
         self._active: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._timeout_cls: Any = _UNRESOLVED
 
     def active(self, address: str) -> int:
         """Requests of `address` in progress in this process."""
@@ -180,7 +182,9 @@ class RequestGuard:
     def _read(self, stream: Any, length: int | None) -> bytes:
         """`length` bytes (None: up to the end of a chunked body), each read of at most 16 KiB
         finished before start + timeout + received / min_rate."""
-        timeout_cls = _gevent_timeout()
+        if self._timeout_cls is _UNRESOLVED:  # resolved in the serving process (after gevent patched it)
+            self._timeout_cls = _gevent_timeout()
+        timeout_cls = self._timeout_cls
         start = self.clock()
         parts: list[bytes] = []
         received = 0
