@@ -231,6 +231,17 @@ def test_a_chunked_body_past_the_size_limit_is_413(guarded, path):
     assert json.loads(body)["error"]["code"] == "request_too_large"
 
 
+def test_a_broken_chunked_body_is_400_with_the_envelope(guarded):
+    """A chunk size that is not hexadecimal: 400 invalid_body, not the server's bare error page."""
+    sock = _connect(guarded.port)
+    sock.sendall(_head("POST", "/v1/tenants", {"X-System-Secret": SYSTEM_SECRET, "Content-Type": "application/json",
+                                               "Transfer-Encoding": "chunked"}) + b"ZZ\r\n{}\r\n0\r\n\r\n")
+    status, _, body = _read_response(sock)
+    sock.close()
+    assert status == 400
+    assert json.loads(body)["error"]["code"] == "invalid_body"
+
+
 @pytest.mark.parametrize("method,path,headers", [
     ("GET", "/health", {}),
     ("GET", "/v1/no-such-route", {}),

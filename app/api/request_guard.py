@@ -202,7 +202,7 @@ class RequestGuard:
                     piece = stream.read(want)
             except _ReadTimedOut:
                 raise _BodyRefused(self._timed_out(), close=True) from None
-            except (OSError, ValueError) as exc:  # the client hung up or sent a broken chunk
+            except Exception as exc:  # the client hung up, or sent a broken chunk (the server's parse error)
                 raise _BodyRefused(APIError(f"The request body could not be read ({type(exc).__name__}).",
                                             status=400, code="invalid_body"), close=True) from None
             if not piece:
