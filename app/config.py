@@ -126,7 +126,7 @@ class Settings:
     AUTH_NEGATIVE_CACHE_TTL_S: float = 30.0
     # A key over its requests/min or concurrency limit is refused before its prompt is counted
     # when the body is at least this large (one extra limiter round trip; 0: always).
-    ADMISSION_PRECHECK_BYTES: int = 16384
+    ADMISSION_PRECHECK_BYTES: int = 4096
     # Content-Security-Policy of HTML responses (a response that sets its own keeps it).
     CONTENT_SECURITY_POLICY: str = ("default-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
                                     "form-action 'self'; object-src 'none'")
