@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from typing import Any, Callable
 
 log = logging.getLogger("gateway.auth")
@@ -28,6 +29,7 @@ class AuthThrottle:
         self.redis = redis_client
         self._local: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
+        self._last_warning = float("-inf")
 
     @property
     def enabled(self) -> bool:
@@ -57,7 +59,7 @@ class AuthThrottle:
                 pipe.execute()
                 return
             except Exception as exc:  # Redis unreachable: count here (this worker only)
-                log.warning("failed-attempt counter kept in process: Redis unavailable (%s)", type(exc).__name__)
+                self._warn(f"failed-attempt counter kept in process: Redis unavailable ({type(exc).__name__})")
         with self._lock:
             if len(self._local) > 100_000:
                 self._local = {k: v for k, v in self._local.items() if k[1] >= window}
@@ -70,8 +72,15 @@ class AuthThrottle:
         try:
             return int(self.redis.get(self._name(address, window)) or 0) + local
         except Exception as exc:
-            log.warning("failed-attempt counter read in process only: Redis unavailable (%s)", type(exc).__name__)
+            self._warn(f"failed-attempt counter read in process only: Redis unavailable ({type(exc).__name__})")
             return local
+
+    def _warn(self, message: str) -> None:
+        """At most one warning every 10 s (an outage must not flood the log)."""
+        now = time.monotonic()
+        if now - self._last_warning >= 10:
+            self._last_warning = now
+            log.warning(message)
 
     @staticmethod
     def _name(address: str, window: int) -> str:
