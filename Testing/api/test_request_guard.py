@@ -311,6 +311,43 @@ def test_html_responses_get_a_content_security_policy_unless_they_set_one():
         "default-src 'none'"
 
 
+class _TickingStream:
+    """A body stream that moves `clock` by `seconds_per_read` on every read of one byte."""
+
+    def __init__(self, size: int, clock: list[float], seconds_per_read: float) -> None:
+        self.left, self.clock, self.step = size, clock, seconds_per_read
+
+    def read(self, n: int) -> bytes:
+        self.clock[0] += self.step
+        if not self.left:
+            return b""
+        self.left -= 1
+        return b"x"
+
+
+@pytest.mark.parametrize("min_rate,seconds_per_byte,refused", [
+    (0, 0.5, True),       # a fixed 2 s deadline: the 5th byte comes too late
+    (1000, 0.5, True),    # each byte extends the deadline by 1 ms, far less than it takes
+    (1, 0.5, False),      # each byte extends it by 1 s, more than it takes
+    (0, 0.0, False),      # a fast client
+])
+def test_the_body_deadline_is_a_base_plus_one_second_per_min_rate_bytes(min_rate, seconds_per_byte, refused):
+    """A 10-byte body read one byte at a time against REQUEST_BODY_TIMEOUT_S=2."""
+    clock = [0.0]
+    guard = RequestGuard(lambda environ, start: [environ["wsgi.input"].read()],
+                         Settings(REQUEST_BODY_TIMEOUT_S=2, REQUEST_BODY_MIN_RATE=min_rate),
+                         clock=lambda: clock[0])
+    statuses = []
+    env = {"REQUEST_METHOD": "POST", "PATH_INFO": "/", "REMOTE_ADDR": "10.0.0.1", "CONTENT_LENGTH": "10",
+           "wsgi.input": _TickingStream(10, clock, seconds_per_byte)}
+    body = b"".join(guard(env, lambda status, headers, exc_info=None: statuses.append(status)))
+    if refused:
+        assert statuses == ["408 REQUEST TIMEOUT"]
+        assert json.loads(body)["error"]["code"] == "request_timeout"
+    else:
+        assert body == b"x" * 10
+
+
 def test_the_client_address_comes_from_x_forwarded_for_only_behind_a_trusted_proxy():
     """X-Forwarded-For is believed only from TRUSTED_PROXIES, and only its right-most
     untrusted entry (a client can prepend anything)."""

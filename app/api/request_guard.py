@@ -109,10 +109,6 @@ class RequestGuard:
         self._lock = threading.Lock()
         self._timeout_cls: Any = _UNRESOLVED
 
-    def active(self, address: str) -> int:
-        """Requests of `address` in progress in this process."""
-        return self._active.get(address, 0)
-
     def __call__(self, environ: dict[str, Any], start_response: _StartResponse) -> Iterable[bytes]:
         def with_headers(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             self.add_headers(headers)
@@ -190,12 +186,12 @@ class RequestGuard:
         received = 0
         while length is None or received < length:
             want = _READ_PIECE if length is None else min(_READ_PIECE, length - received)
-            allowance = self.timeout_s + (received / self.min_rate if self.min_rate else float("inf"))
+            allowance = self.timeout_s + (received / self.min_rate if self.min_rate else 0.0)
             remaining = start + allowance - self.clock()
             if remaining <= 0:
                 raise _BodyRefused(self._timed_out(), close=True)
             try:
-                if timeout_cls is not None and remaining != float("inf"):
+                if timeout_cls is not None:
                     with timeout_cls(remaining, _ReadTimedOut):
                         piece = stream.read(want)
                 else:
