@@ -357,3 +357,15 @@ def test_the_client_address_comes_from_x_forwarded_for_only_behind_a_trusted_pro
     assert client_address({**env, "REMOTE_ADDR": "198.51.100.7"}, trusted) == "198.51.100.7"
     assert client_address(env, ()) == "127.0.0.1"
     assert client_address({"REMOTE_ADDR": "127.0.0.1"}, trusted) == "127.0.0.1"
+
+
+def test_cors_still_answers_with_the_security_headers(client):
+    """A browser preflight from an allowed origin (CORS_ORIGINS="*" in the tests) is answered
+    by CORS as before, with the security headers added."""
+    resp = client.options("/v1/chat/completions", headers={
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert resp.status_code == 200
+    assert resp.headers["Access-Control-Allow-Origin"] in ("*", "https://app.example")
+    assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    assert resp.headers["Referrer-Policy"] == "no-referrer"
