@@ -6,6 +6,7 @@ from typing import Any, Mapping
 
 from flask import Flask, Response, current_app, g, request
 
+from app.api.request_guard import RequestGuard
 from app.api.stream_deadline import with_send_deadline
 from app.config import Settings, load_dotenv_once
 from app.errors import register_error_handlers
@@ -54,6 +55,8 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, clock: Clock 
     register_error_handlers(app)
     app.after_request(_request_id_header)
     app.after_request(_stream_idle_deadline)
+    # Client address, connections per address, the body read with a deadline, security headers.
+    app.wsgi_app = RequestGuard(app.wsgi_app, settings)  # type: ignore[method-assign]
     _announce_mode(rt)
     return app
 

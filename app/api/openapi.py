@@ -32,13 +32,16 @@ ERROR_ENVELOPE = {
 }
 ERROR_TEXT = {400: "Invalid request (the envelope's `param` names the field)", 401: "Missing or wrong credentials",
               403: "The credentials may not do this", 404: "Unknown object, model or URL",
-              405: "Method not allowed", 409: "Conflict with the current state", 413: "Request body too large",
-              429: "A rate limit, budget or provider quota refused the request (see Retry-After)",
+              405: "Method not allowed", 408: "The request body did not arrive in time",
+              409: "Conflict with the current state", 413: "Request body too large",
+              429: "A rate limit, budget, provider quota, failed-credential limit or connection cap refused "
+                   "the request (see Retry-After)",
               502: "The provider failed", 503: "A dependency (database, Redis, provider configuration) is "
               "unavailable", 504: "The provider did not answer in time"}
-# Answered by any route: a body past MAX_REQUEST_BYTES, a method the route does not have, and the
-# database or the limiter's store down.
-COMMON_ERRORS = (405, 413, 503)
+# Answered by any route (app/api/request_guard.py and the error handlers): bad bytes in the query or
+# the body (400), a method the route does not have, a body not received in time (408) or past
+# MAX_REQUEST_BYTES (413), too many connections from one address (429), a dependency down (503).
+COMMON_ERRORS = (400, 405, 408, 413, 429, 503)
 KEY_ERRORS = (400, 401, 403, 404, 429)
 ADMIN_ERRORS = (400, 401, 403, 404, 409)
 OBJECT = {"type": "object"}
@@ -116,7 +119,7 @@ OPERATIONS: tuple[Operation, ...] = (
 def _operation(op: Operation) -> dict[str, Any]:
     responses: dict[str, Any] = {str(op.status): {
         "description": op.summary, "content": {mt: {"schema": s} for mt, s in op.response.items()}}}
-    authenticated = {401, 429} if op.auth != "none" else set()  # 429: failed-credential limit per address
+    authenticated = {401} if op.auth != "none" else set()
     for status in sorted({*op.errors, *COMMON_ERRORS} | authenticated):
         if op.auth == "none" and status in (401, 403):
             continue
