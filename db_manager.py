@@ -321,10 +321,10 @@ def _announce_revocation(key_id: int) -> str:
     settings = Settings.from_env()
     if not settings.REDIS_URL:
         return f"gateways pick it up within AUTH_CACHE_TTL_S ({settings.AUTH_CACHE_TTL_S:g}s; REDIS_URL not set)"
-    import redis
+    from app.extensions import make_redis
     from app.services.key_events import encode_event, publish_event
 
-    client = redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
+    client = make_redis(settings.REDIS_URL, 2, settings.REDIS_CLUSTER)
     try:
         if publish_event(client, settings.KEY_EVENTS_CHANNEL, encode_event(key_id=key_id)):
             return "running gateways were told through Redis (effective within a second)"
@@ -429,6 +429,62 @@ def cmd_prune_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _period(value: str) -> float:
+    """`90s`, `30m`, `6h`, `1d` or plain seconds."""
+    raw = value.strip().lower()
+    unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}.get(raw[-1:], None)
+    number = raw[:-1] if unit else raw
+    try:
+        seconds = float(number) * (unit or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a period (90s, 30m, 6h, 1d): {value!r}") from None
+    if seconds < 1:
+        raise argparse.ArgumentTypeError("the period must be at least 1s")
+    return seconds
+
+
+def cmd_maintain(args: argparse.Namespace) -> int:
+    """Partitions ahead and retention, once per period across every scheduler (a Redis lock);
+    with --every, forever (the compose `maintenance` service)."""
+    import time
+
+    from app.extensions import make_redis
+    from app.services.maintenance import run_once
+
+    settings = Settings.from_env()
+    client = make_redis(settings.REDIS_URL, 2, settings.REDIS_CLUSTER)
+    period = args.every or args.period
+    while True:
+        engine = engine_for(args.url)
+        try:
+            run = run_once(engine, client, period, settings.USAGE_PARTITIONS_AHEAD,
+                           settings.USAGE_RETENTION_DAYS)
+            print(run.summary(), flush=True)
+        except (OperationalError, OSError) as exc:
+            if not args.every:
+                raise
+            print(f"maintenance failed, retried next period: {type(exc).__name__}", file=sys.stderr, flush=True)
+        finally:
+            engine.dispose()
+        if not args.every:
+            return 0
+        time.sleep(args.every)
+
+
+def cmd_check_models(args: argparse.Namespace) -> int:
+    """Validate a models file as the gateway would; the error names the bad entry."""
+    from app.providers.catalog import CatalogError
+    from app.providers.provider_manager import ProviderManager
+
+    path = args.file or Settings.from_env().MODELS_FILE
+    try:
+        manager = ProviderManager.from_file(path)
+    except CatalogError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"{path}: valid, {len(manager.catalog.models)} models")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="db_manager.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--database-url", help="overrides DATABASE_URL")
@@ -471,6 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = add("revoke-key", cmd_revoke_key, "revoke a key (running gateways are told through Redis)")
     revoke.add_argument("id", type=_bounded(2**63 - 1))
     add_usage_commands(add)
+    check = add("check-models", cmd_check_models, "validate a models file (default MODELS_FILE)")
+    check.add_argument("file", nargs="?")
     return parser
 
 
@@ -485,6 +543,10 @@ def add_usage_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     prune_.add_argument("--older-than", type=_older_than,
                         help="days (90d) or a date (2026-01-01); default USAGE_RETENTION_DAYS")
     prune_.add_argument("--keep-rollup", action="store_true", help="keep the daily totals before the cutoff")
+    maintain = add("maintain", cmd_maintain, "partitions ahead + retention, once per period across replicas")
+    maintain.add_argument("--period", type=_period, default=3600.0,
+                          help="the Redis lock's period: one run per period across every scheduler (default 1h)")
+    maintain.add_argument("--every", type=_period, help="run forever, once every this long (6h)")
 
 
 def main(argv: list[str] | None = None) -> int:

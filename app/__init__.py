@@ -15,6 +15,7 @@ from app.extensions import cors, db, make_redis
 from app.providers.provider_manager import ProviderManager
 from app.runtime import Runtime
 from app.services.api_key_service import KeyCache, LastUsedTracker
+from app.services import catalog_reload
 from app.services.key_events import KeyEvents
 from app.services.circuit_breaker import BreakerConfig
 from app.services.provider_health import HealthBoard
@@ -69,7 +70,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     with app.app_context():
         engine = db.engine
     last_used = LastUsedTracker(settings.LAST_USED_WRITE_INTERVAL_S)
-    redis_client = make_redis(settings.REDIS_URL, settings.REDIS_MAX_CONNECTIONS)
+    redis_client = make_redis(settings.REDIS_URL, settings.REDIS_MAX_CONNECTIONS, settings.REDIS_CLUSTER)
     batcher = _usage_batcher(settings, engine, redis_client)
     limiter = RateLimitService(_limiter_backend(settings, redis_client),
                                seed=lambda limits, day, month: seed_from_usage(
@@ -86,6 +87,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
         settlement=Settlement(batcher, engine, last_used, limiter), limiter=limiter, engine=engine,
         redis=redis_client, app=app, key_events=key_events)
     _build_routing(app.extensions["gateway"])
+    catalog_reload.install(app.extensions["gateway"])
 
     from app.api.routes import api
     app.register_blueprint(api)

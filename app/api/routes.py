@@ -4,7 +4,7 @@ from __future__ import annotations
 from flask import Blueprint
 
 from app.api import (audit_controller, chat_controller, health_controller, key_controller, models_controller,
-                     status_controller, tenant_controller, usage_controller)
+                     reload_controller, status_controller, tenant_controller, usage_controller)
 
 api = Blueprint("api", __name__)
 
@@ -29,3 +29,4 @@ api.add_url_rule("/v1/tenants/<int:tenant_id>", view_func=tenant_controller.upda
 api.add_url_rule("/v1/audit", view_func=audit_controller.list_audit, methods=["GET"])
 api.add_url_rule("/v1/uptime/<path:model_id>", view_func=status_controller.uptime, methods=["GET"])
 api.add_url_rule("/v1/providers/status", view_func=status_controller.providers_status, methods=["GET"])
+api.add_url_rule("/v1/admin/reload", view_func=reload_controller.reload_models, methods=["POST"])

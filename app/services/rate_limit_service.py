@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import redis
+from redis.cluster import RedisCluster
 
 log = logging.getLogger("gateway.limits")
 
@@ -146,7 +147,9 @@ def _headers(limits: KeyLimits, rpm_left: int, rpm_reset_ms: int, tpm_left: int,
 class RedisLimiter:
     def __init__(self, client: redis.Redis, lease_ms: int, max_connections: int = 64) -> None:
         self.client = client
-        self.pool = client.connection_pool
+        # A Redis Cluster client has one pool per node: calls go through its routing instead.
+        self.cluster = isinstance(client, RedisCluster)
+        self.pool = None if self.cluster else client.connection_pool
         self.lease_ms = lease_ms
         # Our own free list: redis-py's pool polls every connection for stray data on each
         # checkout (10% of a worker's CPU in profiles). A connection that saw any error is
@@ -179,6 +182,8 @@ class RedisLimiter:
         the script when Redis does not have it (a restart or SCRIPT FLUSH). Straight on the
         connection rather than through `Script.__call__`: redis-py's command layers cost
         ~0.1 ms per call in profiles. Error replies come back in place of their results."""
+        if self.cluster:
+            return self._call_many_cluster(calls)
         if not self._slots.acquire(timeout=5):
             raise LimiterUnavailable("no Redis connection free within 5 s")
         conn = self._idle.pop() if self._idle else self.pool.make_connection()
@@ -204,6 +209,28 @@ class RedisLimiter:
         finally:
             self._idle.append(conn)
             self._slots.release()
+
+    def _call_many_cluster(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """The same calls on a Redis Cluster: each through the client's slot routing (it follows
+        MOVED/ASK and refreshes its slot map); all keys of one call share a hash tag, so each
+        runs on the one master owning that slot. EVALSHA cannot be pipelined across a cluster."""
+        results: list[Any] = []
+        try:
+            for keys, args in calls:
+                try:
+                    try:
+                        results.append(self.client.evalsha(self.sha, len(keys), *keys, *args))
+                    except redis.exceptions.NoScriptError:
+                        self.client.script_load(self.script_text)   # on every master
+                        results.append(self.client.evalsha(self.sha, len(keys), *keys, *args))
+                except redis.ResponseError as exc:
+                    if any(word in str(exc) for word in ("LOADING", "MASTERDOWN", "READONLY", "CLUSTERDOWN")):
+                        raise LimiterUnavailable(str(exc)) from None
+                    results.append(exc)
+        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError,
+                redis.exceptions.RedisClusterException, OSError) as exc:
+            raise LimiterUnavailable(str(exc)) from None
+        return results
 
     def _evalsha(self, conn: Any, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         conn.send_packed_command(conn.pack_commands(
