@@ -32,7 +32,7 @@ from app.utils.token_counter import preload as preload_tokenizers
 log = logging.getLogger("gateway.catalog")
 
 EVENT = "models.reload"
-_ENTRY = re.compile(r"\b((?:providers|models)\.[^:\s]+)")
+_ENTRY = re.compile(r"(?:^|: )((?:providers|models)\.[^:\s]+)")
 
 
 @dataclass
