@@ -191,3 +191,14 @@ def wait_for_rows(engine, count: int, where: str = "TRUE", params: dict | None =
     wait_until(lambda: len(usage_rows(engine, where, params)) >= count, timeout=timeout,
                message=f"{count} usage rows where {where}")
     return usage_rows(engine, where, params)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """A real 3-master Redis Cluster on free loopback ports, for the whole run (started only
+    when a test asks for it; Testing/redis_cluster.py)."""
+    from Testing.redis_cluster import LocalRedisCluster
+
+    cluster = LocalRedisCluster().start()
+    yield cluster
+    cluster.stop()
