@@ -63,7 +63,9 @@ pid {self.dir}/nginx.pid;
 error_log {self.dir}/error.log info;
 events {{ worker_connections 4096; }}
 http {{
-    access_log {self.dir}/access.log;
+    # Which replica answered each request (a retried one lists both): the tests read it.
+    log_format upstreams '$status $upstream_addr $upstream_status';
+    access_log {self.dir}/access.log upstreams;
     client_body_temp_path {temp}/body;
     proxy_temp_path {temp}/proxy;
     fastcgi_temp_path {temp}/fastcgi;
@@ -96,6 +98,16 @@ http {{
 
         wait_until(answers, timeout=15, message="nginx to answer")
         return self
+
+    def access_log(self) -> list[tuple[int, list[str]]]:
+        """(status, [replica addresses tried]) of every request proxied so far."""
+        path = self.dir / "access.log"
+        entries = []
+        for line in (path.read_text().splitlines() if path.exists() else []):
+            status, _, upstreams = line.partition(" ")
+            addrs = [a.strip() for a in upstreams.rsplit(" ", 1)[0].replace(" : ", ", ").split(",") if a.strip()]
+            entries.append((int(status), addrs))
+        return entries
 
     def error_log(self) -> str:
         path = self.dir / "error.log"
