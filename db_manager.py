@@ -448,6 +448,8 @@ def cmd_maintain(args: argparse.Namespace) -> int:
     with --every, forever (the compose `maintenance` service)."""
     import time
 
+    from redis import RedisError
+
     from app.extensions import make_redis
     from app.services.maintenance import run_once
 
@@ -460,10 +462,13 @@ def cmd_maintain(args: argparse.Namespace) -> int:
             run = run_once(engine, client, period, settings.USAGE_PARTITIONS_AHEAD,
                            settings.USAGE_RETENTION_DAYS)
             print(run.summary(), flush=True)
-        except (OperationalError, OSError) as exc:
-            if not args.every:
+        except (OperationalError, OSError, RedisError) as exc:
+            if not args.every and not isinstance(exc, RedisError):
                 raise
-            print(f"maintenance failed, retried next period: {type(exc).__name__}", file=sys.stderr, flush=True)
+            print(f"maintenance failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                  + (", retried next period" if args.every else ""), file=sys.stderr, flush=True)
+            if not args.every:
+                return EXIT_UNREACHABLE
         finally:
             engine.dispose()
         if not args.every:

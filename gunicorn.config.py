@@ -100,6 +100,9 @@ def post_worker_init(worker):
     gateway = _gateway(worker)
     if gateway is not None:
         gateway.usage_batcher.start()
+        # Key events and models reloads reach a worker only while it listens: from the start.
+        if gateway.key_events is not None:
+            gateway.key_events.ensure_listening()
 
 
 def worker_exit(server, worker):

@@ -51,9 +51,23 @@ def clean_db(pg_engine, redis_cluster):
     return pg_engine
 
 
-def test_health_reports_the_cluster(gateway, clean_db):
+def test_health_and_provider_status_on_the_cluster(gateway, clean_db):
+    """/health pings the cluster; the provider health board is shared through it: after calls
+    on both workers, GET /v1/providers/status merges the reports of both."""
     status, _, body = http_json("GET", gateway.base_url + "/health")
     assert status == 200 and body["redis"] == "ok"
+    key = mint_key(gateway)["key"]
+    workers = connect_every_worker([gateway])
+    try:
+        for w in workers:
+            assert w.request("POST", "/v1/chat/completions", {"model": "demo", "messages": [{"role": "user", "content": "hi"}]},
+                             {"Authorization": f"Bearer {key}"})[0] == 200
+        report = lambda: http_json("GET", gateway.base_url + "/v1/providers/status",  # noqa: E731
+                                   headers={"Authorization": f"Bearer {key}"})[2]
+        wait_until(lambda: report()["workers_reporting"] == 2, timeout=10, message="both workers' reports")
+    finally:
+        for w in workers:
+            w.close()
 
 
 def test_revocation_reaches_every_worker_through_the_cluster(gateway, gateway_b, clean_db):
