@@ -365,7 +365,7 @@ def cmd_flush_usage(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     redis_url = settings.REDIS_URL if args.redis_url is None else args.redis_url
     engine = engine_for(args.url)
-    client = make_redis(redis_url, 4) if redis_url else None
+    client = make_redis(redis_url, 4, settings.REDIS_CLUSTER) if redis_url else None
     spool = SpoolOutbox(args.spool_dir or settings.USAGE_SPOOL_DIR)
     outbox = RedisOutbox(client, settings.USAGE_OUTBOX_NAME) if client else None
     batcher = UsageBatcher(UsageWriter(engine), redis_outbox=outbox, spool=spool)
