@@ -11,9 +11,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 import db_manager
-from app import create_app
 from app.services import read_replica
-from Testing.conftest import app_config, close_app
+from Testing.conftest import app_config, close_app, start_app
 from Testing.pg_replica import PostgresPair
 from Testing.support import SYSTEM_SECRET, wait_until
 
@@ -36,11 +35,11 @@ def pair():
 
 @pytest.fixture(scope="module")
 def app(pair, models_file):
-    application = create_app(app_config(pair.url("primary", "gw"), models_file,
-                                        DATABASE_READ_URL=pair.url("replica", "gw")))
+    application = start_app(app_config(pair.url("primary", "gw"), models_file,
+                                       DATABASE_READ_URL=pair.url("replica", "gw")))
     yield application
     close_app(application)
-    read_replica.of(application.extensions["gateway"]).close()
+    read_replica.of(application, application.extensions["gateway"]).close()
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +117,7 @@ def test_writes_never_go_to_the_replica(pair, client, app):
         assert rows(pair, "replica") == before
     finally:
         sql(pair.url("replica"), "SELECT pg_wal_replay_resume()")
-    engine = read_replica.of(app.extensions["gateway"]).engine
+    engine = read_replica.of(app, app.extensions["gateway"]).engine
     with pytest.raises(SQLAlchemyError, match="read-only"):
         with engine.begin() as conn:
             conn.execute(text("DELETE FROM usage_records"))

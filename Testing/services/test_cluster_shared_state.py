@@ -55,7 +55,7 @@ def test_key_events_reach_a_listener_on_another_node(redis_cluster):
     publishers = [KeyEvents(KeyCache(60), redis_cluster.url, channel,
                             publisher=redis.Redis(host="127.0.0.1", port=port)) for port in redis_cluster.ports]
     try:
-        listener.ensure_listening()
+        listener.start()
         assert listener.subscribed.wait(5)
         for key_id, publisher in enumerate(publishers, start=1):   # one publisher per node
             cache.put(f"h{key_id}", replace(INFO, id=key_id))
@@ -78,7 +78,7 @@ def test_process_events_share_the_channel(redis_cluster):
     listener = KeyEvents(cache, redis_cluster.url, channel)
     listener.handlers["models.reload"] = seen.append
     try:
-        listener.ensure_listening()
+        listener.start()
         assert listener.subscribed.wait(5)
         cache.put("h1", INFO)
         KeyEvents(KeyCache(60), redis_cluster.url, channel, publisher=make_redis(redis_cluster.url, 2)) \

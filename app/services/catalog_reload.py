@@ -122,12 +122,6 @@ class CatalogReloader:
         timer.start()
 
 
-def install(rt: Any) -> CatalogReloader:
-    """The reloader of one app's runtime (kept on the Flask app's extensions)."""
-    reloader = CatalogReloader(rt).install()
-    rt.app.extensions["catalog_reloader"] = reloader
-    return reloader
-
-
 def reloader_of(app: Any) -> CatalogReloader:
+    """The reloader create_app keeps on the Flask app."""
     return app.extensions["catalog_reloader"]

@@ -100,14 +100,15 @@ class ReadReplica:
 _CREATE_LOCK = threading.Lock()
 
 
-def of(rt: Any) -> ReadReplica:
-    """The read replica of one app's runtime (made on first use, kept on the Flask app)."""
-    replica = rt.app.extensions.get("read_replica")
+def of(app: Any, rt: Any) -> ReadReplica:
+    """The read replica of one app (made on first use, kept on the Flask app with its runtime's
+    primary engine)."""
+    replica = app.extensions.get("read_replica")
     if replica is None:
         with _CREATE_LOCK:
-            replica = rt.app.extensions.get("read_replica")
+            replica = app.extensions.get("read_replica")
             if replica is None:
                 url = "" if rt.settings.embedded_database else rt.settings.DATABASE_READ_URL
                 replica = ReadReplica(rt.engine, url)
-                rt.app.extensions["read_replica"] = replica
+                app.extensions["read_replica"] = replica
     return replica

@@ -27,11 +27,11 @@ from typing import Any
 
 from sqlalchemy import create_engine, event as sa_event, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DataError, IntegrityError
 
 from app.services import usage_partitions
 from app.services.usage_outbox import RedisOutbox, SpoolOutbox
 from app.services.usage_service import UsageEvent, UsageWriter
+from app.utils import db_errors
 
 log = logging.getLogger("gateway.usage")
 
@@ -57,10 +57,9 @@ def dedicated_engine(url: str, timeout_s: float) -> Engine:
 
 
 def is_permanent(exc: BaseException) -> bool:
-    """A failure that retrying cannot fix (the record itself is bad)."""
-    if isinstance(exc, IntegrityError):
-        return "no partition" not in str(exc)
-    return isinstance(exc, (DataError, ValueError, TypeError, KeyError))
+    """A failure that retrying cannot fix (the record itself is bad): by SQLSTATE for the
+    database's errors (a missing partition is not one of them), by type for ours."""
+    return isinstance(exc, (ValueError, TypeError, KeyError)) or db_errors.is_permanent(exc)
 
 
 class _Transient(Exception):
@@ -113,14 +112,11 @@ class UsageBatcher:
         self._queue.append(event)
         self._idle.clear()
         self._wake.set()
-        if self._thread is None or not self._thread.is_alive():
-            self.start(flusher=False)
 
     def start(self, flusher: bool = True) -> None:
-        """Start the writer, and the outbox flusher unless `flusher=False`. Threads start in the
-        process, and under the gevent hub, that serves requests: gunicorn's post_worker_init
-        (and run.py) start both at worker start; otherwise the writer starts with the first
-        record and the flusher with the first record diverted to the outbox."""
+        """Start the writer, and the outbox flusher unless `flusher=False` (once; later calls
+        do nothing). Called by the app's Runtime.start() in the process, and under the gevent
+        hub, that serves requests. Not started, rows wait in the queue for `flush()`."""
         with self._lock:
             if self._stop.is_set():
                 return
@@ -146,6 +142,8 @@ class UsageBatcher:
                     time.sleep(1.0)
             if not self._queue:
                 self._idle.set()
+                if self._stop.is_set():
+                    return  # closed: everything queued is stored
 
     def _store(self, batch: list[UsageEvent]) -> None:
         if not self.database_down:
@@ -182,8 +180,6 @@ class UsageBatcher:
     def _divert(self, batch: list[UsageEvent]) -> None:
         """Into the outbox: Redis if it answers, else the local spool; in memory only when
         neither can take them (retried)."""
-        if self._flusher is None:
-            self.start()  # someone has to replay them
         lines = [e.to_json() for e in batch]
         if self._redis_usable():
             try:
@@ -343,10 +339,14 @@ class UsageBatcher:
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued is stored (written or in the outbox). True when empty."""
-        if self._queue and (self._thread is None or not self._thread.is_alive()):
-            with self._lock:
-                self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
-                self._thread.start()
+        if self._thread is None or not self._thread.is_alive():
+            # Never started (or already gone): the caller stores what is queued itself.
+            deadline = time.monotonic() + timeout
+            while self._queue and time.monotonic() < deadline:
+                self._store([self._queue.popleft() for _ in range(min(len(self._queue), self.MAX_BATCH))])
+            if not self._queue:
+                self._idle.set()
+            return not self._queue
         self._wake.set()
         return self._idle.wait(timeout) and not self._queue
 
