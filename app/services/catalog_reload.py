@@ -112,10 +112,10 @@ class CatalogReloader:
         rt = self.rt
         old = rt.providers
         rt.providers = new
-        if rt.router is not None:
-            rt.router = Router(new.catalog, rt.health, rt.router.policy)
-        if rt.uptime is not None:
-            rt.uptime.providers = new
+        old_router = rt.router
+        rt.router = Router(new.catalog, rt.health, old_router.policy, rng=old_router.rng,
+                           clock=old_router.clock, sleep=old_router.sleep, unconfigured=new.unconfigured)
+        rt.uptime.providers = new
         # Requests running on the old instances keep them until their upstream call ends.
         timer = threading.Timer(rt.settings.UPSTREAM_TOTAL_TIMEOUT_S, old.close)
         timer.daemon = True
