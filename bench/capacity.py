@@ -172,11 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"CAPACITY RUN FAILED: {exc}", file=sys.stderr)
         return 2
     finally:
-        procs.stop_all()
-        try:
-            rb.drop_database(admin_url)
-        except Exception as exc:  # noqa: BLE001
-            print(f"could not drop {rb.BENCH_DB}: {exc}", file=sys.stderr)
+        rb.stop_and_drop(procs, admin_url)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
