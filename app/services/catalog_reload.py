@@ -27,6 +27,7 @@ from typing import Any
 
 from app.providers.catalog import CatalogError
 from app.providers.provider_manager import ProviderManager
+from app.services.router import Router
 from app.utils.token_counter import preload as preload_tokenizers
 
 log = logging.getLogger("gateway.catalog")
@@ -86,7 +87,8 @@ class CatalogReloader:
             if digest and digest == self.digest:
                 return ReloadResult(False, len(self.rt.providers.catalog.models), digest)
             new = ProviderManager.from_file(self.path, defaults=self.rt.providers.defaults)
-            preload_tokenizers({m.tokenizer for m in new.catalog.models.values()})
+            preload_tokenizers({m.tokenizer for m in new.catalog.models.values()},
+                               local_files=self.rt.settings.OVERRIDE_TIKTOKEN_LOADER)
             self._swap(new)
             self.digest = digest
             self.reloads += 1
@@ -107,8 +109,6 @@ class CatalogReloader:
             log.error("models file not reloaded, the previous catalogue keeps serving: %s", exc)
 
     def _swap(self, new: ProviderManager) -> None:
-        from app.services.router import Router
-
         rt = self.rt
         old = rt.providers
         rt.providers = new
