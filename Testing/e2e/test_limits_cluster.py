@@ -51,9 +51,10 @@ def clean_db(pg_engine, redis_cluster):
     return pg_engine
 
 
-def test_health_and_provider_status_on_the_cluster(gateway, clean_db):
-    """/health pings the cluster; the provider health board is shared through it: after calls
-    on both workers, GET /v1/providers/status merges the reports of both."""
+def test_health_and_provider_status_on_the_cluster(gateway, redis_cluster, clean_db):
+    """/health pings the cluster; the provider health board is shared through it (after calls
+    on both workers, GET /v1/providers/status merges the reports of both), and so is the uptime
+    probe's cache."""
     status, _, body = http_json("GET", gateway.base_url + "/health")
     assert status == 200 and body["redis"] == "ok"
     key = mint_key(gateway)["key"]
@@ -65,6 +66,12 @@ def test_health_and_provider_status_on_the_cluster(gateway, clean_db):
         report = lambda: http_json("GET", gateway.base_url + "/v1/providers/status",  # noqa: E731
                                    headers={"Authorization": f"Bearer {key}"})[2]
         wait_until(lambda: report()["workers_reporting"] == 2, timeout=10, message="both workers' reports")
+        # the uptime probe's answer is cached in the cluster for every worker
+        status, _, body = http_json("GET", gateway.base_url + "/v1/uptime/demo",
+                                    headers={"Authorization": f"Bearer {key}"})
+        assert status == 200, body
+        owner = redis_cluster.node(redis_cluster.slot_owner("gw:uptime:demo"))
+        assert owner.get("gw:uptime:demo") is not None
     finally:
         for w in workers:
             w.close()
