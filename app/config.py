@@ -49,8 +49,8 @@ class Settings:
     REDIS_URL: str = ""
     # REDIS_URL names a Redis Cluster node (also implied by a `redis+cluster://` URL).
     REDIS_CLUSTER: bool = False
-    # A PostgreSQL streaming replica for read-only queries (usage reports, exports, request
-    # logs); empty: they go to DATABASE_URL. Writes never go there.
+    # A PostgreSQL streaming replica for read-only queries (usage reports and exports); empty:
+    # they go to DATABASE_URL. Writes never go there.
     DATABASE_READ_URL: str = ""
     SYSTEM_SECRET: str = ""
     MODELS_FILE: str = str(ROOT_DIR / "data" / "models.json")
