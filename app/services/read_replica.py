@@ -1,8 +1,8 @@
 """Read-only queries on a PostgreSQL streaming replica (`DATABASE_READ_URL`).
 
-Usage reports, CSV exports and request logs read many rows and never write: they go to the
-replica when one is configured, so that the primary keeps its capacity for the usage writes of
-the request path. Writes never go there: the replica's engine opens every transaction read-only
+Usage reports and their CSV exports read many rows and never write: they go to the replica
+when one is configured (`of(app, runtime).query(fn)`; any other read-only listing can do the
+same), so that the primary keeps its capacity for the usage writes of the request path. Writes never go there: the replica's engine opens every transaction read-only
 (a standby refuses writes anyway). A replica that does not answer is skipped for a few seconds
 and the primary serves the reads meanwhile (logged), so reports never fail because of it.
 
