@@ -51,7 +51,7 @@ def _node_url(url: str, host: str, port: int) -> str:
 
 def make_redis(url: str, max_connections: int, cluster: bool = False) -> Optional[RedisClient]:
     """A client with a *blocking* pool sized to the worker's concurrency (one pool per node on a
-    cluster). A blocking pool waits for a free connection instead of raising at the cap."""
+    cluster; see docs/traps.md): it waits for a free connection instead of raising at the cap."""
     if not url:
         return None
     options = dict(socket_connect_timeout=2, socket_timeout=5, health_check_interval=30)
