@@ -96,6 +96,7 @@ def test_health_board_shared_on_the_cluster(redis_cluster):
     a = HealthBoard(config, redis_client=make_redis(redis_cluster.url, 2), publish_interval_s=60)
     b = HealthBoard(config, redis_client=make_redis(redis_cluster.url, 2), publish_interval_s=60)
     a.worker_id, b.worker_id = "host:1", "host:2"   # two workers (one test process here)
+    redis_cluster.flush()   # no report of another test's gateway workers
     try:
         a.success(a.get("openai/x"), 0.01)
         b.success(b.get("openai/x"), 0.02)
