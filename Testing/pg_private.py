@@ -5,7 +5,6 @@ A fresh cluster (`initdb`, trust auth on loopback) on a free port, run as a chil
 temporary directory removed by `destroy`."""
 from __future__ import annotations
 
-import glob
 import os
 import pwd
 import shutil
@@ -15,14 +14,8 @@ from pathlib import Path
 
 import psycopg
 
+from Testing.pg_replica import pg_bindir
 from Testing.support import free_port, wait_until
-
-
-def pg_bindir() -> Path:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
-    if not found:
-        raise AssertionError("PostgreSQL server binaries not found (apt-get install postgresql)")
-    return Path(found[-1]).parent
 
 
 class PrivatePostgres:

@@ -113,6 +113,8 @@ OPERATIONS: tuple[Operation, ...] = (
               params=(MODEL_ID,), errors=KEY_ERRORS + (502, 504)),
     Operation("/v1/providers/status", "get", "Health of every deployment, as the workers see it", "any",
               errors=(401, 403)),
+    Operation("/v1/admin/reload", "post", "Reload data/models.json in every worker of every replica", "operator",
+              errors=ADMIN_ERRORS),
 )
 
 
