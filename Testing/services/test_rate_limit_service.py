@@ -199,3 +199,28 @@ def test_service_settles_in_the_background_pipelined():
     assert service.admit(lim, "after", 1790, 0).admitted
     assert service.admit(lim, "over", 60, 0).reason == "tpm"  # 10 left, plus a little refill
     client.close()
+
+
+def test_peek_reads_headroom_without_reserving(backend):
+    """`peek` (GET /v1/key) shows what is left of each limit and reserves nothing: two peeks
+    agree, and a request is still admitted exactly as before."""
+    lim = limits(rpm=5, tpm=60, daily_tokens=500, max_concurrent=2, key_budget_nano=1000, tenant_budget_nano=-1)
+    fresh = backend.peek(lim)
+    assert (fresh.rpm_left, fresh.tpm_left, fresh.in_flight) == (5, 60, 0)
+    assert (fresh.day_tokens, fresh.key_spend_nano, fresh.tenant_spend_nano) == (None, None, None)
+    adm = admit(backend, lim, tokens=10, cost=300)  # TPM 60: a token a second comes back
+    first, second = backend.peek(lim), backend.peek(lim)
+    assert (first.rpm_left, first.in_flight, first.day_tokens, first.key_spend_nano) == \
+        (second.rpm_left, second.in_flight, second.day_tokens, second.key_spend_nano) == (4, 1, 10, 300)
+    assert first.tpm_left in (50, 51) and 0 < first.rpm_reset_ms <= 12000
+    backend.settle(adm, 4, 120)
+    after = backend.peek(lim)
+    assert (after.in_flight, after.day_tokens, after.key_spend_nano) == (0, 4, 120)
+    assert after.tpm_left in (56, 57)
+    assert (after.day, after.month) == (adm.day, adm.month)
+
+
+def test_peek_without_limits_reports_none(backend):
+    """A key without rate limits has no headroom figures (-1) and nothing in flight."""
+    peek = backend.peek(limits())
+    assert (peek.rpm_left, peek.tpm_left, peek.in_flight, peek.day_tokens) == (-1, -1, 0, None)

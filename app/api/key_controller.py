@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from flask import Response, request
 
-from app.api.auth import admin_caller
+from app.api.auth import admin_caller, caller
 from app.api.common import json_response, read_json_object
 from app.api.schemas import API_KEY_CREATE_SCHEMA, API_KEY_UPDATE_SCHEMA, ROTATE_SCHEMA
 from app.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
@@ -62,7 +62,11 @@ def list_api_keys() -> Response:
 
 
 def get_api_key(key_id: int) -> Response:
-    actor = admin_caller()
+    """Admins read the keys they manage; any key may read itself (a member: only itself)."""
+    actor = caller()
+    if actor.kind == "key" and not actor.is_tenant_admin and key_id != actor.key_id:
+        raise PermissionDenied("A member key may read only itself; other keys need the system secret "
+                               "or a tenant admin key.", code="admin_required")
     return json_response(api_key_service.key_to_dict(_visible_key(actor, key_id)))
 
 
@@ -119,7 +123,7 @@ def revoke_api_key(key_id: int) -> Response:
 
 def _visible_key(actor: Actor, key_id: int) -> ApiKey:
     key = db.session.get(ApiKey, key_id) if 0 < key_id <= tenant_service.MAX_ID else None
-    if key is None or not actor.sees_tenant(key.tenant_id):
+    if key is None or not (actor.sees_tenant(key.tenant_id) or key.id == actor.key_id):
         raise NotFound(f"No API key with id {key_id}.", param="id")
     return key
 

@@ -233,6 +233,23 @@ class UsageQuerySchema(Schema):
     format = StrictString(validate=validate.OneOf(("json", "csv")))
 
 
+class RequestsQuerySchema(Schema):
+    """Query string of `GET /v1/requests` (scope parameters as for `/v1/usage`)."""
+
+    class Meta:
+        unknown = RAISE
+
+    limit = IdField(maximum=100, load_default=20)
+    cursor = StrictString(validate=validate.Length(min=1, max=300))
+    start = UTCDateTime()
+    end = UTCDateTime()
+    model = StrictString(validate=validate.Length(min=1, max=200))
+    status = StrictString(validate=validate.Length(min=1, max=20))
+    request_id = StrictString(validate=validate.Length(min=1, max=64))
+    tenant = StrictString(validate=validate.Length(min=1, max=200))
+    api_key_id = IdField()
+
+
 CHAT_SCHEMA = ChatCompletionSchema()
 API_KEY_CREATE_SCHEMA = ApiKeyCreateSchema()
 API_KEY_UPDATE_SCHEMA = ApiKeyUpdateSchema()
@@ -241,3 +258,4 @@ TENANT_CREATE_SCHEMA = TenantCreateSchema()
 TENANT_UPDATE_SCHEMA = TenantUpdateSchema()
 AUDIT_QUERY_SCHEMA = AuditQuerySchema()
 USAGE_QUERY_SCHEMA = UsageQuerySchema()
+REQUESTS_QUERY_SCHEMA = RequestsQuerySchema()

@@ -1,0 +1,111 @@
+"""The latest requests, one usage row each, newest first, with cursor paging (`GET /v1/requests`).
+
+A cursor names the last row of the previous page by (created_at, request_id), the usage
+table's own key, so a page is one index range scan ("this key's / tenant's rows before that
+moment") however deep the reader pages, and rows written meanwhile never shift a page.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import select, tuple_
+from sqlalchemy.engine import Engine
+
+from app.models import ApiKey, Tenant, UsageRecord
+from app.models.types import as_utc
+from app.utils.money import format_money
+
+
+class BadCursor(ValueError):
+    """The cursor was not made by this endpoint."""
+
+
+def encode_cursor(created_at: datetime, request_id: str) -> str:
+    raw = f"{as_utc(created_at).isoformat(timespec='microseconds')}|{request_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        moment, request_id = raw.split("|", 1)
+        created = datetime.fromisoformat(moment)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise BadCursor(cursor) from None
+    if created.tzinfo is None or not request_id:
+        raise BadCursor(cursor)
+    return created.astimezone(timezone.utc), request_id
+
+
+@dataclass
+class RequestQuery:
+    limit: int = 20
+    cursor: str | None = None
+    api_key_id: int | None = None
+    tenant_id: int | None = None
+    model: str | None = None
+    status: str | None = None
+    request_id: str | None = None
+    start: datetime | None = None
+    end: datetime | None = None
+
+
+def _endpoint_column() -> Any:
+    """`usage_records.endpoint` (chat.completions, responses, ...) where the schema has it."""
+    return getattr(UsageRecord, "endpoint", None)
+
+
+def list_requests(engine: Engine, q: RequestQuery) -> dict[str, Any]:
+    """One page: {"object": "list", "data": [...], "has_more", "next_cursor"}."""
+    r = UsageRecord
+    endpoint = _endpoint_column()
+    columns = [r.request_id, r.created_at, r.api_key_id, r.tenant_id, r.model, r.provider, r.status,
+               r.error_type, r.streamed, r.prompt_tokens, r.completion_tokens, r.total_tokens, r.cost_usd,
+               r.latency_ms, r.ttft_ms, ApiKey.name.label("api_key_name"), Tenant.name.label("tenant_name")]
+    if endpoint is not None:
+        columns.append(endpoint.label("endpoint"))
+    stmt = (select(*columns).outerjoin(ApiKey, ApiKey.id == r.api_key_id).outerjoin(Tenant, Tenant.id == r.tenant_id)
+            .order_by(r.created_at.desc(), r.request_id.desc()).limit(q.limit + 1))
+    sqlite = engine.dialect.name == "sqlite"
+    for column, value in ((r.api_key_id, q.api_key_id), (r.tenant_id, q.tenant_id), (r.model, q.model),
+                          (r.status, q.status), (r.request_id, q.request_id)):
+        if value is not None:
+            stmt = stmt.where(column == value)
+    if q.start is not None:
+        stmt = stmt.where(r.created_at >= _db_time(q.start, sqlite))
+    if q.end is not None:
+        stmt = stmt.where(r.created_at < _db_time(q.end, sqlite))
+    if q.cursor is not None:
+        created, request_id = decode_cursor(q.cursor)
+        stmt = stmt.where(tuple_(r.created_at, r.request_id) < tuple_(_db_time(created, sqlite), request_id))
+    with engine.connect() as conn:
+        rows = conn.execute(stmt).all()
+    page = rows[:q.limit]
+    data = [_row(row, endpoint is not None) for row in page]
+    has_more = len(rows) > q.limit
+    return {"object": "list", "data": data, "has_more": has_more,
+            "next_cursor": encode_cursor(page[-1].created_at, page[-1].request_id) if has_more else None}
+
+
+def _db_time(value: datetime, sqlite: bool) -> datetime:
+    value = value.astimezone(timezone.utc)
+    return value.replace(tzinfo=None) if sqlite else value
+
+
+def _row(row: Any, has_endpoint: bool) -> dict[str, Any]:
+    created = as_utc(row.created_at)
+    return {
+        "object": "request", "request_id": row.request_id,
+        "created_at": created.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "model": row.model, "endpoint": row.endpoint if has_endpoint else None, "provider": row.provider,
+        "status": row.status, "error_type": row.error_type, "streamed": row.streamed,
+        "prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens,
+        "total_tokens": row.total_tokens, "cost_usd": format_money(row.cost_usd),
+        "latency_ms": row.latency_ms, "ttft_ms": row.ttft_ms,
+        "api_key_id": row.api_key_id, "api_key_name": row.api_key_name,
+        "tenant_id": row.tenant_id, "tenant_name": row.tenant_name,
+    }
