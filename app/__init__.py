@@ -88,7 +88,9 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     _build_routing(app.extensions["gateway"])
 
     from app.api.routes import api
+    from app.api.console_controller import console
     app.register_blueprint(api)
+    app.register_blueprint(console)
     register_error_handlers(app)
     app.after_request(_request_id_header)
     _BATCHERS.add(batcher)

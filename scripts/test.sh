@@ -4,7 +4,8 @@
 # 1. a virtualenv in .venv with requirements-dev.txt;
 # 2. PostgreSQL and Redis: used where already reachable, otherwise installed with apt-get
 #    (when root) and started; otherwise a clear message and exit 1;
-# 3. pytest over Testing/ (each run creates and drops its own fresh databases).
+# 3. Debian's chromium for the console's browser tests (installed with apt-get when root);
+# 4. pytest over Testing/ (each run creates and drops its own fresh databases).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -70,6 +71,19 @@ if ! port_open "$REDIS_HOST" "$REDIS_PORT"; then
     --logfile /tmp/gateway-test-redis.log
   for _ in $(seq 1 20); do port_open "$REDIS_HOST" "$REDIS_PORT" && break; sleep 0.5; done
   port_open "$REDIS_HOST" "$REDIS_PORT" || die "Redis did not come up on $REDIS_HOST:$REDIS_PORT"
+fi
+
+# --- Chromium (browser tests of the web console) ------------------------------------------------
+# Debian's own package, driven by playwright through executable_path: no browser is downloaded.
+# Without it (and not root) the console's browser tests are skipped with a message.
+if [ ! -x /usr/bin/chromium ]; then
+  if is_root; then
+    say "installing chromium with apt-get (browser tests of the console)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    say "chromium is not installed and I am not root: the console's browser tests will be skipped"
+  fi
 fi
 
 # --- pytest ---------------------------------------------------------------------------------
