@@ -31,8 +31,8 @@ function tenantFields(prefix, current = {key_limits: {}}) {
   const limits = Object.fromEntries(LIMITS.map(([n]) => [n, h('input', {type: 'number', id: `${prefix}-${n}`, min: 1,
     step: 1, inputmode: 'numeric', placeholder: 'none', value: current.key_limits[n] ?? ''})]));
   return {
-    els: [field('Monthly budget (USD)', budget, 'shared by all its keys'),
-      h('fieldset', {}, h('legend', {}, 'Limits of its keys (defaults, and the most a tenant admin may give)'),
+    budget: field('Monthly budget (USD)', budget, 'shared by all its keys'),
+    els: [h('fieldset', {}, h('legend', {}, 'Limits of its keys (defaults, and the most a tenant admin may give)'),
         h('div', {class: 'row'}, LIMITS.map(([n, label]) => field(label, limits[n]))))],
     values: () => ({budget_usd: budget.value.trim() || null,
       key_limits: Object.fromEntries(LIMITS.map(([n]) => [n, limits[n].value === '' ? null : Number(limits[n].value)]))}),
@@ -44,14 +44,15 @@ class TenantsPage {
     this.msg = messageArea();
     this.panel = h('div', {id: 'tenant-panel'});
     this.list = h('div', {id: 'tenant-list'});
-    main.append(this.createForm(), this.msg, this.panel, h('section', {class: 'card'}, h('h2', {}, 'All tenants'), this.list));
+    main.append(this.msg, this.panel, h('section', {class: 'card'}, h('h2', {}, 'All tenants'), this.list),
+      this.createForm());
   }
 
   createForm() {
     const name = h('input', {type: 'text', id: 'tenant-name', required: true, maxlength: 200});
     const settings = tenantFields('new-tenant');
     const form = h('form', {class: 'card', id: 'tenant-form'}, h('h2', {}, 'Create a tenant'),
-      field('Name', name), settings.els,
+      h('div', {class: 'row'}, field('Name', name), settings.budget), settings.els,
       h('div', {class: 'buttons'}, h('button', {type: 'submit', id: 'create-tenant'}, 'Create tenant')));
     form.addEventListener('submit', async (e) => {
       e.preventDefault();
@@ -100,7 +101,7 @@ class TenantsPage {
     const name = h('input', {type: 'text', id: 'edit-tenant-name', required: true, maxlength: 200, value: tenant.name});
     const settings = tenantFields('edit-tenant', tenant);
     const form = h('form', {class: 'card', id: 'tenant-edit-form'}, h('h2', {}, `Edit "${tenant.name}"`),
-      field('Name', name), settings.els,
+      h('div', {class: 'row'}, field('Name', name), settings.budget), settings.els,
       h('div', {class: 'buttons'}, h('button', {type: 'submit', id: 'save-tenant'}, 'Save'),
         h('button', {type: 'button', class: 'secondary', onclick: () => clear(this.panel)}, 'Cancel')));
     form.addEventListener('submit', async (e) => {
