@@ -92,6 +92,12 @@ def sign_in(page, token: str, secret: bool = False, path: str = "/ui/") -> None:
     page.wait_for_selector("#sign-out")
 
 
+def sign_in_as_operator(page, path: str) -> None:
+    """Sign in with the system secret on `path` and wait for that page."""
+    sign_in(page, SYSTEM_SECRET, secret=True, path=path)
+    ready(page, path.removeprefix("/ui/"))
+
+
 def goto(page, path: str) -> None:
     page.goto(path)
     ready(page, path.removeprefix("/ui/"))
@@ -159,6 +165,14 @@ def test_sign_in_is_kept_in_session_storage_only_and_forgotten_on_sign_out(new_p
 
 
 # --- playground --------------------------------------------------------------------------------
+
+def ask_side_by_side(page, model: str, model_b: str, prompt: str) -> None:
+    page.check("#compare")
+    page.select_option("#model", model)
+    page.select_option("#model-b", model_b)
+    page.fill("#prompt", prompt)
+    page.click("#send")
+
 
 def answer_text(page, column: int = 0) -> str:
     return page.locator(f".column[data-column='{column}'] .answer").last.inner_text()
@@ -228,12 +242,8 @@ def test_playground_settings_metrics_multi_turn_and_side_by_side(new_page, gatew
                                  {"role": "assistant", "content": expected_content(first, 12)},
                                  {"role": "user", "content": "and again"}]
 
-    page.check("#compare")
-    page.select_option("#model", "gpt-4o-mini")
-    page.select_option("#model-b", "chunks-3")
     page.fill("#max-tokens", "")
-    page.fill("#prompt", "compare us")
-    page.click("#send")
+    ask_side_by_side(page, "gpt-4o-mini", "chunks-3", "compare us")
     wait_until(lambda: page.locator(".turn[data-outcome='done']").count() == 2, message="both answers")
     msgs = [{"role": "user", "content": "compare us"}]
     assert answer_text(page, 0) == expected_content(msgs, 20)
@@ -306,8 +316,7 @@ def test_admin_mints_edits_rotates_and_revokes_a_key_and_the_api_agrees(new_page
     """Through the Keys page: mint (the secret shown once works), edit a limit, rotate without grace
     (the old secret stops, the new works), revoke (the secret stops); the API shows each change."""
     page = new_page()
-    sign_in(page, SYSTEM_SECRET, secret=True, path="/ui/admin/keys")
-    ready(page, "admin/keys")
+    sign_in_as_operator(page, "/ui/admin/keys")
     page.fill("#mint-name", "minted-in-browser")
     page.fill("#mint-tenant", "browser-team")
     page.fill("#mint-rpm_limit", "7")
@@ -355,8 +364,7 @@ def test_operator_creates_edits_and_suspends_a_tenant_and_the_api_agrees(new_pag
     """Through the Tenants page: create with a budget and key limits, edit the budget, suspend
     (its keys stop working), reactivate; each change is what GET /v1/tenants/<id> says."""
     page = new_page()
-    sign_in(page, SYSTEM_SECRET, secret=True, path="/ui/admin/tenants")
-    ready(page, "admin/tenants")
+    sign_in_as_operator(page, "/ui/admin/tenants")
     page.fill("#tenant-name", "made-in-browser")
     page.fill("#new-tenant-budget", "40")
     page.fill("#new-tenant-rpm_limit", "120")
@@ -416,8 +424,7 @@ def test_names_with_html_and_script_are_shown_as_text(new_page, gateway, clean_d
     key = mint(gateway, name=XSS_KEY, tenant=XSS_TENANT)
     seed_usage(clean_db, key)
     admin = new_page()
-    sign_in(admin, SYSTEM_SECRET, secret=True, path="/ui/admin/keys")
-    ready(admin, "admin/keys")
+    sign_in_as_operator(admin, "/ui/admin/keys")
     cells = admin.locator(f"tr[data-key-id='{key['id']}'] td").all_text_contents()
     assert XSS_KEY in cells and XSS_TENANT in cells
     goto(admin, "/ui/admin/tenants")
@@ -454,12 +461,8 @@ def test_every_page_at_desktop_and_phone_width(new_page, gateway, clean_db, tmp_
         ready(page, "sign-in")
         shot(page, f"sign-in-{suffix}", tmp_path)
         sign_in(page, admin["key"])
-        page.check("#compare")
-        page.select_option("#model", "gpt-4o-mini")
-        page.select_option("#model-b", "demo")
         page.fill("#system-prompt", "Answer in one sentence.")
-        page.fill("#prompt", "Say hello to the console")
-        page.click("#send")
+        ask_side_by_side(page, "gpt-4o-mini", "demo", "Say hello to the console")
         wait_until(lambda: page.locator(".turn[data-outcome='done'] [data-metric='cost']:has-text('$')").count() == 2,
                    message="both answers billed")
         shot(page, f"playground-{suffix}", tmp_path)
@@ -474,8 +477,7 @@ def test_every_page_at_desktop_and_phone_width(new_page, gateway, clean_db, tmp_
         shot(page, f"providers-{suffix}", tmp_path)
         assert page.errors == []
         system = new_page(viewport)
-        sign_in(system, SYSTEM_SECRET, secret=True, path="/ui/admin/keys")
-        ready(system, "admin/keys")
+        sign_in_as_operator(system, "/ui/admin/keys")
         shot(system, f"keys-{suffix}", tmp_path)
         for path, name in (("/ui/admin/tenants", "tenants"), ("/ui/admin/audit", "audit")):
             goto(system, path)

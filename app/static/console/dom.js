@@ -97,3 +97,21 @@ export function addDays(day, n) {
   d.setUTCDate(d.getUTCDate() + n);
   return utcDate(d);
 }
+
+/** Run `action` on the form's submit (no page reload); an error it throws is shown in `msg`. */
+export function onSubmit(form, msg, action) {
+  form.addEventListener('submit', async (event) => {
+    event.preventDefault();
+    await attempt(msg, action);
+  });
+  return form;
+}
+
+/** Run `action`; an error it throws is shown in `msg`. */
+export async function attempt(msg, action) {
+  try {
+    await action();
+  } catch (err) {
+    msg.error(err);
+  }
+}

@@ -1,7 +1,7 @@
 // Keys (tenant admins: their tenant's; the system secret: all): mint (the secret is shown once,
 // with a copy button), edit limits, rotate with a grace period, revoke.
 import {del, get, patch, post} from '../api.js';
-import {clear, field, h, int, messageArea, money, table, when} from '../dom.js';
+import {attempt, clear, field, h, int, messageArea, money, onSubmit, table, when} from '../dom.js';
 
 const LIMITS = [['rpm_limit', 'Requests per minute'], ['tpm_limit', 'Tokens per minute'],
   ['daily_token_limit', 'Tokens per day'], ['max_concurrent', 'Concurrent requests']];
@@ -107,20 +107,15 @@ class KeysPage {
         this.system ? 'created on first use' : 'your tenant'), field('Role', role)),
       settings.els,
       h('div', {class: 'buttons'}, h('button', {type: 'submit', id: 'mint'}, 'Mint key')));
-    form.addEventListener('submit', async (e) => {
-      e.preventDefault();
+    onSubmit(form, this.msg, async () => {
       const body = {name: name.value.trim(), role: role.value};
       for (const [k, v] of Object.entries(settings.values())) if (v !== null) body[k] = v;
       if (this.system && tenant.value.trim()) body.tenant = tenant.value.trim();
-      try {
-        const key = await post('/v1/api-keys', body);
-        this.showSecret('Key minted', key);
-        form.reset();
-        if (!this.system) tenant.value = this.who.tenant;
-        await this.load();
-      } catch (err) {
-        this.msg.error(err);
-      }
+      const key = await post('/v1/api-keys', body);
+      this.showSecret('Key minted', key);
+      form.reset();
+      if (!this.system) tenant.value = this.who.tenant;
+      await this.load();
     });
     return form;
   }
@@ -133,7 +128,7 @@ class KeysPage {
   }
 
   async load() {
-    try {
+    await attempt(this.msg, async () => {
       const keys = (await get('/v1/api-keys', {tenant: this.tenantFilter.value})).data;
       this.keys = keys;
       this.list.replaceChildren(table([
@@ -156,9 +151,7 @@ class KeysPage {
             onclick: (e) => this.revoke(k, e.currentTarget)}, 'Revoke')))},
       ], keys, {caption: 'Keys (never their secrets)', empty: 'No keys yet.',
         rowAttrs: (k) => ({'data-key-id': k.id})}));
-    } catch (err) {
-      this.msg.error(err);
-    }
+    });
   }
 
   edit(key) {
@@ -169,16 +162,11 @@ class KeysPage {
       field('Name', name), settings.els,
       h('div', {class: 'buttons'}, h('button', {type: 'submit', id: 'save-key'}, 'Save'),
         h('button', {type: 'button', class: 'secondary', onclick: () => clear(this.panel)}, 'Cancel')));
-    form.addEventListener('submit', async (e) => {
-      e.preventDefault();
-      try {
-        await patch(`/v1/api-keys/${key.id}`, {name: name.value.trim(), ...settings.values()});
-        clear(this.panel);
-        this.msg.show('info', `Saved "${name.value.trim()}".`);
-        await this.load();
-      } catch (err) {
-        this.msg.error(err);
-      }
+    onSubmit(form, this.msg, async () => {
+      await patch(`/v1/api-keys/${key.id}`, {name: name.value.trim(), ...settings.values()});
+      clear(this.panel);
+      this.msg.show('info', `Saved "${name.value.trim()}".`);
+      await this.load();
     });
     this.panel.replaceChildren(form);
     name.focus();
@@ -193,15 +181,10 @@ class KeysPage {
       field('Grace period (seconds)', grace, 'up to 30 days'),
       h('div', {class: 'buttons'}, h('button', {type: 'submit', id: 'confirm-rotate'}, 'Rotate now'),
         h('button', {type: 'button', class: 'secondary', onclick: () => clear(this.panel)}, 'Cancel')));
-    form.addEventListener('submit', async (e) => {
-      e.preventDefault();
-      try {
-        const rotated = await post(`/v1/api-keys/${key.id}/rotate`, {grace_period_s: Number(grace.value)});
-        this.showSecret('Key rotated', rotated);
-        await this.load();
-      } catch (err) {
-        this.msg.error(err);
-      }
+    onSubmit(form, this.msg, async () => {
+      const rotated = await post(`/v1/api-keys/${key.id}/rotate`, {grace_period_s: Number(grace.value)});
+      this.showSecret('Key rotated', rotated);
+      await this.load();
     });
     this.panel.replaceChildren(form);
     grace.focus();
@@ -214,12 +197,10 @@ class KeysPage {
       button.setAttribute('aria-label', `Confirm: revoke ${key.name} for good`);
       return;
     }
-    try {
+    await attempt(this.msg, async () => {
       await del(`/v1/api-keys/${key.id}`);
       this.msg.show('info', `Revoked "${key.name}": its secret no longer works.`);
       await this.load();
-    } catch (err) {
-      this.msg.error(err);
-    }
+    });
   }
 }

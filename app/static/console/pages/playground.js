@@ -4,7 +4,7 @@
 import {ApiError, authHeaders, get, sseData} from '../api.js';
 import {clear, errorText, field, h, int, messageArea, money, ms} from '../dom.js';
 
-const ROW_POLLS = 24;           // the usage row is written just after the answer: look a few times
+const ROW_POLLS = 40;           // the usage row is written just after the answer: look a few times
 const ROW_POLL_INTERVAL_MS = 250;
 
 export async function render(main, {who}) {

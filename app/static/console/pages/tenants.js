@@ -1,7 +1,7 @@
 // Tenants (system secret): create, suspend or reactivate, budgets and the limits of their keys.
 // A tenant admin sees its own tenant, read only (the API allows it no more).
 import {get, patch, post} from '../api.js';
-import {clear, field, h, int, messageArea, money, table, when} from '../dom.js';
+import {attempt, clear, field, h, int, messageArea, money, onSubmit, table, when} from '../dom.js';
 
 const LIMITS = [['rpm_limit', 'Requests per minute'], ['tpm_limit', 'Tokens per minute'],
   ['daily_token_limit', 'Tokens per day'], ['max_concurrent', 'Concurrent requests']];
@@ -54,26 +54,21 @@ class TenantsPage {
     const form = h('form', {class: 'card', id: 'tenant-form'}, h('h2', {}, 'Create a tenant'),
       h('div', {class: 'row'}, field('Name', name), settings.budget), settings.els,
       h('div', {class: 'buttons'}, h('button', {type: 'submit', id: 'create-tenant'}, 'Create tenant')));
-    form.addEventListener('submit', async (e) => {
-      e.preventDefault();
+    onSubmit(form, this.msg, async () => {
       const values = settings.values();
       const body = {name: name.value.trim(), key_limits: Object.fromEntries(
         Object.entries(values.key_limits).filter(([, v]) => v !== null))};
       if (values.budget_usd) body.budget_usd = values.budget_usd;
-      try {
-        const tenant = await post('/v1/tenants', body);
-        this.msg.show('info', `Created tenant "${tenant.name}".`);
-        form.reset();
-        await this.load();
-      } catch (err) {
-        this.msg.error(err);
-      }
+      const tenant = await post('/v1/tenants', body);
+      this.msg.show('info', `Created tenant "${tenant.name}".`);
+      form.reset();
+      await this.load();
     });
     return form;
   }
 
   async load() {
-    try {
+    await attempt(this.msg, async () => {
       const tenants = (await get('/v1/tenants')).data;
       this.list.replaceChildren(table([
         {label: 'Id', value: (t) => String(t.id), class: 'num'},
@@ -92,9 +87,7 @@ class TenantsPage {
             onclick: () => this.setStatus(t, t.status === 'active' ? 'suspended' : 'active')},
           t.status === 'active' ? 'Suspend' : 'Reactivate'))},
       ], tenants, {caption: 'Tenants', empty: 'No tenants yet.', rowAttrs: (t) => ({'data-tenant-id': t.id})}));
-    } catch (err) {
-      this.msg.error(err);
-    }
+    });
   }
 
   edit(tenant) {
@@ -104,29 +97,22 @@ class TenantsPage {
       h('div', {class: 'row'}, field('Name', name), settings.budget), settings.els,
       h('div', {class: 'buttons'}, h('button', {type: 'submit', id: 'save-tenant'}, 'Save'),
         h('button', {type: 'button', class: 'secondary', onclick: () => clear(this.panel)}, 'Cancel')));
-    form.addEventListener('submit', async (e) => {
-      e.preventDefault();
-      try {
-        await patch(`/v1/tenants/${tenant.id}`, {name: name.value.trim(), ...settings.values()});
-        clear(this.panel);
-        this.msg.show('info', `Saved "${name.value.trim()}".`);
-        await this.load();
-      } catch (err) {
-        this.msg.error(err);
-      }
+    onSubmit(form, this.msg, async () => {
+      await patch(`/v1/tenants/${tenant.id}`, {name: name.value.trim(), ...settings.values()});
+      clear(this.panel);
+      this.msg.show('info', `Saved "${name.value.trim()}".`);
+      await this.load();
     });
     this.panel.replaceChildren(form);
     name.focus();
   }
 
   async setStatus(tenant, status) {
-    try {
+    await attempt(this.msg, async () => {
       await patch(`/v1/tenants/${tenant.id}`, {status});
       this.msg.show('info', status === 'suspended'
         ? `Suspended "${tenant.name}": all its keys stop working now.` : `Reactivated "${tenant.name}".`);
       await this.load();
-    } catch (err) {
-      this.msg.error(err);
-    }
+    });
   }
 }
