@@ -105,9 +105,12 @@ def goto(page, path: str) -> None:
 
 def shot(page, name: str, tmp_path: Path) -> Path:
     """A full-page screenshot (kept under $CONSOLE_SCREENSHOTS when set); the page never scrolls
-    sideways at its width (tables scroll inside their own box)."""
+    sideways at its width (tables scroll inside their own box) and every form field has a label."""
     width = page.viewport_size["width"]
     assert page.evaluate("document.documentElement.scrollWidth") <= width, f"{name} is wider than {width} px"
+    assert page.evaluate("""Array.from(document.querySelectorAll('input, select, textarea'))
+        .filter(el => !el.labels.length && !el.getAttribute('aria-label')).map(el => el.id)""") == [], \
+        f"{name}: form fields without a label"
     path = tmp_path / f"{name}.png"
     page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=str(path), full_page=True)
@@ -252,6 +255,49 @@ def test_playground_settings_metrics_multi_turn_and_side_by_side(new_page, gatew
     assert page.errors == []
 
 
+def test_keyboard_only_sign_in_and_chat_and_readable_errors(new_page, gateway, clean_db):
+    """Sign in, move to a page and chat with the keyboard alone (focus starts in the key field;
+    Enter submits; Tab reaches the menu; Ctrl+Enter sends; Esc stops); a provider's failure and a
+    refused admin call are shown as sentences, not a blank page."""
+    key = mint(gateway, name="typist", role="admin")
+    page = new_page()
+    page.goto("/ui/")
+    ready(page, "sign-in")
+    page.keyboard.type(key["key"])
+    page.keyboard.press("Enter")
+    ready(page, "playground")
+    page.keyboard.press("Tab")  # the skip link comes first
+    assert page.evaluate("document.activeElement.textContent") == "Skip to content"
+    for _ in range(20):
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.textContent") == "My key":
+            break
+    page.keyboard.press("Enter")
+    ready(page, "key")
+    goto(page, "/ui/playground")
+    page.select_option("#model", "fail-401")
+    page.focus("#prompt")
+    page.keyboard.type("hello")
+    page.keyboard.press("Control+Enter")
+    page.wait_for_selector(".turn[data-outcome='error']")
+    assert page.inner_text(".answer .message.error").startswith("Provider failed: The gateway's credentials for this "
+                                                                 "provider were refused")
+    page.select_option("#model", "slow-chunks-200")
+    page.focus("#prompt")
+    page.keyboard.type("a long one")
+    page.keyboard.press("Control+Enter")
+    wait_until(lambda: len(answer_text(page)) > 0, message="the answer to start")
+    page.keyboard.press("Escape")
+    page.wait_for_selector(".turn[data-outcome='stopped']")
+    goto(page, "/ui/admin/keys")
+    page.fill("#mint-name", "too-fast")
+    page.fill("#mint-rpm_limit", "99999999999")
+    page.click("#mint")
+    error = page.inner_text("#main .message.error")
+    assert error.startswith("Bad request: Invalid value for 'rpm_limit'") and error.endswith("(field: rpm_limit)")
+    assert page.errors == []
+
+
 # --- usage dashboard ---------------------------------------------------------------------------
 
 def seed_usage(engine, key: dict) -> None:
@@ -357,6 +403,8 @@ def test_admin_mints_edits_rotates_and_revokes_a_key_and_the_api_agrees(new_page
     wait_until(lambda: http_json("GET", gateway.base_url + "/v1/key",
                                  headers={"Authorization": f"Bearer {rotated}"})[0] == 401, message="revoked")
     assert row_of(page, key["id"]).locator("[data-action]").count() == 0
+    goto(page, "/ui/playground")  # the system secret is not a key: the playground says so
+    assert "cannot call models" in page.inner_text("#secret-no-playground")
     assert page.errors == []
 
 
