@@ -373,6 +373,10 @@ def test_admin_mints_edits_rotates_and_revokes_a_key_and_the_api_agrees(new_page
     [key] = listed["data"]
     assert (key["name"], key["rpm_limit"], key["role"]) == ("minted-in-browser", 7, "member")
     assert http_json("GET", gateway.base_url + "/v1/key", headers={"Authorization": f"Bearer {secret}"})[0] == 200
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page.click("#copy-secret")
+    page.wait_for_selector(".secret-line [role=status]:has-text('Copied')")
+    assert page.evaluate("navigator.clipboard.readText()") == secret
     page.click("#dismiss-secret")
     assert page.locator("#new-secret").count() == 0  # shown once: gone from the page
 
