@@ -23,10 +23,11 @@ def my_key() -> Response:
     key = authenticate()
     rt = runtime()
     try:
-        body = api_key_service.key_to_dict(db.session.get(ApiKey, key.id))
+        now = rt.clock.now()
+        body = api_key_service.key_to_dict(db.session.get(ApiKey, key.id), now)
         body["headroom"] = key_status_service.headroom(
             key, rt.limiter, lambda key_id, tenant_id, day, month: usage_service.period_totals(
-                rt.engine, key_id, tenant_id, day, month))
+                rt.engine, key_id, tenant_id, day, month), now)
     except SQLAlchemyError:
         raise ServiceUnavailable("The usage store is unavailable; try again shortly.",
                                  code="database_unavailable") from None

@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import Any, Callable
 
 from app.services.api_key_service import KeyInfo, iso
-from app.services.rate_limit_service import NANO, Headroom, RateLimitService, key_limits
+from app.services.rate_limit_service import NANO, Headroom, RateLimitService, day_and_month, key_limits
 from app.utils.money import format_money
 
 # (key id, tenant id, day, month) -> {"day": tokens, "key_spend": nano, "tenant_spend": nano}
@@ -31,11 +31,6 @@ def _period_bounds(day: int) -> tuple[datetime, datetime]:
     return today + timedelta(days=1), (month_start + timedelta(days=32)).replace(day=1)
 
 
-def _now_day() -> tuple[int, str]:
-    now = datetime.now(timezone.utc)
-    return (now - datetime(1970, 1, 1, tzinfo=timezone.utc)).days, now.strftime("%Y%m")
-
-
 def _rate(limit: int | None, left: int | None, reset_ms: int | None) -> dict[str, Any]:
     if not limit:
         return {"limit": None, "remaining": None, "reset_ms": None}
@@ -49,11 +44,12 @@ def _budget(limit: Decimal | None, used_nano: int, resets_at: datetime) -> dict[
             "resets_at": iso(resets_at)}
 
 
-def headroom(key: KeyInfo, limiter: RateLimitService, period_totals: PeriodTotals) -> dict[str, Any]:
-    """The `headroom` object of `GET /v1/key` (see docs/console.md for each field)."""
+def headroom(key: KeyInfo, limiter: RateLimitService, period_totals: PeriodTotals, now: datetime) -> dict[str, Any]:
+    """The `headroom` object of `GET /v1/key` (see docs/console.md for each field). `now` names
+    the day and month when the limiter cannot (it is down); otherwise the limiter's clock does."""
     limits = key_limits(key)
     peek: Headroom | None = limiter.peek(limits)
-    day, month = (peek.day, peek.month) if peek is not None else _now_day()
+    day, month = (peek.day, peek.month) if peek is not None else day_and_month(int(now.timestamp() * 1_000_000))
     counters = {"day": peek.day_tokens if peek else None,
                 "key_spend": peek.key_spend_nano if peek else None,
                 "tenant_spend": peek.tenant_spend_nano if peek else None}

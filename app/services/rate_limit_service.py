@@ -298,7 +298,7 @@ class RedisLimiter:
 
 # --- in-process (embedded mode) ---------------------------------------------------------------
 
-def _day_and_month(now_us: int) -> tuple[int, str]:
+def day_and_month(now_us: int) -> tuple[int, str]:
     """(days since 1970-01-01, "YYYYMM") of a UTC time in microseconds, as the Lua script names them."""
     days = now_us // 86_400_000_000
     d = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(days=days)
@@ -336,7 +336,7 @@ class LocalLimiter:
     def _admit(self, limits: KeyLimits, rid: str, tokens: int, cost: int, seeds: dict[str, int]) -> Admission:
         now = self._now_us()
         now_ms = now // 1000
-        days, month = _day_and_month(now)
+        days, month = day_and_month(now)
         k = f"k:{limits.key_id}"
         day_key, kspend, tspend = f"{k}:tpd:{days}", f"{k}:spend:{month}", f"t:{limits.tenant_id}:spend:{month}"
         until_midnight = (days + 1) * 86_400_000 - now_ms
@@ -441,7 +441,7 @@ class LocalLimiter:
     def peek(self, limits: KeyLimits) -> Headroom:
         with self._lock:
             now = self._now_us()
-            days, month = _day_and_month(now)
+            days, month = day_and_month(now)
             k = f"k:{limits.key_id}"
 
             def headroom(name: str, limit: int) -> tuple[int, int]:
