@@ -30,7 +30,8 @@ export async function render(main, {who}) {
       rows = beforeId ? rows.concat(page.data) : page.data;
       list.replaceChildren(table([
         {label: 'Time', value: (e) => when(e.created_at)},
-        {label: 'Who', value: (e) => (e.actor.type === 'key' ? `key #${e.actor.api_key_id}` : e.actor.type)},
+        {label: 'Who', class: 'wrap', value: (e) => e.actor.name
+          ?? (e.actor.type === 'key' ? `key:${e.actor.api_key_id}` : e.actor.type)},
         {label: 'Action', value: (e) => e.action},
         {label: 'Target', value: (e) => `${e.target.type} #${e.target.id}`},
         {label: 'Tenant', class: 'wrap', value: (e) => tenantNames.get(e.tenant_id) ?? (e.tenant_id === null ? '—' : `#${e.tenant_id}`)},
