@@ -313,8 +313,13 @@ def seed_usage(engine, key: dict) -> None:
 
 
 def show_october(page) -> None:
-    page.fill("#start", "2026-10-01")
-    page.fill("#end", "2026-10-04")
+    show_period(page, "2026-10-01", "2026-10-04")
+
+
+def show_period(page, first_day: str, last_day: str) -> None:
+    """Set the dashboard's period and wait until it has loaded it."""
+    page.fill("#start", first_day)
+    page.fill("#end", last_day)
     before = page.get_attribute("main", "data-loaded")
     page.click("#apply")
     page.wait_for_function("b => document.querySelector('main').dataset.loaded !== b", arg=before)
@@ -327,7 +332,8 @@ def chart_data(page, canvas: str) -> dict:
 
 def test_dashboard_charts_and_totals_show_the_seeded_usage(new_page, gateway, clean_db):
     """The spend and token charts plot the seeded days (the chart library's own data), the totals
-    and the per-model table equal /v1/usage, and the requests table pages through the rows."""
+    and the per-model table equal /v1/usage, the requests table lists the rows newest first, and
+    the CSV download holds the day totals."""
     key = mint(gateway, name="spender")
     seed_usage(clean_db, key)
     page = new_page()
@@ -349,7 +355,38 @@ def test_dashboard_charts_and_totals_show_the_seeded_usage(new_page, gateway, cl
     ids = [page.locator("#requests tbody tr").nth(i).get_attribute("data-request-id") for i in range(3)]
     assert ids == [f"req_seed_{key['id']}_{i}" for i in (2, 1, 0)]
     assert page.is_disabled("#older")
+    with page.expect_download() as download:
+        page.click("#csv-day")
+    path = download.value.path()
+    assert download.value.suggested_filename == "usage_2026-10-01_2026-10-05_by_day.csv"
+    assert Path(path).read_text().splitlines() == [
+        "day,requests,prompt_tokens,completion_tokens,total_tokens,cost_usd",
+        "2026-10-01,2,110,55,165,0.75", "2026-10-03,1,200,100,300,1.125"]
     assert page.errors == []
+
+
+def test_requests_table_pages_older_and_newer(new_page, gateway, clean_db):
+    """23 requests on one day: 20 on the first page, Older shows the last 3, Newer the first 20 again."""
+    key = mint(gateway, name="pager")
+    start = datetime(2026, 9, 10, 8, 0, tzinfo=timezone.utc)
+    UsageWriter(clean_db).write([UsageEvent(
+        request_id=f"req_page_{key['id']}_{i:02d}", tenant_id=key["tenant_id"], api_key_id=key["id"],
+        model="gpt-4o-mini", prompt_tokens=1, completion_tokens=1, created_at=start.replace(minute=i))
+        for i in range(23)])
+    page = new_page()
+    sign_in(page, key["key"], path="/ui/usage")
+    ready(page, "usage")
+    show_period(page, "2026-09-10", "2026-09-10")
+    ids = lambda: page.locator("#requests tbody tr").evaluate_all("rows => rows.map(r => r.dataset.requestId)")  # noqa: E731
+    assert ids() == [f"req_page_{key['id']}_{i:02d}" for i in range(22, 2, -1)]
+    page.click("#older")
+    page.wait_for_selector("#requests tbody tr >> nth=2")
+    wait_until(lambda: len(ids()) == 3, message="the second page")
+    assert ids() == [f"req_page_{key['id']}_{i:02d}" for i in (2, 1, 0)]
+    assert page.is_disabled("#older") and page.is_enabled("#newer")
+    page.click("#newer")
+    wait_until(lambda: len(ids()) == 20, message="the first page again")
+    assert ids()[0] == f"req_page_{key['id']}_22" and page.is_disabled("#newer")
 
 
 # --- administration ----------------------------------------------------------------------------
