@@ -295,6 +295,8 @@ def test_keyboard_only_sign_in_and_chat_and_readable_errors(new_page, gateway, c
     page.click("#mint")
     error = page.inner_text("#main .message.error")
     assert error.startswith("Bad request: Invalid value for 'rpm_limit'") and error.endswith("(field: rpm_limit)")
+    goto(page, "/ui/admin/tenants")  # a tenant admin sees its own tenant, read only
+    assert page.inner_text("#own-tenant h2") == "console-team" and page.locator("#own-tenant button").count() == 0
     assert page.errors == []
 
 
