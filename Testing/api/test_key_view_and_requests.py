@@ -214,6 +214,16 @@ def test_requests_scoping(client, mint, clean_db, admin_headers):
     assert page(client, auth(admin), tenant="globex").status_code == 404
     assert ids(admin_headers) == set(mine) | set(theirs) | set(far)
     assert ids(admin_headers, tenant="globex") == set(far)
+    # everyone's rows are merged from each tenant's newest rows: still one order, and a cursor
+    # pages across tenants without skipping or repeating a row
+    period = {"start": "2026-10-05T00:00:00Z", "end": "2026-10-06T00:00:00Z"}
+    seen, cursor = [], None
+    while True:
+        body = page(client, admin_headers, limit=2, **period, **({"cursor": cursor} if cursor else {})).get_json()
+        seen += [r["request_id"] for r in body["data"]]
+        if not (cursor := body["next_cursor"]):
+            break
+    assert seen == [*far, *reversed(theirs), *reversed(mine)]
     assert page(client, {}).status_code == 401
 
 
