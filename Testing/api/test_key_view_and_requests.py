@@ -139,6 +139,7 @@ def seed(engine, key: dict, n: int, start: datetime = T0, **fields) -> list[str]
                          model=fields.get("model", "gpt-4o-mini"), provider="openai",
                          prompt_tokens=10 + i, completion_tokens=5, cost_usd=Decimal("0.0001"),
                          status=fields.get("status", "ok"), latency_ms=100 + i, ttft_ms=20 + i,
+                         endpoint=fields.get("endpoint", "chat.completions"),
                          streamed=True, created_at=start + timedelta(minutes=i))
               for i, rid in enumerate(ids)]
     assert UsageWriter(engine).write(events) == n
@@ -170,22 +171,25 @@ def test_requests_page_newest_first_with_a_cursor(client, mint, clean_db):
     first = page(client, auth(key), limit=1).get_json()["data"][0]
     assert first == {
         "object": "request", "request_id": ids[4], "created_at": "2026-10-05T12:04:00.000Z",
-        "model": "gpt-4o-mini", "endpoint": first["endpoint"], "provider": "openai", "status": "ok",
+        "model": "gpt-4o-mini", "endpoint": "chat.completions", "provider": "openai", "status": "ok",
         "error_type": None, "streamed": True, "prompt_tokens": 14, "completion_tokens": 5,
         "total_tokens": 19, "cost_usd": "0.0001", "latency_ms": 104, "ttft_ms": 24,
         "api_key_id": key["id"], "api_key_name": "pager", "tenant_id": key["tenant_id"], "tenant_name": "acme"}
 
 
 def test_requests_filters(client, mint, clean_db):
-    """`status`, `model`, `request_id` and the start/end period narrow the list."""
+    """`status`, `model`, `endpoint`, `request_id` and the start/end period narrow the list."""
     key = mint(name="filters", tenant="acme")
     ok_ids = seed(clean_db, key, 3)
-    gone = seed(clean_db, key, 2, start=T0 + timedelta(hours=1), status="client_disconnected", model="demo")
+    gone = seed(clean_db, key, 2, start=T0 + timedelta(hours=1), status="client_disconnected", model="demo",
+                endpoint="responses")
     body = page(client, auth(key), status="client_disconnected").get_json()
     assert [r["request_id"] for r in body["data"]] == list(reversed(gone))
     assert [r["request_id"] for r in page(client, auth(key), model="gpt-4o-mini").get_json()["data"]] == \
         list(reversed(ok_ids))
     assert [r["request_id"] for r in page(client, auth(key), request_id=ok_ids[1]).get_json()["data"]] == [ok_ids[1]]
+    assert [r["request_id"] for r in page(client, auth(key), endpoint="responses").get_json()["data"]] == \
+        list(reversed(gone))
     body = page(client, auth(key), start="2026-10-05T12:01:00Z", end="2026-10-05T12:02:00Z").get_json()
     assert [r["request_id"] for r in body["data"]] == [ok_ids[1]]
 

@@ -244,6 +244,7 @@ class RequestsQuerySchema(Schema):
     start = UTCDateTime()
     end = UTCDateTime()
     model = StrictString(validate=validate.Length(min=1, max=200))
+    endpoint = StrictString(validate=validate.Length(min=1, max=40))
     status = StrictString(validate=validate.Length(min=1, max=20))
     request_id = StrictString(validate=validate.Length(min=1, max=64))
     tenant = StrictString(validate=validate.Length(min=1, max=200))

@@ -48,28 +48,24 @@ class RequestQuery:
     api_key_id: int | None = None
     tenant_id: int | None = None
     model: str | None = None
+    endpoint: str | None = None
     status: str | None = None
     request_id: str | None = None
     start: datetime | None = None
     end: datetime | None = None
 
 
-def _endpoint_column() -> Any:
-    """`usage_records.endpoint` (chat.completions, responses, ...) where the schema has it."""
-    return getattr(UsageRecord, "endpoint", None)
-
-
 def _matching(q: RequestQuery, sqlite: bool, tenant_id: Any = None) -> Any:
     """The usage rows of the query, newest first, one page and one more (to tell `has_more`).
     `tenant_id` (a value or a correlated column) overrides the query's tenant."""
     r = UsageRecord
-    endpoint = _endpoint_column()
-    columns = [r.request_id, r.created_at, r.api_key_id, r.tenant_id, r.model, r.provider, r.status,
+    columns = [r.request_id, r.created_at, r.api_key_id, r.tenant_id, r.model, r.endpoint, r.provider, r.status,
                r.error_type, r.streamed, r.prompt_tokens, r.completion_tokens, r.total_tokens, r.cost_usd,
-               r.latency_ms, r.ttft_ms] + ([endpoint.label("endpoint")] if endpoint is not None else [])
+               r.latency_ms, r.ttft_ms]
     stmt = select(*columns).order_by(r.created_at.desc(), r.request_id.desc()).limit(q.limit + 1)
     for column, value in ((r.api_key_id, q.api_key_id), (r.tenant_id, q.tenant_id if tenant_id is None else tenant_id),
-                          (r.model, q.model), (r.status, q.status), (r.request_id, q.request_id)):
+                          (r.model, q.model), (r.endpoint, q.endpoint), (r.status, q.status),
+                          (r.request_id, q.request_id)):
         if value is not None:
             stmt = stmt.where(column == value)
     if q.start is not None:
@@ -104,7 +100,7 @@ def list_requests(engine: Engine, q: RequestQuery) -> dict[str, Any]:
     with engine.connect() as conn:
         found = conn.execute(stmt).all()
     page = found[:q.limit]
-    data = [_row(row, _endpoint_column() is not None) for row in page]
+    data = [_row(row) for row in page]
     has_more = len(found) > q.limit
     return {"object": "list", "data": data, "has_more": has_more,
             "next_cursor": encode_cursor(page[-1].created_at, page[-1].request_id) if has_more else None}
@@ -115,12 +111,12 @@ def _db_time(value: datetime, sqlite: bool) -> datetime:
     return value.replace(tzinfo=None) if sqlite else value
 
 
-def _row(row: Any, has_endpoint: bool) -> dict[str, Any]:
+def _row(row: Any) -> dict[str, Any]:
     created = as_utc(row.created_at)
     return {
         "object": "request", "request_id": row.request_id,
         "created_at": created.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        "model": row.model, "endpoint": row.endpoint if has_endpoint else None, "provider": row.provider,
+        "model": row.model, "endpoint": row.endpoint, "provider": row.provider,
         "status": row.status, "error_type": row.error_type, "streamed": row.streamed,
         "prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens,
         "total_tokens": row.total_tokens, "cost_usd": format_money(row.cost_usd),

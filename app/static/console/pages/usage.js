@@ -105,7 +105,8 @@ class Dashboard {
     if (!q) return;
     this.msg.show('info', 'Loading…');
     try {
-      const groups = ['day', 'model', ...(this.admin ? ['key'] : []), ...(this.who.role === 'system' ? ['tenant'] : [])];
+      const groups = ['day', 'model', 'endpoint', ...(this.admin ? ['key'] : []),
+        ...(this.who.role === 'system' ? ['tenant'] : [])];
       const [total, ...grouped] = await Promise.all([get('/v1/usage', q),
         ...groups.map((g) => get('/v1/usage', {...q, group_by: g}))]);
       const by = Object.fromEntries(groups.map((g, i) => [g, grouped[i].data]));
@@ -173,6 +174,7 @@ class Dashboard {
     ];
     const sections = [
       ['By model', 'breakdown-model', [{label: 'Model', value: (r) => r.model}], by.model],
+      ['By endpoint', 'breakdown-endpoint', [{label: 'Endpoint', value: (r) => r.endpoint}], by.endpoint],
       ['By key', 'breakdown-key', [{label: 'Key', class: 'wrap', value: (r) => r.api_key_name ?? `#${r.api_key_id}`},
         {label: 'Id', value: (r) => String(r.api_key_id), class: 'num'}], by.key],
       ['By tenant', 'breakdown-tenant', [{label: 'Tenant', class: 'wrap', value: (r) => r.tenant_name ?? `#${r.tenant_id}`}], by.tenant],
