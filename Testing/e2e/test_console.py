@@ -351,9 +351,12 @@ def test_dashboard_charts_and_totals_show_the_seeded_usage(new_page, gateway, cl
     assert (usage["requests"], usage["total_tokens"], usage["cost_usd"]) == (3, 465, "1.875")
     total = lambda name: page.inner_text(f"[data-total='{name}']")  # noqa: E731
     assert (total("requests"), total("total_tokens"), total("cost_usd")) == ("3", "465", "$1.875")
-    model_rows = page.locator("#breakdown-model tbody tr")
-    assert model_rows.count() == 2
-    assert model_rows.nth(0).inner_text().split("\t")[:2] == ["demo", "1"]
+    model_rows = page.locator("#breakdown-model tbody tr").evaluate_all(
+        "rows => rows.map(r => Array.from(r.cells, c => c.textContent))")
+    assert model_rows == [["demo", "1", "15", "$0.5"], ["gpt-4o-mini", "2", "450", "$1.375"]]
+    by_model = http_json("GET", gateway.base_url + "/v1/usage?group_by=model&start=2026-10-01T00:00:00Z"
+                         "&end=2026-10-05T00:00:00Z", headers=bearer(key))[2]["data"]
+    assert [[r["model"], str(r["requests"]), str(r["total_tokens"]), f"${r['cost_usd']}"] for r in by_model] == model_rows
     ids = [page.locator("#requests tbody tr").nth(i).get_attribute("data-request-id") for i in range(3)]
     assert ids == [f"req_seed_{key['id']}_{i}" for i in (2, 1, 0)]
     assert page.is_disabled("#older")

@@ -35,7 +35,8 @@ export async function render(main, {who}) {
         {label: 'Action', value: (e) => e.action},
         {label: 'Target', value: (e) => `${e.target.type} #${e.target.id}`},
         {label: 'Tenant', class: 'wrap', value: (e) => tenantNames.get(e.tenant_id) ?? (e.tenant_id === null ? '—' : `#${e.tenant_id}`)},
-        {label: 'Details', class: 'details', value: (e) => h('code', {class: 'details'}, JSON.stringify(e.details))},
+        {label: 'Details', class: 'details', value: (e) => h('code', {class: 'details'},
+          Object.entries(e.details).map(([k, v]) => `${k}: ${JSON.stringify(v)}`).join(', '))},
       ], rows, {caption: 'Audit entries, newest first', empty: 'No entries.'}));
       more.replaceChildren(page.has_more ? h('button', {type: 'button', class: 'secondary', id: 'audit-more',
         onclick: () => load(rows[rows.length - 1].id)}, 'Older entries') : '');

@@ -70,7 +70,7 @@ function view(key) {
       table([
         {label: 'Limit', value: (r) => r.what},
         {label: 'Allowed', value: (r) => String(r.limit), class: 'num'},
-        {label: 'Used', value: (r) => [String(r.used), ' ', r.meter], class: 'num'},
+        {label: 'Used', value: (r) => h('span', {}, String(r.used), r.meter ? ' ' : '', r.meter), class: 'num'},
         {label: 'Left', value: (r) => String(r.left), class: 'num'},
         {label: 'Resets', value: (r) => r.resets},
       ], rows, {caption: 'Limits of this key', rowAttrs: (r) => ({'data-limit': r.id})}),

@@ -168,8 +168,7 @@ class Dashboard {
   showBreakdowns(by) {
     const sums = [
       {label: 'Requests', value: (r) => int(r.requests), class: 'num'},
-      {label: 'Prompt tokens', value: (r) => int(r.prompt_tokens), class: 'num'},
-      {label: 'Completion tokens', value: (r) => int(r.completion_tokens), class: 'num'},
+      {label: 'Tokens', value: (r) => int(r.total_tokens), class: 'num'},
       {label: 'Spend', value: (r) => money(r.cost_usd), class: 'num'},
     ];
     const sections = [
