@@ -187,11 +187,11 @@ def test_playground_streams_progressively_and_stop_records_client_disconnected(n
     key = mint(gateway, name="streamer")
     page = new_page()
     sign_in(page, key["key"])
-    page.select_option("#model", "slow-chunks-200")
+    page.select_option("#model", "slow-chunks-600")
     prompt = "tell me a long story please"
     page.fill("#prompt", prompt)
     page.click("#send")
-    full = expected_content([{"role": "user", "content": prompt}], 200)
+    full = expected_content([{"role": "user", "content": prompt}], 600)
     states: list[str] = []
 
     def seen_enough() -> bool:
@@ -208,7 +208,7 @@ def test_playground_streams_progressively_and_stop_records_client_disconnected(n
     stopped_text = answer_text(page)
     assert full.startswith(stopped_text) and len(stopped_text) < len(full)
     [row] = wait_for_rows(clean_db, 1, "api_key_id = :k", {"k": key["id"]}, timeout=15)
-    assert row["status"] == "client_disconnected" and row["model"] == "slow-chunks-200"
+    assert row["status"] == "client_disconnected" and row["model"] == "slow-chunks-600"
     page.wait_for_selector(".answer-status:has-text('recorded as client_disconnected')")
     assert answer_text(page) == stopped_text  # nothing arrived after Stop
     assert page.is_enabled("#send") and not page.is_enabled("#stop")
@@ -282,7 +282,7 @@ def test_keyboard_only_sign_in_and_chat_and_readable_errors(new_page, gateway, c
     page.wait_for_selector(".turn[data-outcome='error']")
     assert page.inner_text(".answer .message.error").startswith("Provider failed: The gateway's credentials for this "
                                                                  "provider were refused")
-    page.select_option("#model", "slow-chunks-200")
+    page.select_option("#model", "slow-chunks-600")
     page.focus("#prompt")
     page.keyboard.type("a long one")
     page.keyboard.press("Control+Enter")
