@@ -230,6 +230,7 @@ def test_playground_settings_metrics_multi_turn_and_side_by_side(new_page, gatew
     page.wait_for_selector(".turn[data-outcome='done'] [data-metric='cost']:not(:has-text('—')):not(:has-text('recording'))")
     first = [{"role": "user", "content": f"hello {marker}"}]
     assert answer_text(page) == expected_content(first, 12)
+    assert page.inner_text(".turn .answer-status") == "done (max tokens reached)"
     metric = lambda name: page.locator(f".turn >> nth=0 >> [data-metric='{name}']").inner_text()  # noqa: E731
     assert (metric("tokens-in"), metric("tokens-out"), metric("cost")) == ("11", "12", "$0.00000885")
     assert metric("ttft").endswith(" ms") or metric("ttft").endswith(" s")

@@ -156,6 +156,7 @@ class Playground {
     const started = performance.now();
     let requestId = null;
     let outcome = 'done';
+    let finish = null;
     try {
       const resp = await fetch('/v1/chat/completions', {
         method: 'POST', signal, body: JSON.stringify(this.body(column, model)),
@@ -173,8 +174,9 @@ class Playground {
         if (data === '[DONE]') break;
         const chunk = JSON.parse(data);
         if (chunk.error) throw new ApiError(502, chunk, 'the provider failed mid-answer');
-        const piece = chunk.choices && chunk.choices[0] && chunk.choices[0].delta
-          ? chunk.choices[0].delta.content : null;
+        const choice = chunk.choices && chunk.choices[0];
+        const piece = choice && choice.delta ? choice.delta.content : null;
+        if (choice && choice.finish_reason) finish = choice.finish_reason;
         if (piece) {
           if (metrics.ttft === null) {
             metrics.set('ttft', ms(Math.round(performance.now() - started)));
@@ -188,7 +190,7 @@ class Playground {
           metrics.set('tokens-out', int(chunk.usage.completion_tokens));
         }
       }
-      status.textContent = 'done';
+      status.textContent = finish === 'length' ? 'done (max tokens reached)' : 'done';
     } catch (err) {
       if (err.name === 'AbortError') {
         outcome = 'stopped';
