@@ -12,6 +12,8 @@ from pathlib import Path
 
 from flask import Blueprint, Response, redirect, send_file
 
+from app.api.common import reject_unstorable_url_values
+
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 SHELL = STATIC_DIR / "console" / "index.html"
 
@@ -37,6 +39,7 @@ SECURITY_HEADERS = {
 
 # Assets under /ui/assets/ (console pages, styles, scripts and the vendored chart library).
 console = Blueprint("console", __name__, static_folder=str(STATIC_DIR), static_url_path="/ui/assets")
+console.before_request(reject_unstorable_url_values)  # a NUL in the URL: 400, as for the API
 
 
 @console.after_request

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 from flask import Blueprint
 
+from app.api.common import reject_unstorable_url_values
+
 from app.api import (audit_controller, chat_controller, health_controller, key_controller, models_controller,
                      my_key_controller, requests_controller, status_controller, tenant_controller,
                      usage_controller)
 
 api = Blueprint("api", __name__)
+api.before_request(reject_unstorable_url_values)  # a NUL in a query parameter or path: 400, not 500
 
 api.add_url_rule("/health", view_func=health_controller.health, methods=["GET"])
 for prefix in ("/v1", ""):

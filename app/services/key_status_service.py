@@ -1,6 +1,6 @@
 """A key's own view of its limits and how much of each is left (`GET /v1/key`).
 
-Read only: the limiter's counters are peeked at (`RateLimitService.peek`), never reserved, so
+Read only: the limiter's counters are read (`RateLimitService.headroom`), never reserved, so
 looking at a key costs it nothing. The day and month figures are the limiter's counters when it
 holds them (what admission compares against; they include reservations of requests still
 running), otherwise the usage store's totals (a key without that limit, a new period, or a
@@ -48,22 +48,22 @@ def headroom(key: KeyInfo, limiter: RateLimitService, period_totals: PeriodTotal
     """The `headroom` object of `GET /v1/key` (see docs/console.md for each field). `now` names
     the day and month when the limiter cannot (it is down); otherwise the limiter's clock does."""
     limits = key_limits(key)
-    peek: Headroom | None = limiter.peek(limits)
-    day, month = (peek.day, peek.month) if peek is not None else day_and_month(int(now.timestamp() * 1_000_000))
-    counters = {"day": peek.day_tokens if peek else None,
-                "key_spend": peek.key_spend_nano if peek else None,
-                "tenant_spend": peek.tenant_spend_nano if peek else None}
+    room: Headroom | None = limiter.headroom(limits)
+    day, month = (room.day, room.month) if room is not None else day_and_month(int(now.timestamp() * 1_000_000))
+    counters = {"day": room.day_tokens if room else None,
+                "key_spend": room.key_spend_nano if room else None,
+                "tenant_spend": room.tenant_spend_nano if room else None}
     if any(value is None for value in counters.values()):
         stored = period_totals(key.id, key.tenant_id, day, month)
         counters = {name: stored[name] if value is None else value for name, value in counters.items()}
     tomorrow, next_month = _period_bounds(day)
     daily, concurrency = key.daily_token_limit, key.max_concurrent
     # Leases are kept only for a key with a concurrency limit: without one nothing counts them.
-    in_flight = peek.in_flight if peek is not None and concurrency else None
+    in_flight = room.in_flight if room is not None and concurrency else None
     return {
-        "limiter_available": peek is not None,
-        "requests_this_minute": _rate(key.rpm_limit, peek and peek.rpm_left, peek and peek.rpm_reset_ms),
-        "tokens_this_minute": _rate(key.tpm_limit, peek and peek.tpm_left, peek and peek.tpm_reset_ms),
+        "limiter_available": room is not None,
+        "requests_this_minute": _rate(key.rpm_limit, room and room.rpm_left, room and room.rpm_reset_ms),
+        "tokens_this_minute": _rate(key.tpm_limit, room and room.tpm_left, room and room.tpm_reset_ms),
         "tokens_today": {"limit": daily, "used": counters["day"],
                          "remaining": max(0, daily - counters["day"]) if daily else None,
                          "resets_at": iso(tomorrow)},

@@ -96,7 +96,7 @@ class DeploymentQuota:
 
 @dataclass(frozen=True)
 class Headroom:
-    """What a key's limiter counters say right now, read without reserving anything.
+    """What a key's limiter counters say right now, read without reserving anything (GET /v1/key).
 
     `*_left` is how many requests (tokens) could be admitted at this instant (-1: no such
     limit), `*_reset_ms` how long until that limit is full again. The day and month counters
@@ -141,10 +141,11 @@ class SeedNeeded(Exception):
 class Limiter(Protocol):
     def admit(self, limits: KeyLimits, request_id: str, tokens: int, cost_nano: int,
               seeds: dict[str, int] | None) -> Admission: ...
+    def peek(self, limits: KeyLimits) -> Admission | None: ...
     def settle(self, adm: Admission, actual_tokens: int, actual_cost_nano: int) -> None: ...
     def deployment_admit(self, quota: DeploymentQuota, tokens: int) -> bool: ...
     def deployment_settle(self, quota: DeploymentQuota, refund_tokens: int) -> None: ...
-    def peek(self, limits: KeyLimits) -> Headroom: ...
+    def headroom(self, limits: KeyLimits) -> Headroom: ...
 
 
 def format_reset(ms: int) -> str:
@@ -259,6 +260,16 @@ class RedisLimiter:
             adm.headers = _headers(replace(limits, rpm=0), 0, 0, int(res[5]), int(res[6]))
         return adm
 
+    def peek(self, limits: KeyLimits) -> Admission | None:
+        """The refusal a request would get on requests/min or concurrency alone (None: none);
+        reserves nothing."""
+        res = self._call(self.key_names(limits), ["peek", limits.rpm, limits.max_concurrent])
+        if int(res[0]) == 1:
+            return None
+        reason = res[1].decode() if isinstance(res[1], bytes) else res[1]
+        headers = _headers(replace(limits, tpm=0), int(res[3]), int(res[4]), 0, 0) if reason == "rpm" else {}
+        return Admission(False, reason, int(res[2]), limits=limits, headers=headers)
+
     def settle(self, adm: Admission, actual_tokens: int, actual_cost_nano: int) -> None:
         self.settle_many([(adm, actual_tokens, actual_cost_nano)])
 
@@ -284,8 +295,8 @@ class RedisLimiter:
         if quota.tpm and refund_tokens:
             self._call(self.deployment_keys(quota), ["deploy_settle", quota.tpm, refund_tokens])
 
-    def peek(self, limits: KeyLimits) -> Headroom:
-        res = self._call(self.key_names(limits), ["peek", limits.rpm, limits.tpm])
+    def headroom(self, limits: KeyLimits) -> Headroom:
+        res = self._call(self.key_names(limits), ["headroom", limits.rpm, limits.tpm])
 
         def counter(value: Any) -> int | None:
             return int(value) if value not in (b"", "", None) else None
@@ -400,6 +411,21 @@ class LocalLimiter:
         return Admission(True, "", 0, **base,
                          headers=_headers(limits, rpm_left, rpm_reset // 1000, tpm_left, tpm_reset // 1000))
 
+    def peek(self, limits: KeyLimits) -> Admission | None:
+        """As RedisLimiter.peek."""
+        with self._lock:
+            now = self._now_us()
+            k = f"k:{limits.key_id}"
+            if limits.rpm:
+                ok, _, retry, left, reset = self._gcra(f"{k}:rpm", limits.rpm, 1, now)
+                if not ok:
+                    return Admission(False, "rpm", -(-retry // 1000), limits=limits,
+                                     headers=_headers(replace(limits, tpm=0), left, reset // 1000, 0, 0))
+            leases = self._leases.get(k, {})
+            if limits.max_concurrent and sum(1 for e in leases.values() if e > now // 1000) >= limits.max_concurrent:
+                return Admission(False, "concurrency", 1000, limits=limits)
+            return None
+
     def settle(self, adm: Admission, actual_tokens: int, actual_cost_nano: int) -> None:
         limits = adm.limits
         assert limits is not None
@@ -438,19 +464,19 @@ class LocalLimiter:
                 self._counters[day_key] = self._counters.get(day_key, 0) + 1
             return True
 
-    def peek(self, limits: KeyLimits) -> Headroom:
+    def headroom(self, limits: KeyLimits) -> Headroom:
         with self._lock:
             now = self._now_us()
             days, month = day_and_month(now)
             k = f"k:{limits.key_id}"
 
-            def headroom(name: str, limit: int) -> tuple[int, int]:
+            def room(name: str, limit: int) -> tuple[int, int]:
                 if not limit:
                     return -1, 0
                 _, _, _, left, reset_us = self._gcra(f"{k}:{name}", limit, 0, now)  # cost 0: a pure read
                 return left, -(-reset_us // 1000)
-            rpm_left, rpm_reset = headroom("rpm", limits.rpm)
-            tpm_left, tpm_reset = headroom("tpm", limits.tpm)
+            rpm_left, rpm_reset = room("rpm", limits.rpm)
+            tpm_left, tpm_reset = room("tpm", limits.tpm)
             in_flight = sum(1 for expiry in self._leases.get(k, {}).values() if expiry > now // 1000)
             return Headroom(day=days, month=month, rpm_left=rpm_left, rpm_reset_ms=rpm_reset,
                             tpm_left=tpm_left, tpm_reset_ms=tpm_reset, in_flight=in_flight,
@@ -508,6 +534,14 @@ class RateLimitService:
             self.fail_open_admissions += 1
             self._warn("limiter store unavailable: admitting without limits (RATE_LIMIT_FAIL_MODE=open)")
             return Admission(True, request_id=request_id, limits=limits, degraded=True)
+
+    def peek(self, limits: KeyLimits) -> Admission | None:
+        """A refusal on requests/min or concurrency alone, known without reserving anything
+        (None: no such refusal, or the store is down: the admission proper then decides)."""
+        try:
+            return self.backend.peek(limits)
+        except LimiterUnavailable:
+            return None
 
     def settle(self, adm: Admission, actual_tokens: int, actual_cost_nano: int) -> None:
         """Replace the reservation with the actual usage (refunds, lease release)."""
@@ -589,10 +623,10 @@ class RateLimitService:
         except LimiterUnavailable:
             self._warn("limiter store unavailable: a deployment reservation was not settled")
 
-    def peek(self, limits: KeyLimits) -> Headroom | None:
+    def headroom(self, limits: KeyLimits) -> Headroom | None:
         """The key's counters as they stand, reserving nothing; None when the store is down."""
         try:
-            return self.backend.peek(limits)
+            return self.backend.headroom(limits)
         except LimiterUnavailable:
             return None
 
