@@ -25,6 +25,7 @@ ROUTES = {
     ("GET", "/v1/audit"),
     ("GET", "/v1/uptime/<path:model_id>"),
     ("GET", "/v1/providers/status"),
+    ("POST", "/v1/admin/reload"),
     ("GET", "/v1/key"), ("GET", "/v1/requests"),
     # the web console: its HTML shell and its static files
     ("GET", "/"), ("GET", "/ui"), ("GET", "/ui/"), ("GET", "/ui/<path:page>"), ("GET", "/ui/assets/<path:filename>"),
