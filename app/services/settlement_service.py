@@ -93,6 +93,16 @@ def usage_figures(trace: CompletionTrace) -> tuple[int, int]:
     return prompt, count_text(_completion_text(trace), trace.entry.tokenizer)
 
 
+def cache_figures(usage: dict[str, Any] | None) -> tuple[int, int]:
+    """(cached, cache-written) input tokens of a provider's usage, both part of prompt_tokens:
+    OpenAI's `prompt_tokens_details.cached_tokens` (Anthropic's cache reads, normalised there)
+    and Anthropic's `cache_creation_input_tokens`."""
+    if not usage:
+        return 0, 0
+    details = usage.get("prompt_tokens_details") or {}
+    return int(details.get("cached_tokens") or 0), int(usage.get("cache_creation_input_tokens") or 0)
+
+
 class Settlement:
     def __init__(self, writer: UsageBatcher, engine: Engine, last_used: LastUsedTracker,
                  limiter: RateLimitService) -> None:
@@ -103,6 +113,7 @@ class Settlement:
 
     def event(self, trace: CompletionTrace) -> UsageEvent:
         prompt, completion = usage_figures(trace)
+        cached, written = cache_figures(trace.usage)
         now = time.perf_counter()
         return UsageEvent(
             request_id=trace.request_id, tenant_id=trace.key.tenant_id, api_key_id=trace.key.id,
@@ -110,7 +121,8 @@ class Settlement:
             provider=trace.deployment.provider if trace.deployment else None,
             upstream_model=trace.deployment.model if trace.deployment else None,
             prompt_tokens=prompt, completion_tokens=completion,
-            cost_usd=trace.entry.pricing.cost(prompt, completion),
+            cost_usd=trace.entry.pricing.cost(prompt, completion, cached_tokens=cached,
+                                              cache_write_tokens=written),
             status=trace.status, error_type=trace.error_type, streamed=trace.streamed,
             latency_ms=int((now - trace.started) * 1000),
             ttft_ms=int((trace.first_byte_at - trace.started) * 1000) if trace.first_byte_at else None,
