@@ -87,8 +87,9 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
         redis=redis_client, app=app, key_events=key_events)
     _build_routing(app.extensions["gateway"])
 
-    from app.api.routes import api
+    from app.api.routes import api, messages_api
     app.register_blueprint(api)
+    app.register_blueprint(messages_api)
     register_error_handlers(app)
     app.after_request(_request_id_header)
     _BATCHERS.add(batcher)

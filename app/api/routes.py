@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from flask import Blueprint
 
-from app.api import (audit_controller, chat_controller, health_controller, key_controller, models_controller,
-                     status_controller, tenant_controller, usage_controller)
+from app.api import (audit_controller, chat_controller, health_controller, key_controller, messages_controller,
+                     models_controller, status_controller, tenant_controller, usage_controller)
+from app.errors import anthropic_envelope, register_error_handlers
 
 api = Blueprint("api", __name__)
 
@@ -29,3 +30,11 @@ api.add_url_rule("/v1/tenants/<int:tenant_id>", view_func=tenant_controller.upda
 api.add_url_rule("/v1/audit", view_func=audit_controller.list_audit, methods=["GET"])
 api.add_url_rule("/v1/uptime/<path:model_id>", view_func=status_controller.uptime, methods=["GET"])
 api.add_url_rule("/v1/providers/status", view_func=status_controller.providers_status, methods=["GET"])
+
+# The Anthropic Messages API: its own blueprint, so that its errors leave in Anthropic's envelope.
+messages_api = Blueprint("anthropic", __name__)
+register_error_handlers(messages_api, anthropic_envelope)
+messages_api.after_request(messages_controller.request_id_header)
+messages_api.add_url_rule("/v1/messages", view_func=messages_controller.messages, methods=["POST"])
+messages_api.add_url_rule("/v1/messages/count_tokens", view_func=messages_controller.count_tokens,
+                          methods=["POST"])

@@ -84,6 +84,13 @@ def sse(name: str, payload: dict[str, Any]) -> bytes:
 
 
 PING = sse("ping", {"type": "ping"})
+# The event sent once per text chunk, formatted without building and dumping a dict (the hot path).
+_TEXT_DELTA = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+               b'"delta":{"type":"text_delta","text":%b}}\n\n')
+
+
+def _json_string(text: str) -> bytes:
+    return json.dumps(text, ensure_ascii=False).encode()
 
 
 def error_event(body: dict[str, Any]) -> bytes:
@@ -157,7 +164,7 @@ class MessageStreamEncoder:
                 if self.open_kind != "text":
                     out += self._open("text", {"type": "text", "text": ""})
                 self.generated.append(text)
-                out += self._delta(self.index, {"type": "text_delta", "text": text})
+                out += _TEXT_DELTA % (self.index, _json_string(text))
             for call in delta.get("tool_calls") or ():
                 out += self._tool_delta(call)
             if choice.get("finish_reason"):
