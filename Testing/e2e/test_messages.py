@@ -124,10 +124,8 @@ def test_stream_text_and_usage(client, pg_engine, provider):
     """messages.stream through every provider type: the text arrives as text deltas, the final
     message holds the upstream's usage, message_start already carries a real input count, and
     the streamed usage row equals the upstream's figures."""
-    with client.messages.with_raw_response.stream(model=provider, max_tokens=100, system=SYSTEM,
-                                                  messages=MESSAGES) as raw:
-        request_id = raw.headers["request-id"]
-        stream = raw.parse() if hasattr(raw, "parse") else raw
+    with client.messages.stream(model=provider, max_tokens=100, system=SYSTEM, messages=MESSAGES) as stream:
+        request_id = stream.request_id
         events = list(stream)
         final = stream.get_final_message()
     kinds = [e.type for e in events]
@@ -203,11 +201,9 @@ def test_native_passthrough_keeps_cache_control_thinking_and_bills_cache_prices(
 
 
 def test_native_stream_passes_thinking_and_cache_usage_on(client, pg_engine):
-    with client.messages.with_raw_response.stream(model="claude-cache", max_tokens=2000, system=SYSTEM,
-                                                  messages=MESSAGES,
-                                                  thinking={"type": "enabled", "budget_tokens": 1024}) as raw:
-        request_id = raw.headers["request-id"]
-        stream = raw.parse() if hasattr(raw, "parse") else raw
+    with client.messages.stream(model="claude-cache", max_tokens=2000, system=SYSTEM, messages=MESSAGES,
+                                thinking={"type": "enabled", "budget_tokens": 1024}) as stream:
+        request_id = stream.request_id
         final = stream.get_final_message()
     assert final.content[0].type == "thinking" and final.content[0].thinking == fa.THINKING
     assert final.content[0].signature == fa.SIGNATURE
