@@ -156,9 +156,10 @@ def test_translated_stream_event_sequence(client):
 
 
 @pytest.mark.parametrize("provider", list(TOOL_MODEL))
-def test_tool_use_both_ways(client, provider):
+def test_tool_use_both_ways(client, fake_upstream, provider):
     """A tool_use answer (non-streaming and streamed, input parsed), then the tool_result sent
-    back in the next turn is answered from."""
+    back in the next turn reaches the upstream (as a tool message when translated) and is
+    answered from (the fake OpenAI calls its tool again whatever it gets)."""
     model = f"{provider}-tool"
     first = client.messages.create(model=model, max_tokens=200, messages=MESSAGES, tools=[WEATHER],
                                    tool_choice={"type": "auto"})
@@ -173,6 +174,11 @@ def test_tool_use_both_ways(client, provider):
                          {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id,
                                                        "content": "21 degrees"}]}]
     second = client.messages.create(model=model, max_tokens=200, messages=follow, tools=[WEATHER])
+    if provider == "openai":
+        sent = fake_upstream.chat_requests()[-1]["body"]["messages"]
+        assert sent[-2]["tool_calls"][0]["id"] == call.id
+        assert sent[-1] == {"role": "tool", "tool_call_id": call.id, "content": "21 degrees"}
+        return
     assert second.stop_reason == "end_turn"
     assert "Tool said" in text_of(second) and "21" in text_of(second)
 
