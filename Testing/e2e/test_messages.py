@@ -245,7 +245,7 @@ def test_sdk_raises_its_own_exceptions(gateway, key, client):
         client.messages.create(model="no-such-model", max_tokens=50, messages=MESSAGES)
     assert exc.value.body["error"]["type"] == "not_found_error"
     with pytest.raises(anthropic.BadRequestError) as exc:
-        client.messages.create(model="anthropic", max_tokens=50, messages=MESSAGES, temperature=1.5)
+        client.messages.create(model="anthropic", max_tokens=50, messages=MESSAGES, extra_body={"temperature": 1.5})
     assert exc.value.body["error"]["type"] == "invalid_request_error"
     only_openai = mint(gateway, name="only-openai", allowed_models=["openai"])
     limited = anthropic.Anthropic(api_key=only_openai["key"], base_url=gateway.base_url, max_retries=0)
