@@ -15,6 +15,7 @@ from typing import Iterator
 import anthropic
 import openai
 import pytest
+import redis
 
 from Testing.conftest import app_config, wait_for_rows
 from Testing.fakes import fake_anthropic as fa, fake_gemini as fg, fake_gigachat as fgc, fake_ollama as fo
@@ -22,7 +23,7 @@ from Testing.fakes.fake_openai import DEFAULT_CHUNKS
 from Testing.fakes.http_fake import count_words, echo_words
 from Testing.fakes.native import (fake_anthropic, fake_gemini, fake_gigachat, fake_ollama,  # noqa: F401
                                   provider_settings)
-from Testing.support import SYSTEM_SECRET, UPSTREAM_KEY, GatewayProcess, http_json
+from Testing.support import REDIS_URL, SYSTEM_SECRET, UPSTREAM_KEY, GatewayProcess, http_json
 
 pytestmark = pytest.mark.timeout(60)
 SYSTEM = "be brief"
@@ -66,6 +67,11 @@ def messages_models_file(tmp_path_factory, fake_upstream, fake_anthropic, fake_g
 
 @pytest.fixture(scope="module")
 def gateway(pg_url, messages_models_file, tmp_path_factory) -> Iterator[GatewayProcess]:
+    """The gateway with these fakes behind it; the limiter's Redis database starts empty (key ids
+    restart in every test database, so counters of an earlier run would apply to these keys)."""
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    client.close()
     log = tmp_path_factory.mktemp("messages-gateway") / "gunicorn.log"
     env = {k: str(v) for k, v in app_config(pg_url, messages_models_file, LOG_LEVEL="INFO").items()}
     proc = GatewayProcess(env, workers=2, log_path=log).start()
