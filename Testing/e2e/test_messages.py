@@ -313,3 +313,20 @@ def test_usage_grouped_by_endpoint_from_raw_rows_and_rollup(gateway, pg_engine):
     assert status == 200
     assert csv.splitlines()[0] == "endpoint,requests,prompt_tokens,completion_tokens,total_tokens,cost_usd"
     assert csv.splitlines()[2].startswith(f"messages,1,{PROMPT},{DEFAULT_CHUNKS},")
+
+
+def test_body_too_large_is_anthropics_413(gateway, key):
+    """A body over MAX_REQUEST_BYTES (256 KiB in the tests) is 413 request_too_large."""
+    huge = [{"role": "user", "content": "x" * (300 * 1024)}]
+    status, _, body = http_json("POST", gateway.base_url + "/v1/messages",
+                                {"model": "anthropic", "max_tokens": 10, "messages": huge}, {"x-api-key": key["key"]})
+    assert status == 413 and body["type"] == "error" and body["error"]["type"] == "request_too_large"
+
+
+def test_count_tokens_counts_tools_and_knows_models(client):
+    """Tools add to the count; an unknown model is the SDK's NotFoundError; nothing is billed."""
+    plain = client.messages.count_tokens(model="openai", messages=MESSAGES).input_tokens
+    with_tools = client.messages.count_tokens(model="openai", messages=MESSAGES, tools=[WEATHER]).input_tokens
+    assert with_tools > plain
+    with pytest.raises(anthropic.NotFoundError):
+        client.messages.count_tokens(model="no-such-model", messages=MESSAGES)
