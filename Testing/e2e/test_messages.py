@@ -17,13 +17,13 @@ import openai
 import pytest
 import redis
 
-from Testing.conftest import app_config, wait_for_rows
+from Testing.conftest import gateway_process, wait_for_rows
 from Testing.fakes import fake_anthropic as fa, fake_gemini as fg, fake_gigachat as fgc, fake_ollama as fo
 from Testing.fakes.fake_openai import DEFAULT_CHUNKS
 from Testing.fakes.http_fake import count_words, echo_words
 from Testing.fakes.native import (fake_anthropic, fake_gemini, fake_gigachat, fake_ollama,  # noqa: F401
                                   provider_settings)
-from Testing.support import REDIS_URL, SYSTEM_SECRET, UPSTREAM_KEY, GatewayProcess, http_json
+from Testing.support import REDIS_URL, SYSTEM_SECRET, GatewayProcess, http_json
 
 pytestmark = pytest.mark.timeout(60)
 SYSTEM = "be brief"
@@ -72,12 +72,7 @@ def gateway(pg_url, messages_models_file, tmp_path_factory) -> Iterator[GatewayP
     client = redis.Redis.from_url(REDIS_URL)
     client.flushdb()
     client.close()
-    log = tmp_path_factory.mktemp("messages-gateway") / "gunicorn.log"
-    env = {k: str(v) for k, v in app_config(pg_url, messages_models_file, LOG_LEVEL="INFO").items()}
-    proc = GatewayProcess(env, workers=2, log_path=log).start()
-    yield proc
-    proc.stop()
-    assert UPSTREAM_KEY not in proc.log_text(), "an upstream key leaked into the gateway log"
+    yield from gateway_process(pg_url, messages_models_file, tmp_path_factory.mktemp("messages-gateway"))
 
 
 def mint(gateway: GatewayProcess, **fields) -> dict:

@@ -20,7 +20,7 @@ from app.api.auth import authenticate, bearer_token
 from app.api.common import JSON, json_response, new_request_id, read_json_object
 from app.api.schemas import COUNT_TOKENS_SCHEMA, MESSAGES_SCHEMA
 from app.errors import AuthenticationFailed, ModelNotFound, PermissionDenied, anthropic_envelope, from_provider_error
-from app.providers.base import Completion, Provider, ProviderError, StreamPiece
+from app.providers.base import Completion, Provider, ProviderError
 from app.providers.catalog import Deployment
 from app.runtime import runtime
 from app.services.completion import CompletionRun, Pieces

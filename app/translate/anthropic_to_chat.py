@@ -75,6 +75,12 @@ def _tool_result(block: dict[str, Any], param: str) -> tuple[dict[str, Any], lis
     return {"role": "tool", "tool_call_id": block["tool_use_id"], "content": content}, images
 
 
+def _block_text(block: dict[str, Any], where: str) -> str:
+    if not isinstance(block.get("text"), str):
+        raise _bad("a text block needs a string text", where)
+    return block["text"]
+
+
 def _user_turn(content: Any, param: str) -> list[dict[str, Any]]:
     """One Anthropic user turn: its tool results first (as `tool` messages), then the rest."""
     if isinstance(content, str):
@@ -85,9 +91,7 @@ def _user_turn(content: Any, param: str) -> list[dict[str, Any]]:
         where = f"{param}.{i}"
         kind = block.get("type")
         if kind == "text":
-            if not isinstance(block.get("text"), str):
-                raise _bad("a text block needs a string text", where)
-            parts.append({"type": "text", "text": block["text"]})
+            parts.append({"type": "text", "text": _block_text(block, where)})
         elif kind == "image":
             parts.append(_image_part(block, where))
         elif kind == "tool_result":
@@ -113,9 +117,7 @@ def _assistant_turn(content: Any, param: str) -> dict[str, Any]:
         where = f"{param}.{i}"
         kind = block.get("type")
         if kind == "text":
-            if not isinstance(block.get("text"), str):
-                raise _bad("a text block needs a string text", where)
-            texts.append(block["text"])
+            texts.append(_block_text(block, where))
         elif kind == "tool_use":
             if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
                 raise _bad("a tool_use block needs a string id and name", where)
