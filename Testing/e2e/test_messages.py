@@ -59,6 +59,7 @@ def messages_models_file(tmp_path_factory, fake_upstream, fake_anthropic, fake_g
     models["claude-cache"] = _model("anthropic", "claude-cache", CACHE_PRICING)
     models["claude-stream-error"] = _model("anthropic", "claude-stream-error")
     models["claude-overloaded"] = _model("anthropic", "claude-overloaded")
+    models["claude-fail-500"] = _model("anthropic", "claude-fail-500")
     models["openai-die"] = _model("openai", "fake-die-mid-stream")
     path = tmp_path_factory.mktemp("messages") / "models.json"
     path.write_text(json.dumps({"providers": providers, "models": models}, indent=2))
@@ -258,6 +259,17 @@ def test_sdk_raises_its_own_exceptions(gateway, key, client):
     slow.messages.create(model="anthropic", max_tokens=50, messages=MESSAGES)
     with pytest.raises(anthropic.RateLimitError) as exc:
         slow.messages.create(model="anthropic", max_tokens=50, messages=MESSAGES)
+    assert exc.value.body["error"]["type"] == "rate_limit_error"
+
+
+def test_upstream_failures_are_anthropic_errors(client):
+    """An upstream that keeps failing is 500 api_error (the SDK's InternalServerError); an
+    overloaded upstream (529) that stays overloaded is 429 rate_limit_error, as for chat."""
+    with pytest.raises(anthropic.InternalServerError) as exc:
+        client.messages.create(model="claude-fail-500", max_tokens=50, messages=MESSAGES)
+    assert exc.value.status_code == 500 and exc.value.body["error"]["type"] == "api_error"
+    with pytest.raises(anthropic.RateLimitError) as exc:
+        client.messages.create(model="claude-overloaded", max_tokens=50, messages=MESSAGES)
     assert exc.value.body["error"]["type"] == "rate_limit_error"
 
 
