@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from app.translate.chat_to_anthropic import MessageStreamEncoder, anthropic_usage, to_message
+from app.translate.chat_to_anthropic import MessageStreamEncoder, anthropic_usage, text_literal, to_message
 
 USAGE = {"prompt_tokens": 120, "completion_tokens": 9, "total_tokens": 129,
          "prompt_tokens_details": {"cached_tokens": 100}}
@@ -136,3 +136,37 @@ def test_reasoning_content_becomes_a_thinking_block():
     assert got[2][1]["content_block"] == {"type": "thinking", "thinking": "", "signature": ""}
     assert got[3][1]["delta"] == {"type": "thinking_delta", "thinking": "think"}
     assert got[5][1]["content_block"] == {"type": "text", "text": ""} and got[5][1]["index"] == 1
+
+
+CHUNK = (b'{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,'
+         b'"delta":{"content":%s},"logprobs":null,"finish_reason":null}]%s}')
+
+
+def test_text_literal_of_text_only_chunks():
+    """A text-only chunk's JSON string literal is taken as it is (escapes kept), with or
+    without a null usage or logprobs."""
+    assert text_literal(CHUNK % (b'"Hel\\"lo\\u00e9"', b"")) == b'"Hel\\"lo\\u00e9"'
+    assert text_literal(CHUNK % (b'"x"', b',"usage":null')) == b'"x"'
+    assert text_literal(CHUNK.replace(b'"logprobs":null,', b"") % (b'"x"', b"")) == b'"x"'
+
+
+def test_other_chunks_have_no_text_literal():
+    """A role, a finish reason, tool calls, another choice, other spacing: parsed instead."""
+    assert text_literal(CHUNK.replace(b'"delta":{', b'"delta":{"role":"assistant",') % (b'""', b"")) is None
+    assert text_literal(CHUNK.replace(b'"finish_reason":null', b'"finish_reason":"stop"') % (b'"x"', b"")) is None
+    assert text_literal(CHUNK.replace(b'"index":0', b'"index":1') % (b'"x"', b"")) is None
+    assert text_literal(b'{"choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": null}]}') is None
+    assert text_literal(CHUNK % (b'"say \\"choices\\":[{\\"index\\":0"', b"")) == b'"say \\"choices\\":[{\\"index\\":0"'
+
+
+def test_text_literals_make_the_same_events_as_parsed_chunks():
+    """The fast path (literal) and the parsed path give byte-identical events, and the text
+    is counted from the literals when the upstream reports no usage."""
+    raws = [CHUNK % (b'"Hel"', b""), CHUNK % (b'"l\\u00f6"', b"")]
+    parsed = MessageStreamEncoder("m", 3, count_output=len)
+    fast = MessageStreamEncoder("m", 3, count_output=len)
+    fast.id = parsed.id
+    a = b"".join(parsed.feed(json.loads(r)) for r in raws) + parsed.close()
+    b = b"".join(fast.feed_text_literal(text_literal(r)) for r in raws) + fast.close()
+    assert events(a)[1:] == events(b)[1:]  # message_start differs only by the model it names
+    assert fast.generated_text() == "Hellö" and events(b)[-2][1]["usage"]["output_tokens"] == 5

@@ -114,8 +114,7 @@ def _translated_events(run: CompletionRun, pieces: Pieces) -> Iterator[bytes]:
             if piece is None:
                 pending.append(PING if encoder.started else encoder.start())
             else:
-                chunk = piece.chunk if piece.chunk is not None else json.loads(piece.data())
-                pending.append(encoder.feed(chunk))
+                pending.append(encoder.feed(piece.chunk) if piece.chunk is not None else encoder.feed_raw(piece.data()))
             if piece is None or piece.flush:
                 yield b"".join(pending)
                 pending.clear()

@@ -9,6 +9,7 @@ to the cache), so those are taken out and reported as `cache_read_input_tokens` 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any, Callable
 
@@ -89,6 +90,22 @@ _TEXT_DELTA = (b'event: content_block_delta\ndata: {"type":"content_block_delta"
                b'"delta":{"type":"text_delta","text":%b}}\n\n')
 
 
+# A chunk whose only news is text for choice 0, as OpenAI-compatible servers write it: its
+# JSON string literal is reused as it is (already escaped), so most chunks of a stream need no
+# parsing and no encoding. Anything else (other spacing, a role, tool calls, a finish reason,
+# usage) does not match and is parsed. (The pattern cannot match inside a string value: a quote
+# there is escaped.) The gateway's OpenAI adapter parses every chunk that carries usage.
+_TEXT_ONLY_CHUNK = re.compile(
+    rb'"choices":\[\{"index":0,"delta":\{"content":("(?:[^"\\]|\\.)*")\}(?:,"logprobs":null)?,'
+    rb'"finish_reason":null\}\][,}]')
+
+
+def text_literal(raw: bytes) -> bytes | None:
+    """The JSON string literal of the text of a text-only OpenAI chunk (raw bytes), else None."""
+    match = _TEXT_ONLY_CHUNK.search(raw)
+    return match.group(1) if match else None
+
+
 def _json_string(text: str) -> bytes:
     return json.dumps(text, ensure_ascii=False).encode()
 
@@ -119,7 +136,7 @@ class MessageStreamEncoder:
         self.tool_blocks: dict[int, int] = {}  # OpenAI tool_calls index -> block index
         self.finish: str | None = None
         self.usage: dict[str, Any] | None = None
-        self.generated: list[str] = []
+        self.generated: list[str | bytes] = []  # text, or JSON string literals of text
 
     def start(self, model: str | None = None) -> bytes:
         self.started = True
@@ -171,6 +188,19 @@ class MessageStreamEncoder:
                 self.finish = choice["finish_reason"]
         return out
 
+    def feed_raw(self, raw: bytes) -> bytes:
+        """The events of one chunk given as its JSON text (as OpenAI-compatible upstreams send it)."""
+        literal = text_literal(raw)
+        return self.feed(json.loads(raw)) if literal is None else self.feed_text_literal(literal)
+
+    def feed_text_literal(self, literal: bytes) -> bytes:
+        """The events of a text-only chunk given as its JSON string literal (`text_literal`)."""
+        out = b"" if self.started else self.start()
+        if self.open_kind != "text":
+            out += self._open("text", {"type": "text", "text": ""})
+        self.generated.append(literal)
+        return out + _TEXT_DELTA % (self.index, literal)
+
     def _tool_delta(self, call: dict[str, Any]) -> bytes:
         out = b""
         position = int(call.get("index", 0))
@@ -195,11 +225,14 @@ class MessageStreamEncoder:
         if self.usage is not None:
             usage: dict[str, Any] = anthropic_usage(self.usage)
         else:
-            counted = self.count_output("".join(self.generated)) if self.count_output else 0
+            counted = self.count_output(self.generated_text()) if self.count_output else 0
             usage = {"input_tokens": self.input_tokens, "output_tokens": counted}
         delta = {"stop_reason": stop_reason(self.finish, bool(self.tool_blocks)), "stop_sequence": None}
         return out + sse("message_delta", {"type": "message_delta", "delta": delta, "usage": usage}) \
             + sse("message_stop", {"type": "message_stop"})
+
+    def generated_text(self) -> str:
+        return "".join(json.loads(t) if isinstance(t, bytes) else t for t in self.generated)
 
     def fail(self, error_body: dict[str, Any]) -> bytes:
         """An upstream failure after the stream began: the open block is closed, then `error`."""
