@@ -7,7 +7,7 @@ from decimal import Decimal
 import pytest
 
 from app.providers.catalog import CatalogError, Pricing, parse_catalog
-from app.services.settlement_service import cache_figures
+from app.services.settlement_service import usage_details
 
 
 def catalog_with(pricing: dict):
@@ -41,9 +41,7 @@ def test_bad_cache_price_names_the_entry():
         catalog_with({"input_per_mtok": "1", "cache_write_per_mtok": "cheap"})
 
 
-def test_cache_figures_read_openai_and_anthropic_usage():
-    """(cached, written) from OpenAI's prompt_tokens_details and the normalised Anthropic usage."""
-    assert cache_figures({"prompt_tokens": 10, "prompt_tokens_details": {"cached_tokens": 4},
-                          "cache_creation_input_tokens": 3}) == (4, 3)
-    assert cache_figures({"prompt_tokens": 10}) == (0, 0)
-    assert cache_figures(None) == (0, 0)
+def test_usage_details_read_openai_and_anthropic_cache_tokens():
+    """(cached, written, reasoning) from OpenAI's details and the normalised Anthropic usage."""
+    assert usage_details({"prompt_tokens": 10, "prompt_tokens_details": {"cached_tokens": 4},
+                          "cache_creation_input_tokens": 3}) == (4, 3, None)
