@@ -25,7 +25,7 @@ from app.providers.catalog import Deployment
 from app.runtime import runtime
 from app.services.completion import CompletionRun, Pieces
 from app.translate.anthropic_to_chat import chat_messages, chat_tools, to_chat_request
-from app.translate.chat_to_anthropic import PING, MessageStreamEncoder, to_message
+from app.translate.chat_to_anthropic import PING, MessageStreamEncoder, error_event, to_message
 from app.utils.streaming import FinalChunk
 from app.utils.token_counter import count_messages, count_text
 
@@ -71,14 +71,17 @@ def messages() -> Response:
             events = _native_events(pieces) if native["last"] else _translated_events(run, pieces)
             return run.respond(Response(events, mimetype="text/event-stream"))
         result: Completion = run.complete(invoke=lambda p, d: call(p, d, False))
-        answer = result.json_bytes() if native["last"] else json.dumps(
-            to_message(result.body or {}, result.usage), separators=(",", ":")).encode()
+        if native["last"]:
+            answer = result.json_bytes()
+        else:
+            chat = result.body if result.body is not None else json.loads(result.json_bytes())
+            answer = json.dumps(to_message(chat, result.usage), separators=(",", ":")).encode()
         return run.respond(Response(answer, mimetype=JSON))
 
 
-def _error_event(exc: ProviderError) -> bytes:
-    """An upstream failure after the first byte, as Anthropic's `error` event."""
-    return b"event: error\ndata: " + json.dumps(anthropic_envelope(from_provider_error(exc))[1]).encode() + b"\n\n"
+def _error_body(exc: ProviderError) -> dict[str, Any]:
+    """An upstream failure after the first byte, as the body of Anthropic's `error` event."""
+    return anthropic_envelope(from_provider_error(exc))[1]
 
 
 def _native_events(pieces: Pieces) -> Iterator[bytes]:
@@ -95,7 +98,7 @@ def _native_events(pieces: Pieces) -> Iterator[bytes]:
                 yield b"".join(pending)
                 pending.clear()
     except ProviderError as exc:
-        pending.append(_error_event(exc))
+        pending.append(error_event(_error_body(exc)))
     yield FinalChunk(b"".join(pending))
 
 
@@ -120,7 +123,7 @@ def _translated_events(run: CompletionRun, pieces: Pieces) -> Iterator[bytes]:
                 pending.clear()
         pending.append(encoder.close())
     except ProviderError as exc:
-        pending.append(encoder.fail(anthropic_envelope(from_provider_error(exc))[1]))
+        pending.append(encoder.fail(_error_body(exc)))
     yield FinalChunk(b"".join(pending))
 
 

@@ -15,6 +15,11 @@ streamed as `input_json_delta` become `tool_calls[].function.arguments` deltas).
 
 Errors: `overloaded_error` (529) and `rate_limit_error` (429) are `rate_limited` and retryable,
 with Retry-After when sent; "prompt is too long" is `context_too_long`.
+
+Native passthrough (`messages` / `messages_stream`, used by `POST /v1/messages`): the client's
+own Messages body is sent with only `model` and `stream` set, and the answer or the events
+come back untouched (cache_control, thinking and their token counts survive), with the usage
+normalised as above for billing.
 """
 from __future__ import annotations
 
