@@ -61,6 +61,13 @@ def messages_models_file(tmp_path_factory, fake_upstream, fake_anthropic, fake_g
     models["claude-overloaded"] = _model("anthropic", "claude-overloaded")
     models["claude-fail-500"] = _model("anthropic", "claude-fail-500")
     models["openai-die"] = _model("openai", "fake-die-mid-stream")
+    # Mixed aliases: the first deployment fails, the second (the other kind) answers.
+    models["claude-then-openai"] = {**_model("anthropic", "claude-fail-500"), "deployments": [
+        {"provider": "anthropic", "model": "claude-fail-500", "priority": 1},
+        {"provider": "openai", "model": "gpt-4o-mini", "priority": 2}]}
+    models["openai-then-claude"] = {**_model("openai", "fake-fail-500"), "deployments": [
+        {"provider": "openai", "model": "fake-fail-500", "priority": 1},
+        {"provider": "anthropic", "model": "claude-test", "priority": 2}]}
     path = tmp_path_factory.mktemp("messages") / "models.json"
     path.write_text(json.dumps({"providers": providers, "models": models}, indent=2))
     return path
@@ -141,6 +148,26 @@ def test_stream_text_and_usage(client, pg_engine, provider):
     row = row_for(pg_engine, request_id)
     assert (row["endpoint"], row["streamed"], row["prompt_tokens"], row["completion_tokens"]) == (
         "messages", True, PROMPT, PIECES[provider])
+
+
+@pytest.mark.parametrize("alias, answered_by", [("claude-then-openai", "openai"),
+                                                 ("openai-then-claude", "anthropic")])
+def test_fallback_between_native_and_translated_deployments(client, pg_engine, alias, answered_by):
+    """An alias whose failing first deployment is of the other kind: the answer (plain and
+    streamed) is encoded the way the deployment that answered needs, and billed to it."""
+    raw = client.messages.with_raw_response.create(model=alias, max_tokens=100, system=SYSTEM, messages=MESSAGES)
+    message = raw.parse()
+    assert text_of(message) == "".join(echo_words("hello gateway", PIECES[answered_by]))
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (PROMPT, PIECES[answered_by])
+    with client.messages.stream(model=alias, max_tokens=100, system=SYSTEM, messages=MESSAGES) as stream:
+        streamed = stream.get_final_message()
+        request_id = stream.request_id
+    assert text_of(streamed) == text_of(message)
+    assert (streamed.usage.input_tokens, streamed.usage.output_tokens) == (PROMPT, PIECES[answered_by])
+    for rid in (raw.headers["request-id"], request_id):
+        row = row_for(pg_engine, rid)
+        assert (row["provider"], row["prompt_tokens"], row["completion_tokens"]) == (
+            answered_by, PROMPT, PIECES[answered_by])
 
 
 def test_translated_stream_event_sequence(client):
