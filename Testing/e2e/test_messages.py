@@ -357,6 +357,15 @@ def test_body_too_large_is_anthropics_413(gateway, key):
     assert status == 413 and body["type"] == "error" and body["error"]["type"] == "request_too_large"
 
 
+def test_count_tokens_of_anthropic_models_is_anthropics_count(client):
+    """For a model served by Anthropic the count is Anthropic's own (the fake: words + 7, + 1 per
+    tool); when that call fails the gateway counts (o200k_base: 15, as for the OpenAI model)."""
+    assert client.messages.count_tokens(model="anthropic", system=SYSTEM, messages=MESSAGES).input_tokens == PROMPT
+    assert client.messages.count_tokens(model="anthropic", system=SYSTEM, messages=MESSAGES,
+                                        tools=[WEATHER]).input_tokens == PROMPT + 1
+    assert client.messages.count_tokens(model="claude-fail-500", system=SYSTEM, messages=MESSAGES).input_tokens == 15
+
+
 def test_count_tokens_counts_tools_and_knows_models(client):
     """Tools add to the count; an unknown model is the SDK's NotFoundError; nothing is billed."""
     plain = client.messages.count_tokens(model="openai", messages=MESSAGES).input_tokens

@@ -11,7 +11,8 @@ hostile upstream might), fail-429 (retry-after: 7), overloaded (529 overloaded_e
 fail-500, context-too-long, malformed (200 HTML), malformed-json (200 JSON without content),
 stream-error (an `error` event after message_start), die-mid-stream (cut after 4 events), hang,
 tool (a text block then a tool_use block; answers "Tool said: ..." once a tool_result came
-back), cache (11 cache-creation and 100 cache-read input tokens), chunks-N. A request with
+back), cache (11 cache-creation and 100 cache-read input tokens), chunks-N. `POST
+/v1/messages/count_tokens` answers words + 7 (+ 1 per tool; fail-500 fails). A request with
 `thinking: {"type": "enabled"}` gets a thinking block first (`THINKING`, signed `SIGNATURE`;
 streamed as thinking_delta + signature_delta).
 """
@@ -75,6 +76,8 @@ class FakeAnthropic(FakeHTTPServer):
         return self.url + "/v1"
 
     def handle(self, req: FakeRequest) -> Any:
+        if req.path == "/v1/messages/count_tokens" and req.method == "POST":
+            return self._count_tokens(req)
         if req.path != "/v1/messages" or req.method != "POST":
             return error(404, "not_found_error", f"Not found: {req.method} {req.path}")
         if req.headers.get("x-api-key") != self.api_key:
@@ -110,6 +113,17 @@ class FakeAnthropic(FakeHTTPServer):
         if body.get("stream") is True:
             return self._stream(plan, model)
         return Reply(200, self._message(plan))
+
+    def _count_tokens(self, req: FakeRequest) -> Reply:
+        """`{"input_tokens": words + 7}` (the prompt_tokens of an answer), + 1 per tool."""
+        if req.headers.get("x-api-key") != self.api_key:
+            return error(401, "authentication_error", "invalid x-api-key")
+        body = req.json
+        if not isinstance(body, dict) or "max_tokens" in body or not isinstance(body.get("messages"), list):
+            return error(400, "invalid_request_error", "count_tokens takes model, messages, system, tools")
+        if "fail-500" in str(body.get("model")):
+            return error(500, "api_error", "Internal server error")
+        return Reply(200, {"input_tokens": prompt_tokens(body) + len(body.get("tools") or [])})
 
     @staticmethod
     def _invalid(body: Any) -> str | None:

@@ -105,3 +105,13 @@ def test_native_stream_cut_short_is_unavailable(provider):
 def test_native_errors_map_onto_the_taxonomy(provider, model, error):
     with pytest.raises(error):
         provider.messages(body(), model)
+
+
+def test_count_tokens_is_anthropics_own_count(provider, fake_anthropic):
+    """count_tokens sends only the fields Anthropic's endpoint takes and returns its figure."""
+    assert provider.count_tokens(body(thinking={"type": "enabled", "budget_tokens": 1024}, metadata={}),
+                                 "claude-test") == PROMPT
+    [request] = [r for r in fake_anthropic.requests() if r["path"] == "/v1/messages/count_tokens"]
+    assert set(request["body"]) == {"model", "system", "messages", "thinking"}
+    with pytest.raises(ProviderUnavailable):
+        provider.count_tokens(body(), "claude-fail-500")

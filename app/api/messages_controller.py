@@ -12,6 +12,7 @@ these routes encodes the gateway's one error hierarchy with `anthropic_envelope`
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Iterator
 
 from flask import Response, g, request
@@ -30,6 +31,7 @@ from app.utils.streaming import FinalChunk
 from app.utils.token_counter import count_messages, count_text
 
 ENDPOINT = "messages"
+log = logging.getLogger("gateway.messages")
 
 
 def api_key() -> Any:
@@ -128,8 +130,9 @@ def _translated_events(run: CompletionRun, pieces: Pieces) -> Iterator[bytes]:
 
 
 def count_tokens() -> Response:
-    """`{"input_tokens": N}`: the prompt (system, messages, tools) counted with the model's
-    tokenizer, as the gateway counts it for admission. No provider is called, nothing is billed."""
+    """`{"input_tokens": N}`: Anthropic's own count for a model served by Anthropic, else the
+    prompt (system, messages, tools) counted with the model's tokenizer, as the gateway counts it
+    for admission. Nothing is billed."""
     rt = runtime()
     key = api_key()
     new_request_id()
@@ -143,10 +146,29 @@ def count_tokens() -> Response:
     if not key.may_use(alias):
         raise PermissionDenied(f"This API key may not use the model '{alias}'.", param="model",
                                code="model_not_allowed")
-    tokens = count_messages(chat_messages(body), entry.tokenizer)
-    if body.get("tools"):
-        tokens += count_text(json.dumps(chat_tools(body["tools"]), ensure_ascii=False), entry.tokenizer)
-    return json_response({"input_tokens": tokens})
+    counted = _upstream_count(rt, entry, body)
+    if counted is None:
+        counted = count_messages(chat_messages(body), entry.tokenizer)
+        if body.get("tools"):
+            counted += count_text(json.dumps(chat_tools(body["tools"]), ensure_ascii=False), entry.tokenizer)
+    return json_response({"input_tokens": counted})
+
+
+def _upstream_count(rt: Any, entry: Any, body: dict[str, Any]) -> int | None:
+    """Anthropic's own count when the model's first configured deployment is an Anthropic one
+    (its tokenizer is not ours); None otherwise or when that call fails (we count then)."""
+    for deployment in entry.deployments:
+        provider = rt.providers.provider(deployment.provider)
+        if provider.missing_configuration():
+            continue
+        if not callable(getattr(provider, "count_tokens", None)):
+            return None
+        try:
+            return provider.count_tokens(body, deployment.model, request.headers.get("anthropic-beta"))
+        except ProviderError as exc:
+            log.warning("count_tokens of %s failed (%s): counted by the gateway", deployment.provider, exc.kind)
+            return None
+    return None
 
 
 def request_id_header(resp: Response) -> Response:

@@ -36,6 +36,8 @@ from app.providers.native_http import (ChunkFactory, NativeHTTPProvider, StreamT
 from app.providers.openai_compatible import transport_error
 
 API_VERSION = "2023-06-01"
+# The fields of a Messages request that Anthropic's count_tokens endpoint takes.
+COUNTED_FIELDS = ("messages", "system", "tools", "tool_choice", "thinking", "mcp_servers")
 FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
           "refusal": "content_filter", "pause_turn": "stop", "model_context_window_exceeded": "length"}
 ERROR_STATUS = {"invalid_request_error": 400, "authentication_error": 401, "billing_error": 402,
@@ -311,6 +313,20 @@ class AnthropicProvider(NativeHTTPProvider):
     def messages_stream(self, body: dict[str, Any], model: str, beta: str | None = None) -> Iterator[StreamPiece]:
         """The streamed `POST /messages`: Anthropic's events, one piece each (`NativeMessageStream`)."""
         return self.stream_from(self._post_native(body, model, True, beta), sse_batches, NativeMessageStream())
+
+    def count_tokens(self, body: dict[str, Any], model: str, beta: str | None = None) -> int:
+        """`POST /messages/count_tokens`: Anthropic's own count of a Messages request's input."""
+        self.require_configured()
+        fields = {k: v for k, v in body.items() if k in COUNTED_FIELDS}
+        headers = self.headers(False)
+        if beta:
+            headers["anthropic-beta"] = beta
+        resp = self.post("/messages/count_tokens", json.dumps({**fields, "model": model}).encode(), headers)
+        with self.translating():
+            count = self.read_json(resp)["input_tokens"]
+            if not isinstance(count, int):
+                raise ValueError("input_tokens is not an integer")
+        return count
 
     def _post_native(self, body: dict[str, Any], model: str, stream: bool, beta: str | None):
         self.require_configured()
