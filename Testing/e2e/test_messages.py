@@ -170,6 +170,26 @@ def test_fallback_between_native_and_translated_deployments(client, pg_engine, a
             answered_by, PROMPT, PIECES[answered_by])
 
 
+def test_images_and_sampling_fields_reach_a_translated_upstream(client, fake_upstream):
+    """Base64 and url image blocks arrive as image_url parts; stop_sequences, top_p, top_k,
+    metadata.user_id and tool_choice any as their chat-completions fields (top_p and top_k
+    through extra_body: this SDK version has no parameters for them)."""
+    content = [{"type": "text", "text": "what is this?"},
+               {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},
+               {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.jpg"}}]
+    client.messages.create(model="openai", max_tokens=100, messages=[{"role": "user", "content": content}],
+                           stop_sequences=["END"], metadata={"user_id": "u-7"}, extra_body={"top_p": 0.5, "top_k": 20},
+                           tools=[WEATHER], tool_choice={"type": "any"})
+    sent = fake_upstream.chat_requests()[-1]["body"]
+    assert sent["messages"] == [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}}]}]
+    assert (sent["stop"], sent["top_p"], sent["top_k"], sent["user"], sent["tool_choice"]) == (
+        ["END"], 0.5, 20, "u-7", "required")
+    assert sent["model"] == "gpt-4o-mini" and sent["max_tokens"] == 100
+
+
 def test_translated_stream_event_sequence(client):
     """A translated stream (OpenAI upstream) is Anthropic's exact sequence: message_start, one
     text block (start, deltas, stop), message_delta, message_stop; message_start's input count
