@@ -190,6 +190,13 @@ def test_images_and_sampling_fields_reach_a_translated_upstream(client, fake_ups
     assert sent["model"] == "gpt-4o-mini" and sent["max_tokens"] == 100
 
 
+def test_max_tokens_above_the_models_cap_is_capped_for_a_translated_upstream(client, fake_upstream):
+    """Anthropic clients ask for large caps (Claude Code: 32000); a translated upstream gets at
+    most the model's max_output_tokens (1000 here) instead of refusing the request."""
+    client.messages.create(model="openai", max_tokens=32000, messages=MESSAGES)
+    assert fake_upstream.chat_requests()[-1]["body"]["max_tokens"] == 1000
+
+
 def test_translated_stream_event_sequence(client):
     """A translated stream (OpenAI upstream) is Anthropic's exact sequence: message_start, one
     text block (start, deltas, stop), message_delta, message_stop; message_start's input count

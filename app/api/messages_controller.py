@@ -64,7 +64,9 @@ def messages() -> Response:
         if native["last"]:
             send = provider.messages_stream if stream else provider.messages
             return send(body, deployment.model, beta)
-        request_body = {**canonical, "model": deployment.model}
+        request_body = {**canonical, "model": deployment.model,
+                        # Anthropic clients ask for large caps (Claude Code: 32000): at most the model's.
+                        "max_tokens": min(canonical["max_tokens"], run.trace.entry.max_output_tokens)}
         return provider.stream(request_body) if stream else provider.complete(request_body)
 
     with run:
