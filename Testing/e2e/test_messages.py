@@ -276,6 +276,23 @@ def test_native_stream_passes_thinking_and_cache_usage_on(client, pg_engine):
         True, PROMPT + fa.CACHE_CREATION + fa.CACHE_READ, fa.CACHE_READ, fa.CACHE_CREATION)
 
 
+def test_anthropic_only_content_goes_natively_and_is_a_400_elsewhere(client, fake_anthropic):  # noqa: F811
+    """A document block and a server tool reach an Anthropic upstream as sent; for a model
+    served only by other providers they are a 400 naming the field (BadRequestError)."""
+    content = [{"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "a doc"}},
+               {"type": "text", "text": "summarise it"}]
+    server_tool = {"type": "web_search_20250305", "name": "web_search", "max_uses": 2}
+    message = client.messages.create(model="anthropic", max_tokens=100, tools=[server_tool],
+                                     messages=[{"role": "user", "content": content}])
+    assert message.type == "message"
+    sent = [r for r in fake_anthropic.requests() if r["path"] == "/v1/messages"][-1]["body"]
+    assert sent["messages"][0]["content"] == content and sent["tools"] == [server_tool]
+    with pytest.raises(anthropic.BadRequestError) as exc:
+        client.messages.create(model="openai", max_tokens=100, messages=[{"role": "user", "content": content}])
+    assert "messages.0.content.0" in exc.value.body["error"]["message"]
+    assert "only be sent to Anthropic models" in exc.value.body["error"]["message"]
+
+
 def test_count_tokens(client):
     """count_tokens: the prompt as the gateway counts it (o200k_base, OpenAI's message framing:
     3 + (3 + 'system' 1 + 'be brief' 2) + (3 + 'user' 1 + 'hello gateway' 2) = 15)."""

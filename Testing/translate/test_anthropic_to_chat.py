@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from app.errors import InvalidRequest
-from app.translate.anthropic_to_chat import to_chat_request
+from app.translate.anthropic_to_chat import AnthropicOnly, to_chat_request
 
 WEATHER = {"name": "get_weather", "description": "Weather in a city",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}
@@ -128,3 +128,19 @@ def test_untranslatable_requests_are_400_naming_the_field(fields, param):
     with pytest.raises(InvalidRequest) as exc:
         to_chat_request(req(**fields))
     assert exc.value.status == 400 and exc.value.param == param
+
+
+def test_anthropic_only_content_is_collected_when_asked():
+    """With a `skipped` list, documents and server tools are left out of the chat request and
+    collected (the request can still go natively to Anthropic); malformed input still raises."""
+    skipped: list = []
+    chat = to_chat_request(req(messages=[{"role": "user", "content": [
+        {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "doc"}},
+        {"type": "text", "text": "summarise"}]}],
+        tools=[{"type": "web_search_20250305", "name": "web_search"}, WEATHER]), skipped)
+    assert chat["messages"] == [{"role": "user", "content": "summarise"}]
+    assert [t["function"]["name"] for t in chat["tools"]] == ["get_weather"]
+    assert [e.param for e in skipped] == ["messages.0.content.0", "tools.0"]
+    assert all(isinstance(e, AnthropicOnly) and e.status == 400 for e in skipped)
+    with pytest.raises(InvalidRequest):
+        to_chat_request(req(messages=[{"role": "robot", "content": "x"}]), [])

@@ -21,11 +21,11 @@ from app.api.auth import authenticate, bearer_token
 from app.api.common import JSON, json_response, new_request_id, read_json_object
 from app.api.schemas import COUNT_TOKENS_SCHEMA, MESSAGES_SCHEMA
 from app.errors import AuthenticationFailed, ModelNotFound, PermissionDenied, anthropic_envelope, from_provider_error
-from app.providers.base import Completion, Provider, ProviderError
+from app.providers.base import Completion, Provider, ProviderBadRequest, ProviderError
 from app.providers.catalog import Deployment
 from app.runtime import runtime
 from app.services.completion import CompletionRun, Pieces
-from app.translate.anthropic_to_chat import chat_messages, chat_tools, to_chat_request
+from app.translate.anthropic_to_chat import AnthropicOnly, chat_messages, chat_tools, to_chat_request
 from app.translate.chat_to_anthropic import PING, MessageStreamEncoder, error_event, to_message
 from app.utils.streaming import FinalChunk
 from app.utils.token_counter import count_messages, count_text
@@ -53,7 +53,10 @@ def messages() -> Response:
     key = api_key()
     body = read_json_object()
     MESSAGES_SCHEMA.load(body)  # validates; fields not modelled stay in `body` for the native call
-    canonical = to_chat_request(body)
+    anthropic_only: list[AnthropicOnly] = []  # documents, server tools: for Anthropic deployments only
+    canonical = to_chat_request(body, anthropic_only)
+    if anthropic_only and not _may_be_native(rt, body["model"]):
+        raise anthropic_only[0]
     run = CompletionRun.begin(rt, key, canonical, ENDPOINT, request_id=new_request_id(),
                               body_bytes=request.content_length)
     beta = request.headers.get("anthropic-beta")
@@ -64,6 +67,8 @@ def messages() -> Response:
         if native["last"]:
             send = provider.messages_stream if stream else provider.messages
             return send(body, deployment.model, beta)
+        if anthropic_only:  # a deployment of another kind in an alias that also has Anthropic ones
+            raise ProviderBadRequest(anthropic_only[0].message)
         request_body = {**canonical, "model": deployment.model,
                         # Anthropic clients ask for large caps (Claude Code: 32000): at most the model's.
                         "max_tokens": min(canonical["max_tokens"], run.trace.entry.max_output_tokens)}
@@ -81,6 +86,12 @@ def messages() -> Response:
             chat = result.body if result.body is not None else json.loads(result.json_bytes())
             answer = json.dumps(to_message(chat, result.usage), separators=(",", ":")).encode()
         return run.respond(Response(answer, mimetype=JSON))
+
+
+def _may_be_native(rt: Any, alias: str) -> bool:
+    """Whether a deployment of `alias` may pass the request natively (a category alias: maybe)."""
+    entry = rt.providers.catalog.get(alias)
+    return entry is None or any(is_native(rt.providers.provider(d.provider)) for d in entry.deployments)
 
 
 def _error_body(exc: ProviderError) -> dict[str, Any]:

@@ -1,8 +1,11 @@
 """An Anthropic Messages request (`POST /v1/messages`) as the canonical chat-completions request.
 
-Pure: no Flask, no I/O. What cannot be expressed in chat completions (server tools, documents)
-is a 400 naming the field; what has no meaning there is dropped (`thinking` blocks of earlier
-assistant turns, `cache_control` marks: the native passthrough to Anthropic keeps them).
+Pure: no Flask, no I/O. Malformed input is a 400 naming the field. What only Anthropic can take
+(server tools, documents, server tool blocks of earlier turns) is `AnthropicOnly`: raised, or,
+given a `skipped` list, left out of the chat request and collected there, so that the same
+request can still be admitted and passed natively to an Anthropic deployment. What has no
+meaning in chat completions is dropped (`thinking` blocks of earlier assistant turns,
+`cache_control` marks: the native passthrough keeps them).
 """
 from __future__ import annotations
 
@@ -16,8 +19,19 @@ TOOL_CHOICE = {"auto": "auto", "any": "required", "none": "none"}
 DROPPED_BLOCKS = ("thinking", "redacted_thinking")
 
 
+class AnthropicOnly(InvalidRequest):
+    """Content that only an Anthropic upstream can take (a 400 for any other)."""
+
+
 def _bad(message: str, param: str) -> InvalidRequest:
     return InvalidRequest(f"{param}: {message}", param=param)
+
+
+def _anthropic_only(what: str, param: str, skipped: list[AnthropicOnly] | None) -> None:
+    err = AnthropicOnly(f"{param}: {what} can only be sent to Anthropic models", param=param)
+    if skipped is None:
+        raise err
+    skipped.append(err)
 
 
 def _text_of(content: Any, param: str) -> str:
@@ -49,7 +63,7 @@ def _image_part(block: dict[str, Any], param: str) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
-def _tool_result(block: dict[str, Any], param: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _tool_result(block: dict[str, Any], param: str, skipped: list[AnthropicOnly] | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A tool_result block as a `tool` message, and the images it held (sent after it as a user turn)."""
     if not isinstance(block.get("tool_use_id"), str):
         raise _bad("a tool_result block needs a string tool_use_id", param)
@@ -64,7 +78,7 @@ def _tool_result(block: dict[str, Any], param: str) -> tuple[dict[str, Any], lis
             elif kind == "image":
                 images.append(_image_part(part, f"{param}.content.{i}"))
             else:
-                raise _bad("tool_result content may hold text and image blocks", f"{param}.content.{i}")
+                _anthropic_only(f"tool_result content blocks of type {kind!r}", f"{param}.content.{i}", skipped)
         content = "".join(texts)
     elif content is None:
         content = ""
@@ -81,7 +95,7 @@ def _block_text(block: dict[str, Any], where: str) -> str:
     return block["text"]
 
 
-def _user_turn(content: Any, param: str) -> list[dict[str, Any]]:
+def _user_turn(content: Any, param: str, skipped: list[AnthropicOnly] | None) -> list[dict[str, Any]]:
     """One Anthropic user turn: its tool results first (as `tool` messages), then the rest."""
     if isinstance(content, str):
         return [{"role": "user", "content": content}]
@@ -95,20 +109,20 @@ def _user_turn(content: Any, param: str) -> list[dict[str, Any]]:
         elif kind == "image":
             parts.append(_image_part(block, where))
         elif kind == "tool_result":
-            message, images = _tool_result(block, where)
+            message, images = _tool_result(block, where, skipped)
             out.append(message)
             parts.extend(images)
         elif kind in DROPPED_BLOCKS:
             continue
         else:
-            raise _bad(f"content blocks of type {kind!r} can only be sent to Anthropic models", where)
+            _anthropic_only(f"content blocks of type {kind!r}", where, skipped)
     if parts:
         only_text = all(p["type"] == "text" for p in parts)
         out.append({"role": "user", "content": "".join(p["text"] for p in parts) if only_text else parts})
     return out
 
 
-def _assistant_turn(content: Any, param: str) -> dict[str, Any]:
+def _assistant_turn(content: Any, param: str, skipped: list[AnthropicOnly] | None) -> dict[str, Any]:
     if isinstance(content, str):
         return {"role": "assistant", "content": content}
     texts: list[str] = []
@@ -126,14 +140,14 @@ def _assistant_turn(content: Any, param: str) -> dict[str, Any]:
         elif kind in DROPPED_BLOCKS:
             continue
         else:
-            raise _bad(f"assistant blocks of type {kind!r} can only be sent to Anthropic models", where)
+            _anthropic_only(f"assistant blocks of type {kind!r}", where, skipped)
     message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not calls else None}
     if calls:
         message["tool_calls"] = calls
     return message
 
 
-def chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+def chat_messages(body: dict[str, Any], skipped: list[AnthropicOnly] | None = None) -> list[dict[str, Any]]:
     """`system` + `messages` as chat-completions messages."""
     messages: list[dict[str, Any]] = []
     system = body.get("system")
@@ -154,15 +168,15 @@ def chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
             raise _bad("content must be a string or a list of content blocks", f"{param}.content")
         role = turn.get("role")
         if role == "user":
-            messages.extend(_user_turn(content, f"{param}.content"))
+            messages.extend(_user_turn(content, f"{param}.content", skipped))
         elif role == "assistant":
-            messages.append(_assistant_turn(content, f"{param}.content"))
+            messages.append(_assistant_turn(content, f"{param}.content", skipped))
         else:
             raise _bad("role must be 'user' or 'assistant'", f"{param}.role")
     return messages
 
 
-def chat_tools(tools: Any) -> list[dict[str, Any]]:
+def chat_tools(tools: Any, skipped: list[AnthropicOnly] | None = None) -> list[dict[str, Any]]:
     if not isinstance(tools, list):
         raise _bad("must be a list of tools", "tools")
     out = []
@@ -170,7 +184,8 @@ def chat_tools(tools: Any) -> list[dict[str, Any]]:
         if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
             raise _bad("each tool needs a name", f"tools.{i}")
         if tool.get("type") not in (None, "custom") or "input_schema" not in tool:
-            raise _bad(f"server tools ({tool.get('type')}) can only be sent to Anthropic models", f"tools.{i}")
+            _anthropic_only(f"server tools ({tool.get('type')})", f"tools.{i}", skipped)
+            continue
         function: dict[str, Any] = {"name": tool["name"], "parameters": tool["input_schema"]}
         if isinstance(tool.get("description"), str):
             function["description"] = tool["description"]
@@ -192,9 +207,10 @@ def chat_tool_choice(choice: Any) -> tuple[Any, bool | None]:
     return value, parallel
 
 
-def to_chat_request(body: dict[str, Any]) -> dict[str, Any]:
-    """The chat-completions request for a (schema-validated) Messages request."""
-    chat: dict[str, Any] = {"model": body["model"], "messages": chat_messages(body),
+def to_chat_request(body: dict[str, Any], skipped: list[AnthropicOnly] | None = None) -> dict[str, Any]:
+    """The chat-completions request for a (schema-validated) Messages request. With `skipped`,
+    what only Anthropic can take is left out and collected there instead of raised."""
+    chat: dict[str, Any] = {"model": body["model"], "messages": chat_messages(body, skipped),
                             "max_tokens": body["max_tokens"]}
     for name in ("temperature", "top_p", "top_k"):
         if body.get(name) is not None:
@@ -202,7 +218,7 @@ def to_chat_request(body: dict[str, Any]) -> dict[str, Any]:
     if body.get("stop_sequences"):
         chat["stop"] = list(body["stop_sequences"])
     if body.get("tools"):
-        chat["tools"] = chat_tools(body["tools"])
+        chat["tools"] = chat_tools(body["tools"], skipped)
     if body.get("tool_choice") is not None:
         choice, parallel = chat_tool_choice(body["tool_choice"])
         if chat.get("tools"):  # OpenAI refuses a tool_choice without tools
