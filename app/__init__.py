@@ -59,6 +59,7 @@ def _request_id_header(resp: Response) -> Response:
     rid = g.get("request_id")
     if rid:
         resp.headers["X-Request-ID"] = rid
+        resp.headers["request-id"] = rid  # the name Anthropic's SDKs read (`message._request_id`)
     return resp
 
 

@@ -15,7 +15,7 @@ import json
 import logging
 from typing import Any, Iterator
 
-from flask import Response, g, request
+from flask import Response, request
 
 from app.api.auth import authenticate, bearer_token
 from app.api.common import JSON, json_response, new_request_id, read_json_object
@@ -182,11 +182,3 @@ def _upstream_count(rt: Any, entry: Any, body: dict[str, Any]) -> int | None:
             log.warning("count_tokens of %s failed (%s): counted by the gateway", deployment.provider, exc.kind)
             return None
     return None
-
-
-def request_id_header(resp: Response) -> Response:
-    """Anthropic's SDKs read the request id from `request-id`."""
-    rid = g.get("request_id")
-    if rid:
-        resp.headers["request-id"] = rid
-    return resp

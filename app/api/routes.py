@@ -34,7 +34,6 @@ api.add_url_rule("/v1/providers/status", view_func=status_controller.providers_s
 # The Anthropic Messages API: its own blueprint, so that its errors leave in Anthropic's envelope.
 messages_api = Blueprint("anthropic", __name__)
 register_error_handlers(messages_api, anthropic_envelope)
-messages_api.after_request(messages_controller.request_id_header)
 messages_api.add_url_rule("/v1/messages", view_func=messages_controller.messages, methods=["POST"])
 messages_api.add_url_rule("/v1/messages/count_tokens", view_func=messages_controller.count_tokens,
                           methods=["POST"])
