@@ -271,7 +271,7 @@ def http_error(err: HTTPException) -> APIError:
     """Werkzeug's HTTP errors (unknown URL, wrong method, body too large) as APIErrors."""
     status = err.code or 500
     message = {
-        404: "Unknown URL. See the README for the gateway's endpoints.",
+        404: "Unknown URL. See docs/api.md for the gateway's endpoints.",
         405: "Method not allowed for this URL.",
         413: f"Request body too large (limit: {current_app.config.get('MAX_CONTENT_LENGTH')} bytes).",
     }.get(status, err.description or err.name)
