@@ -28,7 +28,7 @@ from app.services.completion import CompletionRun, Pieces
 from app.translate.anthropic_to_chat import AnthropicOnly, chat_messages, chat_tools, to_chat_request
 from app.translate.chat_to_anthropic import PING, MessageStreamEncoder, error_event, to_message
 from app.utils.streaming import FinalChunk
-from app.utils.token_counter import count_messages, count_text
+from app.utils.token_counter import count_prompt, count_text
 
 ENDPOINT = "messages"
 log = logging.getLogger("gateway.messages")
@@ -122,7 +122,7 @@ def _translated_events(run: CompletionRun, pieces: Pieces) -> Iterator[bytes]:
     (the upstream's own figure arrives with its last chunk and goes into `message_delta`)."""
     trace = run.trace
     if trace.prompt_estimate is None:
-        trace.prompt_estimate = count_messages(trace.request["messages"], trace.entry.tokenizer)
+        trace.prompt_estimate = count_prompt(trace.request, trace.entry.tokenizer)
     tokenizer = trace.entry.tokenizer
     encoder = MessageStreamEncoder(trace.request["model"], trace.prompt_estimate,
                                    count_output=lambda text: count_text(text, tokenizer))
@@ -161,9 +161,8 @@ def count_tokens() -> Response:
                                code="model_not_allowed")
     counted = _upstream_count(rt, entry, body)
     if counted is None:
-        counted = count_messages(chat_messages(body), entry.tokenizer)
-        if body.get("tools"):
-            counted += count_text(json.dumps(chat_tools(body["tools"]), ensure_ascii=False), entry.tokenizer)
+        chat = {"messages": chat_messages(body), "tools": chat_tools(body["tools"]) if body.get("tools") else None}
+        counted = count_prompt(chat, entry.tokenizer)
     return json_response({"input_tokens": counted})
 
 
