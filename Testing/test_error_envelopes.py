@@ -6,7 +6,7 @@ import pytest
 
 from app.errors import (APIError, AuthenticationFailed, InsufficientQuota, InvalidRequest, ModelNotFound,
                         PermissionDenied, RateLimited, ServiceUnavailable, UpstreamError, UpstreamTimeout,
-                        anthropic_envelope, openai_envelope)
+                        anthropic_envelope, envelope_for, openai_envelope)
 
 
 @pytest.mark.parametrize("err, status, kind", [
@@ -31,3 +31,10 @@ def test_openai_envelope_is_unchanged():
     err = ModelNotFound("which?", param="model")
     assert openai_envelope(err) == (404, {"error": {"message": "which?", "type": "invalid_request_error",
                                                     "param": "model", "code": "model_not_found"}})
+
+
+def test_envelope_by_path():
+    """Errors answered before routing (the request guard) take the envelope of the path's API."""
+    assert envelope_for("/v1/messages") is anthropic_envelope
+    assert envelope_for("/v1/messages/count_tokens") is anthropic_envelope
+    assert envelope_for("/v1/chat/completions") is openai_envelope

@@ -256,6 +256,16 @@ def anthropic_envelope(err: APIError) -> tuple[int, dict[str, Any]]:
     return status, {"type": "error", "error": {"type": ANTHROPIC_ERROR_TYPES[status], "message": err.message}}
 
 
+# The URL prefix of the Anthropic Messages API (its blueprint's): errors answered before Flask
+# routes a request (the WSGI request guard) use its envelope too.
+ANTHROPIC_PREFIX = "/v1/messages"
+
+
+def envelope_for(path: str) -> Envelope:
+    """The envelope of the API a URL path belongs to."""
+    return anthropic_envelope if path.startswith(ANTHROPIC_PREFIX) else openai_envelope
+
+
 def error_response(err: APIError, envelope: Envelope = openai_envelope) -> Response:
     status, body = envelope(err)
     resp = Response(json.dumps(body), status=status, mimetype="application/json")
