@@ -25,6 +25,7 @@ ROUTES = {
     ("GET", "/v1/uptime/<path:model_id>"),
     ("GET", "/v1/providers/status"),
     ("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens"),
+    ("POST", "/v1/admin/reload"),
 }
 # The query parameter each route reads (a NUL in it used to reach PostgreSQL), else any name.
 QUERY_PARAM = {"/v1/usage": "model", "/v1/api-keys": "tenant", "/v1/audit": "action"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 from flask import Blueprint
 
 from app.api import (audit_controller, chat_controller, health_controller, key_controller, messages_controller,
-                     models_controller, status_controller, tenant_controller, usage_controller)
+                     models_controller, reload_controller, status_controller, tenant_controller, usage_controller)
 from app.api.common import reject_unstorable_url_values
 from app.errors import ANTHROPIC_PREFIX, anthropic_envelope, register_error_handlers
 
@@ -32,6 +32,7 @@ api.add_url_rule("/v1/tenants/<tenant_ref>", view_func=tenant_controller.update_
 api.add_url_rule("/v1/audit", view_func=audit_controller.list_audit, methods=["GET"])
 api.add_url_rule("/v1/uptime/<path:model_id>", view_func=status_controller.uptime, methods=["GET"])
 api.add_url_rule("/v1/providers/status", view_func=status_controller.providers_status, methods=["GET"])
+api.add_url_rule("/v1/admin/reload", view_func=reload_controller.reload_models, methods=["POST"])
 
 # The Anthropic Messages API: its own blueprint, so that its errors leave in Anthropic's envelope.
 messages_api = Blueprint("anthropic", __name__, url_prefix=ANTHROPIC_PREFIX)
