@@ -29,7 +29,7 @@ def test_every_operation_names_its_auth_and_errors(client):
     """Operations say who may call them and answer their errors with the one envelope."""
     document = _described(client)
     assert document["openapi"] == "3.1.0"
-    assert set(document["components"]["securitySchemes"]) == {"bearerKey", "systemSecret"}
+    assert set(document["components"]["securitySchemes"]) == {"bearerKey", "systemSecret", "anthropicKey"}
     for path, ops in document["paths"].items():
         for method, op in ops.items():
             assert "security" in op, (path, method)
@@ -40,7 +40,8 @@ def test_every_operation_names_its_auth_and_errors(client):
             for status, response in errors.items():
                 if path == "/health" and status == "503":
                     continue
-                assert response["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+                envelope = "AnthropicError" if path.startswith("/v1/messages") else "Error"
+                assert response["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{envelope}"}
 
 
 def test_request_bodies_come_from_the_marshmallow_schemas(client):

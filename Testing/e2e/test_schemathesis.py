@@ -10,6 +10,7 @@ import os
 
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
@@ -55,6 +56,8 @@ def test_generated_requests_get_no_5xx_and_match_the_description(gateway, clean_
                 seen[response.status_code] = seen.get(response.status_code, 0) + 1
             try:
                 run()
+            except Unsatisfiable:
+                continue  # no invalid input exists (a free string in the path): nothing to send
             except Exception as exc:  # one report per operation and mode, all collected
                 failures.append(f"{op.label} [{mode.value}]: {exc}"[:3000])
     assert not failures, "\n\n".join(failures)

@@ -53,6 +53,18 @@ TENANT_REF = {"name": "tenant_ref", "in": "path", "required": True, "schema": {"
 MODEL_ID = {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"},
             "description": "A model alias (it may contain '/')"}
 # Who may call: the names of `components.securitySchemes`.
+ANTHROPIC_ERROR = {
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {"type": {"const": "error"}, "error": {
+        "type": "object", "required": ["type", "message"],
+        "properties": {"type": {"type": "string"}, "message": {"type": "string"}}}},
+}
+HTML = {"text/html": {"type": "string"}}
+ANY_FILE = {"*/*": {"type": "string"}}
+REDIRECTS = (301, 302, 308)
+PAGE = {"name": "page", "in": "path", "required": True, "schema": {"type": "string"}}
+FILENAME = {"name": "filename", "in": "path", "required": True, "schema": {"type": "string"}}
 AUTH = {"none": [], "key": [{"bearerKey": []}], "admin": [{"systemSecret": []}, {"bearerKey": []}],
         "operator": [{"systemSecret": []}], "any": [{"systemSecret": []}, {"bearerKey": []}]}
 
@@ -70,6 +82,9 @@ class Operation:
     query: type[Schema] | None = None
     params: tuple[dict[str, Any], ...] = ()
     errors: tuple[int, ...] = ()
+    error_schema: str = "Error"          # the envelope of this API's errors (components.schemas)
+    extra: tuple[int, ...] = ()          # other non-error answers (redirects of the console)
+    security: list[dict[str, list]] | None = None   # instead of AUTH[auth]
 
 
 CHAT_RESPONSE = {"application/json": OBJECT,
@@ -115,6 +130,23 @@ OPERATIONS: tuple[Operation, ...] = (
               errors=(401, 403)),
     Operation("/v1/admin/reload", "post", "Reload data/models.json in every worker of every replica", "operator",
               errors=ADMIN_ERRORS),
+    Operation("/v1/requests", "get", "The latest requests the caller may see, newest first", "any",
+              query=schemas.RequestsQuerySchema, response={"application/json": LIST}, errors=KEY_ERRORS),
+    Operation("/v1/key", "get", "The calling key: its limits, budget and what is left", "key", errors=(401, 403)),
+    Operation("/v1/messages", "post", "Create a message (Anthropic Messages wire format)", "key",
+              response={"application/json": OBJECT, "text/event-stream": {"type": "string"}},
+              body=schemas.MessagesSchema, errors=KEY_ERRORS + (502, 504), error_schema="AnthropicError",
+              security=[{"anthropicKey": []}, {"bearerKey": []}]),
+    Operation("/v1/messages/count_tokens", "post", "Count the input tokens of a Messages request", "key",
+              body=schemas.CountTokensSchema, errors=KEY_ERRORS + (502, 504), error_schema="AnthropicError",
+              security=[{"anthropicKey": []}, {"bearerKey": []}]),
+    # The web console (app/api/console_controller.py): a page shell and its assets; the
+    # pages call the API above with the user's key.
+    *(Operation(path, "get", "The web console (HTML)", "none", response=HTML, extra=REDIRECTS,
+                params=(PAGE,) if "{page}" in path else ()) for path in ("/", "/ui", "/ui/", "/ui/{page}",
+                                                                          "/playground", "/console", "/dashboard")),
+    Operation("/ui/assets/{filename}", "get", "A file of the web console", "none", response=ANY_FILE,
+              params=(FILENAME,), errors=(404,)),
 )
 
 
@@ -122,16 +154,19 @@ def _operation(op: Operation) -> dict[str, Any]:
     responses: dict[str, Any] = {str(op.status): {
         "description": op.summary, "content": {mt: {"schema": s} for mt, s in op.response.items()}}}
     authenticated = {401} if op.auth != "none" else set()
+    for status in op.extra:
+        responses[str(status)] = {"description": "Redirect to the console's page"}
     for status in sorted({*op.errors, *COMMON_ERRORS} | authenticated):
         if op.auth == "none" and status in (401, 403):
             continue
         responses[str(status)] = {"description": ERROR_TEXT[status], "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+            "application/json": {"schema": {"$ref": f"#/components/schemas/{op.error_schema}"}}}}
     if op.path == "/health":
         responses["503"] = {"description": "A dependency is down (the body says which)",
                             "content": {"application/json": {"schema": OBJECT}}}
-    spec: dict[str, Any] = {"summary": op.summary, "security": AUTH[op.auth], "responses": responses,
-                            "operationId": f"{op.method}_{re.sub(r'[^a-z0-9]+', '_', op.path.lower()).strip('_')}"}
+    security = op.security if op.security is not None else AUTH[op.auth]
+    spec: dict[str, Any] = {"summary": op.summary, "security": security, "responses": responses,
+                            "operationId": f"{op.method}{re.sub(r'[^a-z0-9]', '_', op.path.lower())}"}
     params: list[dict[str, Any]] = list(op.params)
     if op.query is not None:
         params.append({"in": "query", "schema": op.query})
@@ -150,6 +185,9 @@ def build_spec() -> dict[str, Any]:
                    info={"description": "OpenAI-compatible, multi-tenant LLM gateway. Every error answer "
                                         "is the OpenAI error envelope (components.schemas.Error)."})
     spec.components.schema("Error", ERROR_ENVELOPE)
+    spec.components.schema("AnthropicError", ANTHROPIC_ERROR)
+    spec.components.security_scheme("anthropicKey", {"type": "apiKey", "in": "header", "name": "x-api-key",
+                                                      "description": "A gateway API key, Anthropic's header"})
     spec.components.security_scheme("bearerKey", {"type": "http", "scheme": "bearer",
                                                    "description": "A gateway API key (sk-gw-...)"})
     spec.components.security_scheme("systemSecret", {"type": "apiKey", "in": "header", "name": "X-System-Secret",
