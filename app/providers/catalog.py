@@ -20,14 +20,28 @@ class CatalogError(ValueError):
     """models.json is unreadable or invalid; the message names the entry."""
 
 
+# What a model does, and so which endpoint may call it (`kind` in models.json, default chat).
+MODEL_KINDS = ("chat", "embedding", "image")
+
+
 @dataclass(frozen=True)
 class Pricing:
     input_per_mtok: Decimal = Decimal(0)
     output_per_mtok: Decimal = Decimal(0)
+    per_image: Decimal = Decimal(0)                             # USD per generated image
+    per_image_by_size: tuple[tuple[str, Decimal], ...] = ()     # ("1024x1024", price) overrides
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
         """Exact cost in USD of a request (no float anywhere)."""
         return (self.input_per_mtok * prompt_tokens + self.output_per_mtok * completion_tokens) / MTOK
+
+    def image_price(self, size: str | None) -> Decimal:
+        """The price of one image of `size` ("1024x1024"): its own price if the model lists
+        one, else `per_image`."""
+        for listed, price in self.per_image_by_size:
+            if listed == size:
+                return price
+        return self.per_image
 
 
 @dataclass(frozen=True)
@@ -56,6 +70,7 @@ class ModelEntry:
     # Rank among the models of a category alias (small/big/auto): lower first. Defaults to the
     # best priority of the model's deployments.
     priority: int = 1
+    kind: str = "chat"  # chat | embedding | image: the endpoint that may call it
 
 
 @dataclass(frozen=True)
@@ -108,7 +123,7 @@ def _deployment(raw: Any, where: str, providers: dict[str, dict]) -> Deployment:
 
 
 _MODEL_KEYS = {"deployments", "context_window", "max_output_tokens", "pricing", "tokenizer",
-               "category", "owned_by", "fallbacks", "priority"}
+               "category", "owned_by", "fallbacks", "priority", "kind"}
 # Per-provider HTTP timeouts (seconds): connect, read (between two bytes, also the stream's idle
 # timeout; `timeout_s` is its older name) and total (the whole upstream call, stream included).
 TIMEOUT_KEYS = ("connect_timeout_s", "timeout_s", "read_timeout_s", "total_timeout_s")
@@ -126,15 +141,17 @@ def _model(alias: str, raw: Any, providers: dict[str, dict]) -> ModelEntry:
     pricing_raw = raw.get("pricing", {})
     if not isinstance(pricing_raw, dict):
         raise CatalogError(f"{where}.pricing: must be an object")
-    pricing = Pricing(
-        input_per_mtok=_decimal(pricing_raw.get("input_per_mtok", "0"), f"{where}.pricing.input_per_mtok"),
-        output_per_mtok=_decimal(pricing_raw.get("output_per_mtok", "0"), f"{where}.pricing.output_per_mtok"),
-    )
+    pricing = _pricing(pricing_raw, f"{where}.pricing")
+    kind = raw.get("kind", "chat")
+    if kind not in MODEL_KINDS:
+        raise CatalogError(f"{where}.kind: must be one of {', '.join(MODEL_KINDS)}, got {kind!r}")
     tokenizer = raw.get("tokenizer", "o200k_base")
     if tokenizer not in KNOWN_TOKENIZERS:
         raise CatalogError(f"{where}.tokenizer: {tokenizer!r} is not shipped in data/tokenizers "
                            f"({', '.join(sorted(KNOWN_TOKENIZERS))})")
     category = raw.get("category")
+    if category is not None and kind != "chat":
+        raise CatalogError(f"{where}.category: only chat models belong to a category (this one is {kind!r})")
     if category is not None and category not in ("small", "big"):
         raise CatalogError(f"{where}.category: must be \"small\" or \"big\", got {category!r}")
     fallbacks = raw.get("fallbacks", [])
@@ -147,7 +164,20 @@ def _model(alias: str, raw: Any, providers: dict[str, dict]) -> ModelEntry:
         alias=alias, deployments=deployments, context_window=context_window or 0,
         max_output_tokens=max_output or 0, pricing=pricing, tokenizer=tokenizer,
         category=category, owned_by=raw.get("owned_by"), fallbacks=tuple(fallbacks),
-        extra={k: v for k, v in raw.items() if k not in _MODEL_KEYS}, priority=priority or 1,
+        extra={k: v for k, v in raw.items() if k not in _MODEL_KEYS}, priority=priority or 1, kind=kind,
+    )
+
+
+def _pricing(raw: dict[str, Any], where: str) -> Pricing:
+    by_size = raw.get("per_image_by_size", {})
+    if not isinstance(by_size, dict) or not all(isinstance(k, str) for k in by_size):
+        raise CatalogError(f"{where}.per_image_by_size: must be an object of size (\"1024x1024\") -> price")
+    return Pricing(
+        input_per_mtok=_decimal(raw.get("input_per_mtok", "0"), f"{where}.input_per_mtok"),
+        output_per_mtok=_decimal(raw.get("output_per_mtok", "0"), f"{where}.output_per_mtok"),
+        per_image=_decimal(raw.get("per_image", "0"), f"{where}.per_image"),
+        per_image_by_size=tuple((size, _decimal(price, f"{where}.per_image_by_size.{size}"))
+                                for size, price in by_size.items()),
     )
 
 
@@ -173,6 +203,9 @@ def parse_catalog(data: Any, created: int = 0) -> Catalog:
         for fb in entry.fallbacks:
             if fb not in models:
                 raise CatalogError(f"models.{alias}.fallbacks: unknown alias {fb!r}")
+            if models[fb].kind != entry.kind:
+                raise CatalogError(f"models.{alias}.fallbacks: {fb!r} is a {models[fb].kind} model, "
+                                   f"{alias!r} a {entry.kind} model")
     return Catalog(providers=providers, models=models, created=created)
 
 

@@ -130,8 +130,8 @@ class Router:
         return name in CATEGORY_ALIASES and name not in self.catalog.models
 
     def category_models(self, name: str) -> list[ModelEntry]:
-        models = self.catalog.models.values()
-        return [m for m in models if name == "auto" or m.category == name]
+        models = self.catalog.models.values()  # embedding and image models answer no chat
+        return [m for m in models if m.kind == "chat" and (name == "auto" or m.category == name)]
 
     def models_for(self, name: str, size: RequestSize, may_use: Callable[[str], bool]) -> list[ModelEntry]:
         """The models to try for `name`, in order, each able to hold the request; raises
