@@ -3,16 +3,25 @@ from __future__ import annotations
 
 from flask import Blueprint
 
-from app.api import (audit_controller, chat_controller, health_controller, key_controller, models_controller,
-                     status_controller, tenant_controller, usage_controller)
+from app.api import (audit_controller, chat_controller, embeddings_controller, health_controller, images_controller,
+                     key_controller, models_controller, status_controller, tenant_controller, usage_controller)
 
 api = Blueprint("api", __name__)
 
 api.add_url_rule("/health", view_func=health_controller.health, methods=["GET"])
+api.add_url_rule("/ping", view_func=health_controller.ping, methods=["GET"])
 for prefix in ("/v1", ""):
     api.add_url_rule(f"{prefix}/chat/completions", endpoint=f"chat{prefix}",
                      view_func=chat_controller.chat_completions, methods=["POST"])
+    api.add_url_rule(f"{prefix}/embeddings", endpoint=f"embeddings{prefix}",
+                     view_func=embeddings_controller.embeddings, methods=["POST"])
+    api.add_url_rule(f"{prefix}/images/generations", endpoint=f"images{prefix}",
+                     view_func=images_controller.generate_images, methods=["POST"])
+    api.add_url_rule(f"{prefix}/models/<path:model_id>", endpoint=f"model{prefix}",
+                     view_func=models_controller.retrieve_model, methods=["GET"])
+api.add_url_rule("/image", endpoint="image", view_func=images_controller.generate_images, methods=["POST"])
 api.add_url_rule("/v1/models", view_func=models_controller.list_models, methods=["GET", "POST"])
+api.add_url_rule("/models", endpoint="models", view_func=models_controller.list_models, methods=["GET", "POST"])
 api.add_url_rule("/v1/usage", view_func=usage_controller.usage, methods=["GET", "POST"])
 api.add_url_rule("/v1/api-keys", view_func=key_controller.create_api_key, methods=["POST"])
 api.add_url_rule("/v1/api-keys", view_func=key_controller.list_api_keys, methods=["GET"])

@@ -61,6 +61,8 @@ class NativeHTTPProvider(Provider):
         base_url, self._missing_url = expand_env(str(settings.get("base_url") or self.default_base_url))
         self.base_url = base_url.rstrip("/")
         self.api_key_env: str | None = settings.get("api_key_env")
+        # models.json may say whether the key is needed (a provider with an anonymous tier).
+        self.key_required = bool(settings.get("key_required", type(self).key_required))
         self.timeouts = http_timeouts(settings, defaults)
         self.pool = self.new_pool(self.base_url if not self._missing_url else "http://unconfigured.invalid")
         self.static_headers = {"Content-Type": "application/json", "Accept": "application/json",

@@ -25,10 +25,11 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import replace
+from decimal import Decimal
 from inspect import GEN_CREATED, getgeneratorstate
 from typing import Any, Callable, Generator, Iterator, Optional
 
-from app.errors import APIError, ModelNotFound, PermissionDenied, api_error_for, limit_error
+from app.errors import APIError, InvalidRequest, ModelNotFound, PermissionDenied, api_error_for, limit_error
 from app.providers.base import (Completion, Provider, ProviderError, ProviderUnavailable, StreamPiece,
                                 not_configured)
 from app.providers.catalog import Deployment, ModelEntry
@@ -71,19 +72,35 @@ class CompletionRun:
     @classmethod
     def begin(cls, rt: Any, key: Any, body: dict[str, Any], endpoint: str = "chat.completions", *,
               request_id: str | None = None, body_bytes: int | None = None,
-              deployment: Deployment | None = None, hold_slot: bool = True) -> "CompletionRun":
+              deployment: Deployment | None = None, hold_slot: bool = True,
+              prompt_tokens: int | None = None, output_tokens: int | None = None,
+              flat_cost: Decimal | None = None) -> "CompletionRun":
         """Resolve `body["model"]`, check the key may use it and that the request fits a model,
         and reserve the key's limits. Raises APIError (nothing is held then).
 
         `endpoint` is written to the usage row. `body_bytes`: the request's size as received
         (bounds the prompt's tokens without counting them). `deployment` pins the run to one
         deployment of the alias (no router: uptime probes); `hold_slot=False` takes no
-        concurrency slot (the further probes of one probe round)."""
+        concurrency slot (the further probes of one probe round).
+
+        Requests that are not chat (embeddings, images) say what to reserve: `prompt_tokens`
+        (their input, counted by the caller; also billed when the provider reports no usage),
+        `output_tokens` (0: nothing is generated as text) and `flat_cost` (USD added to the
+        token price: images' per-image price; the caller may change `run.trace.flat_cost`
+        once it knows what was produced; billed only when the run ends ok). The model's
+        `kind` must be the endpoint's (embedding for "embeddings", image for "images", chat
+        for the others): else 400."""
         alias = body["model"]
         router = rt.router
-        if rt.providers.catalog.get(alias) is None and not router.is_category(alias):
+        entry = rt.providers.catalog.get(alias)
+        if entry is None and not router.is_category(alias):
             raise ModelNotFound(f"The model '{alias}' does not exist on this gateway. "
                                 "GET /v1/models lists the available models.", param="model")
+        wanted, kind = ENDPOINT_KINDS.get(endpoint, "chat"), entry.kind if entry is not None else "chat"
+        if kind != wanted:
+            raise InvalidRequest(f"The model '{alias}' is {_a(kind)} model; this endpoint ({endpoint}) serves "
+                                 f"{wanted} models only. GET /v1/models lists the models.",
+                                 param="model", code="model_not_supported")
         if not key.may_use(alias):
             raise PermissionDenied(f"This API key may not use the model '{alias}'.", param="model",
                                    code="model_not_allowed")
@@ -102,7 +119,8 @@ class CompletionRun:
         trace = CompletionTrace(request_id=request_id or "req_" + uuid.uuid4().hex, key=key,
                                 entry=models[0], deployment=deployment, request=body,
                                 streamed=bool(body.get("stream")), endpoint=endpoint)
-        trace.prompt_estimate = prompt
+        trace.prompt_estimate = prompt if prompt_tokens is None else prompt_tokens
+        trace.output_estimate, trace.flat_cost = output_tokens, flat_cost
         run = cls(rt, trace, models, deployment)
         run._admit(hold_slot)
         return run
@@ -126,13 +144,17 @@ class CompletionRun:
 
     def _estimate(self) -> tuple[int, int]:
         """(tokens, nano-dollars) to reserve: the prompt counted with tiktoken plus the output cap
-        (max_completion_tokens, max_tokens, else the model's max_output_tokens), priced."""
+        (max_completion_tokens, max_tokens, else the model's max_output_tokens), priced, plus the
+        flat cost (images)."""
         trace = self.trace
         body, entry = trace.request, trace.entry
         if trace.prompt_estimate is None:
             trace.prompt_estimate = count_messages(body.get("messages") or [], entry.tokenizer)
-        output = int(body.get("max_completion_tokens") or body.get("max_tokens") or entry.max_output_tokens)
-        return trace.prompt_estimate + output, to_nano(entry.pricing.cost(trace.prompt_estimate, output))
+        output = trace.output_estimate
+        if output is None:
+            output = int(body.get("max_completion_tokens") or body.get("max_tokens") or entry.max_output_tokens)
+        cost = entry.pricing.cost(trace.prompt_estimate, output) + (trace.flat_cost or 0)
+        return trace.prompt_estimate + output, to_nano(cost)
 
     # -- what the caller sees ------------------------------------------------------------------
 
@@ -355,6 +377,14 @@ class CompletionRun:
         if status != "ok":
             trace.status, trace.error_type = status, error_type
         settlement.settle(trace, record=self._attempted)
+
+
+# The model kind each endpoint calls (models.json `kind`); every other endpoint calls chat models.
+ENDPOINT_KINDS = {"embeddings": "embedding", "images": "image"}
+
+
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
 
 
 def _refusal(exc: Exception) -> APIError:
