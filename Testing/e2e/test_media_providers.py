@@ -14,10 +14,10 @@ from typing import Iterator
 import openai
 import pytest
 
-from Testing.conftest import app_config, wait_for_rows
+from Testing.conftest import gateway_process, wait_for_rows
 from Testing.fakes.fake_pollinations import image_for_seed
 from Testing.fakes.native import fake_gemini, fake_ollama, fake_pollinations, provider_settings  # noqa: F401
-from Testing.support import SYSTEM_SECRET, UPSTREAM_KEY, GatewayProcess, http_json
+from Testing.support import SYSTEM_SECRET, GatewayProcess, http_json
 
 pytestmark = pytest.mark.timeout(60)
 TEXTS = ["hello embedding world", "two words"]
@@ -47,12 +47,7 @@ def media_models_file(tmp_path_factory, fake_gemini, fake_ollama, fake_pollinati
 
 @pytest.fixture(scope="module")
 def media_gateway(pg_url, media_models_file, tmp_path_factory) -> Iterator[GatewayProcess]:
-    log = tmp_path_factory.mktemp("media-gateway") / "gunicorn.log"
-    env = {k: str(v) for k, v in app_config(pg_url, media_models_file, LOG_LEVEL="INFO").items()}
-    proc = GatewayProcess(env, workers=2, log_path=log).start()
-    yield proc
-    proc.stop()
-    assert UPSTREAM_KEY not in proc.log_text(), "an upstream key leaked into the gateway log"
+    yield from gateway_process(pg_url, media_models_file, tmp_path_factory.mktemp("media-gateway"))
 
 
 @pytest.fixture(scope="module")

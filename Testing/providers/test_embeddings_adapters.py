@@ -10,21 +10,11 @@ from Testing.support import UPSTREAM_KEY
 from app.providers.base import ProviderBadRequest, ProviderNotFound, ProviderRateLimited, ProviderUnavailable
 from app.providers.gemini import GeminiProvider
 from app.providers.ollama import OllamaProvider
-from app.providers.openai_compatible import OpenAICompatibleProvider
 from app.providers.simulator import SimulatorProvider
 from app.utils.vectors import from_base64
 
 pytestmark = pytest.mark.timeout(30)
 TEXTS = ["hello embedding world", "second input"]
-
-
-@pytest.fixture
-def openai_provider(fake_upstream):
-    fake_upstream.reset()
-    prov = OpenAICompatibleProvider("openai", {"type": "openai", "base_url": fake_upstream.base_url,
-                                               "api_key_env": "TEST_UPSTREAM_KEY", "timeout_s": 5}, {})
-    yield prov
-    prov.close()
 
 
 def test_openai_compatible_posts_the_request_as_it_is(openai_provider, fake_upstream):

@@ -12,20 +12,10 @@ from Testing.fakes.fake_pollinations import image_for_seed
 from Testing.fakes.native import provider_settings
 from Testing.support import UPSTREAM_KEY
 from app.providers.base import ProviderRateLimited, ProviderUnavailable
-from app.providers.openai_compatible import OpenAICompatibleProvider
 from app.providers.pollinations import PollinationsImageProvider
 from app.providers.simulator import SimulatorProvider
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-def openai_provider(fake_upstream):
-    fake_upstream.reset()
-    prov = OpenAICompatibleProvider("openai", {"type": "openai", "base_url": fake_upstream.base_url,
-                                               "api_key_env": "TEST_UPSTREAM_KEY", "timeout_s": 5}, {})
-    yield prov
-    prov.close()
 
 
 @pytest.fixture
