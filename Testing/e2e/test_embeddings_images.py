@@ -161,7 +161,8 @@ def test_admission_counts_the_input(gateway, clean_db):
     client = openai.OpenAI(api_key=small["key"], base_url=gateway.base_url + "/v1", max_retries=0)
     with pytest.raises(openai.BadRequestError) as err:
         client.embeddings.create(model="text-embedding-3-small", input="one two three four five six seven eight")
-    assert err.value.body["code"] == "request_too_large_for_limit"
+    assert err.value.body["code"] == "request_too_large_for_limit" and err.value.body["param"] == "input"
+    assert "This request reserves 8 tokens (the input)" in err.value.body["message"]
     assert client.embeddings.create(model="text-embedding-3-small", input="hi", encoding_format="float").data
 
 

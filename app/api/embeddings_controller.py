@@ -32,8 +32,14 @@ def embeddings() -> Response:
     check_token_ids(inputs, tokenizer)
     counted = input_tokens(inputs, tokenizer)
     canonical = {**body, "input": inputs}
-    run = CompletionRun.begin(rt, key, canonical, "embeddings", request_id=new_request_id(),
-                              body_bytes=request.content_length, prompt_tokens=counted, output_tokens=0)
+    try:
+        run = CompletionRun.begin(rt, key, canonical, "embeddings", request_id=new_request_id(),
+                                  body_bytes=request.content_length, prompt_tokens=counted, output_tokens=0)
+    except InvalidRequest as exc:
+        if exc.code == "request_too_large_for_limit":  # only the input is reserved: say so
+            exc.param, exc.message = "input", exc.message.replace("(prompt + max_tokens)", "(the input)") \
+                .replace("Lower max_tokens or the prompt.", "Send fewer or shorter inputs per request.")
+        raise
     with run:
         def invoke(provider: Provider, deployment: Deployment) -> Completion:
             return provider.embed(upstream_request(canonical, provider, deployment, run.trace.entry.tokenizer))
