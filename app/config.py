@@ -109,6 +109,10 @@ class Settings:
     USAGE_PARTITIONS_AHEAD: int = 2
     # Default of `db_manager prune-usage` when --older-than is not given (days; 0 = keep all).
     USAGE_RETENTION_DAYS: int = 0
+    # Overrides of third-party internals (app/overrides.py, docs/overrides.md). Each is used only
+    # when the installed library is the version it was written for; 0 switches it off.
+    OVERRIDE_TIKTOKEN_LOADER: bool = True      # tiktoken encodings from data/tokenizers/
+    OVERRIDE_REDIS_POOL_BYPASS: bool = True    # the limiter's own Redis connection free list
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
