@@ -6,6 +6,7 @@ from typing import Any, Mapping
 
 from flask import Flask, Response, g
 
+from app.api.request_guard import RequestGuard
 from app.config import Settings, load_dotenv_once
 from app.errors import register_error_handlers
 from app.extensions import cors, db
@@ -50,6 +51,8 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, clock: Clock 
     app.register_blueprint(api)
     register_error_handlers(app)
     app.after_request(_request_id_header)
+    # Client address, connections per address, the body read with a deadline, security headers.
+    app.wsgi_app = RequestGuard(app.wsgi_app, settings)  # type: ignore[method-assign]
     _announce_mode(rt)
     return app
 

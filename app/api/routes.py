@@ -3,10 +3,13 @@ from __future__ import annotations
 
 from flask import Blueprint
 
+from app.api.common import reject_unstorable_url_values
+
 from app.api import (audit_controller, chat_controller, embeddings_controller, health_controller, images_controller,
                      key_controller, models_controller, status_controller, tenant_controller, usage_controller)
 
 api = Blueprint("api", __name__)
+api.before_request(reject_unstorable_url_values)  # a NUL in a query parameter or path: 400, not 500
 
 api.add_url_rule("/health", view_func=health_controller.health, methods=["GET"])
 api.add_url_rule("/ping", view_func=health_controller.ping, methods=["GET"])

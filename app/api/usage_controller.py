@@ -15,7 +15,7 @@ from flask import Response, request
 from sqlalchemy import select
 
 from app.api.auth import caller
-from app.api.common import json_response, read_json_object
+from app.api.common import json_response, read_optional_json_object
 from app.api.schemas import USAGE_QUERY_SCHEMA
 from app.errors import InvalidRequest, NotFound, PermissionDenied
 from app.extensions import db
@@ -32,8 +32,8 @@ GROUP_COLUMNS = {"model": ("model",), "day": ("day",), "key": ("api_key_id", "ap
 def usage() -> Response:
     rt = runtime()
     actor = caller()
-    raw = request.args.to_dict() if request.method == "GET" or not request.content_length \
-        else read_json_object()
+    # POST: the filters in the JSON body (chunked or not); a POST without a body reads the query.
+    raw = (request.method == "POST" and read_optional_json_object()) or request.args.to_dict()
     params = USAGE_QUERY_SCHEMA.load(raw)
     default_start, default_end = usage_service.month_bounds()
     start: datetime = params.get("start", default_start)
@@ -109,9 +109,13 @@ def _csv_response(result: dict[str, Any], group_by: str | None) -> Response:
     return resp
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _cell(value: Any) -> Any:
-    """Spreadsheets run cells starting with = + - @ as formulas: key and tenant names are user
+    """Spreadsheets run cells starting with = + - @ as formulas, and some also those starting
+    with a tab or a carriage return (OWASP's CSV injection list): key and tenant names are user
     input, so such a cell gets a leading quote."""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@"):
+    if isinstance(value, str) and value[:1] in FORMULA_STARTS:
         return "'" + value
     return "" if value is None else value
