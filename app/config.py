@@ -47,6 +47,11 @@ class Settings:
 
     DATABASE_URL: str = f"sqlite:///{DEFAULT_SQLITE_PATH}"
     REDIS_URL: str = ""
+    # REDIS_URL names a Redis Cluster node (also implied by a `redis+cluster://` URL).
+    REDIS_CLUSTER: bool = False
+    # A PostgreSQL streaming replica for read-only queries (usage reports and exports); empty:
+    # they go to DATABASE_URL. Writes never go there.
+    DATABASE_READ_URL: str = ""
     SYSTEM_SECRET: str = ""
     MODELS_FILE: str = str(ROOT_DIR / "data" / "models.json")
     CORS_ORIGINS: str = "*"
@@ -154,6 +159,7 @@ class Settings:
             elif env[f.name].strip():
                 setattr(s, f.name, env[f.name].strip())
         s.DATABASE_URL = normalize_database_url(s.DATABASE_URL)
+        s.DATABASE_READ_URL = normalize_database_url(s.DATABASE_READ_URL)
         if s.ROUTER_MAX_ATTEMPTS < 1 or s.ROUTER_ATTEMPTS_PER_DEPLOYMENT < 1:
             raise ValueError("ROUTER_MAX_ATTEMPTS and ROUTER_ATTEMPTS_PER_DEPLOYMENT must be at least 1")
         if s.REQUEST_BODY_TIMEOUT_S <= 0 or s.REQUEST_BODY_MIN_RATE < 0:

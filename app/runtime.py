@@ -128,7 +128,7 @@ def build_runtime(settings: Settings, engine: Engine | None = None, clock: Clock
     })
     preload_tokenizers({m.tokenizer for m in providers.catalog.models.values()},
                        local_files=settings.OVERRIDE_TIKTOKEN_LOADER)
-    redis_client = make_redis(settings.REDIS_URL, settings.REDIS_MAX_CONNECTIONS)
+    redis_client = make_redis(settings.REDIS_URL, settings.REDIS_MAX_CONNECTIONS, settings.REDIS_CLUSTER)
     last_used = LastUsedTracker(settings.LAST_USED_WRITE_INTERVAL_S, clock.monotonic)
     batcher = _usage_batcher(settings, engine, redis_client)
     limiter = RateLimitService(

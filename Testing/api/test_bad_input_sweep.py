@@ -29,6 +29,7 @@ ROUTES = {
     ("GET", "/models"), ("POST", "/models"),
     ("GET", "/v1/models/<path:model_id>"), ("GET", "/models/<path:model_id>"),
     ("GET", "/ping"),
+    ("POST", "/v1/admin/reload"),
 }
 # The query parameter each route reads (a NUL in it used to reach PostgreSQL), else any name.
 QUERY_PARAM = {"/v1/usage": "model", "/v1/api-keys": "tenant", "/v1/audit": "action"}

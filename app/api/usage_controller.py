@@ -11,7 +11,7 @@ import io
 from datetime import datetime
 from typing import Any
 
-from flask import Response, request
+from flask import Response, current_app, request
 from sqlalchemy import select
 
 from app.api.auth import caller
@@ -21,7 +21,7 @@ from app.errors import InvalidRequest, NotFound, PermissionDenied
 from app.extensions import db
 from app.models import ApiKey, Tenant
 from app.runtime import runtime
-from app.services import tenant_service, usage_service
+from app.services import read_replica, tenant_service, usage_service
 from app.services.actor import Actor
 
 TOTAL_COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd")
@@ -44,7 +44,7 @@ def usage() -> Response:
     group_by = params.get("group_by")
     query = usage_service.UsageQuery(start=start, end=end, api_key_id=api_key_id, tenant_id=tenant_id,
                                      model=params.get("model"), group_by=group_by)
-    result = usage_service.query_usage(rt.engine, query)
+    result = read_replica.of(current_app, rt).query(lambda engine: usage_service.query_usage(engine, query))
     if group_by in ("key", "tenant"):
         _add_names(group_by, result["data"])
     if _wants_csv(params.get("format")):

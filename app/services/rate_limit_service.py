@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import redis
+from redis.cluster import RedisCluster
 
 from app.overrides import RedisFreeList
 
@@ -159,9 +160,12 @@ class RedisLimiter:
         list of connections, straight on the wire) instead of redis-py's pipeline and pool."""
         self.client = client
         self.lease_ms = lease_ms
+        # A Redis Cluster client has one pool per node: its commands go through its slot routing.
+        cluster = isinstance(client, RedisCluster)
         self._free_list = (RedisFreeList(client.connection_pool, max_connections, LimiterUnavailable)
-                           if pool_bypass else None)
+                           if pool_bypass and not cluster else None)
         self._execute: Callable[[list[tuple[Any, ...]]], list[Any]] = (
+            self._on_cluster if cluster else
             self._free_list.execute if self._free_list is not None else self._pipelined)
         self.script_text = SCRIPT_PATH.read_text()
         self.sha = hashlib.sha1(self.script_text.encode()).hexdigest()
@@ -206,6 +210,22 @@ class RedisLimiter:
         """Release this limiter's own Redis connections (the client's pool is its owner's)."""
         if self._free_list is not None:
             self._free_list.close()
+
+    def _on_cluster(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """On a Redis Cluster: each command through the client's slot routing (it follows
+        MOVED/ASK and refreshes its slot map). All keys of one script call share a hash tag, so
+        each runs whole on the master owning that slot; SCRIPT LOAD goes to every master.
+        EVALSHA cannot be pipelined across a cluster: one round trip per call."""
+        results: list[Any] = []
+        for command in commands:
+            try:
+                results.append(self.client.execute_command(*command))
+            except (redis.exceptions.ClusterError, redis.exceptions.RedisClusterException,
+                    redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                raise LimiterUnavailable(f"{type(exc).__name__}: {exc}") from None
+            except redis.ResponseError as exc:
+                results.append(exc)
+        return results
 
     def _pipelined(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """redis-py's own way: a non-transactional pipeline on the client's pool."""
