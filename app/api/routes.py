@@ -1,14 +1,24 @@
 """URL map of the gateway: every route points at one controller function."""
 from __future__ import annotations
 
-from flask import Blueprint
+from flask import Blueprint, request
 
-from app.api import (audit_controller, chat_controller, health_controller, key_controller, models_controller,
+from app.api import (api_chat_controller, audit_controller, chat_controller, health_controller, key_controller, models_controller,
                      status_controller, tenant_controller, usage_controller)
+from app.utils import client_connection
 
 api = Blueprint("api", __name__)
 
+
+@api.before_request
+def _watch_client() -> None:
+    """Requests that wait (provider queues) stop when their client hangs up."""
+    client_connection.watch(request.environ.get("gunicorn.socket"))
+
+
 api.add_url_rule("/health", view_func=health_controller.health, methods=["GET"])
+api.add_url_rule("/api/health", endpoint="api_health", view_func=health_controller.health, methods=["GET"])
+api.add_url_rule("/api/chat", view_func=api_chat_controller.api_chat, methods=["POST"])
 for prefix in ("/v1", ""):
     api.add_url_rule(f"{prefix}/chat/completions", endpoint=f"chat{prefix}",
                      view_func=chat_controller.chat_completions, methods=["POST"])
