@@ -42,10 +42,9 @@ def throttled_models(path: Path, upstream: str) -> Path:
 
 @pytest.fixture(scope="module")
 def upstream():
-    fake = FakeOpenAI()
-    fake.start()
-    yield fake
-    fake.stop()
+    """A fake upstream of this module only: its request log holds only these tests' calls."""
+    with FakeOpenAI() as fake:
+        yield fake
 
 
 @pytest.fixture(scope="module")

@@ -103,13 +103,18 @@ def test_a_waiter_that_stops_polling_leaves_the_queue(backend):
     assert backend.deployment_queue(q).length == 0
 
 
-def test_wait_is_admitted_when_its_slot_comes():
-    """RateLimitService.deployment_wait polls until the slot frees, sleeping (never spinning)."""
+def full_deployment(window_s: float) -> tuple[FakeClock, LocalLimiter, RateLimitService, DeploymentQuota]:
+    """A deployment with rpm 1 whose one slot was just taken, on an in-process limiter."""
     clock = FakeClock()
-    limiter = LocalLimiter(1000, clock=lambda: epoch_seconds(clock), quota_window_s=2)
-    service = RateLimitService(limiter, seed=lambda *a: {})
+    limiter = LocalLimiter(1000, clock=lambda: epoch_seconds(clock), quota_window_s=window_s)
     q = quota(rpm=1)
     assert limiter.deployment_admit(q, 0)
+    return clock, limiter, RateLimitService(limiter, seed=lambda *a: {}), q
+
+
+def test_wait_is_admitted_when_its_slot_comes():
+    """RateLimitService.deployment_wait polls until the slot frees, sleeping (never spinning)."""
+    clock, limiter, service, q = full_deployment(2)
     sleeps: list[float] = []
 
     def sleep(s: float) -> None:
@@ -123,11 +128,7 @@ def test_wait_is_admitted_when_its_slot_comes():
 
 def test_wait_times_out_with_a_retry_time_and_leaves():
     """No slot within the timeout: not admitted, the time until its slot, out of the queue."""
-    clock = FakeClock()
-    limiter = LocalLimiter(1000, clock=lambda: epoch_seconds(clock), quota_window_s=60)
-    service = RateLimitService(limiter, seed=lambda *a: {})
-    q = quota(rpm=1)
-    assert limiter.deployment_admit(q, 0)
+    clock, limiter, service, q = full_deployment(60)
     outcome = service.deployment_wait(q, 0, "w", 5, lambda: False, clock=clock.monotonic, sleep=clock.advance)
     assert not outcome.admitted and not outcome.client_gone
     assert 54 <= outcome.retry_after_s <= 55.01
@@ -136,11 +137,7 @@ def test_wait_times_out_with_a_retry_time_and_leaves():
 
 def test_wait_ends_when_the_client_hangs_up():
     """A client gone while waiting: the wait ends at the next poll and the place is freed."""
-    clock = FakeClock()
-    limiter = LocalLimiter(1000, clock=lambda: epoch_seconds(clock), quota_window_s=60)
-    service = RateLimitService(limiter, seed=lambda *a: {})
-    q = quota(rpm=1)
-    assert limiter.deployment_admit(q, 0)
+    clock, limiter, service, q = full_deployment(60)
     polls = iter([False, False, True])
     outcome = service.deployment_wait(q, 0, "w", 30, lambda: next(polls), clock=clock.monotonic,
                                       sleep=clock.advance)
