@@ -143,3 +143,29 @@ def test_wait_ends_when_the_client_hangs_up():
                                       sleep=clock.advance)
     assert outcome.client_gone and not outcome.admitted
     assert limiter.deployment_queue(q).length == 0
+
+
+def test_a_tpm_only_quota_serves_its_head_first_and_waiters_back_off():
+    """A tpm-only quota has no slot count: only the head of the queue may take tokens; one
+    behind it, with tokens free but no slot estimate, polls with a growing pause (never a
+    tight loop)."""
+    clock = FakeClock()
+    limiter = LocalLimiter(1000, clock=lambda: epoch_seconds(clock), quota_window_s=60)
+    q = quota(tpm=100)
+    assert limiter.deployment_admit(q, 100)
+    assert limiter.deployment_try(q, 100, "head").reason == "tpm"   # needs the whole minute back
+    assert limiter.deployment_try(q, 10, "behind").reason == "tpm"  # needs 6 s back
+    clock.advance(4)
+    assert limiter.deployment_try(q, 100, "head").reason == "tpm"   # polls: keeps its place
+    clock.advance(2)
+    behind = limiter.deployment_try(q, 10, "behind")
+    assert (behind.admitted, behind.reason, behind.wait_s, behind.position) == (False, "queued", 0, 1)
+    sleeps: list[float] = []
+
+    def sleep(s: float) -> None:
+        sleeps.append(s)
+        clock.advance(s)
+    service = RateLimitService(limiter, seed=lambda *a: {})
+    outcome = service.deployment_wait(q, 10, "behind", 1.0, lambda: False, clock=clock.monotonic, sleep=sleep)
+    assert not outcome.admitted
+    assert sleeps[:5] == [0.02, 0.04, 0.08, 0.16, 0.25]

@@ -636,7 +636,7 @@ class RateLimitService:
         parked greenlet, no thread and no CPU. Leaving (any way but admission) removes the
         ticket from the queue at once, so the next waiter moves up."""
         deadline = clock() + timeout_s
-        admitted = False
+        admitted, backoff = False, 0.02
         try:
             while True:
                 try:
@@ -654,7 +654,11 @@ class RateLimitService:
                     return QuotaWait(False, retry_after_s=attempt.wait_s)
                 if client_gone():
                     return QuotaWait(False, client_gone=True)
-                sleep(min(max(attempt.wait_s, 0.005), QUEUE_POLL_MAX_S, left))
+                # the backend's estimate of this place's slot; without one (a tpm-only quota
+                # behind other waiters) a backoff from 20 ms up to the poll cap
+                pause = attempt.wait_s if attempt.wait_s > 0 else backoff
+                backoff = min(backoff * 2, QUEUE_POLL_MAX_S)
+                sleep(min(max(pause, 0.005), QUEUE_POLL_MAX_S, left))
         finally:
             if not admitted:
                 try:
