@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from app.services.rate_limit_service import DeploymentQuota, LocalLimiter, RateLimitService, RedisLimiter
+from app.extensions import make_redis
 from app.utils.clock import epoch_seconds
 from Testing.support import REDIS_URL, FakeClock
 
@@ -18,9 +19,17 @@ WINDOW_S = 0.5
 _ids = itertools.count(int(time.time() * 1000) % 10_000_000)
 
 
-@pytest.fixture(params=["redis", "local"])
+@pytest.fixture(params=["redis", "cluster", "local"])
 def backend(request):
-    if request.param == "redis":
+    """The Lua script on one Redis and on a real 3-master Redis Cluster (every key of a
+    deployment's quota and queue shares its hash tag), and the in-process mirror."""
+    if request.param == "cluster":
+        client = make_redis(request.getfixturevalue("redis_cluster").url, 8)
+        limiter = RedisLimiter(client, lease_ms=1000, quota_window_s=WINDOW_S)
+        limiter.pass_time = time.sleep
+        yield limiter
+        client.close()
+    elif request.param == "redis":
         client = redis.Redis.from_url(REDIS_URL)
         limiter = RedisLimiter(client, lease_ms=1000, quota_window_s=WINDOW_S)
         limiter.pass_time = time.sleep
