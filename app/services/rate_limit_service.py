@@ -120,6 +120,26 @@ class QueueStats:
     oldest_wait_s: float = 0.0
 
 
+@dataclass(frozen=True)
+class Headroom:
+    """What a key's limiter counters say right now, read without reserving anything (GET /v1/key).
+
+    `*_left` is how many requests (tokens) could be admitted at this instant (-1: no such
+    limit), `*_reset_ms` how long until that limit is full again. The day and month counters
+    are None when the limiter holds none (a new period, or a Redis that lost them): the caller
+    reads the usage store instead. Counters include reservations of requests still running."""
+    day: int
+    month: str
+    rpm_left: int
+    rpm_reset_ms: int
+    tpm_left: int
+    tpm_reset_ms: int
+    in_flight: int
+    day_tokens: int | None
+    key_spend_nano: int | None
+    tenant_spend_nano: int | None
+
+
 def deployment_quota(deployment: Any) -> DeploymentQuota | None:
     """The provider quota of a models.json deployment (its rpm/tpm/rpd), if it has one."""
     if not (deployment.rpm or deployment.tpm or deployment.rpd):
@@ -154,6 +174,7 @@ class Limiter(Protocol):
     def deployment_leave(self, quota: DeploymentQuota, ticket: str) -> None: ...
     def deployment_queue(self, quota: DeploymentQuota) -> QueueStats: ...
     def deployment_settle(self, quota: DeploymentQuota, refund_tokens: int) -> None: ...
+    def headroom(self, limits: KeyLimits) -> Headroom: ...
 
 
 def format_reset(ms: int) -> str:
@@ -349,8 +370,26 @@ class RedisLimiter:
         if quota.tpm and refund_tokens:
             self._call(self.deployment_keys(quota), ["deploy_settle", quota.tpm, refund_tokens, self.window_us])
 
+    def headroom(self, limits: KeyLimits) -> Headroom:
+        res = self._call(self.key_names(limits), ["headroom", limits.rpm, limits.tpm])
+
+        def counter(value: Any) -> int | None:
+            return int(value) if value not in (b"", "", None) else None
+        month = res[1].decode() if isinstance(res[1], bytes) else res[1]
+        return Headroom(day=int(res[0]), month=month, rpm_left=int(res[2]), rpm_reset_ms=int(res[3]),
+                        tpm_left=int(res[4]), tpm_reset_ms=int(res[5]), in_flight=int(res[6]),
+                        day_tokens=counter(res[7]), key_spend_nano=counter(res[8]),
+                        tenant_spend_nano=counter(res[9]))
+
 
 # --- in-process (embedded mode) ---------------------------------------------------------------
+
+def day_and_month(now_us: int) -> tuple[int, str]:
+    """(days since 1970-01-01, "YYYYMM") of a UTC time in microseconds, as the Lua script names them."""
+    days = now_us // 86_400_000_000
+    d = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(days=days)
+    return days, f"{d.year:04d}{d.month:02d}"
+
 
 class LocalLimiter:
     """The Lua script's rules in Python, for one process (embedded mode, no Redis)."""
@@ -387,9 +426,7 @@ class LocalLimiter:
     def _admit(self, limits: KeyLimits, rid: str, tokens: int, cost: int, seeds: dict[str, int]) -> Admission:
         now = self._now_us()
         now_ms = now // 1000
-        days = now // 86_400_000_000
-        d = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(days=days)
-        month = f"{d.year:04d}{d.month:02d}"
+        days, month = day_and_month(now)
         k = f"k:{limits.key_id}"
         day_key, kspend, tspend = f"{k}:tpd:{days}", f"{k}:spend:{month}", f"t:{limits.tenant_id}:spend:{month}"
         until_midnight = (days + 1) * 86_400_000 - now_ms
@@ -545,6 +582,26 @@ class LocalLimiter:
             queue = self._live_queue(quota.name, now)
             oldest = min((since for since, _ in queue.values()), default=now)
             return QueueStats(len(queue), (now - oldest) / 1e6)
+
+    def headroom(self, limits: KeyLimits) -> Headroom:
+        with self._lock:
+            now = self._now_us()
+            days, month = day_and_month(now)
+            k = f"k:{limits.key_id}"
+
+            def room(name: str, limit: int) -> tuple[int, int]:
+                if not limit:
+                    return -1, 0
+                _, _, _, left, reset_us = self._gcra(f"{k}:{name}", limit, 0, now)  # cost 0: a pure read
+                return left, -(-reset_us // 1000)
+            rpm_left, rpm_reset = room("rpm", limits.rpm)
+            tpm_left, tpm_reset = room("tpm", limits.tpm)
+            in_flight = sum(1 for expiry in self._leases.get(k, {}).values() if expiry > now // 1000)
+            return Headroom(day=days, month=month, rpm_left=rpm_left, rpm_reset_ms=rpm_reset,
+                            tpm_left=tpm_left, tpm_reset_ms=tpm_reset, in_flight=in_flight,
+                            day_tokens=self._counters.get(f"{k}:tpd:{days}"),
+                            key_spend_nano=self._counters.get(f"{k}:spend:{month}"),
+                            tenant_spend_nano=self._counters.get(f"t:{limits.tenant_id}:spend:{month}"))
 
     def deployment_settle(self, quota: DeploymentQuota, refund_tokens: int) -> None:
         if quota.tpm and refund_tokens:
@@ -732,6 +789,13 @@ class RateLimitService:
             self.backend.deployment_settle(quota, refund_tokens)
         except LimiterUnavailable:
             self._warn("limiter store unavailable: a deployment reservation was not settled")
+
+    def headroom(self, limits: KeyLimits) -> Headroom | None:
+        """The key's counters as they stand, reserving nothing; None when the store is down."""
+        try:
+            return self.backend.headroom(limits)
+        except LimiterUnavailable:
+            return None
 
     def _warn(self, message: str) -> None:
         now = time.monotonic()

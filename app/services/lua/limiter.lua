@@ -7,7 +7,8 @@
 -- All keys of one call share one hash tag (the tenant's, or the deployment's), so the script
 -- also runs on Redis Cluster. Day/month counters are named from the declared key prefixes.
 --
--- ARGV[1] is the operation: admit | peek | settle | deploy_admit | deploy_leave | deploy_queue | deploy_settle.
+-- ARGV[1] is the operation: admit | peek | settle | deploy_admit | deploy_leave | deploy_queue |
+-- deploy_settle | headroom (read only).
 
 local PERIOD = 60000000 -- one minute in microseconds
 
@@ -279,6 +280,28 @@ elseif op == 'deploy_settle' then
     refund_tat(KEYS[2], tpm, math.min(refund, tpm), now_us(), tonumber(ARGV[4]))
   end
   return 1
+elseif op == 'headroom' then
+  -- Read-only view of a key's counters (GET /v1/key): nothing is reserved or written.
+  -- KEYS as for admit. ARGV: 2 rpm, 3 tpm.
+  -- Returns: days, month, rpm_left, rpm_reset_ms, tpm_left, tpm_reset_ms, in_flight,
+  --          day tokens, key spend, tenant spend (counters: '' when Redis has none).
+  local now = now_us()
+  local now_ms = math.floor(now / 1000)
+  local days = math.floor(now / 86400000000)
+  local y, m = civil(days)
+  local month = string.format('%04d%02d', y, m)
+  local function headroom(key, limit)
+    if limit <= 0 then return -1, 0 end
+    local _, _, _, left, reset_us = gcra(key, limit, 0, now)  -- a request of cost 0: a pure read
+    return left, math.ceil(reset_us / 1000)
+  end
+  local rpm_left, rpm_reset = headroom(KEYS[1], tonumber(ARGV[2]))
+  local tpm_left, tpm_reset = headroom(KEYS[2], tonumber(ARGV[3]))
+  local in_flight = redis.call('ZCOUNT', KEYS[4], '(' .. now_ms, '+inf')
+  return {days, month, rpm_left, rpm_reset, tpm_left, tpm_reset, in_flight,
+          redis.call('GET', KEYS[3] .. ':' .. days) or '',
+          redis.call('GET', KEYS[5] .. ':' .. month) or '',
+          redis.call('GET', KEYS[6] .. ':' .. month) or ''}
 end
 
 return redis.error_reply('unknown limiter operation ' .. tostring(op))
