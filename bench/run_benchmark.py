@@ -6,6 +6,10 @@ One command (from the repo root)::
     .venv/bin/python bench/run_benchmark.py [--duration 10] [--concurrency 1,16,64]
         [--modes nonstream,stream] [--workers 2] [--pg-url URL] [--redis-url URL] [--keep]
 
+Modes `messages` and `messages-stream` send the same prompt to the gateway's Anthropic
+Messages endpoint (`/v1/messages`, translated to the same chat request upstream), so that the
+translation's CPU cost shows against `nonstream` / `stream` of the same size.
+
 It starts the fake upstream and the gateway (gunicorn) as child processes, drives both with
 wrk in the same run, prints a comparison table and writes ``bench/results/latest.json``.
 Everything it starts is stopped on exit, Ctrl-C included; the only thing it creates
@@ -42,6 +46,10 @@ RESULTS = REPO / "bench" / "results" / "latest.json"
 BENCH_DB = os.environ.get("BENCH_DB") or "gateway_bench"  # another name lets two runs share a server
 UPSTREAM_KEY = "sk-bench-upstream"  # the gateway's key for the fake upstream
 CHAT_PATH = "/v1/chat/completions"
+MESSAGES_PATH = "/v1/messages"
+# mode -> (streamed, gateway path); the upstream is always called with the chat request.
+MODES = {"nonstream": (False, CHAT_PATH), "stream": (True, CHAT_PATH),
+         "messages": (False, MESSAGES_PATH), "messages-stream": (True, MESSAGES_PATH)}
 PROMPT = "Say hello to the benchmark"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 T = TypeVar("T")
@@ -109,6 +117,20 @@ def request_body(stream: bool) -> dict[str, Any]:
     if stream:
         body["stream"] = True
     return body
+
+
+def messages_body(stream: bool) -> dict[str, Any]:
+    """The Anthropic Messages request of the same size as `request_body`."""
+    body: dict[str, Any] = {"model": "bench", "max_tokens": 64,
+                            "messages": [{"role": "user", "content": PROMPT}]}
+    if stream:
+        body["stream"] = True
+    return body
+
+
+def gateway_body(mode: str) -> dict[str, Any]:
+    stream, path = MODES[mode]
+    return messages_body(stream) if path == MESSAGES_PATH else request_body(stream)
 
 
 def http_post(url: str, body: dict[str, Any], key: str,
@@ -281,9 +303,10 @@ def ensure_wrk() -> str:
     return path
 
 
-def write_lua(directory: Path, stream: bool, key: str) -> Path:
-    path = directory / ("stream.lua" if stream else "nonstream.lua")
-    lua = LUA_TEMPLATE.format(body=lua_string(json.dumps(request_body(stream))),
+def write_lua(directory: Path, stream: bool, key: str, body: dict[str, Any] | None = None,
+              name: str | None = None) -> Path:
+    path = directory / f"{name or ('stream' if stream else 'nonstream')}.lua"
+    lua = LUA_TEMPLATE.format(body=lua_string(json.dumps(body or request_body(stream))),
                               auth=lua_string(f"Bearer {key}"))
     path.write_text(lua)
     return path
@@ -502,14 +525,15 @@ def mint_key(env: dict[str, str], admission: bool = False) -> str:
     return lines[-1]
 
 
-def smoke_check(name: str, url: str, key: str, stream: bool) -> None:
+def smoke_check(name: str, url: str, key: str, stream: bool, request: dict[str, Any] | None = None) -> None:
     """One request before wrk, so a broken answer fails loudly instead of as a fast 4xx."""
-    status, body = http_post(url, request_body(stream), key)
+    status, body = http_post(url, request or request_body(stream), key)
     if status != 200:
         raise BenchError(f"{name}: {'stream' if stream else 'non-stream'} request answered "
                          f"{status}: {body[:500]!r}")
-    if stream and b"data: [DONE]" not in body:
-        raise BenchError(f"{name}: stream did not end with data: [DONE]: {body[-500:]!r}")
+    end = b"event: message_stop" if url.endswith(MESSAGES_PATH) else b"data: [DONE]"
+    if stream and end not in body:
+        raise BenchError(f"{name}: stream did not end with {end.decode()}: {body[-500:]!r}")
     if not stream and b'"usage"' not in body:
         raise BenchError(f"{name}: non-stream answer has no usage: {body[:500]!r}")
 
@@ -571,6 +595,17 @@ def print_usage(usage: dict[str, Any], rows: list[Row]) -> None:
           f"  per measured run: {per_run}")
 
 
+def translation_overhead(rows: list[Row]) -> Iterator[str]:
+    """Gateway CPU per request of each Messages mode minus its chat mode of the same size."""
+    cpu = {(r.mode, r.concurrency): r.gateway.cpu_ms_per_req for r in rows
+           if r.gateway and r.gateway.cpu_ms_per_req is not None}
+    for translated, chat in (("messages", "nonstream"), ("messages-stream", "stream")):
+        for (mode, c), value in cpu.items():
+            if mode == translated and (chat, c) in cpu:
+                yield (f"{translated} vs {chat} c={c}: gateway CPU {value:.3f} vs {cpu[(chat, c)]:.3f} "
+                       f"ms/req, translation adds {value - cpu[(chat, c)]:+.3f} ms/req")
+
+
 def error_details(rows: list[Row]) -> Iterator[str]:
     """One line per run that had errors: statuses, socket errors and a sample body."""
     for r in rows:
@@ -621,7 +656,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     p.add_argument("--concurrency", default="1,16,64", help="comma-separated connections")
-    p.add_argument("--modes", default="nonstream,stream", help="nonstream,stream")
+    p.add_argument("--modes", default="nonstream,stream", help=",".join(MODES))
     p.add_argument("--workers", type=int, default=2, help="gunicorn WEB_CONCURRENCY")
     p.add_argument("--warmup", type=float, default=2.0,
                    help="seconds of unmeasured load per target and mode (0 = none)")
@@ -636,9 +671,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = set(args.modes) - {"nonstream", "stream"}
+    bad = set(args.modes) - set(MODES)
     if bad or not args.modes or not args.concurrency or min(args.concurrency) < 1:
-        p.error("--modes takes nonstream,stream and --concurrency positive integers")
+        p.error(f"--modes takes {','.join(MODES)} and --concurrency positive integers")
     return args
 
 
@@ -671,18 +706,19 @@ class Targets:
 
 def bench_mode(wrk: str, args: argparse.Namespace, t: Targets, mode: str,
                tmp: Path) -> Iterator[Row]:
-    stream = mode == "stream"
+    stream, path = MODES[mode]
     lua = write_lua(tmp, stream, t.key)
+    gw_lua = write_lua(tmp, stream, t.key, gateway_body(mode), f"gateway-{mode}")
     smoke_check("upstream", t.direct_url, t.key, stream)
-    gw = t.gateway_url
+    gw = t.gateway_url.replace(CHAT_PATH, path) if t.gateway_url else None
     if gw:
-        t.on_gateway(lambda: smoke_check("gateway", gw, t.key, stream))
+        t.on_gateway(lambda: smoke_check("gateway", gw, t.key, stream, gateway_body(mode)))
         t.gateway_completed += 1
     if args.warmup > 0:
         top = max(args.concurrency)
         run_wrk(wrk, t.direct_url, lua, top, args.warmup)
         if gw:
-            warm = t.on_gateway(lambda: run_wrk(wrk, gw, lua, top, args.warmup))
+            warm = t.on_gateway(lambda: run_wrk(wrk, gw, gw_lua, top, args.warmup))
             t.gateway_completed += warm.requests
     for c in args.concurrency:
         log(f"{mode} c={c}: direct")
@@ -690,7 +726,7 @@ def bench_mode(wrk: str, args: argparse.Namespace, t: Targets, mode: str,
         row = Row(mode, c, direct)
         if gw:
             log(f"{mode} c={c}: gateway")
-            row.gateway = t.on_gateway(lambda: measured_run(wrk, gw, lua, c, args.duration,
+            row.gateway = t.on_gateway(lambda: measured_run(wrk, gw, gw_lua, c, args.duration,
                                                             t.gateway_pid))
             t.gateway_completed += row.gateway.requests
             row.upstream_during_gateway = t.last_upstream
@@ -751,6 +787,8 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
     print(f"wrk: {args.duration:g}s per run, 1 thread at c=1 else 2; gateway workers: "
           f"{args.workers}\n")
     print(format_table(rows))
+    for line in translation_overhead(rows):
+        print(line)
     for line in error_details(rows):
         print(line)
     if usage:

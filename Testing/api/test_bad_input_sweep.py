@@ -5,6 +5,7 @@ no UTF-8 form) in a name or a message, and `tool_calls` of the wrong shape are a
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -29,10 +30,16 @@ ROUTES = {
     ("GET", "/models"), ("POST", "/models"),
     ("GET", "/v1/models/<path:model_id>"), ("GET", "/models/<path:model_id>"),
     ("GET", "/ping"),
+    ("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens"),
     ("POST", "/v1/admin/reload"),
+    ("POST", "/api/chat"), ("GET", "/api/health"),
+    ("GET", "/v1/key"), ("GET", "/v1/requests"),
+    # the web console: its HTML shell and its static files
+    ("GET", "/"), ("GET", "/ui"), ("GET", "/ui/"), ("GET", "/ui/<path:page>"), ("GET", "/ui/assets/<path:filename>"),
+    ("GET", "/playground"), ("GET", "/console"), ("GET", "/dashboard"),
 }
 # The query parameter each route reads (a NUL in it used to reach PostgreSQL), else any name.
-QUERY_PARAM = {"/v1/usage": "model", "/v1/api-keys": "tenant", "/v1/audit": "action"}
+QUERY_PARAM = {"/v1/usage": "model", "/v1/api-keys": "tenant", "/v1/audit": "action", "/v1/requests": "model"}
 # Routes that take a JSON body, and the body that carries the bad string (param expected).
 NAME_BODY = ({"name": "bad\u0000name"}, "name")
 CHAT_BODY = ({"model": "demo", "messages": [{"role": "user", "content": "hi", "name": "a\u0000b"}]},
@@ -46,8 +53,15 @@ BODIES = {
     "/v1/usage": ({"model": "x\u0000"}, "model"),
     "/v1/api-keys": NAME_BODY, "/v1/api-keys/<int:key_id>": NAME_BODY,
     "/v1/api-keys/<int:key_id>/rotate": ({"grace_period_s": 1, "note\u0000": 1}, "note\\x00"),
+    "/api/chat": ({"message": "hi\u0000", "model": "demo"}, "message"),
     "/v1/tenants": NAME_BODY, "/v1/tenants/<tenant_ref>": ({"status": "active", "name": "t\u0000"}, "name"),
+    "/v1/messages": ({"model": "demo", "max_tokens": 8, "system": "a\u0000b",
+                      "messages": [{"role": "user", "content": "hi"}]}, "system"),
+    "/v1/messages/count_tokens": ({"model": "demo", "messages": [{"role": "user", "content": "a\u0000b"}]},
+                                  "messages[0].content"),
 }
+# The Anthropic Messages routes answer in Anthropic's envelope (no param field: it is named in the message).
+ANTHROPIC_ROUTES = {"/v1/messages", "/v1/messages/count_tokens"}
 
 
 @pytest.fixture
@@ -59,19 +73,23 @@ def ctx(client, mint):
 
 
 def _path(rule: str, key_id: int, tenant_ref: str = "sweep-tenant", model: str = "demo") -> str:
-    return rule.replace("<int:key_id>", str(key_id)).replace("<tenant_ref>", tenant_ref) \
-        .replace("<path:model_id>", model)
+    return re.sub(r"<path:\w+>", model, rule.replace("<int:key_id>", str(key_id)).replace("<tenant_ref>", tenant_ref))
 
 
 def _headers(ctx, rule: str) -> dict[str, str]:
     key_routes = ("/v1/chat/completions", "/chat/completions", "/v1/models", "/v1/uptime/<path:model_id>",
                   "/v1/embeddings", "/embeddings", "/v1/images/generations", "/images/generations", "/image",
-                  "/models", "/v1/models/<path:model_id>", "/models/<path:model_id>")
+                  "/models", "/v1/models/<path:model_id>", "/models/<path:model_id>",
+                  "/api/chat", *ANTHROPIC_ROUTES)
     return ctx["key_headers"] if rule in key_routes else ctx["headers"]
 
 
 def _assert_400(resp, param) -> None:
     assert resp.status_code == 400, (resp.status_code, resp.get_data(as_text=True)[:300])
+    if resp.get_json().get("type") == "error":  # Anthropic's envelope
+        error = resp.get_json()["error"]
+        assert error["type"] == "invalid_request_error" and f"'{param}'" in error["message"]
+        return
     error = resp.get_json()["error"]
     assert error["type"] == "invalid_request_error"
     assert error["code"] == "invalid_value"
@@ -100,7 +118,7 @@ def test_a_nul_in_a_path_segment_is_400(client, ctx, method, rule):
     """/v1/tenants/a%00b, /v1/uptime/a%00b: 400 naming the path parameter."""
     path = _path(rule, ctx["key"]["id"], tenant_ref="a%00b", model="a%00b")
     resp = client.open(path, method=method, headers=_headers(ctx, rule), json={} if method == "PATCH" else None)
-    _assert_400(resp, "tenant_ref" if "<tenant_ref>" in rule else "model_id")
+    _assert_400(resp, "tenant_ref" if "<tenant_ref>" in rule else re.search(r"<path:(\w+)>", rule).group(1))
 
 
 @pytest.mark.parametrize("method,rule", sorted(r for r in ROUTES if r[0] in ("POST", "PATCH") and r[1] in BODIES))

@@ -149,6 +149,34 @@ class ChatCompletionSchema(Schema):
     response_format = fields.Dict(allow_none=True)
 
 
+class CountTokensSchema(Schema):
+    """`POST /v1/messages/count_tokens` (Anthropic). The blocks of `system` and `messages` are
+    checked where they are translated (app/translate/anthropic_to_chat.py)."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    model = StrictString(required=True, validate=validate.Length(min=1, max=200))
+    messages = fields.List(fields.Raw(), required=True, validate=validate.Length(min=1))
+    system = fields.Raw(allow_none=True)
+    tools = fields.List(fields.Dict(), allow_none=True)
+    tool_choice = fields.Dict(allow_none=True)
+
+
+class MessagesSchema(CountTokensSchema):
+    """`POST /v1/messages` (Anthropic). `max_tokens` is required, as Anthropic requires it;
+    fields not modelled here (thinking, cache_control, service_tier, ...) reach an Anthropic
+    upstream untouched."""
+
+    max_tokens = fields.Integer(strict=True, required=True, validate=validate.Range(min=1))
+    stream = StrictBool(allow_none=True)
+    temperature = StrictNumber(validate=validate.Range(min=0, max=1), allow_none=True)
+    top_p = StrictNumber(validate=validate.Range(min=0, max=1), allow_none=True)
+    top_k = fields.Integer(strict=True, validate=validate.Range(min=1), allow_none=True)
+    stop_sequences = fields.List(StrictString(), allow_none=True)
+    metadata = fields.Dict(allow_none=True)
+
+
 class UTCDateTime(fields.AwareDateTime):
     """An ISO 8601 time (UTC when it has no offset), returned in UTC. A time UTC cannot hold
     (31 Dec 9999 west of Greenwich, 1 Jan 0001 east of it) is refused here, where it would
@@ -271,7 +299,40 @@ class UsageQuerySchema(Schema):
     format = StrictString(validate=validate.OneOf(("json", "csv")))
 
 
+class ApiChatSchema(Schema):
+    """POST /api/chat: one message, optional model, system prompt and conversation id."""
+    class Meta:
+        unknown = RAISE
+
+    message = fields.String(required=True, validate=validate.Length(min=1))
+    model = fields.String(validate=validate.Length(min=1))
+    system = fields.String()
+    conversation = fields.String(validate=validate.Length(min=1, max=40))
+    stream = StrictBool()
+    max_tokens = fields.Integer(strict=True, validate=validate.Range(min=1, max=INT32_MAX))
+    temperature = StrictNumber(validate=validate.Range(min=0, max=2))
+class RequestsQuerySchema(Schema):
+    """Query string of `GET /v1/requests` (scope parameters as for `/v1/usage`)."""
+
+    class Meta:
+        unknown = RAISE
+
+    limit = IdField(maximum=100, load_default=20)
+    cursor = StrictString(validate=validate.Length(min=1, max=300))
+    start = UTCDateTime()
+    end = UTCDateTime()
+    model = StrictString(validate=validate.Length(min=1, max=200))
+    endpoint = StrictString(validate=validate.Length(min=1, max=40))
+    status = StrictString(validate=validate.Length(min=1, max=20))
+    request_id = StrictString(validate=validate.Length(min=1, max=64))
+    tenant = StrictString(validate=validate.Length(min=1, max=200))
+    api_key_id = IdField()
+
+
 CHAT_SCHEMA = ChatCompletionSchema()
+API_CHAT_SCHEMA = ApiChatSchema()
+MESSAGES_SCHEMA = MessagesSchema()
+COUNT_TOKENS_SCHEMA = CountTokensSchema()
 API_KEY_CREATE_SCHEMA = ApiKeyCreateSchema()
 API_KEY_UPDATE_SCHEMA = ApiKeyUpdateSchema()
 ROTATE_SCHEMA = RotateSchema()
@@ -279,3 +340,4 @@ TENANT_CREATE_SCHEMA = TenantCreateSchema()
 TENANT_UPDATE_SCHEMA = TenantUpdateSchema()
 AUDIT_QUERY_SCHEMA = AuditQuerySchema()
 USAGE_QUERY_SCHEMA = UsageQuerySchema()
+REQUESTS_QUERY_SCHEMA = RequestsQuerySchema()

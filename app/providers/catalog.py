@@ -28,12 +28,23 @@ MODEL_KINDS = ("chat", "embedding", "image")
 class Pricing:
     input_per_mtok: Decimal = Decimal(0)
     output_per_mtok: Decimal = Decimal(0)
+    # Optional prices of input tokens read from the provider's prompt cache (OpenAI's cached
+    # input, Anthropic's cache reads) and written to it (Anthropic's cache creation); unset:
+    # the plain input price.
+    cached_input_per_mtok: Decimal | None = None
+    cache_write_per_mtok: Decimal | None = None
     per_image: Decimal = Decimal(0)                             # USD per generated image
     per_image_by_size: tuple[tuple[str, Decimal], ...] = ()     # ("1024x1024", price) overrides
 
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
-        """Exact cost in USD of a request (no float anywhere)."""
-        return (self.input_per_mtok * prompt_tokens + self.output_per_mtok * completion_tokens) / MTOK
+    def cost(self, prompt_tokens: int, completion_tokens: int, *, cached_tokens: int = 0,
+             cache_write_tokens: int = 0) -> Decimal:
+        """Exact cost in USD of a request (no float anywhere). `prompt_tokens` counts every input
+        token, the cached and cache-written ones included (OpenAI's convention)."""
+        cached_price = self.input_per_mtok if self.cached_input_per_mtok is None else self.cached_input_per_mtok
+        write_price = self.input_per_mtok if self.cache_write_per_mtok is None else self.cache_write_per_mtok
+        fresh = max(prompt_tokens - cached_tokens - cache_write_tokens, 0)
+        return (self.input_per_mtok * fresh + cached_price * cached_tokens + write_price * cache_write_tokens
+                + self.output_per_mtok * completion_tokens) / MTOK
 
     def image_price(self, size: str | None) -> Decimal:
         """The price of one image of `size` ("1024x1024"): its own price if the model lists
@@ -53,6 +64,9 @@ class Deployment:
     rpm: int | None = None
     tpm: int | None = None
     rpd: int | None = None
+    # At its quota, a request waits this long (seconds) for a slot, in arrival order, instead
+    # of being refused (None: the model's default; 0: refuse at once).
+    queue_timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +85,13 @@ class ModelEntry:
     # best priority of the model's deployments.
     priority: int = 1
     kind: str = "chat"  # chat | embedding | image: the endpoint that may call it
+    # Default `queue_timeout_s` of its deployments (0: no waiting).
+    queue_timeout_s: float = 0.0
+
+    def queue_timeout_for(self, deployment: Deployment) -> float:
+        """How long a request may wait for `deployment`'s quota (0: refused at once)."""
+        own = deployment.queue_timeout_s
+        return own if own is not None else self.queue_timeout_s
 
 
 @dataclass(frozen=True)
@@ -103,6 +124,14 @@ def _pos_int(value: Any, where: str, optional: bool = False) -> int | None:
     return value
 
 
+def _seconds(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
+        raise CatalogError(f"{where}: must be a non-negative number of seconds, got {value!r}")
+    return float(value)
+
+
 def _deployment(raw: Any, where: str, providers: dict[str, dict]) -> Deployment:
     if not isinstance(raw, dict):
         raise CatalogError(f"{where}: must be an object with 'provider' and 'model'")
@@ -119,11 +148,13 @@ def _deployment(raw: Any, where: str, providers: dict[str, dict]) -> Deployment:
         rpm=_pos_int(raw.get("rpm"), f"{where}.rpm", optional=True),
         tpm=_pos_int(raw.get("tpm"), f"{where}.tpm", optional=True),
         rpd=_pos_int(raw.get("rpd"), f"{where}.rpd", optional=True),
+        queue_timeout_s=_seconds(raw.get("queue_timeout_s"), f"{where}.queue_timeout_s"),
     )
 
 
+OPTIONAL_PRICES = ("cached_input_per_mtok", "cache_write_per_mtok")
 _MODEL_KEYS = {"deployments", "context_window", "max_output_tokens", "pricing", "tokenizer",
-               "category", "owned_by", "fallbacks", "priority", "kind"}
+               "category", "owned_by", "fallbacks", "priority", "queue_timeout_s", "kind"}
 # Per-provider HTTP timeouts (seconds): connect, read (between two bytes, also the stream's idle
 # timeout; `timeout_s` is its older name) and total (the whole upstream call, stream included).
 TIMEOUT_KEYS = ("connect_timeout_s", "timeout_s", "read_timeout_s", "total_timeout_s")
@@ -164,7 +195,8 @@ def _model(alias: str, raw: Any, providers: dict[str, dict]) -> ModelEntry:
         alias=alias, deployments=deployments, context_window=context_window or 0,
         max_output_tokens=max_output or 0, pricing=pricing, tokenizer=tokenizer,
         category=category, owned_by=raw.get("owned_by"), fallbacks=tuple(fallbacks),
-        extra={k: v for k, v in raw.items() if k not in _MODEL_KEYS}, priority=priority or 1, kind=kind,
+        extra={k: v for k, v in raw.items() if k not in _MODEL_KEYS}, priority=priority or 1,
+        queue_timeout_s=_seconds(raw.get("queue_timeout_s"), f"{where}.queue_timeout_s") or 0.0, kind=kind,
     )
 
 
@@ -178,6 +210,7 @@ def _pricing(raw: dict[str, Any], where: str) -> Pricing:
         per_image=_decimal(raw.get("per_image", "0"), f"{where}.per_image"),
         per_image_by_size=tuple((size, _decimal(price, f"{where}.per_image_by_size.{size}"))
                                 for size, price in by_size.items()),
+        **{name: _decimal(raw[name], f"{where}.{name}") for name in OPTIONAL_PRICES if raw.get(name) is not None},
     )
 
 
