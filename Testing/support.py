@@ -137,6 +137,7 @@ def write_models_file(path: Path, upstream_base_url: str) -> Path:
         models[name] = {"deployments": [{"provider": "openai", "model": f"fake-{name}"}],
                         "context_window": 128000, "max_output_tokens": 4096, "pricing": pricing,
                         "tokenizer": "cl100k_base"}
+    models.update(media_models())
     data = {
         "providers": {
             "openai": {"type": "openai", "base_url": upstream_base_url, "api_key_env": "TEST_UPSTREAM_KEY",
@@ -148,6 +149,28 @@ def write_models_file(path: Path, upstream_base_url: str) -> Path:
     }
     path.write_text(json.dumps(data, indent=2))
     return path
+
+
+def media_models() -> dict[str, Any]:
+    """The embedding and image models of the tests (Testing/e2e/test_embeddings_images.py): on
+    the fake OpenAI upstream (`openai`) and on the simulator."""
+    def model(kind: str, provider: str, upstream: str, pricing: dict, **extra: Any) -> dict[str, Any]:
+        return {"kind": kind, "deployments": [{"provider": provider, "model": upstream}], "pricing": pricing,
+                "tokenizer": "cl100k_base", **extra}
+
+    embed_price = {"input_per_mtok": "0.02"}
+    return {
+        "text-embedding-3-small": model("embedding", "openai", "text-embedding-3-small", embed_price),
+        "embed-no-usage": model("embedding", "openai", "embed-no-usage", embed_price),
+        "embed-fallback": model("embedding", "openai", "embed-fail-500", embed_price,
+                                fallbacks=["text-embedding-3-small"]),
+        "demo-embed": model("embedding", "simulator", "demo-embed", embed_price),
+        "dall-e-3": model("image", "openai", "dall-e-3",
+                          {"per_image": "0.04", "per_image_by_size": {"1792x1024": "0.08"}}),
+        "gpt-image-1": model("image", "openai", "gpt-image-1",
+                             {"input_per_mtok": "5.00", "output_per_mtok": "40.00", "per_image": "0.01"}),
+        "demo-image": model("image", "simulator", "demo-image", {"per_image": "0.01"}),
+    }
 
 
 class GatewayProcess:

@@ -25,8 +25,14 @@ ROUTES = {
     ("GET", "/v1/audit"),
     ("GET", "/v1/uptime/<path:model_id>"),
     ("GET", "/v1/providers/status"),
+    ("POST", "/v1/embeddings"), ("POST", "/embeddings"),
+    ("POST", "/v1/images/generations"), ("POST", "/images/generations"), ("POST", "/image"),
+    ("GET", "/models"), ("POST", "/models"),
+    ("GET", "/v1/models/<path:model_id>"), ("GET", "/models/<path:model_id>"),
+    ("GET", "/ping"),
     ("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens"),
     ("POST", "/v1/admin/reload"),
+    ("POST", "/api/chat"), ("GET", "/api/health"),
     ("GET", "/v1/key"), ("GET", "/v1/requests"),
     # the web console: its HTML shell and its static files
     ("GET", "/"), ("GET", "/ui"), ("GET", "/ui/"), ("GET", "/ui/<path:page>"), ("GET", "/ui/assets/<path:filename>"),
@@ -38,11 +44,16 @@ QUERY_PARAM = {"/v1/usage": "model", "/v1/api-keys": "tenant", "/v1/audit": "act
 NAME_BODY = ({"name": "bad\u0000name"}, "name")
 CHAT_BODY = ({"model": "demo", "messages": [{"role": "user", "content": "hi", "name": "a\u0000b"}]},
              "messages[0].name")
+EMBED_BODY = ({"model": "demo-embed", "input": ["fine", "a\u0000b"]}, "input[1]")
+IMAGE_BODY = ({"model": "demo-image", "prompt": "a\u0000b"}, "prompt")
 BODIES = {
     "/v1/chat/completions": CHAT_BODY, "/chat/completions": CHAT_BODY,
+    "/v1/embeddings": EMBED_BODY, "/embeddings": EMBED_BODY,
+    "/v1/images/generations": IMAGE_BODY, "/images/generations": IMAGE_BODY, "/image": IMAGE_BODY,
     "/v1/usage": ({"model": "x\u0000"}, "model"),
     "/v1/api-keys": NAME_BODY, "/v1/api-keys/<int:key_id>": NAME_BODY,
     "/v1/api-keys/<int:key_id>/rotate": ({"grace_period_s": 1, "note\u0000": 1}, "note\\x00"),
+    "/api/chat": ({"message": "hi\u0000", "model": "demo"}, "message"),
     "/v1/tenants": NAME_BODY, "/v1/tenants/<tenant_ref>": ({"status": "active", "name": "t\u0000"}, "name"),
     "/v1/messages": ({"model": "demo", "max_tokens": 8, "system": "a\u0000b",
                       "messages": [{"role": "user", "content": "hi"}]}, "system"),
@@ -67,7 +78,9 @@ def _path(rule: str, key_id: int, tenant_ref: str = "sweep-tenant", model: str =
 
 def _headers(ctx, rule: str) -> dict[str, str]:
     key_routes = ("/v1/chat/completions", "/chat/completions", "/v1/models", "/v1/uptime/<path:model_id>",
-                  *ANTHROPIC_ROUTES)
+                  "/v1/embeddings", "/embeddings", "/v1/images/generations", "/images/generations", "/image",
+                  "/models", "/v1/models/<path:model_id>", "/models/<path:model_id>",
+                  "/api/chat", *ANTHROPIC_ROUTES)
     return ctx["key_headers"] if rule in key_routes else ctx["headers"]
 
 

@@ -8,6 +8,9 @@ fields rejected like the real API, GenerateContentResponse with `candidates`, `f
 Answers: text pieces "Echo:" + words of the last user text (`DEFAULT_PIECES`);
 `promptTokenCount` = words of system + all texts + 7, `candidatesTokenCount` = pieces.
 
+Embeddings (`:batchEmbedContents`): vectors of Testing/fakes/fake_media.py, no usage (as
+documented) unless the model name has "usage".
+
 Scripted by substrings of the model: bad-key (400 INVALID_ARGUMENT with reason
 API_KEY_INVALID, how Gemini answers a wrong key; the message echoes the key), fail-403,
 fail-429 (RESOURCE_EXHAUSTED with RetryInfo retryDelay "37s"), fail-500, fail-503,
@@ -21,12 +24,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from Testing.fakes import fake_media
 from Testing.fakes.http_fake import HANG, FakeHTTPServer, FakeRequest, Reply, Streamed, count_words, echo_words, sse
 
 DEFAULT_PIECES = 10
 PROMPT_OVERHEAD = 7
 CACHED, THOUGHTS = 5, 5
-_PATH = re.compile(r"^/v1beta/models/([^/:]+):(generateContent|streamGenerateContent)$")
+_PATH = re.compile(r"^/v1beta/models/([^/:]+):(generateContent|streamGenerateContent|batchEmbedContents)$")
 _CHUNKS = re.compile(r"chunks-(\d+)")
 CONFIG_FIELDS = {"temperature", "topP", "topK", "candidateCount", "maxOutputTokens", "stopSequences",
                  "presencePenalty", "frequencyPenalty", "seed", "responseMimeType", "responseSchema",
@@ -66,6 +70,8 @@ class FakeGemini(FakeHTTPServer):
             return error(400, "INVALID_ARGUMENT", f"API key not valid ({key}). Please pass a valid API key.",
                          [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
                            "domain": "googleapis.com"}])
+        if method == "batchEmbedContents":
+            return self._scripted(model) or self._embed(req.json, model)
         stream = method == "streamGenerateContent"
         if stream and req.query.get("alt") != "sse":
             return error(400, "INVALID_ARGUMENT", "this fake streams only with alt=sse")
@@ -80,6 +86,29 @@ class FakeGemini(FakeHTTPServer):
         if stream:
             return self._stream(plan, model)
         return Reply(200, self._response(plan, plan["pieces"], plan["finish"], len(plan["pieces"])))
+
+    @staticmethod
+    def _embed(body: Any, model: str) -> Reply:
+        """BatchEmbedContentsResponse: one ContentEmbedding per request (vectors of
+        Testing/fakes/fake_media.py). The documented answer has no usage; models named
+        "*usage*" add `usageMetadata.promptTokenCount` (words + 7)."""
+        requests = body.get("requests") if isinstance(body, dict) else None
+        if not isinstance(requests, list) or not requests:
+            return error(400, "INVALID_ARGUMENT", "* BatchEmbedContentsRequest.requests: requests is not specified")
+        texts = []
+        for i, one in enumerate(requests):
+            if one.get("model") != f"models/{model}":
+                return error(400, "INVALID_ARGUMENT", f"* BatchEmbedContentsRequest.requests[{i}].model: "
+                                                      "must match the model of the batch request")
+            if set(one) - {"model", "content", "taskType", "title", "outputDimensionality"}:
+                return error(400, "INVALID_ARGUMENT", f"Invalid JSON payload received. Unknown name in requests[{i}]")
+            texts.append(parts_text((one.get("content") or {}).get("parts") or []))
+        answer: dict[str, Any] = {"embeddings": [
+            {"values": fake_media.fake_vector(i, text, one.get("outputDimensionality"))}
+            for i, (text, one) in enumerate(zip(texts, requests))]}
+        if "usage" in model:
+            answer["usageMetadata"] = {"promptTokenCount": fake_media.prompt_tokens(texts)}
+        return Reply(200, answer)
 
     @staticmethod
     def _invalid(body: Any) -> str | None:

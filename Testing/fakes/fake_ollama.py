@@ -4,6 +4,9 @@ the last with `done_reason`, durations, `prompt_eval_count` and `eval_count`; er
 `{"error": "..."}`; a model that is not pulled is 404 `model "x" not found, try pulling it
 first`).
 
+Embeddings (`POST /api/embed`): vectors of Testing/fakes/fake_media.py, `prompt_eval_count` =
+words + 7; a "malformed" model answers one vector short.
+
 Answers: "Echo:" + words of the last user text, `DEFAULT_PIECES` pieces; `prompt_eval_count`
 = words of all messages + 7, `eval_count` = pieces. Pulled models: any name except those with
 the substring "not-found". Scripted by substrings of the model: not-found, fail-400, fail-500,
@@ -20,6 +23,7 @@ import json
 import re
 from typing import Any
 
+from Testing.fakes import fake_media
 from Testing.fakes.http_fake import HANG, FakeHTTPServer, FakeRequest, Reply, Streamed, count_words, echo_words
 
 DEFAULT_PIECES = 8
@@ -42,6 +46,8 @@ class FakeOllama(FakeHTTPServer):
         return self.url
 
     def handle(self, req: FakeRequest) -> Any:
+        if req.path == "/api/embed" and req.method == "POST":
+            return self._embed(req.json)
         if req.path != "/api/chat" or req.method != "POST":
             return Reply(404, b"404 page not found", content_type="text/plain")
         body = req.json
@@ -66,6 +72,27 @@ class FakeOllama(FakeHTTPServer):
             return self._stream(plan)
         return Reply(200, self._final(plan, {"role": "assistant", "content": "".join(plan["pieces"]),
                                              **({"tool_calls": plan["calls"]} if plan["calls"] else {})}))
+
+    @staticmethod
+    def _embed(body: Any) -> Reply:
+        """`/api/embed`: `embeddings` (vectors of Testing/fakes/fake_media.py, `dimensions`
+        honoured), `prompt_eval_count` = words + 7."""
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            return Reply(400, {"error": "model is required"})
+        model, inputs = body["model"], body.get("input")
+        if "not-found" in model:
+            return Reply(404, {"error": f"model \"{model}\" not found, try pulling it first"})
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) for i in inputs):
+            return Reply(400, {"error": "invalid input type"})
+        if set(body) - {"model", "input", "truncate", "dimensions", "keep_alive", "options"}:
+            return Reply(400, {"error": f"unknown field {sorted(set(body) - {'model', 'input'})[0]}"})
+        vectors = [fake_media.fake_vector(i, text, body.get("dimensions")) for i, text in enumerate(inputs)]
+        if "malformed" in model:
+            vectors = vectors[:-1]  # one vector short
+        return Reply(200, {"model": model, "embeddings": vectors, "total_duration": 14143917,
+                           "load_duration": 1019500, "prompt_eval_count": fake_media.prompt_tokens(inputs)})
 
     @staticmethod
     def _invalid(body: Any) -> str | None:

@@ -36,6 +36,9 @@ content pieces), ``ra-S`` with ``fail-429`` (``Retry-After: S`` instead of 1, S 
 number of seconds), ``flaky-N`` (the first N requests naming this exact model fail with 500,
 the next ones are answered; counters are forgotten by ``POST /_reset``).
 
+Embeddings and images (``POST /v1/embeddings``, ``POST /v1/images/generations``): literal vectors,
+images and usage described in ``Testing/fakes/fake_media.py``; the scripted failures apply.
+
 Test endpoints: ``GET /_requests`` (last 1000 requests: method, path, query, headers with
 lower-cased names, parsed JSON body), ``POST /_reset``, ``GET /_stats`` (requests and TCP
 connections accepted so far).
@@ -52,6 +55,8 @@ import signal
 import sys
 import time
 from typing import Any, Callable
+
+from Testing.fakes import fake_media
 
 DEFAULT_CHUNKS = 20
 PROMPT_TOKEN_OVERHEAD = 7
@@ -499,6 +504,8 @@ class HttpConnection(asyncio.Protocol):
             if method != "POST":
                 return self._method_not_allowed(req)
             return self._chat(req)
+        if path in ("/v1/embeddings", "/v1/images/generations") and method == "POST":
+            return self._media(req)
         if not path.startswith("/_"):
             self._record(req, None)
         if path in ("/v1/models", "/models"):
@@ -560,6 +567,24 @@ class HttpConnection(asyncio.Protocol):
             self.close()
         else:
             self.respond(req, 200, plan.completion_body(), ["x-request-id: req_" + plan.cid])
+
+    def _media(self, req: Request) -> None:
+        """Embeddings and image generations (answers: Testing/fakes/fake_media.py); the
+        scripted failures of the model apply."""
+        try:
+            body: Any = json.loads(req.raw_body) if req.raw_body else None
+        except ValueError:
+            body = None
+        self._record(req, body)
+        model = str(body.get("model") or "").lower() if isinstance(body, dict) else ""
+        failure = scripted_error(model, [])
+        if failure is not None:
+            return self.respond(req, failure[0], failure[1], failure[2])
+        if req.path.endswith("/embeddings"):
+            status, answer = fake_media.openai_embeddings(body)
+        else:
+            status, answer = fake_media.openai_images(body, self.state.next_id())
+        self.respond(req, status, _dumps(answer).encode())
 
     def _stream_frames(self, req: Request, plan: ChatPlan) -> list[bytes]:
         """Header block + one chunk frame per SSE event (+ terminator unless dying)."""

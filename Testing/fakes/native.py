@@ -9,6 +9,7 @@ from Testing.fakes.fake_anthropic import FakeAnthropic
 from Testing.fakes.fake_gemini import FakeGemini
 from Testing.fakes.fake_gigachat import FakeGigaChat
 from Testing.fakes.fake_ollama import FakeOllama
+from Testing.fakes.fake_pollinations import FakePollinations
 from Testing.support import UPSTREAM_KEY
 
 KEY_ENV = "TEST_UPSTREAM_KEY"  # set to UPSTREAM_KEY by Testing/conftest.py
@@ -29,6 +30,12 @@ def fake_gemini() -> Iterator[FakeGemini]:
 @pytest.fixture(scope="session")
 def fake_ollama() -> Iterator[FakeOllama]:
     with FakeOllama() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="session")
+def fake_pollinations() -> Iterator[FakePollinations]:
+    with FakePollinations() as fake:
         yield fake
 
 

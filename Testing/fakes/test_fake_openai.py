@@ -253,3 +253,23 @@ def test_runs_as_a_process() -> None:
     finally:
         proc.terminate()
         assert proc.wait(timeout=5) == 0
+
+
+def test_embeddings_parse_with_the_client(client: openai.OpenAI) -> None:
+    """/v1/embeddings answers what the client parses: its default base64 decodes to the
+    literal vectors of fake_media, floats likewise; usage is words + 7."""
+    default = client.embeddings.create(model="text-embedding-3-small", input=["a b c", "d e"])
+    assert [d.embedding for d in default.data] == [[3.0, 0.5, -0.25, 0.125], [2.0, 1.5, -0.25, 0.125]]
+    floats = client.embeddings.create(model="m", input=[[1, 2]], encoding_format="float", dimensions=2)
+    assert floats.data[0].embedding == [2.0, 0.5]
+    assert (default.usage.prompt_tokens, floats.usage.prompt_tokens) == (12, 9)
+
+
+def test_images_parse_with_the_client(client: openai.OpenAI) -> None:
+    """/v1/images/generations answers n images as URLs or base64, as the client expects."""
+    urls = client.images.generate(model="dall-e-3", prompt="a fox", n=2)
+    assert [u.url.rsplit("/", 1)[-1] for u in urls.data] == ["0.png", "1.png"]
+    b64 = client.images.generate(model="gpt-image-1", prompt="a fox", response_format="b64_json")
+    assert b64.data[0].b64_json and b64.usage.output_tokens == 100
+    with pytest.raises(openai.BadRequestError):
+        client.images.generate(model="dall-e-3", prompt="a fox", n=11)

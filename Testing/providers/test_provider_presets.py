@@ -47,12 +47,14 @@ def test_every_seed_provider_has_a_preset():
 
 
 def test_without_variables_only_the_simulator_is_offered(no_provider_env):
-    """With no provider variable set (a fresh machine) the file loads and only `demo` is usable;
-    every other alias names the variables it is missing."""
+    """With no provider variable set (a fresh machine) the file loads and only the simulator's
+    `demo`, `demo-embed` and `demo-image` are usable; every other alias names the variables it
+    is missing (the Pollinations image API too, although it has an anonymous tier)."""
     manager = ProviderManager.from_file(str(MODELS_FILE))
     try:
         offered = [a for a, e in manager.catalog.models.items() if not manager.missing_configuration(e)]
-        assert offered == ["demo"]
+        assert offered == ["demo", "demo-embed", "demo-image"]
+        assert manager.missing_configuration(manager.catalog.models["pollinations-flux"]) == ["POLLINATIONS_API_KEY"]
         entry = manager.catalog.models["cf-llama-3.1-8b"]
         assert manager.missing_configuration(entry) == ["CLOUDFLARE_ACCOUNT_ID", "CLOUDFLARE_API_TOKEN"]
         assert manager.missing_configuration(manager.catalog.models["ollama-llama3.2"]) == ["OLLAMA_BASE_URL"]
@@ -68,7 +70,8 @@ def test_setting_a_key_offers_that_providers_models(no_provider_env):
     manager = ProviderManager.from_file(str(MODELS_FILE))
     try:
         offered = {a for a, e in manager.catalog.models.items() if not manager.missing_configuration(e)}
-        assert {"gemini-2.5-flash", "gemini-2.5-pro", "llama-3.3-70b", "demo"} == offered
+        assert {"gemini-2.5-flash", "gemini-2.5-pro", "gemini-embedding-001", "llama-3.3-70b", "demo", "demo-embed",
+                "demo-image"} == offered
         assert [d.provider for d in manager.model("llama-3.3-70b").deployments] == ["openrouter"]
         assert [d.provider for d in manager.model("llama-3.1-8b").deployments] == ["groq"]
     finally:

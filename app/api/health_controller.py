@@ -45,3 +45,9 @@ def health() -> Response:
     # Usage records waiting for PostgreSQL: the shared Redis list and this machine's spool files.
     status["usage_outbox"] = rt.usage_batcher.outbox_depth()
     return json_response(status, code)
+
+
+def ping() -> Response:
+    """GET /ping: the process answers (no database, Redis or key involved): for load
+    balancers and uptime checks that must stay cheap."""
+    return json_response({"status": "ok", "message": "pong"})

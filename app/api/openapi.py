@@ -78,6 +78,7 @@ class Operation:
     status: int = 200
     response: dict[str, Any] = field(default_factory=lambda: {"application/json": OBJECT})
     body: type[Schema] | None = None
+    body_schema: dict[str, Any] | None = None   # a plain JSON schema when no marshmallow schema validates it
     body_required: bool = True
     query: type[Schema] | None = None
     params: tuple[dict[str, Any], ...] = ()
@@ -97,8 +98,19 @@ OPERATIONS: tuple[Operation, ...] = (
     *(Operation(f"{prefix}/chat/completions", "post", "Create a chat completion (OpenAI wire format)", "key",
                 response=CHAT_RESPONSE, body=schemas.ChatCompletionSchema,
                 errors=KEY_ERRORS + (502, 504)) for prefix in ("/v1", "")),
-    *(Operation("/v1/models", method, "Models this key may use", "key", response={"application/json": LIST},
-                errors=(401, 403)) for method in ("get", "post")),
+    *(Operation(f"{prefix}/models", method, "Models this key may use", "key", response={"application/json": LIST},
+                errors=(401, 403)) for prefix in ("/v1", "") for method in ("get", "post")),
+    *(Operation(f"{prefix}/models/{{model_id}}", "get", "One model this key may use", "key", params=(MODEL_ID,),
+                errors=(401, 403, 404)) for prefix in ("/v1", "")),
+    *(Operation(f"{prefix}/embeddings", "post", "Create embeddings (OpenAI wire format)", "key", body_schema=OBJECT,
+                errors=KEY_ERRORS + (502, 504)) for prefix in ("/v1", "")),
+    *(Operation(path, "post", "Generate images (OpenAI wire format)", "key", body_schema=OBJECT,
+                errors=KEY_ERRORS + (502, 504)) for path in ("/v1/images/generations", "/images/generations", "/image")),
+    Operation("/api/chat", "post", "Chat in Ollama's wire format (NDJSON stream or one object)", "key",
+              response={"application/json": OBJECT, "application/x-ndjson": {"type": "string"}},
+              body=schemas.ApiChatSchema, errors=KEY_ERRORS + (502, 504)),
+    Operation("/api/health", "get", "Liveness and dependencies of this worker (same as /health)", "none"),
+    Operation("/ping", "get", "Liveness only", "none", response={"application/json": OBJECT, "text/plain": {"type": "string"}}),
     Operation("/v1/usage", "get", "Usage totals and groupings (JSON or CSV)", "any", query=schemas.UsageQuerySchema,
               response={"application/json": OBJECT, "text/csv": {"type": "string"}}, errors=KEY_ERRORS),
     Operation("/v1/usage", "post", "Usage totals and groupings, filters in a JSON body", "any",
@@ -161,7 +173,7 @@ def _operation(op: Operation) -> dict[str, Any]:
             continue
         responses[str(status)] = {"description": ERROR_TEXT[status], "content": {
             "application/json": {"schema": {"$ref": f"#/components/schemas/{op.error_schema}"}}}}
-    if op.path == "/health":
+    if op.path in ("/health", "/api/health"):
         responses["503"] = {"description": "A dependency is down (the body says which)",
                             "content": {"application/json": {"schema": OBJECT}}}
     security = op.security if op.security is not None else AUTH[op.auth]
@@ -172,9 +184,9 @@ def _operation(op: Operation) -> dict[str, Any]:
         params.append({"in": "query", "schema": op.query})
     if params:
         spec["parameters"] = params
-    if op.body is not None:
+    if op.body is not None or op.body_schema is not None:
         spec["requestBody"] = {"required": op.body_required,
-                               "content": {"application/json": {"schema": op.body}}}
+                               "content": {"application/json": {"schema": op.body or op.body_schema}}}
     return spec
 
 

@@ -299,6 +299,18 @@ class UsageQuerySchema(Schema):
     format = StrictString(validate=validate.OneOf(("json", "csv")))
 
 
+class ApiChatSchema(Schema):
+    """POST /api/chat: one message, optional model, system prompt and conversation id."""
+    class Meta:
+        unknown = RAISE
+
+    message = fields.String(required=True, validate=validate.Length(min=1))
+    model = fields.String(validate=validate.Length(min=1))
+    system = fields.String()
+    conversation = fields.String(validate=validate.Length(min=1, max=40))
+    stream = StrictBool()
+    max_tokens = fields.Integer(strict=True, validate=validate.Range(min=1, max=INT32_MAX))
+    temperature = StrictNumber(validate=validate.Range(min=0, max=2))
 class RequestsQuerySchema(Schema):
     """Query string of `GET /v1/requests` (scope parameters as for `/v1/usage`)."""
 
@@ -318,6 +330,7 @@ class RequestsQuerySchema(Schema):
 
 
 CHAT_SCHEMA = ChatCompletionSchema()
+API_CHAT_SCHEMA = ApiChatSchema()
 MESSAGES_SCHEMA = MessagesSchema()
 COUNT_TOKENS_SCHEMA = CountTokensSchema()
 API_KEY_CREATE_SCHEMA = ApiKeyCreateSchema()

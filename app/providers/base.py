@@ -144,10 +144,14 @@ class Completion:
 
 
 class Provider:
-    """Base class of every provider type. Subclasses set `type` and implement both calls."""
+    """Base class of every provider type. Subclasses set `type` and implement both calls;
+    those that serve embedding or image models say so in `kinds` and implement `embed` /
+    `generate_images`."""
 
     type: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()
+    kinds: ClassVar[frozenset[str]] = frozenset({"chat"})  # model kinds it serves (models.json `kind`)
+    token_input: ClassVar[bool] = False  # embeddings `input` may be token arrays (else text only)
 
     def __init__(self, name: str, settings: dict[str, Any], defaults: dict[str, Any]) -> None:
         self.name = name
@@ -163,6 +167,19 @@ class Provider:
 
     def stream(self, request: dict[str, Any]) -> Iterator[StreamPiece]:
         raise NotImplementedError
+
+    def embed(self, request: dict[str, Any]) -> Completion:
+        """An OpenAI embeddings request (`input` already a list of strings or of token lists)
+        -> a Completion whose body is OpenAI's embeddings list (vectors as float lists or
+        base64 strings) and whose usage is {"prompt_tokens", "total_tokens"} when the
+        provider reported it, else None."""
+        raise ProviderBadRequest(f"provider type {self.type!r} does not serve embeddings")
+
+    def generate_images(self, request: dict[str, Any]) -> Completion:
+        """An OpenAI images/generations request -> a Completion whose body is OpenAI's images
+        answer ({"created", "data": [{"url"} or {"b64_json"}]}); usage as for chat when the
+        provider reports tokens, else None."""
+        raise ProviderBadRequest(f"provider type {self.type!r} does not generate images")
 
     def close(self) -> None:
         """Release pooled connections."""
@@ -207,6 +224,30 @@ def expand_env(template: str) -> tuple[str, list[str]]:
         return value
 
     return _ENV_REF.sub(sub, template), missing
+
+
+def embeddings_body(model: str, vectors: list[Any], prompt_tokens: int | None) -> Completion:
+    """OpenAI's embeddings answer for `vectors` (in input order), with usage when known."""
+    body: dict[str, Any] = {"object": "list", "model": model,
+                            "data": [{"object": "embedding", "index": i, "embedding": v}
+                                     for i, v in enumerate(vectors)]}
+    usage = None
+    if prompt_tokens is not None:
+        usage = body["usage"] = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
+    return Completion(body=body, usage=usage)
+
+
+def image_size(size: Any) -> tuple[int, int]:
+    """(width, height) of an OpenAI `size` ("1024x1536"); 1024x1024 for none or "auto"."""
+    if size in (None, "auto"):
+        return 1024, 1024
+    try:
+        width, height = (int(v) for v in str(size).lower().split("x"))
+    except ValueError:
+        raise ProviderBadRequest(f"size must be WIDTHxHEIGHT such as 1024x1024, got {size!r}") from None
+    if width <= 0 or height <= 0:
+        raise ProviderBadRequest(f"size must be WIDTHxHEIGHT such as 1024x1024, got {size!r}")
+    return width, height
 
 
 def not_configured(name: str, missing: list[str]) -> ProviderNotConfigured:

@@ -20,6 +20,10 @@ class CatalogError(ValueError):
     """models.json is unreadable or invalid; the message names the entry."""
 
 
+# What a model does, and so which endpoint may call it (`kind` in models.json, default chat).
+MODEL_KINDS = ("chat", "embedding", "image")
+
+
 @dataclass(frozen=True)
 class Pricing:
     input_per_mtok: Decimal = Decimal(0)
@@ -29,6 +33,8 @@ class Pricing:
     # the plain input price.
     cached_input_per_mtok: Decimal | None = None
     cache_write_per_mtok: Decimal | None = None
+    per_image: Decimal = Decimal(0)                             # USD per generated image
+    per_image_by_size: tuple[tuple[str, Decimal], ...] = ()     # ("1024x1024", price) overrides
 
     def cost(self, prompt_tokens: int, completion_tokens: int, *, cached_tokens: int = 0,
              cache_write_tokens: int = 0) -> Decimal:
@@ -40,6 +46,14 @@ class Pricing:
         return (self.input_per_mtok * fresh + cached_price * cached_tokens + write_price * cache_write_tokens
                 + self.output_per_mtok * completion_tokens) / MTOK
 
+    def image_price(self, size: str | None) -> Decimal:
+        """The price of one image of `size` ("1024x1024"): its own price if the model lists
+        one, else `per_image`."""
+        for listed, price in self.per_image_by_size:
+            if listed == size:
+                return price
+        return self.per_image
+
 
 @dataclass(frozen=True)
 class Deployment:
@@ -50,6 +64,9 @@ class Deployment:
     rpm: int | None = None
     tpm: int | None = None
     rpd: int | None = None
+    # At its quota, a request waits this long (seconds) for a slot, in arrival order, instead
+    # of being refused (None: the model's default; 0: refuse at once).
+    queue_timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +84,14 @@ class ModelEntry:
     # Rank among the models of a category alias (small/big/auto): lower first. Defaults to the
     # best priority of the model's deployments.
     priority: int = 1
+    kind: str = "chat"  # chat | embedding | image: the endpoint that may call it
+    # Default `queue_timeout_s` of its deployments (0: no waiting).
+    queue_timeout_s: float = 0.0
+
+    def queue_timeout_for(self, deployment: Deployment) -> float:
+        """How long a request may wait for `deployment`'s quota (0: refused at once)."""
+        own = deployment.queue_timeout_s
+        return own if own is not None else self.queue_timeout_s
 
 
 @dataclass(frozen=True)
@@ -99,6 +124,14 @@ def _pos_int(value: Any, where: str, optional: bool = False) -> int | None:
     return value
 
 
+def _seconds(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
+        raise CatalogError(f"{where}: must be a non-negative number of seconds, got {value!r}")
+    return float(value)
+
+
 def _deployment(raw: Any, where: str, providers: dict[str, dict]) -> Deployment:
     if not isinstance(raw, dict):
         raise CatalogError(f"{where}: must be an object with 'provider' and 'model'")
@@ -115,12 +148,13 @@ def _deployment(raw: Any, where: str, providers: dict[str, dict]) -> Deployment:
         rpm=_pos_int(raw.get("rpm"), f"{where}.rpm", optional=True),
         tpm=_pos_int(raw.get("tpm"), f"{where}.tpm", optional=True),
         rpd=_pos_int(raw.get("rpd"), f"{where}.rpd", optional=True),
+        queue_timeout_s=_seconds(raw.get("queue_timeout_s"), f"{where}.queue_timeout_s"),
     )
 
 
 OPTIONAL_PRICES = ("cached_input_per_mtok", "cache_write_per_mtok")
 _MODEL_KEYS = {"deployments", "context_window", "max_output_tokens", "pricing", "tokenizer",
-               "category", "owned_by", "fallbacks", "priority"}
+               "category", "owned_by", "fallbacks", "priority", "queue_timeout_s", "kind"}
 # Per-provider HTTP timeouts (seconds): connect, read (between two bytes, also the stream's idle
 # timeout; `timeout_s` is its older name) and total (the whole upstream call, stream included).
 TIMEOUT_KEYS = ("connect_timeout_s", "timeout_s", "read_timeout_s", "total_timeout_s")
@@ -138,17 +172,17 @@ def _model(alias: str, raw: Any, providers: dict[str, dict]) -> ModelEntry:
     pricing_raw = raw.get("pricing", {})
     if not isinstance(pricing_raw, dict):
         raise CatalogError(f"{where}.pricing: must be an object")
-    pricing = Pricing(
-        input_per_mtok=_decimal(pricing_raw.get("input_per_mtok", "0"), f"{where}.pricing.input_per_mtok"),
-        output_per_mtok=_decimal(pricing_raw.get("output_per_mtok", "0"), f"{where}.pricing.output_per_mtok"),
-        **{name: _decimal(pricing_raw[name], f"{where}.pricing.{name}")
-           for name in OPTIONAL_PRICES if pricing_raw.get(name) is not None},
-    )
+    pricing = _pricing(pricing_raw, f"{where}.pricing")
+    kind = raw.get("kind", "chat")
+    if kind not in MODEL_KINDS:
+        raise CatalogError(f"{where}.kind: must be one of {', '.join(MODEL_KINDS)}, got {kind!r}")
     tokenizer = raw.get("tokenizer", "o200k_base")
     if tokenizer not in KNOWN_TOKENIZERS:
         raise CatalogError(f"{where}.tokenizer: {tokenizer!r} is not shipped in data/tokenizers "
                            f"({', '.join(sorted(KNOWN_TOKENIZERS))})")
     category = raw.get("category")
+    if category is not None and kind != "chat":
+        raise CatalogError(f"{where}.category: only chat models belong to a category (this one is {kind!r})")
     if category is not None and category not in ("small", "big"):
         raise CatalogError(f"{where}.category: must be \"small\" or \"big\", got {category!r}")
     fallbacks = raw.get("fallbacks", [])
@@ -162,6 +196,21 @@ def _model(alias: str, raw: Any, providers: dict[str, dict]) -> ModelEntry:
         max_output_tokens=max_output or 0, pricing=pricing, tokenizer=tokenizer,
         category=category, owned_by=raw.get("owned_by"), fallbacks=tuple(fallbacks),
         extra={k: v for k, v in raw.items() if k not in _MODEL_KEYS}, priority=priority or 1,
+        queue_timeout_s=_seconds(raw.get("queue_timeout_s"), f"{where}.queue_timeout_s") or 0.0, kind=kind,
+    )
+
+
+def _pricing(raw: dict[str, Any], where: str) -> Pricing:
+    by_size = raw.get("per_image_by_size", {})
+    if not isinstance(by_size, dict) or not all(isinstance(k, str) for k in by_size):
+        raise CatalogError(f"{where}.per_image_by_size: must be an object of size (\"1024x1024\") -> price")
+    return Pricing(
+        input_per_mtok=_decimal(raw.get("input_per_mtok", "0"), f"{where}.input_per_mtok"),
+        output_per_mtok=_decimal(raw.get("output_per_mtok", "0"), f"{where}.output_per_mtok"),
+        per_image=_decimal(raw.get("per_image", "0"), f"{where}.per_image"),
+        per_image_by_size=tuple((size, _decimal(price, f"{where}.per_image_by_size.{size}"))
+                                for size, price in by_size.items()),
+        **{name: _decimal(raw[name], f"{where}.{name}") for name in OPTIONAL_PRICES if raw.get(name) is not None},
     )
 
 
@@ -187,6 +236,9 @@ def parse_catalog(data: Any, created: int = 0) -> Catalog:
         for fb in entry.fallbacks:
             if fb not in models:
                 raise CatalogError(f"models.{alias}.fallbacks: unknown alias {fb!r}")
+            if models[fb].kind != entry.kind:
+                raise CatalogError(f"models.{alias}.fallbacks: {fb!r} is a {models[fb].kind} model, "
+                                   f"{alias!r} a {entry.kind} model")
     return Catalog(providers=providers, models=models, created=created)
 
 

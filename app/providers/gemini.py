@@ -22,9 +22,10 @@ import re
 from typing import Any
 from urllib.parse import quote
 
-from app.providers.base import (ProviderAuthError, ProviderBadRequest, ProviderContextTooLong,
+from app.providers.base import (Completion, ProviderAuthError, ProviderBadRequest, ProviderContextTooLong,
                                 ProviderError, ProviderNotFound, ProviderRateLimited, ProviderUnavailable,
-                                StreamPiece, error_for_status, parse_retry_after, redact, register)
+                                StreamPiece, embeddings_body, error_for_status, parse_retry_after, redact,
+                                register)
 from app.providers.native_http import (ChunkFactory, NativeHTTPProvider, StreamTranslator, choice,
                                        completion_body, content_parts, forced_tool, function_tools,
                                        image_source, json_or_none, new_id, openai_usage, parse_arguments,
@@ -271,6 +272,7 @@ def gemini_error(status: int, parsed: Any, headers: Any) -> ProviderError:
 @register
 class GeminiProvider(NativeHTTPProvider):
     type = "gemini"
+    kinds = frozenset({"chat", "embedding"})
     from_upstream = staticmethod(from_gemini)
     stream_batches = staticmethod(sse_batches)
     stream_translator = GeminiStream
@@ -287,6 +289,27 @@ class GeminiProvider(NativeHTTPProvider):
 
     def upstream_error(self, status: int, body: bytes, headers: Any) -> ProviderError:
         return gemini_error(status, json_or_none(body), headers)
+
+    def embed(self, request: dict[str, Any]) -> Completion:
+        """`models/{model}:batchEmbedContents`, one EmbedContentRequest per input (text only);
+        `dimensions` -> `outputDimensionality`. The Gemini API reports no token usage for
+        embeddings (the gateway counts them) unless the answer has `usageMetadata`."""
+        self.require_configured()
+        model = str(request["model"]).removeprefix("models/")
+        one: dict[str, Any] = {"model": f"models/{model}"}
+        if request.get("dimensions") is not None:
+            one["outputDimensionality"] = request["dimensions"]
+        body = {"requests": [{**one, "content": {"parts": [{"text": text}]}} for text in request["input"]]}
+        path = f"/models/{quote(model, safe='-._~')}:batchEmbedContents"
+        answer = self.read_json(self.post(path, json.dumps(body, separators=(",", ":")).encode(),
+                                          self.headers(False)))
+        with self.translating():
+            vectors = [e["values"] for e in answer["embeddings"]]
+            if len(vectors) != len(request["input"]):
+                raise ValueError("one embedding per input")
+            meta = answer.get("usageMetadata")
+            prompt = meta.get("promptTokenCount") if isinstance(meta, dict) else None
+            return embeddings_body(model, vectors, prompt if isinstance(prompt, int) else None)
 
     def _post(self, request: dict[str, Any], stream: bool):
         self.require_configured()

@@ -204,12 +204,19 @@ class HTTPPool:
 
     def post(self, path: str, body: bytes, headers: dict[str, str]) -> PooledResponse:
         """POST and read the status and headers; the body is read from the answer."""
+        return self.request("POST", path, body, headers)
+
+    def get(self, path: str, headers: dict[str, str]) -> PooledResponse:
+        """GET (`path` may carry a query string); the body is read from the answer."""
+        return self.request("GET", path, None, headers)
+
+    def request(self, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> PooledResponse:
         total = self.total_timeout
         deadline = time.monotonic() + total if total else None
         for attempt in (0, 1):
             conn, reused = self._get()
             try:
-                conn.request("POST", self.base_path + path, body=body, headers=headers)
+                conn.request(method, self.base_path + path, body=body, headers=headers)
                 if deadline is not None and total < self.read_timeout:  # type: ignore[operator]
                     conn.sock.settimeout(max(0.001, deadline - time.monotonic()))
                     response = conn.getresponse()

@@ -62,6 +62,8 @@ class NativeHTTPProvider(Provider):
         self.base_url = base_url.rstrip("/")
         self.api_key_env: str | None = settings.get("api_key_env")
         register_secret_env(self.api_key_env)
+        # models.json may say whether the key is needed (a provider with an anonymous tier).
+        self.key_required = bool(settings.get("key_required", type(self).key_required))
         self.timeouts = http_timeouts(settings, defaults)
         self.pool = self.new_pool(self.base_url if not self._missing_url else "http://unconfigured.invalid")
         self.static_headers = {"Content-Type": "application/json", "Accept": "application/json",

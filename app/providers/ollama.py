@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from app.providers.base import (ProviderBadRequest, ProviderError, ProviderNotFound,
-                                ProviderUnavailable, StreamPiece, error_for_status, parse_retry_after,
-                                redact, register)
+from app.providers.base import (Completion, ProviderBadRequest, ProviderError, ProviderNotFound,
+                                ProviderUnavailable, StreamPiece, embeddings_body, error_for_status,
+                                parse_retry_after, redact, register)
 from app.providers.native_http import (ChunkFactory, NativeHTTPProvider, StreamTranslator, choice,
                                        completion_body, content_parts, image_source, json_or_none, new_id,
                                        ndjson_batches, openai_usage, parse_arguments, single_choice_only,
@@ -159,6 +159,7 @@ class OllamaStream(StreamTranslator):
 @register
 class OllamaProvider(NativeHTTPProvider):
     type = "ollama"
+    kinds = frozenset({"chat", "embedding"})
     from_upstream = staticmethod(from_ollama)
     stream_batches = staticmethod(ndjson_batches)
     stream_translator = OllamaStream
@@ -182,6 +183,25 @@ class OllamaProvider(NativeHTTPProvider):
             return ProviderNotFound(f"{message} (run `ollama pull <model>` on the Ollama host)",
                                     upstream_status=status, code="model_not_found")
         return error_for_status(status, message, retry_after=parse_retry_after(headers.get("Retry-After")))
+
+    def embed(self, request: dict[str, Any]) -> Completion:
+        """`POST /api/embed` with every input at once (text only); `dimensions` passed on;
+        `prompt_eval_count` is the usage."""
+        self.require_configured()
+        body: dict[str, Any] = {"model": request["model"], "input": request["input"]}
+        if request.get("dimensions") is not None:
+            body["dimensions"] = request["dimensions"]
+        answer = self.read_json(self.post("/api/embed", json.dumps(body, separators=(",", ":")).encode(),
+                                          self.headers(False)))
+        with self.translating():
+            if "error" in answer:
+                raise ProviderUnavailable(redact(str(answer["error"])))
+            vectors = answer["embeddings"]
+            if not isinstance(vectors, list) or len(vectors) != len(request["input"]):
+                raise ValueError("one embedding per input")
+            prompt = answer.get("prompt_eval_count")
+            return embeddings_body(str(answer.get("model") or request["model"]), vectors,
+                                   prompt if isinstance(prompt, int) else None)
 
     def _post(self, request: dict[str, Any], stream: bool):
         self.require_configured()

@@ -89,6 +89,8 @@ class HTTPStream:
 class OpenAICompatibleProvider(Provider):
     type = "openai"
     aliases = ("openai_compatible",)
+    kinds = frozenset({"chat", "embedding", "image"})
+    token_input = True
 
     def __init__(self, name: str, settings: dict[str, Any], defaults: dict[str, Any]) -> None:
         super().__init__(name, settings, defaults)
@@ -126,7 +128,7 @@ class OpenAICompatibleProvider(Provider):
             missing.append(self.api_key_env)
         return missing
 
-    def _post(self, payload: dict[str, Any], stream: bool) -> PooledResponse:
+    def _post(self, payload: dict[str, Any], stream: bool, path: str = "/chat/completions") -> PooledResponse:
         missing = self.missing_configuration()
         if missing:
             raise not_configured(self.name, missing)
@@ -134,10 +136,11 @@ class OpenAICompatibleProvider(Provider):
         headers = self.headers()
         if stream:
             headers["Accept"] = "text/event-stream"
-        return post_checked(self.pool, "/chat/completions", body, headers, self.name, upstream_error)
+        return post_checked(self.pool, path, body, headers, self.name, upstream_error)
 
-    def complete(self, request: dict[str, Any]) -> Completion:
-        resp = self._post(request, stream=False)
+    def _answer(self, payload: dict[str, Any], path: str, field: str) -> tuple[bytes, dict[str, Any]]:
+        """POST `payload` to `path`; the answer's bytes and JSON object, which must have `field`."""
+        resp = self._post(payload, stream=False, path=path)
         try:
             data = resp.read()
         except OSError as exc:
@@ -146,10 +149,31 @@ class OpenAICompatibleProvider(Provider):
             body = json.loads(data)
         except ValueError:
             raise ProviderUnavailable(f"provider {self.name!r} sent a body that is not JSON") from None
-        if not isinstance(body, dict) or "choices" not in body:
-            raise ProviderUnavailable(f"provider {self.name!r} sent no choices")
+        if not isinstance(body, dict) or field not in body:
+            raise ProviderUnavailable(f"provider {self.name!r} sent no {field}")
+        return data, body
+
+    def complete(self, request: dict[str, Any]) -> Completion:
+        data, body = self._answer(request, "/chat/completions", "choices")
         usage = body.get("usage") if isinstance(body.get("usage"), dict) else None
         return Completion(body=body, raw=data, usage=usage)
+
+    def embed(self, request: dict[str, Any]) -> Completion:
+        """POST {base}/embeddings as it is (token arrays, dimensions, encoding_format, user)."""
+        _, body = self._answer(request, "/embeddings", "data")
+        usage = body.get("usage")
+        return Completion(body=body, usage=usage if isinstance(usage, dict) else None)
+
+    def generate_images(self, request: dict[str, Any]) -> Completion:
+        """POST {base}/images/generations as it is. gpt-image models report token usage
+        (input_tokens/output_tokens), kept as prompt/completion tokens."""
+        _, body = self._answer(request, "/images/generations", "data")
+        usage = body.get("usage")
+        if isinstance(usage, dict) and isinstance(usage.get("input_tokens"), int):
+            usage = {"prompt_tokens": usage["input_tokens"],
+                     "completion_tokens": int(usage.get("output_tokens") or 0),
+                     "total_tokens": int(usage.get("total_tokens") or 0)}
+        return Completion(body=body, usage=usage if isinstance(usage, dict) else None)
 
     def stream(self, request: dict[str, Any]) -> HTTPStream:
         payload = dict(request)

@@ -31,6 +31,12 @@ class ProviderManager:
         self._caps: dict[str, dict[str, int]] = {}
         for entry in catalog.models.values():
             for dep in entry.deployments:
+                kind = catalog.providers[dep.provider]["type"]
+                served = provider_class(kind).kinds
+                if entry.kind not in served:  # e.g. an embedding model on an anthropic provider
+                    raise CatalogError(f"models.{entry.alias}.deployments: provider {dep.provider!r} (type "
+                                       f"{kind!r}) serves no {entry.kind} models, only "
+                                       f"{', '.join(sorted(served))}")
                 self._caps.setdefault(dep.provider, {}).setdefault(dep.model, entry.max_output_tokens)
 
     @classmethod

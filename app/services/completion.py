@@ -27,16 +27,18 @@ import threading
 import time
 import uuid
 from dataclasses import replace
+from decimal import Decimal
 from inspect import GEN_CREATED, getgeneratorstate
 from typing import Any, Callable, Generator, Iterator, Optional
 
-from app.errors import APIError, ModelNotFound, PermissionDenied, api_error_for, limit_error
+from app.errors import APIError, ClientGone, InvalidRequest, ModelNotFound, PermissionDenied, api_error_for, limit_error
 from app.providers.base import (Completion, Provider, ProviderError, ProviderUnavailable, StreamPiece,
                                 not_configured)
 from app.providers.catalog import Deployment, ModelEntry
 from app.services.rate_limit_service import LimiterUnavailable, deployment_quota, key_limits, to_nano
-from app.services.router import Candidate, ContextTooLong, RequestSize
+from app.services.router import Candidate, ContextTooLong, NoDeploymentAvailable, RequestSize
 from app.services.settlement_service import FOLD_BYTES, CompletionTrace, piece_bytes as _piece_bytes, usable_usage
+from app.utils import client_connection
 from app.utils.streaming import with_heartbeat
 from app.utils.token_counter import IMAGE_TOKENS_HIGH, count_prompt, image_parts
 
@@ -73,19 +75,35 @@ class CompletionRun:
     @classmethod
     def begin(cls, rt: Any, key: Any, body: dict[str, Any], endpoint: str = "chat.completions", *,
               request_id: str | None = None, body_bytes: int | None = None,
-              deployment: Deployment | None = None, hold_slot: bool = True) -> "CompletionRun":
+              deployment: Deployment | None = None, hold_slot: bool = True,
+              prompt_tokens: int | None = None, output_tokens: int | None = None,
+              flat_cost: Decimal | None = None) -> "CompletionRun":
         """Resolve `body["model"]`, check the key may use it and that the request fits a model,
         and reserve the key's limits. Raises APIError (nothing is held then).
 
         `endpoint` is written to the usage row. `body_bytes`: the request's size as received
         (bounds the prompt's tokens without counting them). `deployment` pins the run to one
         deployment of the alias (no router: uptime probes); `hold_slot=False` takes no
-        concurrency slot (the further probes of one probe round)."""
+        concurrency slot (the further probes of one probe round).
+
+        Requests that are not chat (embeddings, images) say what to reserve: `prompt_tokens`
+        (their input, counted by the caller; also billed when the provider reports no usage),
+        `output_tokens` (0: nothing is generated as text) and `flat_cost` (USD added to the
+        token price: images' per-image price; the caller may change `run.trace.flat_cost`
+        once it knows what was produced; billed only when the run ends ok). The model's
+        `kind` must be the endpoint's (embedding for "embeddings", image for "images", chat
+        for the others): else 400."""
         alias = body["model"]
         router = rt.router
-        if rt.providers.catalog.get(alias) is None and not router.is_category(alias):
+        entry = rt.providers.catalog.get(alias)
+        if entry is None and not router.is_category(alias):
             raise ModelNotFound(f"The model '{alias}' does not exist on this gateway. "
                                 "GET /v1/models lists the available models.", param="model")
+        wanted, kind = ENDPOINT_KINDS.get(endpoint, "chat"), entry.kind if entry is not None else "chat"
+        if kind != wanted:
+            raise InvalidRequest(f"The model '{alias}' is {_a(kind)} model; this endpoint ({endpoint}) serves "
+                                 f"{wanted} models only. GET /v1/models lists the models.",
+                                 param="model", code="model_not_supported")
         if not key.may_use(alias):
             raise PermissionDenied(f"This API key may not use the model '{alias}'.", param="model",
                                    code="model_not_allowed")
@@ -106,7 +124,8 @@ class CompletionRun:
         trace = CompletionTrace(request_id=request_id or "req_" + uuid.uuid4().hex, key=key,
                                 entry=models[0], deployment=deployment, request=body,
                                 streamed=bool(body.get("stream")), endpoint=endpoint)
-        trace.prompt_estimate = prompt
+        trace.prompt_estimate = prompt if prompt_tokens is None else prompt_tokens
+        trace.output_estimate, trace.flat_cost = output_tokens, flat_cost
         run = cls(rt, trace, models, deployment)
         run._admit(hold_slot)
         return run
@@ -132,13 +151,17 @@ class CompletionRun:
         """(tokens, nano-dollars) to reserve: everything the provider bills as prompt (messages,
         images, tools, functions, a response_format schema: `count_prompt`, counted once per run)
         plus the output cap (max_completion_tokens, max_tokens, else the model's
-        max_output_tokens) times the number of choices `n`, priced."""
+        max_output_tokens) times the number of choices `n`, priced, plus the flat cost (images).
+        Non-chat runs give their own output estimate (`output_tokens` of `begin`)."""
         trace = self.trace
         body, entry = trace.request, trace.entry
         if trace.prompt_estimate is None:
             trace.prompt_estimate = count_prompt(body, entry.tokenizer)
-        output = _output_cap(body, entry.max_output_tokens) * _choices(body)
-        return trace.prompt_estimate + output, to_nano(entry.pricing.cost(trace.prompt_estimate, output))
+        output = trace.output_estimate
+        if output is None:
+            output = _output_cap(body, entry.max_output_tokens) * _choices(body)
+        cost = entry.pricing.cost(trace.prompt_estimate, output) + (trace.flat_cost or 0)
+        return trace.prompt_estimate + output, to_nano(cost)
 
     # -- what the caller sees ------------------------------------------------------------------
 
@@ -239,9 +262,12 @@ class CompletionRun:
             router = self.rt.router
             cand, result = router.dispatch(router.candidates(self.models), self._attempt(call),
                                            started=self.trace.started, reserve=self._reserve,
-                                           release=self._release_quota)
+                                           release=self._release_quota, wait=self._wait_for_quota)
             self._candidate = cand
             return result
+        except ClientGone:
+            self._finish(*_DISCONNECTED)
+            raise
         except BaseException as exc:
             kind = exc.kind if isinstance(exc, ProviderError) else "internal"
             self._finish("error", kind)
@@ -284,6 +310,30 @@ class CompletionRun:
             return False
         trace.quota, trace.quota_tokens = quota, tokens
         return True
+
+    def _wait_for_quota(self, at_quota: list[Candidate]) -> Candidate:
+        """Every deployment was at its quota: wait in the queue of the first one (routing
+        order) that declares a `queue_timeout_s`. Raises NoDeploymentAvailable (429 with
+        Retry-After) when none does or no slot came in time, ClientGone when the client hung
+        up while waiting. The key's admission (its concurrency slot) is held meanwhile."""
+        for cand in at_quota:
+            timeout = cand.entry.queue_timeout_for(cand.deployment)
+            quota = deployment_quota(cand.deployment)
+            if timeout > 0 and quota is not None:
+                break
+        else:
+            raise NoDeploymentAvailable(len(at_quota), 0, 0.0)
+        trace = self.trace
+        trace.entry, trace.deployment = cand.entry, cand.deployment
+        tokens = self._estimate()[0] if quota.tpm else 0
+        outcome = self.rt.limiter.deployment_wait(quota, tokens, trace.request_id, timeout,
+                                                  client_connection.gone)
+        if outcome.client_gone:
+            raise ClientGone()
+        if not outcome.admitted:
+            raise NoDeploymentAvailable(len(at_quota), 0, outcome.retry_after_s, queued_for_s=timeout)
+        trace.quota, trace.quota_tokens = quota, tokens
+        return cand
 
     def _release_quota(self, cand: Candidate) -> None:
         """The deployment failed and the request moves on: its quota reservation goes back."""
@@ -392,6 +442,14 @@ class CompletionRun:
         if status != "ok":
             trace.status, trace.error_type = status, error_type
         settlement.settle(trace, record=self._attempted)
+
+
+# The model kind each endpoint calls (models.json `kind`); every other endpoint calls chat models.
+ENDPOINT_KINDS = {"embeddings": "embedding", "images": "image"}
+
+
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
 
 
 def _refusal(exc: Exception) -> APIError:

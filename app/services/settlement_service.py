@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import update
@@ -56,6 +57,8 @@ class CompletionTrace:
     status: str = "ok"                       # ok | error | client_disconnected
     error_type: str | None = None
     prompt_estimate: int | None = None       # tiktoken count made for admission, reused
+    output_estimate: int | None = None       # output tokens to reserve when not the max_tokens cap (0: embeddings)
+    flat_cost: Decimal | None = None         # USD on top of the token price (images), billed when ok
     admission: Admission | None = None       # the key's reservation, settled here
     quota: DeploymentQuota | None = None     # the deployment's provider quota, if it has one
     quota_tokens: int = 0                    # tokens reserved on that quota
@@ -158,6 +161,11 @@ def usage_figures(trace: CompletionTrace) -> tuple[int, int, bool]:
     return prompt, trace.folded_tokens + count_text(_completion_text(trace), trace.entry.tokenizer), True
 
 
+def flat_cost(trace: CompletionTrace) -> Decimal:
+    """The run's price beyond tokens (images), billed only for a run that ended ok."""
+    return trace.flat_cost if trace.flat_cost is not None and trace.status == "ok" else Decimal(0)
+
+
 class Settlement:
     def __init__(self, writer: UsageBatcher, engine: Engine, last_used: LastUsedTracker,
                  limiter: RateLimitService) -> None:
@@ -177,7 +185,7 @@ class Settlement:
             upstream_model=trace.deployment.model if trace.deployment else None,
             prompt_tokens=prompt, completion_tokens=completion,
             cost_usd=trace.entry.pricing.cost(prompt, completion, cached_tokens=cached or 0,
-                                              cache_write_tokens=cache_write or 0),
+                                              cache_write_tokens=cache_write or 0) + flat_cost(trace),
             status=trace.status, error_type=trace.error_type, streamed=trace.streamed,
             latency_ms=int((now - trace.started) * 1000),
             ttft_ms=int((trace.first_byte_at - trace.started) * 1000) if trace.first_byte_at else None,
