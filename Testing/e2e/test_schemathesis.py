@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
@@ -16,7 +17,8 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
                                                status_code_conformance)
 
-from Testing.support import SYSTEM_SECRET, http_json
+from Testing.conftest import app_config
+from Testing.support import SYSTEM_SECRET, GatewayProcess, http_json
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "12"))  # raise it for a longer hunt (80: ~1 min more)
@@ -28,6 +30,16 @@ def _key(gateway) -> str:
                                 {"X-System-Secret": SYSTEM_SECRET})
     assert status == 201, body
     return body["key"]
+
+
+@pytest.fixture(scope="module")
+def gateway(pg_url, models_file, tmp_path_factory):
+    """The gateway under gunicorn (2 workers); /api/chat without a model answers with the offline
+    `demo` model (the test models' default category holds scripted upstream failures)."""
+    env = {k: str(v) for k, v in app_config(pg_url, models_file, API_CHAT_DEFAULT_MODEL="demo").items()}
+    proc = GatewayProcess(env, workers=2, log_path=tmp_path_factory.mktemp("fuzz") / "gunicorn.log").start()
+    yield proc
+    proc.stop()
 
 
 def test_generated_requests_get_no_5xx_and_match_the_description(gateway, clean_db):

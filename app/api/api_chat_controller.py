@@ -53,7 +53,7 @@ def api_chat() -> Response:
 def _figures(run: CompletionRun) -> dict[str, Any]:
     """The model that answered, the usage billed and its cost (as the usage row has them)."""
     trace = run.trace
-    prompt, completion = usage_figures(trace)
+    prompt, completion, _estimated = usage_figures(trace)
     return {"model": trace.entry.alias,
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
             "cost_usd": format_money(trace.entry.pricing.cost(prompt, completion))}
