@@ -1,0 +1,200 @@
+"""A chat-completions stream -> the Responses API event stream.
+
+One `ChatStreamToResponses` per request consumes the completion run's `StreamPiece`s (OpenAI
+`chat.completion.chunk`s) and returns the SSE bytes of OpenAI's Responses events, numbered by
+`sequence_number`:
+
+    response.created, response.in_progress,
+    per text answer:  response.output_item.added (message), response.content_part.added,
+                      response.output_text.delta..., response.output_text.done,
+                      response.content_part.done, response.output_item.done
+    per tool call:    response.output_item.added (function_call),
+                      response.function_call_arguments.delta..., .done, response.output_item.done
+    response.completed (or response.incomplete when the answer was cut by max_output_tokens or
+    a content filter) carrying the whole response with its usage;
+    on an upstream failure mid-stream: error, then response.failed.
+
+It also assembles the final `response` object (`.response`), which is what gets stored. Events
+are formatted from templates (the payloads are small and fixed; only strings go through
+json.dumps): this runs once per upstream chunk on the hot path.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from app.providers.base import StreamPiece
+from app.translate.chat_to_responses import base_response, finish, new_item_id
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def sse(kind: str, data: str) -> bytes:
+    """One Responses SSE event (OpenAI sends the type both as `event:` and in the data)."""
+    return f"event: {kind}\ndata: {data}\n\n".encode()
+
+
+class ChatStreamToResponses:
+    def __init__(self, request: dict[str, Any], response_id: str, created_at: int, model: str) -> None:
+        self.response = base_response(request, response_id, created_at, model)
+        self.items: list[dict[str, Any]] = []
+        self.seq = -1
+        self._open: dict[str, Any] | None = None   # the message item receiving text deltas
+        self._text: list[str] = []
+        self._calls: dict[int, dict[str, Any]] = {}  # chat tool-call index -> its item
+        self._args: dict[int, list[str]] = {}
+        self._call_open: int | None = None            # chat index of the call receiving deltas
+        self.finish_reason: str | None = None
+        self.usage: dict[str, Any] | None = None
+
+    def _next(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def _lifecycle(self, kind: str) -> bytes:
+        return sse(kind, '{"type":"%s","sequence_number":%d,"response":%s}'
+                   % (kind, self._next(), _dumps(self.response)))
+
+    def _item_event(self, kind: str, item: dict[str, Any]) -> bytes:
+        return sse(kind, '{"type":"%s","sequence_number":%d,"output_index":%d,"item":%s}'
+                   % (kind, self._next(), item["_index"], _dumps(_public(item))))
+
+    def start(self) -> list[bytes]:
+        """response.created and response.in_progress."""
+        return [self._lifecycle("response.created"), self._lifecycle("response.in_progress")]
+
+    def feed(self, piece: StreamPiece) -> list[bytes]:
+        """The events of one upstream piece (often none: role-only and usage chunks)."""
+        if piece.usage is not None:
+            self.usage = piece.usage
+        chunk = piece.chunk if piece.chunk is not None else json.loads(piece.data())
+        if chunk.get("model"):
+            self.response["model"] = chunk["model"]
+        out: list[bytes] = []
+        for choice in chunk.get("choices") or ():
+            if choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            text = delta.get("content")
+            if text:
+                self._text_delta(text, out)
+            for call in delta.get("tool_calls") or ():
+                self._call_delta(call, out)
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+        return out
+
+    def _add(self, item: dict[str, Any], out: list[bytes]) -> dict[str, Any]:
+        item["_index"] = len(self.items)
+        self.items.append(item)
+        out.append(self._item_event("response.output_item.added", item))
+        return item
+
+    def _text_delta(self, text: str, out: list[bytes]) -> None:
+        self._close_call(out)
+        item = self._open
+        if item is None:
+            item = self._open = self._add({"id": new_item_id("msg"), "type": "message", "status": "in_progress",
+                                           "role": "assistant", "content": []}, out)
+            self._text = []
+            out.append(sse("response.content_part.added",
+                           '{"type":"response.content_part.added","sequence_number":%d,"item_id":"%s",'
+                           '"output_index":%d,"content_index":0,"part":{"type":"output_text","text":"",'
+                           '"annotations":[],"logprobs":[]}}' % (self._next(), item["id"], item["_index"])))
+        self._text.append(text)
+        out.append(sse("response.output_text.delta",
+                       '{"type":"response.output_text.delta","sequence_number":%d,"item_id":"%s",'
+                       '"output_index":%d,"content_index":0,"delta":%s,"logprobs":[]}'
+                       % (self._next(), item["id"], item["_index"], _dumps(text))))
+
+    def _close_text(self, out: list[bytes], status: str = "completed") -> None:
+        item = self._open
+        if item is None:
+            return
+        self._open = None
+        text = "".join(self._text)
+        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+        item["content"], item["status"] = [part], status
+        out.append(sse("response.output_text.done",
+                       '{"type":"response.output_text.done","sequence_number":%d,"item_id":"%s",'
+                       '"output_index":%d,"content_index":0,"text":%s,"logprobs":[]}'
+                       % (self._next(), item["id"], item["_index"], _dumps(text))))
+        out.append(sse("response.content_part.done",
+                       '{"type":"response.content_part.done","sequence_number":%d,"item_id":"%s",'
+                       '"output_index":%d,"content_index":0,"part":%s}'
+                       % (self._next(), item["id"], item["_index"], _dumps(part))))
+        out.append(self._item_event("response.output_item.done", item))
+
+    def _call_delta(self, call: dict[str, Any], out: list[bytes]) -> None:
+        index = call.get("index", 0)
+        function = call.get("function") or {}
+        item = self._calls.get(index)
+        if item is None:
+            self._close_text(out)
+            self._close_call(out)
+            item = self._calls[index] = self._add({
+                "id": new_item_id("fc"), "type": "function_call", "status": "in_progress", "arguments": "",
+                "call_id": call.get("id") or new_item_id("call"), "name": function.get("name") or ""}, out)
+            self._args[index] = []
+            self._call_open = index
+        elif function.get("name") and not item["name"]:
+            item["name"] = function["name"]
+        arguments = function.get("arguments")
+        if arguments:
+            self._args[index].append(arguments)
+            if self._call_open == index:
+                out.append(sse("response.function_call_arguments.delta",
+                               '{"type":"response.function_call_arguments.delta","sequence_number":%d,'
+                               '"item_id":"%s","output_index":%d,"delta":%s}'
+                               % (self._next(), item["id"], item["_index"], _dumps(arguments))))
+
+    def _close_call(self, out: list[bytes], status: str = "completed") -> None:
+        if self._call_open is None:
+            return
+        index, self._call_open = self._call_open, None
+        item = self._calls[index]
+        item["arguments"], item["status"] = "".join(self._args[index]), status
+        out.append(sse("response.function_call_arguments.done",
+                       '{"type":"response.function_call_arguments.done","sequence_number":%d,"item_id":"%s",'
+                       '"output_index":%d,"name":%s,"arguments":%s}'
+                       % (self._next(), item["id"], item["_index"], _dumps(item["name"]),
+                          _dumps(item["arguments"]))))
+        out.append(self._item_event("response.output_item.done", item))
+
+    def finish(self) -> list[bytes]:
+        """Close the open items, then response.completed (or response.incomplete)."""
+        out: list[bytes] = []
+        status = "incomplete" if self.finish_reason in ("length", "content_filter") else "completed"
+        self._close_text(out, status)
+        self._close_call(out, status)
+        for index, item in self._calls.items():  # deltas that came after their call was closed
+            item["arguments"] = "".join(self._args[index])
+        self.response["output"] = [_public(item) for item in self.items]
+        finish(self.response, self.finish_reason, self.usage)
+        kind = "response.completed" if self.response["status"] == "completed" else "response.incomplete"
+        out.append(self._lifecycle(kind))
+        return out
+
+    def fail(self, message: str, code: str = "server_error") -> list[bytes]:
+        """The upstream failed after the stream began: `error`, then `response.failed` with what
+        was produced so far (items left open are marked incomplete)."""
+        for item in self.items:
+            if item["status"] == "in_progress":
+                item["status"] = "incomplete"
+                if item["type"] == "message":
+                    item["content"] = [{"type": "output_text", "text": "".join(self._text),
+                                        "annotations": [], "logprobs": []}]
+        for index, item in self._calls.items():
+            item["arguments"] = "".join(self._args[index])
+        self.response["output"] = [_public(item) for item in self.items]
+        self.response["status"] = "failed"
+        self.response["error"] = {"code": code, "message": message}
+        self.response["usage"] = finish({}, None, self.usage)["usage"]
+        error = sse("error", '{"type":"error","sequence_number":%d,"code":%s,"message":%s,"param":null}'
+                    % (self._next(), _dumps(code), _dumps(message)))
+        return [error, self._lifecycle("response.failed")]
+
+
+def _public(item: dict[str, Any]) -> dict[str, Any]:
+    """The item without the encoder's bookkeeping."""
+    return {k: v for k, v in item.items() if k != "_index"}
