@@ -7,6 +7,7 @@
     python db_manager.py create-tenant --name NAME [--budget-usd D] [--rpm-limit N ...]
     python db_manager.py list-keys [--tenant NAME] [--all] | revoke-key ID
     python db_manager.py create-partitions [--months-ahead N] | flush-usage | prune-usage --older-than 90d
+    python db_manager.py prune-responses [--older-than 30d]
 
 The database is `DATABASE_URL` (or `--database-url`). When it cannot be reached, one line
 on stderr and exit status 2; never a traceback.
@@ -429,6 +430,25 @@ def cmd_prune_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune_responses(args: argparse.Namespace) -> int:
+    from app.services.response_store import ResponseStore
+
+    cutoff = args.older_than
+    if cutoff is None:
+        days = Settings.from_env().RESPONSES_RETENTION_DAYS
+        if days <= 0:
+            print("RESPONSES_RETENTION_DAYS is 0: stored responses are kept (give --older-than to prune)")
+            return 0
+        cutoff = _older_than(str(days))
+    engine = engine_for(args.url)
+    try:
+        deleted = ResponseStore(engine).prune(cutoff)
+    finally:
+        engine.dispose()
+    print(f"stored responses before {cutoff:%Y-%m-%d} pruned: {deleted} deleted")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="db_manager.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--database-url", help="overrides DATABASE_URL")
@@ -485,6 +505,9 @@ def add_usage_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     prune_.add_argument("--older-than", type=_older_than,
                         help="days (90d) or a date (2026-01-01); default USAGE_RETENTION_DAYS")
     prune_.add_argument("--keep-rollup", action="store_true", help="keep the daily totals before the cutoff")
+    responses = add("prune-responses", cmd_prune_responses, "delete stored Responses API answers older than a cutoff")
+    responses.add_argument("--older-than", type=_older_than,
+                           help="days (30d) or a date (2026-01-01); default RESPONSES_RETENTION_DAYS")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -109,6 +109,9 @@ class Settings:
     USAGE_PARTITIONS_AHEAD: int = 2
     # Default of `db_manager prune-usage` when --older-than is not given (days; 0 = keep all).
     USAGE_RETENTION_DAYS: int = 0
+    # Stored Responses API answers (`store: true`) older than this many days are deleted by
+    # `db_manager prune-responses` (0 = keep all).
+    RESPONSES_RETENTION_DAYS: int = 30
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
