@@ -4,7 +4,7 @@ from __future__ import annotations
 from flask import Blueprint
 
 from app.api import (audit_controller, chat_controller, health_controller, key_controller, models_controller,
-                     status_controller, tenant_controller, usage_controller)
+                     responses_controller, status_controller, tenant_controller, usage_controller)
 
 api = Blueprint("api", __name__)
 
@@ -12,6 +12,14 @@ api.add_url_rule("/health", view_func=health_controller.health, methods=["GET"])
 for prefix in ("/v1", ""):
     api.add_url_rule(f"{prefix}/chat/completions", endpoint=f"chat{prefix}",
                      view_func=chat_controller.chat_completions, methods=["POST"])
+    api.add_url_rule(f"{prefix}/responses", endpoint=f"responses{prefix}",
+                     view_func=responses_controller.create_response, methods=["POST"])
+    api.add_url_rule(f"{prefix}/responses/<response_id>", endpoint=f"response_get{prefix}",
+                     view_func=responses_controller.get_response, methods=["GET"])
+    api.add_url_rule(f"{prefix}/responses/<response_id>", endpoint=f"response_delete{prefix}",
+                     view_func=responses_controller.delete_response, methods=["DELETE"])
+    api.add_url_rule(f"{prefix}/responses/<response_id>/input_items", endpoint=f"response_items{prefix}",
+                     view_func=responses_controller.list_input_items, methods=["GET"])
 api.add_url_rule("/v1/models", view_func=models_controller.list_models, methods=["GET", "POST"])
 api.add_url_rule("/v1/usage", view_func=usage_controller.usage, methods=["GET", "POST"])
 api.add_url_rule("/v1/api-keys", view_func=key_controller.create_api_key, methods=["POST"])

@@ -1,5 +1,10 @@
 """OpenAI-compatible upstreams (OpenAI, Groq, OpenRouter, DeepSeek, vLLM, ...).
 
+A provider entry with `"responses": true` also speaks OpenAI's Responses API (`POST
+/responses`): the gateway's `/v1/responses` then calls it with the Responses body as it is
+(`responses()` / `responses_stream()`) instead of translating to chat completions; its usage is
+normalised to the chat usage the completion run bills.
+
 HTTP goes through `http_pool.HTTPPool` (http.client keep-alive connections): the cheapest
 client measured under gevent, see that module.
 """
@@ -15,7 +20,11 @@ from app.providers.base import (Completion, Provider, ProviderError, ProviderTim
                                 not_configured, parse_retry_after, redact, register)
 from app.providers.http_pool import (HTTPPool, PooledResponse, UpstreamConnectError, http_timeouts,
                                      UpstreamTimeoutError)
+from app.translate.chat_to_responses import chat_usage
 from app.utils.streaming import DONE, iter_sse_batches
+
+# Responses stream events after which the upstream sends nothing more.
+RESPONSES_TERMINAL = frozenset({"response.completed", "response.incomplete"})
 
 
 def upstream_error(status: int, body: bytes, headers: Any) -> ProviderError:
@@ -110,6 +119,13 @@ class OpenAICompatibleProvider(Provider):
             raise ValueError(f"providers.{name}.base_url: must be an http(s) URL (or ${{VAR}})")
         if "headers" in settings and not isinstance(settings["headers"], dict):
             raise ValueError(f"providers.{name}.headers: must be an object")
+        if "responses" in settings and not isinstance(settings["responses"], bool):
+            raise ValueError(f"providers.{name}.responses: must be true or false")
+
+    @property
+    def speaks_responses(self) -> bool:
+        """True when this upstream serves the Responses API natively (`"responses": true`)."""
+        return self.settings.get("responses") is True
 
     def headers(self) -> dict[str, str]:
         headers = dict(self.static_headers)
@@ -124,7 +140,7 @@ class OpenAICompatibleProvider(Provider):
             missing.append(self.api_key_env)
         return missing
 
-    def _post(self, payload: dict[str, Any], stream: bool) -> PooledResponse:
+    def _post(self, payload: dict[str, Any], stream: bool, path: str = "/chat/completions") -> PooledResponse:
         missing = self.missing_configuration()
         if missing:
             raise not_configured(self.name, missing)
@@ -132,22 +148,69 @@ class OpenAICompatibleProvider(Provider):
         headers = self.headers()
         if stream:
             headers["Accept"] = "text/event-stream"
-        return post_checked(self.pool, "/chat/completions", body, headers, self.name, upstream_error)
+        return post_checked(self.pool, path, body, headers, self.name, upstream_error)
 
-    def complete(self, request: dict[str, Any]) -> Completion:
-        resp = self._post(request, stream=False)
+    def _json_answer(self, resp: PooledResponse) -> tuple[bytes, Any]:
         try:
             data = resp.read()
         except OSError as exc:
             raise transport_error(exc, self.name) from None
         try:
-            body = json.loads(data)
+            return data, json.loads(data)
         except ValueError:
             raise ProviderUnavailable(f"provider {self.name!r} sent a body that is not JSON") from None
+
+    def complete(self, request: dict[str, Any]) -> Completion:
+        data, body = self._json_answer(self._post(request, stream=False))
         if not isinstance(body, dict) or "choices" not in body:
             raise ProviderUnavailable(f"provider {self.name!r} sent no choices")
         usage = body.get("usage") if isinstance(body.get("usage"), dict) else None
         return Completion(body=body, raw=data, usage=usage)
+
+    def responses(self, request: dict[str, Any]) -> Completion:
+        """A Responses API call (`POST /responses`, not streamed): the `response` object in
+        `body`, its usage as chat usage in `usage`."""
+        data, body = self._json_answer(self._post({**request, "stream": False}, stream=False, path="/responses"))
+        if not isinstance(body, dict) or not isinstance(body.get("output"), list):
+            raise ProviderUnavailable(f"provider {self.name!r} sent no response output")
+        if body.get("status") == "failed":
+            raise ProviderUnavailable(redact(str((body.get("error") or {}).get("message") or "response failed")))
+        return Completion(body=body, raw=data, usage=chat_usage(body.get("usage")))
+
+    def responses_stream(self, request: dict[str, Any]) -> HTTPStream:
+        """A streamed Responses API call: one StreamPiece per event (`chunk` = the parsed event);
+        the terminal event's piece carries the usage. An `error` or `response.failed` event
+        raises ProviderUnavailable, like a broken stream."""
+        resp = self._post({**request, "stream": True}, stream=True, path="/responses")
+        return HTTPStream(resp, self._response_events(resp))
+
+    def _response_events(self, resp: PooledResponse) -> Iterator[StreamPiece]:
+        finished = False
+        try:
+            for batch in iter_sse_batches(self._read(resp)):
+                last = len(batch) - 1
+                for i, data in enumerate(batch):
+                    try:
+                        event = json.loads(data)
+                    except ValueError:
+                        raise ProviderUnavailable(f"provider {self.name!r} sent an event that is not JSON") from None
+                    kind = event.get("type") if isinstance(event, dict) else None
+                    if kind in ("error", "response.failed"):
+                        error = event.get("error") or (event.get("response") or {}).get("error") or event
+                        raise ProviderUnavailable(redact(str(error.get("message") or "response failed")))
+                    piece = StreamPiece(raw=data, chunk=event, flush=i == last)
+                    if kind in RESPONSES_TERMINAL:
+                        piece.usage = chat_usage((event.get("response") or {}).get("usage"))
+                        piece.flush = finished = True
+                        yield piece
+                        return
+                    yield piece
+            raise ProviderUnavailable(f"provider {self.name!r} ended the stream before response.completed")
+        finally:
+            if finished:
+                resp.drain()
+            else:
+                resp.close()
 
     def stream(self, request: dict[str, Any]) -> HTTPStream:
         payload = dict(request)
