@@ -38,6 +38,8 @@ the next ones are answered; counters are forgotten by ``POST /_reset``), ``cache
 (``prompt_tokens_details.cached_tokens`` = N), ``reasoning-N`` (N more completion tokens,
 reported as ``completion_tokens_details.reasoning_tokens``). A ``tool`` model whose last
 message is a tool result answers text instead: ``"Tool said:"`` and the words of that result.
+A request with ``response_format`` ``json_schema`` is answered with a JSON object that fits the
+schema (:func:`schema_example`), streamed in pieces.
 
 Responses API (``POST /v1/responses``, streamed or not)
 -------------------------------------------------------
@@ -156,6 +158,30 @@ def tool_result_text(messages: list[Any]) -> str | None:
     return None
 
 
+def schema_example(schema: Any) -> Any:
+    """A value fitting a JSON schema: objects with every property, "echo" for strings, 1 for
+    integers, 1.5 for numbers, true, one-item arrays, the first enum value."""
+    if not isinstance(schema, dict):
+        return None
+    if schema.get("enum"):
+        return schema["enum"][0]
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or "properties" in schema:
+        return {k: schema_example(v) for k, v in (schema.get("properties") or {}).items()}
+    if kind == "array":
+        return [schema_example(schema.get("items"))]
+    return {"string": "echo", "integer": 1, "number": 1.5, "boolean": True}.get(kind)
+
+
+def _json_schema(body: dict[str, Any]) -> dict[str, Any] | None:
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        return (fmt.get("json_schema") or {}).get("schema") or {}
+    return None
+
+
 def usage_object(prompt_tokens: int, completion_tokens: int, cached: int = 0,
                  reasoning: int = 0) -> dict[str, Any]:
     """An OpenAI ``usage`` object, details included as the real API sends them
@@ -240,6 +266,9 @@ class ChatPlan:
         elif self.tool_result is not None:
             words = ["Tool", "said:"] + self.tool_result.split()
             pieces = [(" " if i else "") + w for i, w in enumerate(words)]
+        elif _json_schema(body) is not None:
+            text = _dumps(schema_example(_json_schema(body)))
+            pieces = [text[i:i + 8] for i in range(0, len(text), 8)]
         else:
             pieces = content_pieces(self.messages, int(m.group(1)) if m else DEFAULT_CHUNKS)
         cap = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -386,6 +415,9 @@ class ResponsesPlan:
                           if isinstance(t, dict)]}
         if isinstance(body.get("max_output_tokens"), int):
             chat["max_completion_tokens"] = body["max_output_tokens"]
+        fmt = (body.get("text") or {}).get("format") or {}
+        if fmt.get("type") == "json_schema":
+            chat["response_format"] = {"type": "json_schema", "json_schema": {"schema": fmt.get("schema")}}
         self.chat = ChatPlan(chat, rid)
         self.item_id = ("fc_" if self.chat.tool else "msg_") + rid[len("resp_"):]
         self.seq = -1

@@ -79,3 +79,19 @@ def test_chat_usage_details_and_tool_result_answer(client):
                                               "function": {"name": "f", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "c", "content": "sunny"}])
     assert answer.choices[0].message.content == "Tool said: sunny" and answer.choices[0].finish_reason == "stop"
+
+
+def test_json_schema_requests_get_a_fitting_json_answer(client):
+    """Structured output: the answer parses into the schema's pydantic model, both dialects."""
+    from pydantic import BaseModel
+
+    class Weather(BaseModel):
+        city: str
+        celsius: int
+        sunny: bool
+
+    chat = client.chat.completions.parse(model="gpt-4o-mini", response_format=Weather,
+                                         messages=[{"role": "user", "content": "weather?"}])
+    assert chat.choices[0].message.parsed == Weather(city="echo", celsius=1, sunny=True)
+    resp = client.responses.parse(model="gpt-4o-mini", input="weather?", text_format=Weather)
+    assert resp.output_parsed == Weather(city="echo", celsius=1, sunny=True)
