@@ -187,7 +187,7 @@ def test_retrieve_input_items_and_delete(client):
     created = client.responses.create(model="chat-3", input=[
         {"role": "user", "content": "one"}, {"role": "user", "content": [{"type": "input_text", "text": "two"}]}])
     fetched = client.responses.retrieve(created.id)
-    assert fetched.id == created.id and fetched.output_text == created.output_text == "Echo: two"
+    assert fetched.id == created.id and fetched.output_text == created.output_text == "Echo: two Echo:"
     items = client.responses.input_items.list(created.id, order="asc")
     assert [i.content[0].text for i in items.data] == ["one", "two"]
     assert items.data[0].type == "message" and items.data[0].id.startswith("msg_")
@@ -214,7 +214,7 @@ def test_another_tenant_sees_nothing(client, other_client):
     with pytest.raises(openai.BadRequestError) as err:
         other_client.responses.create(model="chat-3", input="x", previous_response_id=created.id)
     assert err.value.body["param"] == "previous_response_id"
-    assert client.responses.retrieve(created.id).output_text == "Echo: secret"
+    assert client.responses.retrieve(created.id).output_text == "Echo: secret Echo:"
 
 
 @pytest.mark.parametrize("extra, status, param", [
@@ -267,12 +267,13 @@ def test_native_upstream_is_called_with_the_responses_body(client, fake_upstream
     assert client.responses.retrieve(final.id).output_text == final.output_text
 
 
-# alias -> (input, output, cached, reasoning) as the fake upstream reports them for "hello gateway"
+# alias -> (input, output, cached, cache writes, reasoning) as the fake upstream reports them for
+# "hello gateway"; None where that upstream reports no such figure (the row keeps it unknown)
 UPSTREAM_USAGE = {
-    "chat-details": (9, 5, 4, 2),          # OpenAI chat usage: cached-4, reasoning-2 (in the output)
-    "native-details": (9, 5, 4, 2),        # the same through the native Responses API
-    "claude-cache": (120, 12, 100, 0),     # 9 fresh + 11 cache writes + 100 cache reads
-    "gemini-cache-think": (9, 15, 5, 5),   # 10 candidates + 5 thoughts
+    "chat-details": (9, 5, 4, None, 2),          # OpenAI chat usage: cached-4, reasoning-2 (in the output)
+    "native-details": (9, 5, 4, None, 2),        # the same through the native Responses API
+    "claude-cache": (120, 12, 100, 11, None),    # 9 fresh + 11 cache writes + 100 cache reads
+    "gemini-cache-think": (9, 15, 5, None, 5),   # 10 candidates + 5 thoughts
 }
 
 
@@ -281,14 +282,15 @@ UPSTREAM_USAGE = {
 def test_usage_equals_the_upstreams_for_every_provider_type(client, pg_engine, model, stream):
     raw = client.responses.with_raw_response.create(model=model, input="hello gateway", stream=stream)
     resp = [e for e in raw.parse()][-1].response if stream else raw.parse()
-    prompt, completion, cached, reasoning = UPSTREAM_USAGE[model]
+    prompt, completion, cached, writes, reasoning = UPSTREAM_USAGE[model]
     usage = resp.usage
     assert (usage.input_tokens, usage.output_tokens, usage.total_tokens) == (prompt, completion, prompt + completion)
     assert usage.input_tokens_details.cached_tokens == cached
-    assert usage.output_tokens_details.reasoning_tokens == reasoning
+    assert usage.input_tokens_details.cache_write_tokens == (writes or 0)
+    assert usage.output_tokens_details.reasoning_tokens == (reasoning or 0)
     found = row(pg_engine, raw.headers["x-request-id"])
-    assert (found["prompt_tokens"], found["completion_tokens"], found["cached_tokens"], found["reasoning_tokens"],
-            found["endpoint"]) == (prompt, completion, cached, reasoning, "responses")
+    assert (found["prompt_tokens"], found["completion_tokens"], found["cached_tokens"], found["cache_write_tokens"],
+            found["reasoning_tokens"], found["endpoint"]) == (prompt, completion, cached, writes, reasoning, "responses")
 
 
 def test_openai_agents_sdk_runs_a_function_tool(gateway, key):

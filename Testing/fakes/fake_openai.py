@@ -425,7 +425,8 @@ class ResponsesPlan:
     def usage(self) -> dict[str, Any]:
         u = self.chat.usage_dict()
         return {"input_tokens": u["prompt_tokens"],
-                "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"]},
+                "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"],
+                                         "cache_write_tokens": 0},
                 "output_tokens": u["completion_tokens"],
                 "output_tokens_details": {"reasoning_tokens": u["completion_tokens_details"]["reasoning_tokens"]},
                 "total_tokens": u["total_tokens"]}
