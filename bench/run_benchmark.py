@@ -6,6 +6,10 @@ One command (from the repo root)::
     .venv/bin/python bench/run_benchmark.py [--duration 10] [--concurrency 1,16,64]
         [--modes nonstream,stream] [--workers 2] [--pg-url URL] [--redis-url URL] [--keep]
 
+``--modes`` also takes ``responses`` and ``responses-stream``: the same prompt and answer as
+``nonstream`` / ``stream`` through ``POST /v1/responses`` (``store: false``), so the gateway's
+CPU per request of the two dialects can be compared (the Responses translation's cost).
+
 It starts the fake upstream and the gateway (gunicorn) as child processes, drives both with
 wrk in the same run, prints a comparison table and writes ``bench/results/latest.json``.
 Everything it starts is stopped on exit, Ctrl-C included; the only thing it creates
@@ -39,9 +43,13 @@ VENV_BIN = REPO / ".venv" / "bin"
 PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
 GUNICORN = str(VENV_BIN / "gunicorn")
 RESULTS = REPO / "bench" / "results" / "latest.json"
-BENCH_DB = "gateway_bench"
+BENCH_DB = os.environ.get("BENCH_DB", "gateway_bench")  # another name lets two runs share a server
 UPSTREAM_KEY = "sk-bench-upstream"  # the gateway's key for the fake upstream
 CHAT_PATH = "/v1/chat/completions"
+RESPONSES_PATH = "/v1/responses"
+# mode -> (URL path, streamed, Responses dialect)
+MODES = {"nonstream": (CHAT_PATH, False, False), "stream": (CHAT_PATH, True, False),
+         "responses": (RESPONSES_PATH, False, True), "responses-stream": (RESPONSES_PATH, True, True)}
 PROMPT = "Say hello to the benchmark"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 T = TypeVar("T")
@@ -102,10 +110,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def request_body(stream: bool) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": "bench",
-                            "messages": [{"role": "user", "content": PROMPT}],
-                            "max_tokens": 64}
+def request_body(mode: str) -> dict[str, Any]:
+    """The request of a mode: chat completions, or the same prompt and cap in the Responses
+    dialect (not stored: the translation is measured, not the stored-response insert)."""
+    _, stream, responses = MODES[mode]
+    if responses:
+        body: dict[str, Any] = {"model": "bench", "input": PROMPT, "max_output_tokens": 64, "store": False}
+    else:
+        body = {"model": "bench", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 64}
     if stream:
         body["stream"] = True
     return body
@@ -281,9 +293,9 @@ def ensure_wrk() -> str:
     return path
 
 
-def write_lua(directory: Path, stream: bool, key: str) -> Path:
-    path = directory / ("stream.lua" if stream else "nonstream.lua")
-    lua = LUA_TEMPLATE.format(body=lua_string(json.dumps(request_body(stream))),
+def write_lua(directory: Path, mode: str, key: str) -> Path:
+    path = directory / f"{mode}.lua"
+    lua = LUA_TEMPLATE.format(body=lua_string(json.dumps(request_body(mode))),
                               auth=lua_string(f"Bearer {key}"))
     path.write_text(lua)
     return path
@@ -492,13 +504,15 @@ def mint_key(env: dict[str, str], admission: bool = False) -> str:
     return lines[-1]
 
 
-def smoke_check(name: str, url: str, key: str, stream: bool) -> None:
+def smoke_check(name: str, url: str, key: str, mode: str) -> None:
     """One request before wrk, so a broken answer fails loudly instead of as a fast 4xx."""
-    status, body = http_post(url, request_body(stream), key)
+    _, stream, responses = MODES[mode]
+    status, body = http_post(url, request_body(mode), key)
     if status != 200:
-        raise BenchError(f"{name}: {'stream' if stream else 'non-stream'} request answered "
-                         f"{status}: {body[:500]!r}")
-    if stream and b"data: [DONE]" not in body:
+        raise BenchError(f"{name}: {mode} request answered {status}: {body[:500]!r}")
+    if stream and responses and b"response.completed" not in body:
+        raise BenchError(f"{name}: stream did not end with response.completed: {body[-500:]!r}")
+    if stream and not responses and b"data: [DONE]" not in body:
         raise BenchError(f"{name}: stream did not end with data: [DONE]: {body[-500:]!r}")
     if not stream and b'"usage"' not in body:
         raise BenchError(f"{name}: non-stream answer has no usage: {body[:500]!r}")
@@ -561,6 +575,18 @@ def print_usage(usage: dict[str, Any], rows: list[Row]) -> None:
           f"  per measured run: {per_run}")
 
 
+def dialect_cost(rows: list[Row]) -> Iterator[str]:
+    """The Responses translation's cost: gateway CPU per request of a Responses mode minus that
+    of the chat mode of the same size, at each concurrency measured in both."""
+    cpu = {(r.mode, r.concurrency): r.gateway.cpu_ms_per_req for r in rows if r.gateway}
+    for responses, chat in (("responses", "nonstream"), ("responses-stream", "stream")):
+        for (mode, c), ms in sorted(cpu.items()):
+            base = cpu.get((chat, c))
+            if mode == responses and ms is not None and base is not None:
+                yield (f"{responses} c={c}: gateway CPU {ms:.3f} ms/req vs {chat} {base:.3f}: "
+                       f"translation adds {ms - base:+.3f} ms/req")
+
+
 def error_details(rows: list[Row]) -> Iterator[str]:
     """One line per run that had errors: statuses, socket errors and a sample body."""
     for r in rows:
@@ -611,7 +637,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     p.add_argument("--concurrency", default="1,16,64", help="comma-separated connections")
-    p.add_argument("--modes", default="nonstream,stream", help="nonstream,stream")
+    p.add_argument("--modes", default="nonstream,stream",
+                   help="nonstream,stream (chat completions), responses,responses-stream (Responses API)")
     p.add_argument("--workers", type=int, default=2, help="gunicorn WEB_CONCURRENCY")
     p.add_argument("--warmup", type=float, default=2.0,
                    help="seconds of unmeasured load per target and mode (0 = none)")
@@ -626,19 +653,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = set(args.modes) - {"nonstream", "stream"}
+    bad = set(args.modes) - set(MODES)
     if bad or not args.modes or not args.concurrency or min(args.concurrency) < 1:
-        p.error("--modes takes nonstream,stream and --concurrency positive integers")
+        p.error(f"--modes takes {','.join(MODES)} and --concurrency positive integers")
     return args
 
 
 @dataclass
 class Targets:
     """Where wrk sends load, and what to measure the CPU of."""
-    direct_url: str
+    direct_base: str  # the fake upstream, http://127.0.0.1:port
     upstream_pid: int
     upstream_port: int
-    gateway_url: str | None = None
+    gateway_base: str | None = None
     gateway_pid: int | None = None
     key: str = "sk-direct"
     gateway_completed: int = 0  # responses wrk (and smoke checks) got from the gateway
@@ -661,22 +688,23 @@ class Targets:
 
 def bench_mode(wrk: str, args: argparse.Namespace, t: Targets, mode: str,
                tmp: Path) -> Iterator[Row]:
-    stream = mode == "stream"
-    lua = write_lua(tmp, stream, t.key)
-    smoke_check("upstream", t.direct_url, t.key, stream)
-    gw = t.gateway_url
+    path = MODES[mode][0]
+    lua = write_lua(tmp, mode, t.key)
+    direct_url = t.direct_base + path
+    smoke_check("upstream", direct_url, t.key, mode)
+    gw = t.gateway_base + path if t.gateway_base else None
     if gw:
-        t.on_gateway(lambda: smoke_check("gateway", gw, t.key, stream))
+        t.on_gateway(lambda: smoke_check("gateway", gw, t.key, mode))
         t.gateway_completed += 1
     if args.warmup > 0:
         top = max(args.concurrency)
-        run_wrk(wrk, t.direct_url, lua, top, args.warmup)
+        run_wrk(wrk, direct_url, lua, top, args.warmup)
         if gw:
             warm = t.on_gateway(lambda: run_wrk(wrk, gw, lua, top, args.warmup))
             t.gateway_completed += warm.requests
     for c in args.concurrency:
         log(f"{mode} c={c}: direct")
-        direct = measured_run(wrk, t.direct_url, lua, c, args.duration, t.upstream_pid)
+        direct = measured_run(wrk, direct_url, lua, c, args.duration, t.upstream_pid)
         row = Row(mode, c, direct)
         if gw:
             log(f"{mode} c={c}: gateway")
@@ -699,7 +727,7 @@ def setup_gateway(args: argparse.Namespace, procs: Processes, t: Targets, tmp: P
     run_manager(env, "create-db")
     log(f"starting gateway on port {port} with {args.workers} workers")
     proc = start_gateway(procs, env, port, tmp)
-    t.gateway_url, t.gateway_pid = f"http://127.0.0.1:{port}{CHAT_PATH}", proc.pid
+    t.gateway_base, t.gateway_pid = f"http://127.0.0.1:{port}", proc.pid
     t.key = mint_key(env, args.admission)
     log(f"minted key {t.key[:8]}...")
 
@@ -727,7 +755,7 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
     log(f"machine: {info['nproc']} CPUs, {info['cpu_model']}, Python {info['python']}, "
         f"{info['wrk']}")
     port, fake = start_fake(procs, tmp)
-    t = Targets(f"http://127.0.0.1:{port}{CHAT_PATH}", fake.pid, port)
+    t = Targets(f"http://127.0.0.1:{port}", fake.pid, port)
     if not args.direct_only:
         setup_gateway(args, procs, t, tmp)
     rows: list[Row] = []
@@ -741,6 +769,8 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
     print(f"wrk: {args.duration:g}s per run, 1 thread at c=1 else 2; gateway workers: "
           f"{args.workers}\n")
     print(format_table(rows))
+    for line in dialect_cost(rows):
+        print(line)
     for line in error_details(rows):
         print(line)
     if usage:

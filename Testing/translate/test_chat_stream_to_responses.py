@@ -18,7 +18,7 @@ USAGE = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12,
 def chunk(delta: dict, finish: str | None = None) -> StreamPiece:
     data = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "up-model",
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-    return StreamPiece(raw=json.dumps(data).encode())
+    return StreamPiece(raw=json.dumps(data, separators=(",", ":")).encode())  # compact, as OpenAI sends
 
 
 def usage_piece() -> StreamPiece:
@@ -105,3 +105,23 @@ def test_upstream_failure_mid_stream_ends_with_error_and_response_failed():
     assert failed["status"] == "failed" and failed["error"] == {"code": "server_error",
                                                                  "message": "provider closed the connection"}
     assert failed["output"][0]["status"] == "incomplete" and failed["output"][0]["content"][0]["text"] == "Hel"
+
+
+def test_plain_text_deltas_are_read_without_parsing_and_anything_else_is_not():
+    from app.translate.chat_stream_to_responses import plain_text_delta
+    head = '{"id":"c","object":"chat.completion.chunk","model":"m","choices":[{"index":0,'
+    assert plain_text_delta((head + '"delta":{"content":"h\\u00e9 \\"x\\" ü"},"logprobs":null,'
+                             '"finish_reason":null}]}').encode()) == 'hé "x" ü'
+    for other in ('"delta":{"role":"assistant","content":""},"finish_reason":null}]}',
+                  '"delta":{"content":"a"},"finish_reason":"stop"}]}',
+                  '"delta":{"content":"a","reasoning_content":null},"finish_reason":null}]}',
+                  '"delta":{"tool_calls":[{"index":0}]},"finish_reason":null}]}',
+                  '"delta":{"content":"a"},"finish_reason":null},{"index":1,"delta":{"content":"b"},'
+                  '"finish_reason":null}]}'):
+        assert plain_text_delta((head + other).encode()) is None, other
+
+
+def test_unicode_text_streams_through_the_fast_path_intact():
+    _, events = run([chunk({"content": "héllo "}), chunk({"content": "wörld ✓"}), chunk({}, "stop")])
+    assert [e["delta"] for e in events if e["type"] == "response.output_text.delta"] == ["héllo ", "wörld ✓"]
+    assert events[-1]["response"]["output"][0]["content"][0]["text"] == "héllo wörld ✓"

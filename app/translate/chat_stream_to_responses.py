@@ -16,17 +16,36 @@ One `ChatStreamToResponses` per request consumes the completion run's `StreamPie
 
 It also assembles the final `response` object (`.response`), which is what gets stored. Events
 are formatted from templates (the payloads are small and fixed; only strings go through
-json.dumps): this runs once per upstream chunk on the hot path.
+json.dumps), and a plain text-delta chunk forwarded unparsed by the OpenAI-compatible adapter
+has its text read without parsing the whole chunk: this runs once per upstream chunk on the
+hot path (see bench/README.md for its measured cost).
 """
 from __future__ import annotations
 
 import json
+from json.decoder import scanstring
+from json.encoder import encode_basestring
 from typing import Any
 
 from app.providers.base import StreamPiece
 from app.translate.chat_to_responses import base_response, finish, new_item_id
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_CONTENT = '"delta":{"content":'
+
+
+def plain_text_delta(data: bytes) -> str | None:
+    """The text of a chunk whose only choice's delta is `{"content": "..."}` and that finishes
+    nothing (the bulk of a stream), read without parsing the chunk; None for any other chunk."""
+    text = data.decode()
+    i = text.find(_CONTENT)
+    if i < 0 or '"finish_reason":null' not in text or text.find('"delta":', i + 8) >= 0:
+        return None
+    try:
+        content, end = scanstring(text, i + len(_CONTENT) + 1)
+    except ValueError:
+        return None
+    return content if text.startswith("}", end) else None
 
 
 def sse(kind: str, data: str) -> bytes:
@@ -51,9 +70,9 @@ class ChatStreamToResponses:
         self.seq += 1
         return self.seq
 
-    def _lifecycle(self, kind: str) -> bytes:
+    def _lifecycle(self, kind: str, body: str | None = None) -> bytes:
         return sse(kind, '{"type":"%s","sequence_number":%d,"response":%s}'
-                   % (kind, self._next(), _dumps(self.response)))
+                   % (kind, self._next(), body if body is not None else _dumps(self.response)))
 
     def _item_event(self, kind: str, item: dict[str, Any]) -> bytes:
         return sse(kind, '{"type":"%s","sequence_number":%d,"output_index":%d,"item":%s}'
@@ -61,16 +80,23 @@ class ChatStreamToResponses:
 
     def start(self) -> list[bytes]:
         """response.created and response.in_progress."""
-        return [self._lifecycle("response.created"), self._lifecycle("response.in_progress")]
+        body = _dumps(self.response)
+        return [self._lifecycle("response.created", body), self._lifecycle("response.in_progress", body)]
 
     def feed(self, piece: StreamPiece) -> list[bytes]:
         """The events of one upstream piece (often none: role-only and usage chunks)."""
         if piece.usage is not None:
             self.usage = piece.usage
+        out: list[bytes] = []
+        if piece.chunk is None and piece.raw is not None:
+            text = plain_text_delta(piece.raw)
+            if text is not None:
+                if text:
+                    self._text_delta(text, out)
+                return out
         chunk = piece.chunk if piece.chunk is not None else json.loads(piece.data())
         if chunk.get("model"):
             self.response["model"] = chunk["model"]
-        out: list[bytes] = []
         for choice in chunk.get("choices") or ():
             if choice.get("index", 0) != 0:
                 continue
@@ -105,7 +131,7 @@ class ChatStreamToResponses:
         out.append(sse("response.output_text.delta",
                        '{"type":"response.output_text.delta","sequence_number":%d,"item_id":"%s",'
                        '"output_index":%d,"content_index":0,"delta":%s,"logprobs":[]}'
-                       % (self._next(), item["id"], item["_index"], _dumps(text))))
+                       % (self._next(), item["id"], item["_index"], encode_basestring(text))))
 
     def _close_text(self, out: list[bytes], status: str = "completed") -> None:
         item = self._open
@@ -118,7 +144,7 @@ class ChatStreamToResponses:
         out.append(sse("response.output_text.done",
                        '{"type":"response.output_text.done","sequence_number":%d,"item_id":"%s",'
                        '"output_index":%d,"content_index":0,"text":%s,"logprobs":[]}'
-                       % (self._next(), item["id"], item["_index"], _dumps(text))))
+                       % (self._next(), item["id"], item["_index"], encode_basestring(text))))
         out.append(sse("response.content_part.done",
                        '{"type":"response.content_part.done","sequence_number":%d,"item_id":"%s",'
                        '"output_index":%d,"content_index":0,"part":%s}'
@@ -146,7 +172,7 @@ class ChatStreamToResponses:
                 out.append(sse("response.function_call_arguments.delta",
                                '{"type":"response.function_call_arguments.delta","sequence_number":%d,'
                                '"item_id":"%s","output_index":%d,"delta":%s}'
-                               % (self._next(), item["id"], item["_index"], _dumps(arguments))))
+                               % (self._next(), item["id"], item["_index"], encode_basestring(arguments))))
 
     def _close_call(self, out: list[bytes], status: str = "completed") -> None:
         if self._call_open is None:
