@@ -102,3 +102,22 @@ def test_input_items_are_listed_with_ids_and_content_parts():
     assert items[0]["id"].startswith("msg_") and items[1]["id"].startswith("fco_")
     assert items[0]["content"] == [{"type": "input_text", "text": "hello"}]
     assert items[0]["status"] == items[1]["status"] == "completed"
+
+
+def test_embedded_sqlite_keeps_stored_responses(tmp_path):
+    """Embedded mode (no PostgreSQL): the migration creates the table in SQLite and the store
+    saves, reads, deletes and prunes there too."""
+    from sqlalchemy import create_engine
+
+    url = f"sqlite:///{tmp_path}/gw.db"
+    db_manager.upgrade(url)
+    engine = create_engine(url)
+    try:
+        store = ResponseStore(engine, wait_s=0)
+        rid = new_response_id(True)
+        save(store, rid, created_at=datetime(2025, 1, 1, tzinfo=timezone.utc))
+        assert store.get(rid, 1).body["output"][0]["content"][0]["text"] == "hi"
+        assert store.get(rid, 2) is None
+        assert store.prune(datetime(2025, 1, 2, tzinfo=timezone.utc)) == 1 and store.get(rid, 1) is None
+    finally:
+        engine.dispose()

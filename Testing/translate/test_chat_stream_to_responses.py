@@ -125,3 +125,13 @@ def test_unicode_text_streams_through_the_fast_path_intact():
     _, events = run([chunk({"content": "héllo "}), chunk({"content": "wörld ✓"}), chunk({}, "stop")])
     assert [e["delta"] for e in events if e["type"] == "response.output_text.delta"] == ["héllo ", "wörld ✓"]
     assert events[-1]["response"]["output"][0]["content"][0]["text"] == "héllo wörld ✓"
+
+
+def test_a_stream_the_client_left_is_kept_as_incomplete_with_what_was_produced():
+    enc = ChatStreamToResponses({"model": "alias", "input": "x"}, "resp_x", 1, "alias")
+    enc.start()
+    enc.feed(chunk({"content": "Hel"}))
+    enc.abandon()
+    assert enc.response["status"] == "incomplete"
+    assert enc.response["output"][0]["status"] == "incomplete"
+    assert enc.response["output"][0]["content"][0]["text"] == "Hel"

@@ -133,7 +133,7 @@ def _stream(run: CompletionRun, call: ResponseCall, save: Callable[[dict[str, An
             yield FinalChunk(b"".join(pending))
         finally:
             if not finished:  # the client left: keep what it saw, marked incomplete
-                encoder.response["status"] = "incomplete"
+                encoder.abandon()
             save(encoder.response)  # after the last bytes went out
 
     return run.respond(Response(events(), mimetype="text/event-stream"))

@@ -204,6 +204,15 @@ class ChatStreamToResponses:
     def fail(self, message: str, code: str = "server_error") -> list[bytes]:
         """The upstream failed after the stream began: `error`, then `response.failed` with what
         was produced so far (items left open are marked incomplete)."""
+        self.abandon("failed")
+        self.response["error"] = {"code": code, "message": message}
+        error = sse("error", '{"type":"error","sequence_number":%d,"code":%s,"message":%s,"param":null}'
+                    % (self._next(), _dumps(code), _dumps(message)))
+        return [error, self._lifecycle("response.failed")]
+
+    def abandon(self, status: str = "incomplete") -> None:
+        """The response as far as it got (the client left, or the upstream failed): output so
+        far, items left open marked incomplete, the usage if it came."""
         for item in self.items:
             if item["status"] == "in_progress":
                 item["status"] = "incomplete"
@@ -213,12 +222,8 @@ class ChatStreamToResponses:
         for index, item in self._calls.items():
             item["arguments"] = "".join(self._args[index])
         self.response["output"] = [_public(item) for item in self.items]
-        self.response["status"] = "failed"
-        self.response["error"] = {"code": code, "message": message}
+        self.response["status"] = status
         self.response["usage"] = finish({}, None, self.usage)["usage"]
-        error = sse("error", '{"type":"error","sequence_number":%d,"code":%s,"message":%s,"param":null}'
-                    % (self._next(), _dumps(code), _dumps(message)))
-        return [error, self._lifecycle("response.failed")]
 
 
 def _public(item: dict[str, Any]) -> dict[str, Any]:

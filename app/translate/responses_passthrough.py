@@ -74,10 +74,17 @@ class ResponsesPassthrough:
     def finish(self) -> list[bytes]:
         return []  # the terminal event came from the upstream
 
+    def abandon(self, status: str = "incomplete") -> None:
+        """The response as far as it got: the output items the upstream had finished."""
+        if self.response.get("status") in ("completed", "incomplete"):
+            return  # the terminal event came through already
+        self.response["output"] = [self.items[i] for i in sorted(self.items)]
+        self.response["status"] = status
+
     def fail(self, message: str, code: str = "server_error") -> list[bytes]:
+        self.abandon("failed")
         response = self.response
-        response["output"] = [self.items[i] for i in sorted(self.items)]
-        response["status"], response["error"] = "failed", {"code": code, "message": message}
+        response["error"] = {"code": code, "message": message}
         self.seq += 1
         error = sse("error", '{"type":"error","sequence_number":%d,"code":%s,"message":%s,"param":null}'
                     % (self.seq, _dumps(code), _dumps(message)))
