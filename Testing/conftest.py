@@ -156,15 +156,21 @@ def mint(client, admin_headers) -> Callable[..., dict]:
     return minter(client, admin_headers)
 
 
-@pytest.fixture(scope="session")
-def gateway(pg_url, models_file, tmp_path_factory) -> Iterator[GatewayProcess]:
-    """The gateway under `gunicorn -k gevent` with 2 workers, shared by the e2e tests."""
-    log = tmp_path_factory.mktemp("gateway") / "gunicorn.log"
+def run_gateway(pg_url: str, models_file: Path, tmp_path_factory, name: str = "gateway") -> Iterator[GatewayProcess]:
+    """A gateway under `gunicorn -k gevent` (2 workers) with the test settings and `models_file`,
+    for a fixture to yield; stopped after, its log checked for the upstream key."""
+    log = tmp_path_factory.mktemp(name) / "gunicorn.log"
     env = {k: str(v) for k, v in app_config(pg_url, models_file, LOG_LEVEL="INFO").items()}
     proc = GatewayProcess(env, workers=2, log_path=log).start()
     yield proc
     proc.stop()
     assert UPSTREAM_KEY not in proc.log_text(), "the upstream key leaked into the gateway log"
+
+
+@pytest.fixture(scope="session")
+def gateway(pg_url, models_file, tmp_path_factory) -> Iterator[GatewayProcess]:
+    """The gateway under `gunicorn -k gevent` with 2 workers, shared by the e2e tests."""
+    yield from run_gateway(pg_url, models_file, tmp_path_factory)
 
 
 def usage_rows(engine, where: str = "TRUE", params: dict | None = None) -> list[dict]:

@@ -16,10 +16,10 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-from Testing.conftest import app_config, wait_for_rows
+from Testing.conftest import run_gateway, wait_for_rows
 from Testing.fakes.fake_openai import DEFAULT_CHUNKS, FakeOpenAI, expected_content
 from Testing.fakes.native import fake_anthropic, fake_gemini, provider_settings  # noqa: F401
-from Testing.support import SYSTEM_SECRET, UPSTREAM_KEY, GatewayProcess, http_json
+from Testing.support import SYSTEM_SECRET, GatewayProcess, http_json
 
 pytestmark = pytest.mark.timeout(120)
 PRICING = {"input_per_mtok": "1.00", "output_per_mtok": "2.00"}
@@ -59,12 +59,8 @@ def models_path(tmp_path_factory, fake_upstream: FakeOpenAI, fake_anthropic, fak
 
 @pytest.fixture(scope="module")
 def gateway(pg_url, models_path, tmp_path_factory) -> Iterator[GatewayProcess]:
-    log = tmp_path_factory.mktemp("responses-gateway") / "gunicorn.log"
-    env = {k: str(v) for k, v in app_config(pg_url, models_path, LOG_LEVEL="INFO").items()}
-    proc = GatewayProcess(env, workers=2, log_path=log).start()
-    yield proc
-    proc.stop()
-    assert UPSTREAM_KEY not in proc.log_text(), "an upstream key leaked into the gateway log"
+    """The gateway of this module: its models point at the fakes of every provider type."""
+    yield from run_gateway(pg_url, models_path, tmp_path_factory, "responses-gateway")
 
 
 def mint(gateway: GatewayProcess, tenant: str) -> dict:

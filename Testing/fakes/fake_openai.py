@@ -730,13 +730,18 @@ class HttpConnection(asyncio.Protocol):
         self.state.record({"method": req.method, "path": req.path, "query": req.query,
                            "headers": req.headers, "body": body, "time": time.time()})
 
-    # -- chat completions
-    def _chat(self, req: Request) -> None:
+    def _recorded_json(self, req: Request) -> Any:
+        """The request's JSON body (None when it is not JSON), the request recorded."""
         try:
             body: Any = json.loads(req.raw_body) if req.raw_body else None
         except ValueError:
             body = None
         self._record(req, body)
+        return body
+
+    # -- chat completions
+    def _chat(self, req: Request) -> None:
+        body = self._recorded_json(req)
         problem = validate_chat(body)
         if problem is not None:
             return self.respond(req, 400, problem)
@@ -760,11 +765,7 @@ class HttpConnection(asyncio.Protocol):
 
     # -- Responses API
     def _responses(self, req: Request) -> None:
-        try:
-            body: Any = json.loads(req.raw_body) if req.raw_body else None
-        except ValueError:
-            body = None
-        self._record(req, body)
+        body = self._recorded_json(req)
         problem = validate_responses(body)
         if problem is not None:
             return self.respond(req, 400, problem)

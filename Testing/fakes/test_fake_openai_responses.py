@@ -4,8 +4,6 @@ fake's usage details and tool-result answers."""
 from __future__ import annotations
 
 import json
-from typing import Iterator
-
 import openai
 import pytest
 
@@ -15,15 +13,9 @@ pytestmark = pytest.mark.timeout(30)
 TOOLS = [{"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}]
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI() as server:
-        yield server
-
-
 @pytest.fixture()
-def client(fake: FakeOpenAI) -> openai.OpenAI:
-    return openai.OpenAI(base_url=fake.base_url, api_key="sk-test", max_retries=0, timeout=10)
+def client(fake_upstream: FakeOpenAI) -> openai.OpenAI:
+    return openai.OpenAI(base_url=fake_upstream.base_url, api_key="sk-test", max_retries=0, timeout=10)
 
 
 def test_response_object_with_usage_details(client):
