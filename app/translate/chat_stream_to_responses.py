@@ -31,21 +31,32 @@ from app.providers.base import StreamPiece
 from app.translate.chat_to_responses import base_response, finish, new_item_id
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-_CONTENT = '"delta":{"content":'
+_CONTENT = b'"delta":{"content":"'
 
 
 def plain_text_delta(data: bytes) -> str | None:
     """The text of a chunk whose only choice's delta is `{"content": "..."}` and that finishes
     nothing (the bulk of a stream), read without parsing the chunk; None for any other chunk."""
-    text = data.decode()
-    i = text.find(_CONTENT)
-    if i < 0 or '"finish_reason":null' not in text or text.find('"delta":', i + 8) >= 0:
+    i = data.find(_CONTENT)
+    if i < 0:
         return None
-    try:
-        content, end = scanstring(text, i + len(_CONTENT) + 1)
-    except ValueError:
+    start = i + len(_CONTENT)
+    end = data.find(b'"', start)
+    if end < 0:
         return None
-    return content if text.startswith("}", end) else None
+    if data.find(b"\\", start, end) >= 0:  # escapes: let the JSON decoder read the string
+        try:
+            text, after = scanstring(data[start:].decode(), 0)
+        except ValueError:
+            return None
+        end = start + len(data[start:].decode()[:after].encode()) - 1
+    else:
+        text = data[start:end].decode()
+    rest = end + 1
+    if not data.startswith(b"}", rest) or data.find(b'"finish_reason":null', rest) < 0 \
+            or data.find(b'"delta":', rest) >= 0:
+        return None
+    return text
 
 
 def sse(kind: str, data: str) -> bytes:
@@ -117,7 +128,8 @@ class ChatStreamToResponses:
         return item
 
     def _text_delta(self, text: str, out: list[bytes]) -> None:
-        self._close_call(out)
+        if self._call_open is not None:
+            self._close_call(out)
         item = self._open
         if item is None:
             item = self._open = self._add({"id": new_item_id("msg"), "type": "message", "status": "in_progress",
@@ -127,11 +139,14 @@ class ChatStreamToResponses:
                            '{"type":"response.content_part.added","sequence_number":%d,"item_id":"%s",'
                            '"output_index":%d,"content_index":0,"part":{"type":"output_text","text":"",'
                            '"annotations":[],"logprobs":[]}}' % (self._next(), item["id"], item["_index"])))
+            # The delta events of this item differ only in sequence number and text.
+            self._delta_tail = ('","output_index":%d,"content_index":0,"delta":' % item["_index"]).encode()
+            self._delta_id = item["id"].encode()
         self._text.append(text)
-        out.append(sse("response.output_text.delta",
-                       '{"type":"response.output_text.delta","sequence_number":%d,"item_id":"%s",'
-                       '"output_index":%d,"content_index":0,"delta":%s,"logprobs":[]}'
-                       % (self._next(), item["id"], item["_index"], encode_basestring(text))))
+        self.seq += 1
+        out.append(b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+                   b'"sequence_number":%d,"item_id":"%s%s%s,"logprobs":[]}\n\n'
+                   % (self.seq, self._delta_id, self._delta_tail, encode_basestring(text).encode()))
 
     def _close_text(self, out: list[bytes], status: str = "completed") -> None:
         item = self._open
