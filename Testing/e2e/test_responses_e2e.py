@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 from pathlib import Path
 from typing import Iterator
 
@@ -35,6 +36,7 @@ MODELS = {
     "chat-details": ("openai", "fake-chunks-3-cached-4-reasoning-2"),
     "chat-fail": ("openai", "fake-fail-500"),
     "chat-die": ("openai", "fake-die-mid-stream"),
+    "chat-slow": ("openai", "fake-slow"),
     "native": ("openai-native", "gpt-4o-mini"),
     "native-tool": ("openai-native", "fake-tool"),
     "native-details": ("openai-native", "fake-chunks-3-cached-4-reasoning-2"),
@@ -233,6 +235,30 @@ def test_unknown_fields_are_accepted(client):
     resp = client.responses.create(model="chat-3", input="x", extra_body={"truncation": "auto", "include": [],
                                                                           "some_future_field": {"a": 1}})
     assert resp.status == "completed"
+
+
+def test_short_path_without_v1(gateway, key):
+    status, _, answer = http_json("POST", gateway.base_url + "/responses", {"model": "chat-3", "input": "x"},
+                                  {"Authorization": f"Bearer {key['key']}"})
+    assert status == 200 and answer["object"] == "response"
+
+
+def test_a_stream_the_client_hung_up_on_is_stored_as_incomplete(gateway, key, client, pg_engine):
+    """The client reads response.created and leaves: the response is kept with status
+    incomplete (found by the next request even though it is saved after the hang-up), and the
+    usage row says client_disconnected."""
+    body = json.dumps({"model": "chat-slow", "input": "x", "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + key["key"].encode() + b"\r\nContent-Length: "
+                     + str(len(body)).encode() + b"\r\n\r\n" + body)
+        seen = b""
+        while b"response.in_progress" not in seen:
+            seen += sock.recv(65536)
+    request_id = re.search(rb"x-request-id: (\S+)", seen, re.I).group(1).decode()
+    response_id = RESP_ID.search(seen.decode()).group(0)
+    assert client.responses.retrieve(response_id).status == "incomplete"
+    assert row(pg_engine, request_id)["status"] == "client_disconnected"
 
 
 def test_upstream_failure_before_the_answer_is_an_error_status(client):
