@@ -223,6 +223,10 @@ def test_another_tenant_sees_nothing(client, other_client):
     ({"input": "x", "temperature": "hot"}, 400, "temperature"),
     ({"input": "x", "max_output_tokens": 0}, 400, "max_output_tokens"),
     ({"input": "x", "model": "no-such-model"}, 404, "model"),
+    ({"input": "x", "store": "yes"}, 400, "store"),
+    ({"input": "x", "metadata": {str(i): "v" for i in range(17)}}, 400, "metadata"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "n"}}}, 400, "text.format.schema"),
+    ({"input": "x", "previous_response_id": "resp_unknown"}, 400, "previous_response_id"),
 ])
 def test_invalid_requests_get_the_error_envelope(gateway, key, extra, status, param):
     body = {"model": "chat", **extra}
