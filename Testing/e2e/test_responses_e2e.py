@@ -18,7 +18,7 @@ import pytest
 from pydantic import BaseModel
 
 from Testing.conftest import run_gateway, wait_for_rows
-from Testing.fakes.fake_openai import DEFAULT_CHUNKS, FakeOpenAI, expected_content
+from Testing.fakes.fake_openai import FakeOpenAI, expected_content
 from Testing.fakes.native import fake_anthropic, fake_gemini, provider_settings  # noqa: F401
 from Testing.support import SYSTEM_SECRET, GatewayProcess, http_json
 

@@ -21,7 +21,7 @@ from app.api.auth import authenticate
 from app.api.common import json_response, new_request_id, read_json_object
 from app.api.responses_schema import RESPONSES_SCHEMA
 from app.errors import InvalidRequest, NotFound
-from app.providers.base import Completion, ProviderError, StreamPiece
+from app.providers.base import Completion, ProviderError
 from app.providers.openai_compatible import OpenAICompatibleProvider
 from app.runtime import runtime
 from app.services.completion import CompletionRun
