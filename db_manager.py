@@ -4,8 +4,13 @@
     python db_manager.py create-db | clean-db [--yes] | reset-db [--yes] | list-tables
     python db_manager.py upgrade [REV] | downgrade [REV] | current
     python db_manager.py create-key --name NAME --tenant TENANT [--rpm-limit N ...]
+    python db_manager.py update-key ID [--name N] [--rpm-limit N ...] | rotate-key ID [--grace-period-s S]
     python db_manager.py create-tenant --name NAME [--budget-usd D] [--rpm-limit N ...]
-    python db_manager.py list-keys [--tenant NAME] [--all] | revoke-key ID
+    python db_manager.py update-tenant TENANT [--name N] [--status suspended] [--budget-usd D ...]
+    python db_manager.py list-keys [--tenant TENANT] [--all] | revoke-key ID
+
+A TENANT is a name or an id (digits only mean an id). Key and tenant commands are the admin
+API's use cases: same checks, same audit rows (actor `cli:<os user>`), same key events.
     python db_manager.py create-partitions [--months-ahead N] | flush-usage | prune-usage --older-than 90d
     python db_manager.py prune-responses [--older-than 30d]
 
@@ -19,7 +24,7 @@ import sys
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
@@ -30,6 +35,9 @@ from sqlalchemy.orm import Session
 
 from app.config import ROOT_DIR, Settings, load_dotenv_once, normalize_database_url
 from app.utils.money import MAX_BUDGET_USD
+
+if TYPE_CHECKING:  # imported where used: `--help` and schema commands stay light
+    from app.services.key_events import KeyEventPublisher
 
 EXIT_UNREACHABLE = 2
 
@@ -208,6 +216,16 @@ def _bounded(maximum: int) -> Callable[[str], int]:
 _positive = _bounded(2**31 - 1)
 
 
+def _grace(value: str) -> float:
+    try:
+        result = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not 0 <= result <= 30 * 86400:
+        raise argparse.ArgumentTypeError("must be from 0 to 2592000 (30 days)")
+    return result
+
+
 def _timestamp(value: str) -> datetime:
     try:
         result = datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -216,123 +234,145 @@ def _timestamp(value: str) -> datetime:
     return result if result.tzinfo else result.replace(tzinfo=timezone.utc)
 
 
-def cmd_create_key(args: argparse.Namespace) -> int:
-    from app.services.api_key_service import mint_key
+# --- tenants and keys: the same use cases as the admin API (app/services/admin_service.py) ----
 
-    from app.services import audit_service
-    from app.services.actor import CLI
-    from app.services.tenant_service import get_or_create_tenant
+LIMIT_OPTIONS = ("rpm_limit", "tpm_limit", "daily_token_limit", "max_concurrent")
 
-    engine = engine_for(args.url)
+
+def admin_session(url: str, run: Callable[..., int]) -> int:
+    """Run `run(admin, publisher)` with the admin use cases performed by `cli:<os user>`:
+    the same checks, audit rows and key events as the HTTP API. A refusal (unknown key, name
+    taken, unknown model in allowed_models...) is one error line and exit status 1."""
+    from app.errors import APIError
+    from app.providers.catalog import CatalogError, load_catalog
+    from app.services.actor import cli_actor
+    from app.services.admin_service import Admin, known_models
+    from app.services.key_events import KeyEventPublisher
+
+    settings = Settings.from_env()
+    try:
+        models = known_models(load_catalog(settings.MODELS_FILE))
+    except (CatalogError, OSError) as exc:
+        raise CommandError(f"cannot read the model catalog {settings.MODELS_FILE}: {exc}") from None
+    client = None
+    if settings.REDIS_URL:
+        import redis
+        client = redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
+    publisher = KeyEventPublisher(client, settings.KEY_EVENTS_CHANNEL)
+    engine = engine_for(url)
     try:
         with Session(engine) as session:
-            tenant = get_or_create_tenant(session, CLI, args.tenant)  # audited when it is new
-            key, plaintext = mint_key(
-                session, name=args.name, tenant=tenant, role=args.role,
-                rpm_limit=args.rpm_limit, tpm_limit=args.tpm_limit,
-                daily_token_limit=args.daily_token_limit, max_concurrent=args.max_concurrent,
-                budget_usd=args.budget_usd,
-                allowed_models=args.allowed_models.split(",") if args.allowed_models else None,
-                expires_at=args.expires_at, commit=False)
-            audit_service.record(session, CLI, "key.create", target_type="api_key", target_id=key.id,
-                                 tenant_id=key.tenant_id, details={"name": key.name, "prefix": key.prefix,
-                                                                   "role": key.role})
-            session.commit()
-            print(f"created key id={key.id} name={key.name!r} tenant={args.tenant!r} "
-                  f"prefix={key.prefix} (the key is shown once; store it now):")
-            print(plaintext)
+            return run(Admin(session, cli_actor(), publisher, known_models=models), publisher)
+    except APIError as exc:
+        raise CommandError(exc.message) from None
     finally:
         engine.dispose()
-    return 0
+        if client is not None:
+            client.close()
 
 
-# --- tenants and keys (tenancy) -------------------------------------------------------------
+def _announcement(publisher: KeyEventPublisher) -> str:
+    """What the running gateways were told about the change."""
+    ttl = f"AUTH_CACHE_TTL_S ({Settings.from_env().AUTH_CACHE_TTL_S:g}s"
+    if publisher.client is None:
+        return f"gateways pick it up within {ttl}; REDIS_URL not set)"
+    if publisher.delivered:
+        return "running gateways were told through Redis (effective within a second)"
+    return f"Redis unreachable: gateways pick it up within {ttl})"
+
+
+def _key_fields(args: argparse.Namespace) -> dict:
+    """The key fields given on the command line (options left out are not sent)."""
+    fields = {f: getattr(args, f) for f in (*LIMIT_OPTIONS, "budget_usd", "expires_at", "name")
+              if getattr(args, f, None) is not None}
+    if args.allowed_models is not None:
+        fields["allowed_models"] = [m.strip() for m in args.allowed_models.split(",") if m.strip()]
+    return fields
+
+
+def cmd_create_key(args: argparse.Namespace) -> int:
+    def run(admin, publisher) -> int:
+        key, plaintext = admin.mint_key({**_key_fields(args), "tenant": args.tenant, "role": args.role})
+        print(f"created key id={key.id} name={key.name!r} tenant={key.tenant.name!r} "
+              f"prefix={key.prefix} (the key is shown once; store it now):")
+        print(plaintext)
+        return 0
+    return admin_session(args.url, run)
+
+
+def cmd_update_key(args: argparse.Namespace) -> int:
+    def run(admin, publisher) -> int:
+        key = admin.update_key(args.id, _key_fields(args))
+        print(f"updated key id={key.id} name={key.name!r}")
+        print(_announcement(publisher))
+        return 0
+    return admin_session(args.url, run)
+
+
+def cmd_rotate_key(args: argparse.Namespace) -> int:
+    def run(admin, publisher) -> int:
+        key, plaintext = admin.rotate_key(args.id, args.grace_period_s)
+        print(f"rotated key id={key.id} prefix={key.prefix}; the old secret works for "
+              f"{args.grace_period_s:g}s more (the new key is shown once; store it now):")
+        print(plaintext)
+        print(_announcement(publisher))
+        return 0
+    return admin_session(args.url, run)
+
+
+def cmd_revoke_key(args: argparse.Namespace) -> int:
+    """Revoke, audit, and tell the running gateways (through Redis, when REDIS_URL is set)."""
+    def run(admin, publisher) -> int:
+        key, revoked = admin.revoke_key(args.id)
+        if revoked:
+            print(f"revoked key id={key.id} name={key.name!r} prefix={key.prefix}")
+        else:
+            print(f"key id={key.id} was already revoked")
+        print(_announcement(publisher))
+        return 0
+    return admin_session(args.url, run)
+
 
 def cmd_create_tenant(args: argparse.Namespace) -> int:
-    from app.services.actor import CLI
-    from app.services.tenant_service import create_tenant
+    limits = {f: getattr(args, f) for f in LIMIT_OPTIONS if getattr(args, f) is not None}
 
-    limits = {f: getattr(args, f) for f in ("rpm_limit", "tpm_limit", "daily_token_limit", "max_concurrent")
-              if getattr(args, f) is not None}
-    engine = engine_for(args.url)
-    try:
-        with Session(engine) as session:
-            tenant = create_tenant(session, CLI, name=args.name, status=args.status,
-                                   budget_usd=args.budget_usd, key_limits=limits)
-            if tenant is None:
-                raise CommandError(f"a tenant named {args.name!r} already exists")
-            print(f"created tenant id={tenant.id} name={tenant.name!r} status={tenant.status}")
-    finally:
-        engine.dispose()
-    return 0
+    def run(admin, publisher) -> int:
+        tenant = admin.create_tenant(name=args.name, status=args.status, budget_usd=args.budget_usd,
+                                     key_limits=limits)
+        print(f"created tenant id={tenant.id} name={tenant.name!r} status={tenant.status}")
+        return 0
+    return admin_session(args.url, run)
+
+
+def cmd_update_tenant(args: argparse.Namespace) -> int:
+    changes: dict = {k: getattr(args, k) for k in ("name", "status", "budget_usd") if getattr(args, k) is not None}
+    limits = {f: getattr(args, f) for f in LIMIT_OPTIONS if getattr(args, f) is not None}
+    if limits:
+        changes["key_limits"] = limits
+
+    def run(admin, publisher) -> int:
+        tenant = admin.update_tenant(args.tenant, changes)
+        print(f"tenant id={tenant.id} name={tenant.name!r} status={tenant.status}")
+        print(_announcement(publisher))
+        return 0
+    return admin_session(args.url, run)
 
 
 def cmd_list_keys(args: argparse.Namespace) -> int:
     """One line per key: never its secret or hash, only the display prefix."""
     from app.services.api_key_service import list_keys
-    from app.services.tenant_service import get_tenant_by_name
 
-    engine = engine_for(args.url)
-    try:
-        with Session(engine) as session:
-            tenant_id = None
-            if args.tenant:
-                tenant = get_tenant_by_name(session, args.tenant)
-                if tenant is None:
-                    raise CommandError(f"no tenant named {args.tenant!r}")
-                tenant_id = tenant.id
-            print("id\ttenant\tname\tprefix\trole\tstatus\texpires_at")
-            for key in list_keys(session, tenant_id=tenant_id):
-                status = "revoked" if key.revoked_at is not None else "active"
-                if status == "revoked" and not args.all:
-                    continue
-                expires = key.expires_at.isoformat() if key.expires_at else "-"
-                print(f"{key.id}\t{key.tenant.name}\t{key.name}\t{key.prefix}\t{key.role}\t{status}\t{expires}")
-    finally:
-        engine.dispose()
-    return 0
-
-
-def cmd_revoke_key(args: argparse.Namespace) -> int:
-    """Revoke, audit, and tell the running gateways (through Redis, when REDIS_URL is set)."""
-    from app.services import audit_service
-    from app.services.actor import CLI
-    from app.services.api_key_service import revoke_key
-
-    engine = engine_for(args.url)
-    try:
-        with Session(engine) as session:
-            key = revoke_key(session, args.id, commit=False)
-            if key is None:
-                raise CommandError(f"no API key with id {args.id}")
-            if session.is_modified(key):
-                audit_service.record(session, CLI, "key.revoke", target_type="api_key", target_id=key.id,
-                                     tenant_id=key.tenant_id, details={"name": key.name, "prefix": key.prefix})
-                session.commit()
-                print(f"revoked key id={key.id} name={key.name!r} prefix={key.prefix}")
-            else:
-                print(f"key id={key.id} was already revoked")
-    finally:
-        engine.dispose()
-    print(_announce_revocation(args.id))
-    return 0
-
-
-def _announce_revocation(key_id: int) -> str:
-    settings = Settings.from_env()
-    if not settings.REDIS_URL:
-        return f"gateways pick it up within AUTH_CACHE_TTL_S ({settings.AUTH_CACHE_TTL_S:g}s; REDIS_URL not set)"
-    import redis
-    from app.services.key_events import encode_event, publish_event
-
-    client = redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
-    try:
-        if publish_event(client, settings.KEY_EVENTS_CHANNEL, encode_event(key_id=key_id)):
-            return "running gateways were told through Redis (effective within a second)"
-        return (f"Redis unreachable: gateways pick it up within AUTH_CACHE_TTL_S "
-                f"({settings.AUTH_CACHE_TTL_S:g}s)")
-    finally:
-        client.close()
+    def run(admin, publisher) -> int:
+        tenant_id = admin.visible_tenant(args.tenant, param="tenant").id if args.tenant else None
+        print("id\ttenant\tname\tprefix\trole\tstatus\texpires_at")
+        for key in list_keys(admin.session, tenant_id=tenant_id):
+            status = "revoked" if key.revoked_at is not None else "active"
+            if status == "revoked" and not args.all:
+                continue
+            expires = key.expires_at.isoformat() if key.expires_at else "-"
+            print(f"{key.id}\t{key.tenant.name}\t{key.name}\t{key.prefix}\t{key.role}\t{status}\t{expires}")
+        return 0
+    return admin_session(args.url, run)
 
 
 # --- usage store: partitions, outbox, retention -------------------------------------------
@@ -468,30 +508,51 @@ def build_parser() -> argparse.ArgumentParser:
     add("current", cmd_current, "print the current schema revision")
     key = add("create-key", cmd_create_key, "mint an API key and print it once")
     key.add_argument("--name", required=True)
-    key.add_argument("--tenant", required=True)
+    key.add_argument("--tenant", required=True, help="tenant name (created when new) or id")
     key.add_argument("--role", choices=("member", "admin"), default="member")
-    key.add_argument("--rpm-limit", type=_positive)
-    key.add_argument("--tpm-limit", type=_positive)
-    key.add_argument("--daily-token-limit", type=_bounded(2**63 - 1))
-    key.add_argument("--max-concurrent", type=_positive)
-    key.add_argument("--budget-usd", type=_decimal)
-    key.add_argument("--allowed-models", help="comma-separated model aliases")
-    key.add_argument("--expires-at", type=_timestamp, help="ISO 8601, e.g. 2027-01-01T00:00:00Z")
+    add_key_options(key)
+    update = add("update-key", cmd_update_key, "change a key's name, limits, budget, models or expiry")
+    update.add_argument("id", type=_bounded(2**63 - 1))
+    update.add_argument("--name")
+    add_key_options(update)
+    rotate = add("rotate-key", cmd_rotate_key, "give a key a new secret (printed once)")
+    rotate.add_argument("id", type=_bounded(2**63 - 1))
+    rotate.add_argument("--grace-period-s", type=_grace, default=0.0,
+                        help="seconds the old secret keeps working (default 0)")
+    revoke = add("revoke-key", cmd_revoke_key, "revoke a key (running gateways are told through Redis)")
+    revoke.add_argument("id", type=_bounded(2**63 - 1))
+    keys = add("list-keys", cmd_list_keys, "list keys (id, tenant, name, prefix, role, status); never a secret")
+    keys.add_argument("--tenant", help="only this tenant's keys (name or id)")
+    keys.add_argument("--all", action="store_true", help="include revoked keys")
     tenant = add("create-tenant", cmd_create_tenant, "create a tenant (its budget and the limits of its keys)")
     tenant.add_argument("--name", required=True)
     tenant.add_argument("--status", choices=("active", "suspended"), default="active")
-    tenant.add_argument("--budget-usd", type=_decimal, help="monthly budget shared by all its keys")
-    tenant.add_argument("--rpm-limit", type=_positive)
-    tenant.add_argument("--tpm-limit", type=_positive)
-    tenant.add_argument("--daily-token-limit", type=_bounded(2**63 - 1))
-    tenant.add_argument("--max-concurrent", type=_positive)
-    keys = add("list-keys", cmd_list_keys, "list keys (id, tenant, name, prefix, role, status); never a secret")
-    keys.add_argument("--tenant", help="only this tenant's keys")
-    keys.add_argument("--all", action="store_true", help="include revoked keys")
-    revoke = add("revoke-key", cmd_revoke_key, "revoke a key (running gateways are told through Redis)")
-    revoke.add_argument("id", type=_bounded(2**63 - 1))
+    add_tenant_options(tenant)
+    change = add("update-tenant", cmd_update_tenant, "rename, suspend, reactivate a tenant or change its limits")
+    change.add_argument("tenant", help="tenant name or id")
+    change.add_argument("--name", help="new name")
+    change.add_argument("--status", choices=("active", "suspended"))
+    add_tenant_options(change)
     add_usage_commands(add)
     return parser
+
+
+def add_key_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rpm-limit", type=_positive)
+    p.add_argument("--tpm-limit", type=_positive)
+    p.add_argument("--daily-token-limit", type=_bounded(2**63 - 1))
+    p.add_argument("--max-concurrent", type=_positive)
+    p.add_argument("--budget-usd", type=_decimal)
+    p.add_argument("--allowed-models", help="comma-separated model aliases or categories (data/models.json)")
+    p.add_argument("--expires-at", type=_timestamp, help="ISO 8601, e.g. 2027-01-01T00:00:00Z")
+
+
+def add_tenant_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--budget-usd", type=_decimal, help="monthly budget shared by all its keys")
+    p.add_argument("--rpm-limit", type=_positive)
+    p.add_argument("--tpm-limit", type=_positive)
+    p.add_argument("--daily-token-limit", type=_bounded(2**63 - 1))
+    p.add_argument("--max-concurrent", type=_positive)
 
 
 def add_usage_commands(add: Callable[..., argparse.ArgumentParser]) -> None:

@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, text
 import db_manager
 from Testing.fakes.fake_openai import FakeOpenAI
 from Testing.tcp_proxy import TcpProxy
-from Testing.support import (KEY_EVENTS_CHANNEL, REDIS_URL, SYSTEM_SECRET, UPSTREAM_KEY, GatewayProcess,
+from Testing.support import (KEY_EVENTS_CHANNEL, REDIS_URL, SYSTEM_SECRET, UPSTREAM_KEY, FakeClock, GatewayProcess,
                              create_database, database_url, drop_database, wait_until,
                              write_models_file)
 
@@ -197,3 +197,19 @@ def wait_for_rows(engine, count: int, where: str = "TRUE", params: dict | None =
     wait_until(lambda: len(usage_rows(engine, where, params)) >= count, timeout=timeout,
                message=f"{count} usage rows where {where}")
     return usage_rows(engine, where, params)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A clock the test moves by hand (see `clocked_app`)."""
+    return FakeClock()
+
+
+@pytest.fixture
+def clocked_app(pg_url, models_file, clean_db, clock):
+    """The `app` fixture on the `clock` fixture: key expiry, grace periods, cache lifetimes and
+    breaker cooldowns move when the test calls `clock.advance(...)`, never by sleeping."""
+    from app import create_app
+    application = create_app(app_config(pg_url, models_file), clock=clock)
+    yield application
+    close_app(application)

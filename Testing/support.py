@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -72,6 +73,18 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
+
+
+def ok(resp: Any, status: int = 200) -> Any:
+    """The JSON body of a Flask test response that must have `status`."""
+    assert resp.status_code == status, (resp.status_code, resp.get_json())
+    return resp.get_json()
+
+
+def error(resp: Any, status: int) -> dict:
+    """The `error` object of a Flask test response that must be an error with `status`."""
+    assert resp.status_code == status, (resp.status_code, resp.get_json())
+    return resp.get_json()["error"]
 
 
 def http_json(method: str, url: str, body: Any = None, headers: dict | None = None,
@@ -188,3 +201,24 @@ class GatewayProcess:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+class FakeClock:
+    """A clock the test moves by hand (`advance`): both readings move together, nothing sleeps.
+
+    Pass it to `create_app(..., clock=...)` or to a component's `clock` argument.
+    """
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self._now = start or datetime.now(timezone.utc)  # starts at the real time, then only moves when told
+        self._monotonic = 1000.0
+
+    def now(self) -> datetime:
+        return self._now
+
+    def monotonic(self) -> float:
+        return self._monotonic
+
+    def advance(self, seconds: float) -> None:
+        self._now += timedelta(seconds=seconds)
+        self._monotonic += seconds

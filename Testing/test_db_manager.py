@@ -22,9 +22,9 @@ from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.orm import Session
 
 import db_manager
-from app.services.actor import CLI
-from app.services.api_key_service import mint_key
-from app.services.tenant_service import get_or_create_tenant
+from app.services.actor import cli_actor
+from app.services.admin_service import Admin
+from app.services.key_events import KeyEventPublisher
 from Testing.support import ROOT, database_exists, database_url, drop_database, free_port, head_revision
 
 pytestmark = pytest.mark.timeout(120)
@@ -75,7 +75,7 @@ def migrate(url: str) -> None:
     engine = create_engine(url)
     try:
         with Session(engine) as session:
-            mint_key(session, name="seed", tenant=get_or_create_tenant(session, CLI, "seed"))
+            Admin(session, cli_actor(), KeyEventPublisher(None, "")).mint_key({"name": "seed", "tenant": "seed"})
     finally:
         engine.dispose()
 

@@ -40,7 +40,7 @@ def test_create_tenant_and_key(capsys, pg_url, clean_db):
     tenant = rows(clean_db, "SELECT * FROM tenants WHERE name = 'ops'")[0]
     assert (tenant["budget_usd"], tenant["rpm_limit"], tenant["status"]) == (Decimal("12.5"), 30, "suspended")
     code, _, err = run(capsys, pg_url, "create-tenant", "--name", "ops")
-    assert code == 1 and err.strip() == "error: a tenant named 'ops' already exists"
+    assert code == 1 and err.strip() == "error: A tenant named 'ops' already exists."
     code, out, _ = run(capsys, pg_url, "create-key", "--name", "svc", "--tenant", "ops")
     assert code == 0 and out[-1].startswith("sk-")
     key = rows(clean_db, "SELECT * FROM api_keys")[0]
@@ -84,8 +84,8 @@ def test_list_keys_and_revoke_key(capsys, monkeypatch, pg_url, clean_db):
     assert [line.split("\t")[2] for line in run(capsys, pg_url, "list-keys")[1][1:]] == ["b"]
     code, out, _ = run(capsys, pg_url, "list-keys", "--all", "--tenant", "one")
     assert out[1:] == [f"{a['id']}\tone\ta\t{a['prefix']}\tadmin\trevoked\t-"]
-    assert run(capsys, pg_url, "revoke-key", "999999")[::2] == (1, "error: no API key with id 999999\n")
-    assert run(capsys, pg_url, "list-keys", "--tenant", "nope")[::2] == (1, "error: no tenant named 'nope'\n")
+    assert run(capsys, pg_url, "revoke-key", "999999")[::2] == (1, "error: No API key with id 999999.\n")
+    assert run(capsys, pg_url, "list-keys", "--tenant", "nope")[::2] == (1, "error: No tenant named 'nope'.\n")
     assert rows(clean_db, "SELECT actor_type, action FROM audit_log WHERE action = 'key.revoke'") == [
         {"actor_type": "cli", "action": "key.revoke"}]
     # create-key into tenants that did not exist created them: audited as the CLI, once each

@@ -15,7 +15,7 @@ from app.config import ROOT_DIR, Settings
 
 METHODS = ("GET", "POST", "PATCH", "PUT", "DELETE")
 # URL parameters as the README names them.
-PARAM_NAMES = {"key_id": "<id>", "tenant_id": "<id>", "model_id": "<model>"}
+PARAM_NAMES = {"key_id": "<id>", "tenant_id": "<id>", "tenant_ref": "<id>", "model_id": "<model>"}
 
 
 def readme_routes() -> set[tuple[str, str]]:

@@ -10,6 +10,7 @@ from flask import Flask, Response, g
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.config import Settings, load_dotenv_once
+from app.utils.clock import SYSTEM_CLOCK, Clock, epoch_seconds
 from app.errors import register_error_handlers
 from app.extensions import cors, db, make_redis
 from app.providers.provider_manager import ProviderManager
@@ -35,8 +36,9 @@ _BATCHERS: "weakref.WeakSet[Any]" = weakref.WeakSet()
 atexit.register(lambda: [b.flush(5.0) for b in list(_BATCHERS)])
 
 
-def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
-    """Build the app. `config`: a Settings, or a mapping of overrides on top of the environment."""
+def create_app(config: Settings | Mapping[str, Any] | None = None, clock: Clock = SYSTEM_CLOCK) -> Flask:
+    """Build the app. `config`: a Settings, or a mapping of overrides on top of the environment.
+    `clock`: the time source of every time-dependent decision (tests pass a FakeClock)."""
     load_dotenv_once()
     if isinstance(config, Settings):
         settings = config
@@ -68,14 +70,14 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     preload_tokenizers({m.tokenizer for m in providers.catalog.models.values()})
     with app.app_context():
         engine = db.engine
-    last_used = LastUsedTracker(settings.LAST_USED_WRITE_INTERVAL_S)
+    last_used = LastUsedTracker(settings.LAST_USED_WRITE_INTERVAL_S, clock.monotonic)
     redis_client = make_redis(settings.REDIS_URL, settings.REDIS_MAX_CONNECTIONS)
     batcher = _usage_batcher(settings, engine, redis_client)
-    limiter = RateLimitService(_limiter_backend(settings, redis_client),
+    limiter = RateLimitService(_limiter_backend(settings, redis_client, clock),
                                seed=lambda limits, day, month: seed_from_usage(
                                    engine, limits.key_id, limits.tenant_id, day, month),
                                fail_mode=settings.RATE_LIMIT_FAIL_MODE)
-    key_cache = KeyCache(settings.AUTH_CACHE_TTL_S)
+    key_cache = KeyCache(settings.AUTH_CACHE_TTL_S, clock.monotonic)
     key_events = KeyEvents(key_cache, settings.REDIS_URL, settings.KEY_EVENTS_CHANNEL, publisher=redis_client)
     # The listener starts with the first cache miss of the process that serves requests
     # (a gunicorn worker, after the fork); a cache hit never calls this.
@@ -84,7 +86,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
         settings=settings, providers=providers, key_cache=key_cache,
         last_used=last_used, usage_batcher=batcher,
         settlement=Settlement(batcher, engine, last_used, limiter), limiter=limiter, engine=engine,
-        redis=redis_client, app=app, key_events=key_events)
+        redis=redis_client, app=app, key_events=key_events, clock=clock)
     _build_routing(app.extensions["gateway"])
 
     from app.api.routes import api
@@ -103,12 +105,12 @@ def _build_routing(rt: Runtime) -> None:
     rt.health = HealthBoard(BreakerConfig(
         failure_threshold=s.BREAKER_FAILURE_THRESHOLD, failure_ratio=s.BREAKER_FAILURE_RATIO,
         window=s.BREAKER_WINDOW, min_requests=s.BREAKER_MIN_REQUESTS, cooldown_s=s.BREAKER_COOLDOWN_S),
-        redis_client=rt.redis, publish_interval_s=s.HEALTH_PUBLISH_INTERVAL_S)
+        redis_client=rt.redis, publish_interval_s=s.HEALTH_PUBLISH_INTERVAL_S, clock=rt.clock.monotonic)
     rt.router = Router(rt.providers.catalog, rt.health, RetryPolicy(
         max_attempts=s.ROUTER_MAX_ATTEMPTS, attempts_per_deployment=s.ROUTER_ATTEMPTS_PER_DEPLOYMENT,
         base_s=s.ROUTER_RETRY_BASE_S, max_backoff_s=s.ROUTER_RETRY_MAX_BACKOFF_S,
         deadline_s=s.ROUTER_DEADLINE_S, max_retry_after_s=s.ROUTER_MAX_RETRY_AFTER_S))
-    rt.uptime = UptimeChecker(rt.providers, rt.health, rt.redis, s.UPTIME_CACHE_S)
+    rt.uptime = UptimeChecker(rt.providers, rt.health, rt.redis, s.UPTIME_CACHE_S, clock=rt.clock.monotonic)
 
 
 def _usage_batcher(settings: Settings, engine: Any, redis_client: Any) -> UsageBatcher:
@@ -134,10 +136,10 @@ def seed_from_usage(engine: Any, key_id: int, tenant_id: int, day: int, month: s
         raise LimiterUnavailable() from None
 
 
-def _limiter_backend(settings: Settings, redis_client: Any) -> Any:
+def _limiter_backend(settings: Settings, redis_client: Any, clock: Clock) -> Any:
     lease_ms = int(settings.CONCURRENCY_LEASE_S * 1000)
     if redis_client is None:
-        return LocalLimiter(lease_ms)
+        return LocalLimiter(lease_ms, clock=lambda: epoch_seconds(clock))
     return RedisLimiter(redis_client, lease_ms, settings.REDIS_MAX_CONNECTIONS)
 
 

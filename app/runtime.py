@@ -19,6 +19,7 @@ from app.services.key_events import KeyEvents
 from app.services.rate_limit_service import RateLimitService
 from app.services.settlement_service import Settlement
 from app.services.usage_batcher import UsageBatcher
+from app.utils.clock import SYSTEM_CLOCK, Clock
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Runtime:
     router: Any = None       # app.services.router.Router: candidates, retries, fallback
     health: Any = None       # app.services.provider_health.HealthBoard: breakers, outcomes
     uptime: Any = None       # app.services.uptime_service.UptimeChecker
+    clock: Clock = SYSTEM_CLOCK  # every time-dependent decision reads it (tests move it)
 
 
 def runtime() -> Runtime:

@@ -56,17 +56,18 @@ def add_months(d: datetime, n: int) -> datetime:
 
 
 def make_keys(url: str, n_keys: int, n_tenants: int) -> tuple[list[tuple[int, int]], str]:
-    from app.services.actor import CLI
-    from app.services.api_key_service import mint_key
+    from app.services.actor import cli_actor
+    from app.services.api_key_service import new_key
     from app.services.tenant_service import get_or_create_tenant
     engine = create_engine(url)
     keys, first_plain = [], ""
     with Session(engine) as session:
         for i in range(n_keys):
-            tenant = get_or_create_tenant(session, CLI, f"tenant-{i % n_tenants}")
-            key, plain = mint_key(session, name=f"k{i}", tenant=tenant)
+            tenant = get_or_create_tenant(session, cli_actor(), f"tenant-{i % n_tenants}")
+            key, plain = new_key(session, name=f"k{i}", tenant=tenant)
             keys.append((key.id, key.tenant_id))
             first_plain = first_plain or plain
+        session.commit()  # set-up data in one transaction (no audit rows: not an admin action)
     engine.dispose()
     return keys, first_plain
 

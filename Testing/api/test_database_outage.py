@@ -4,7 +4,6 @@ limiter counters would have to be rebuilt from the usage store gets the limiter'
 500."""
 from __future__ import annotations
 
-import time
 import uuid
 
 import pytest
@@ -18,13 +17,14 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture
-def outage_app(pg_url, models_file, clean_db, tmp_path):
-    """The app behind a proxy; its outbox is its own (no other gateway of the run replays it)."""
+def outage_app(pg_url, models_file, clean_db, tmp_path, clock):
+    """The app behind a proxy, on the test's clock (`clock.advance` ends cache lifetimes); its
+    outbox is its own (no other gateway of the run replays it)."""
     proxy = TcpProxy.in_front_of(pg_url)
     from app import create_app
     application = create_app(app_config(proxy.url, models_file, AUTH_CACHE_TTL_S=0.2, USAGE_WRITE_TIMEOUT_S=1,
                                         USAGE_OUTBOX_NAME="usage-outage-" + uuid.uuid4().hex[:8],
-                                        USAGE_SPOOL_DIR=str(tmp_path)))
+                                        USAGE_SPOOL_DIR=str(tmp_path)), clock=clock)
     yield application, proxy
     proxy.cut()
     close_app(application)
@@ -37,7 +37,7 @@ def mint(client, **fields) -> str:
     return resp.get_json()["key"]
 
 
-def test_requests_during_a_database_outage_get_answers_or_clear_503s(outage_app):
+def test_requests_during_a_database_outage_get_answers_or_clear_503s(outage_app, clock):
     """Database cut: a key seen before still completes (after its cache TTL too); an unknown
     key is 503 database_unavailable; a key with a budget whose month counter Redis does not
     have yet is 503 rate_limiter_unavailable; all in the OpenAI error envelope."""
@@ -49,7 +49,7 @@ def test_requests_during_a_database_outage_get_answers_or_clear_503s(outage_app)
     for key in (plain, budgeted):  # cached by this worker; the budget counter is not seeded yet
         assert client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
     proxy.cut()
-    time.sleep(0.3)  # past AUTH_CACHE_TTL_S
+    clock.advance(0.3)  # past AUTH_CACHE_TTL_S
 
     ok = client.post("/v1/chat/completions", json={"model": "demo", "messages": MESSAGES},
                      headers={"Authorization": f"Bearer {plain}"})

@@ -4,14 +4,12 @@ them), PATCH of a key, rotation with and without a grace period, expiry set by P
 revocation, and the audit rows each change leaves."""
 from __future__ import annotations
 
-import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import text
 
-from Testing.conftest import app_config, close_app
-from Testing.support import SYSTEM_SECRET
+from Testing.support import SYSTEM_SECRET, error, ok
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -21,16 +19,6 @@ CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_t
 
 def bearer(key: dict | str) -> dict:
     return {"Authorization": f"Bearer {key['key'] if isinstance(key, dict) else key}"}
-
-
-def ok(resp, status: int = 200) -> dict:
-    assert resp.status_code == status, (resp.status_code, resp.get_json())
-    return resp.get_json()
-
-
-def error(resp, status: int) -> dict:
-    assert resp.status_code == status, (resp.status_code, resp.get_json())
-    return resp.get_json()["error"]
 
 
 @pytest.fixture
@@ -209,39 +197,36 @@ def test_rotate_without_grace_stops_the_old_secret_now(client, tadmin, clean_db)
     assert k["key"] not in str(audit(clean_db)) and rotated["key"] not in str(audit(clean_db))
 
 
-def test_rotate_with_grace_keeps_the_old_secret_until_it_ends(pg_url, models_file, clean_db):
+def test_rotate_with_grace_keeps_the_old_secret_until_it_ends(clocked_app, clock, clean_db):
     """With grace_period_s the old secret keeps working (with the new one) until the grace ends,
-    then gets 401 saying the key was rotated; rotating again ends an earlier grace at once."""
-    from app import create_app
-    application = create_app(app_config(pg_url, models_file, AUTH_CACHE_TTL_S=30))
-    try:
-        c = application.test_client()
-        k = ok(c.post("/v1/api-keys", headers=SYSTEM, json={"name": "g"}), 201)
+    then gets 401 saying the key was rotated; rotating again ends an earlier grace at once. The
+    test moves the app's clock (the old secret is cached meanwhile: the cache must not extend it)."""
+    c = clocked_app.test_client()
+    k = ok(c.post("/v1/api-keys", headers=SYSTEM, json={"name": "g"}), 201)
+    assert c.get("/v1/models", headers=bearer(k)).status_code == 200
+    rotated = ok(c.post(f"/v1/api-keys/{k['id']}/rotate", headers=SYSTEM, json={"grace_period_s": 90}))
+    assert rotated["previous_key_expires_at"] == (clock.now() + timedelta(seconds=90)).isoformat() \
+        .replace("+00:00", "Z")
+    for _ in range(3):
         assert c.get("/v1/models", headers=bearer(k)).status_code == 200
-        started = time.monotonic()
-        rotated = ok(c.post(f"/v1/api-keys/{k['id']}/rotate", headers=SYSTEM, json={"grace_period_s": 1.5}))
-        assert rotated["previous_key_expires_at"] is not None
-        for _ in range(3):
-            assert c.get("/v1/models", headers=bearer(k)).status_code == 200
-            assert c.get("/v1/models", headers=bearer(rotated)).status_code == 200
-        assert time.monotonic() - started < 1.2, "too slow to observe the grace period"
-        time.sleep(max(0.0, 1.6 - (time.monotonic() - started)))
-        assert "rotated" in error(c.get("/v1/models", headers=bearer(k)), 401)["message"]
         assert c.get("/v1/models", headers=bearer(rotated)).status_code == 200
-        again = ok(c.post(f"/v1/api-keys/{k['id']}/rotate", headers=SYSTEM, json={"grace_period_s": 60}))
-        third = ok(c.post(f"/v1/api-keys/{k['id']}/rotate", headers=SYSTEM, json={"grace_period_s": 60}))
-        assert error(c.get("/v1/models", headers=bearer(rotated)), 401)  # two rotations ago: gone
-        assert c.get("/v1/models", headers=bearer(again)).status_code == 200  # in its grace
-        assert c.get("/v1/models", headers=bearer(third)).status_code == 200
-        assert error(c.post(f"/v1/api-keys/{k['id']}/rotate", headers=SYSTEM, json={"grace_period_s": -1}),
-                     400)["param"] == "grace_period_s"
-        ok(c.delete(f"/v1/api-keys/{k['id']}", headers=SYSTEM))
-        for secret in (again, third):  # revoking ends the grace too
-            assert "revoked" in error(c.get("/v1/models", headers=bearer(secret)), 401)["message"]
-        assert error(c.post(f"/v1/api-keys/{k['id']}/rotate", headers=SYSTEM), 409)["code"] == "key_revoked"
-        assert error(c.patch(f"/v1/api-keys/{k['id']}", headers=SYSTEM, json={"name": "z"}), 409)
-    finally:
-        close_app(application)
+    clock.advance(89.9)
+    assert c.get("/v1/models", headers=bearer(k)).status_code == 200
+    clock.advance(0.2)
+    assert "rotated" in error(c.get("/v1/models", headers=bearer(k)), 401)["message"]
+    assert c.get("/v1/models", headers=bearer(rotated)).status_code == 200
+    again = ok(c.post(f"/v1/api-keys/{k['id']}/rotate", headers=SYSTEM, json={"grace_period_s": 60}))
+    third = ok(c.post(f"/v1/api-keys/{k['id']}/rotate", headers=SYSTEM, json={"grace_period_s": 60}))
+    assert error(c.get("/v1/models", headers=bearer(rotated)), 401)  # two rotations ago: gone
+    assert c.get("/v1/models", headers=bearer(again)).status_code == 200  # in its grace
+    assert c.get("/v1/models", headers=bearer(third)).status_code == 200
+    assert error(c.post(f"/v1/api-keys/{k['id']}/rotate", headers=SYSTEM, json={"grace_period_s": -1}),
+                 400)["param"] == "grace_period_s"
+    ok(c.delete(f"/v1/api-keys/{k['id']}", headers=SYSTEM))
+    for secret in (again, third):  # revoking ends the grace too
+        assert "revoked" in error(c.get("/v1/models", headers=bearer(secret)), 401)["message"]
+    assert error(c.post(f"/v1/api-keys/{k['id']}/rotate", headers=SYSTEM), 409)["code"] == "key_revoked"
+    assert error(c.patch(f"/v1/api-keys/{k['id']}", headers=SYSTEM, json={"name": "z"}), 409)
 
 
 def test_tenant_admin_revokes_a_key_of_its_tenant(client, tadmin, clean_db):
@@ -264,7 +249,7 @@ def test_audit_endpoint_lists_newest_first_with_paging(client, tadmin, clean_db)
     body = ok(client.get("/v1/audit", headers=bearer(tadmin)))
     actions = [e["action"] for e in body["data"]]
     assert actions == ["key.revoke", "key.update", "key.create", "key.create", "tenant.create"]
-    assert body["data"][0]["actor"] == {"type": "key", "api_key_id": tadmin["id"]}
+    assert body["data"][0]["actor"] == {"type": "key", "api_key_id": tadmin["id"], "name": f"key:{tadmin['id']}"}
     assert body["data"][0]["target"] == {"type": "api_key", "id": k["id"]}
     page = ok(client.get("/v1/audit?limit=2", headers=SYSTEM))
     assert page["has_more"] is True and len(page["data"]) == 2

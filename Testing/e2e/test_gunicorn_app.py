@@ -91,35 +91,48 @@ def run_gevent_script(script: str, env: dict | None = None) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# Cooperation proven by an event, not by timing: each of 10 greenlets opens a connection and
+# runs a statement that takes a number from a shared sequence (sequences ignore transactions)
+# and returns only once all 10 have taken theirs, i.e. once all 10 statements were in PostgreSQL
+# at the same time. A blocking driver would run the first greenlet's statement alone: it would
+# wait for the others until statement_timeout ends it.
+BARRIER_SQL = ("DO $$ BEGIN PERFORM nextval('{seq}'); WHILE (SELECT last_value FROM {seq}) < 10 LOOP "
+               "PERFORM pg_sleep(0.01); END LOOP; END $$")
+
 DRIVER_SCRIPT = r"""
 from gevent import monkey
 monkey.patch_all()
-import json, sys, time
+import json, sys, uuid
 import gevent
 import psycopg
 
 URL = sys.argv[1] if len(sys.argv) > 1 else %r
+SEQ = "coop_" + uuid.uuid4().hex[:8]
 
 def one():
-    with psycopg.connect(URL) as conn:
-        conn.execute("SELECT pg_sleep(0.5)")
+    with psycopg.connect(URL, options="-c statement_timeout=30000") as conn:
+        conn.execute(%r.format(seq=SEQ))
 
-start = time.monotonic()
-gevent.joinall([gevent.spawn(one) for _ in range(10)], raise_error=True)
-print(json.dumps({"elapsed": time.monotonic() - start}))
+with psycopg.connect(URL, autocommit=True) as admin:
+    admin.execute("CREATE SEQUENCE " + SEQ)
+    try:
+        gevent.joinall([gevent.spawn(one) for _ in range(10)], raise_error=True)
+    finally:
+        admin.execute("DROP SEQUENCE " + SEQ)
+print(json.dumps({"together": 10}))
 """
 
 
 def test_psycopg_is_cooperative_under_gevent():
-    """After monkey.patch_all(), 10 greenlets of SELECT pg_sleep(0.5) via psycopg finish in < 1.5 s."""
-    result = run_gevent_script(DRIVER_SCRIPT % PG_ADMIN_URL)
-    assert result["elapsed"] < 1.5, result
+    """After monkey.patch_all(), 10 greenlets' psycopg statements are in PostgreSQL at the same time."""
+    result = run_gevent_script(DRIVER_SCRIPT % (PG_ADMIN_URL, BARRIER_SQL))
+    assert result == {"together": 10}
 
 
 APP_SCRIPT = r"""
 from gevent import monkey
 monkey.patch_all()
-import json, time
+import json, uuid
 import gevent
 from sqlalchemy import text
 from app import create_app
@@ -129,23 +142,30 @@ app = create_app()
 with app.app_context():
     engine = db.engine
 assert engine is app.extensions["gateway"].engine
+SEQ = "coop_" + uuid.uuid4().hex[:8]
 
 def one():
     with engine.connect() as conn:
-        conn.execute(text("SELECT pg_sleep(0.5)"))
+        conn.execute(text("SET statement_timeout = 30000"))
+        conn.execute(text(%r.format(seq=SEQ)))
 
-start = time.monotonic()
-gevent.joinall([gevent.spawn(one) for _ in range(10)], raise_error=True)
-elapsed = time.monotonic() - start
+with engine.connect() as admin:
+    admin.execute(text("CREATE SEQUENCE " + SEQ))
+    admin.commit()
+    try:
+        gevent.joinall([gevent.spawn(one) for _ in range(10)], raise_error=True)
+    finally:
+        admin.execute(text("DROP SEQUENCE " + SEQ))
+        admin.commit()
 app.extensions["gateway"].providers.close()
-print(json.dumps({"elapsed": elapsed, "dialect": engine.dialect.name, "driver": engine.dialect.driver}))
+print(json.dumps({"together": 10, "dialect": engine.dialect.name, "driver": engine.dialect.driver}))
 """
 
 
 def test_app_engine_is_cooperative_under_gevent(pg_url, models_file):
-    """Patched first like the gevent worker, 10 pg_sleep(0.5) greenlets on the app's db.engine take < 1.5 s."""
-    result = run_gevent_script(APP_SCRIPT, env={
+    """Patched first like the gevent worker, 10 greenlets' statements on the app's db.engine are
+    in PostgreSQL at the same time."""
+    result = run_gevent_script(APP_SCRIPT % BARRIER_SQL, env={
         "DATABASE_URL": pg_url, "REDIS_URL": REDIS_URL, "MODELS_FILE": str(models_file),
         "SYSTEM_SECRET": SYSTEM_SECRET, "LOG_LEVEL": "WARNING"})
-    assert (result["dialect"], result["driver"]) == ("postgresql", "psycopg")
-    assert result["elapsed"] < 1.5, result
+    assert result == {"together": 10, "dialect": "postgresql", "driver": "psycopg"}

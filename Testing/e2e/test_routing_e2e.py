@@ -5,14 +5,13 @@ GET /v1/providers/status through Redis."""
 from __future__ import annotations
 
 import json
-import time
 from datetime import datetime, timezone
 
 import openai
 import pytest
 
 from Testing.conftest import app_config, key_rows
-from Testing.support import SYSTEM_SECRET, GatewayProcess, free_port, http_json
+from Testing.support import SYSTEM_SECRET, GatewayProcess, free_port, http_json, wait_until
 
 MESSAGES = [{"role": "user", "content": "hello fallback"}]
 
@@ -60,11 +59,14 @@ def test_fallback_status_and_uptime_through_gunicorn(routing_gateway, clean_db):
     rows = key_rows(clean_db, key, n)
     assert {(r["provider"], r["status"]) for r in rows} == {("live", "ok")}
 
-    time.sleep(0.6)  # every worker has published its view
-    code, _, report = http_json("GET", routing_gateway.base_url + "/v1/providers/status",
-                                headers={"X-System-Secret": SYSTEM_SECRET})
-    assert code == 200
-    by_name = {d["deployment"]: d for d in report["data"]}
+    def every_worker_published() -> tuple[dict, dict] | None:
+        code, _, report = http_json("GET", routing_gateway.base_url + "/v1/providers/status",
+                                    headers={"X-System-Secret": SYSTEM_SECRET})
+        assert code == 200
+        by_name = {d["deployment"]: d for d in report["data"]}
+        live = by_name.get("live/gpt-4o-mini")
+        return (report, by_name) if live is not None and live["requests"] == n else None
+    report, by_name = wait_until(every_worker_published, message="every worker's view in the status report")
     dead, live = by_name["dead/gpt-4o-mini"], by_name["live/gpt-4o-mini"]
     assert dead["status"] == "down" and dead["circuit"] == "open" and dead["last_error"] == "unavailable"
     assert live["status"] == "up" and live["requests"] == n and live["p50_latency_ms"] is not None

@@ -84,7 +84,9 @@ def test_postgres_outage_mid_load_every_completion_recorded_exactly_once(pg_url,
         wait_until(lambda: len(request_ids(clean_db)) == 3, message="warm-up rows")
 
         pg_proxy.cut()
-        time.sleep(0.6)  # past AUTH_CACHE_TTL_S: the key is served from its last known state
+        # A real wait, and only a lower bound: the gateway is another process, whose clock the
+        # test cannot move; it must be past AUTH_CACHE_TTL_S so the key comes from its last known state.
+        time.sleep(0.6)
         with ThreadPoolExecutor(8) as pool:
             results = list(pool.map(lambda i: chat(gw, key, stream=i % 2 == 1), range(20)))
         assert [r[0] for r in results] == [200] * 20, results
@@ -94,11 +96,12 @@ def test_postgres_outage_mid_load_every_completion_recorded_exactly_once(pg_url,
         assert status == 503, body
         assert body["error"]["code"] == "database_unavailable" and body["error"]["type"]
 
-        # the rpm limit (30) counted the outage's requests: 23 used, so at most a few more pass
+        # the rpm limit (30) counted the outage's requests: 23 used, so 7 more pass (and one more
+        # per 2 s the test has taken: the minute refills continuously), then 429
         more = [chat(gw, key) for _ in range(12)]
         assert any(s == 429 for s, _, _ in more), [s for s, _, _ in more]
         served += [rid for s, rid, _ in more if s == 200]
-        assert 7 <= len(served) - 23 <= 10
+        assert len(served) - 23 >= 7
 
         wait_until(lambda: rclient.llen(gw.outbox_key) == len(served) - 3, timeout=20, message="rows in the outbox")
         status, _, health = http_json("GET", gw.base_url + "/health")
@@ -109,11 +112,11 @@ def test_postgres_outage_mid_load_every_completion_recorded_exactly_once(pg_url,
 
         pg_proxy.restore()
         wait_until(lambda: len(request_ids(clean_db)) == len(served), timeout=20, message="the outbox replayed")
-        time.sleep(0.5)
+        # absence of duplicates, proven once nothing is left to replay (not after a short sleep)
+        wait_until(lambda: rclient.llen(gw.outbox_key) == 0, message="empty outbox")
         stored = request_ids(clean_db)
         assert sorted(stored) == sorted(served) and len(set(stored)) == len(stored)
         assert rollup_requests(clean_db) == len(served)
-        wait_until(lambda: rclient.llen(gw.outbox_key) == 0, message="empty outbox")
         status, _, health = http_json("GET", gw.base_url + "/health")
         assert status == 200 and health["worker"]["usage_database_down"] is False
     finally:
@@ -152,7 +155,8 @@ def test_worker_sigkilled_after_its_responses_loses_none_of_them(pg_url, models_
         wait_until(lambda: gw.worker_pids() not in ([], [worker]), timeout=20, message="a new worker")
         pg_proxy.restore()
         wait_until(lambda: len(request_ids(clean_db)) == 11, timeout=30, message="the outbox replayed")
-        time.sleep(0.5)
+        # absence of duplicates, proven once nothing is left to replay (not after a short sleep)
+        wait_until(lambda: outbox_depth() == 0, timeout=30, message="empty outbox")
         stored = request_ids(clean_db)
         assert set(served) <= set(stored) and len(stored) == len(set(stored)) == 11
         assert rollup_requests(clean_db) == 11

@@ -22,7 +22,7 @@ COLUMNS = {
                  "daily_token_limit", "max_concurrent", "budget_usd", "allowed_models", "expires_at",
                  "revoked_at", "created_at", "last_used_at", "previous_key_hash",
                  "previous_key_expires_at", "rotated_at"},
-    "audit_log": {"id", "created_at", "actor_type", "actor_key_id", "tenant_id", "action", "target_type",
+    "audit_log": {"id", "created_at", "actor_type", "actor_key_id", "actor_name", "tenant_id", "action", "target_type",
                   "target_id", "details"},
     "usage_records": {"id", "request_id", "tenant_id", "api_key_id", "model", "provider",
                       "upstream_model", "prompt_tokens", "completion_tokens", "total_tokens",

@@ -76,16 +76,33 @@ def test_token_is_cached_until_shortly_before_expiry(fake_gigachat):
 
 @pytest.mark.parametrize("call", ["complete", "stream"])
 def test_401_refreshes_the_token_once(provider, fake_gigachat, call):
-    """A token the API no longer accepts (401) is replaced once and the call succeeds."""
+    """A token the API no longer accepts (401) is replaced once and the call succeeds: the first
+    chat request carries the revoked token, exactly one new token is fetched, the second chat
+    request carries that new token, and the answer is the whole completion with its usage.
+    Without the refresh the call raises ProviderAuthError and every assertion here is unreached."""
     provider.complete(req())
+    [first_call] = chat_requests(fake_gigachat)
+    revoked = bearer_of(first_call)
     fake_gigachat.revoke_tokens()
     fake_gigachat.reset()
-    result = getattr(provider, call)(req())
-    pieces = list(result) if call == "stream" else None
+    if call == "stream":
+        pieces = list(provider.stream(req()))
+        chunks = [json.loads(p.data()) for p in pieces if not p.usage_only]
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+        usage = pieces[-1].usage
+    else:
+        result = provider.complete(req())
+        text, usage = result.body["choices"][0]["message"]["content"], result.usage
+    before, after = chat_requests(fake_gigachat)  # exactly two chat requests
+    assert bearer_of(before) == revoked
     assert len(oauth_requests(fake_gigachat)) == 1
-    assert [r["headers"]["authorization"] != chat_requests(fake_gigachat)[0]["headers"]["authorization"]
-            for r in chat_requests(fake_gigachat)] == [False, True]
-    assert pieces is None or pieces[-1].usage is not None
+    assert bearer_of(after) != revoked and bearer_of(after) in fake_gigachat.tokens  # the fresh, valid token
+    assert text == "".join(echo_words("hello there giga", 9))
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (12, 9)
+
+
+def bearer_of(chat_request: dict) -> str:
+    return chat_request["headers"]["authorization"].removeprefix("Bearer ")
 
 
 def test_refused_authorization_key_is_an_auth_error(fake_gigachat, monkeypatch):

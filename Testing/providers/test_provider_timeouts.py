@@ -39,12 +39,13 @@ def test_catalog_rejects_bad_timeouts():
 
 
 def test_read_timeout_on_a_hung_upstream(fake_upstream: FakeOpenAI):
-    """No byte within the read timeout: ProviderTimeout after about that long."""
+    """No byte within the read timeout: ProviderTimeout, not sooner than the read timeout (the
+    fake never answers: without the timeout the test's own time limit ends it)."""
     prov = provider(fake_upstream.base_url, read_timeout_s=0.3)
     started = time.monotonic()
     with pytest.raises(ProviderTimeout):
         prov.complete({"model": "fake-hang", "messages": MESSAGES})
-    assert 0.25 < time.monotonic() - started < 1.5
+    assert time.monotonic() - started > 0.25
     prov.close()
 
 
@@ -52,12 +53,11 @@ def test_total_timeout_cuts_a_stream_that_keeps_trickling(fake_upstream: FakeOpe
     """A slow stream (an event every 50 ms, never idle long enough for the read timeout) is cut
     by the total timeout with ProviderTimeout, mid-stream."""
     prov = provider(fake_upstream.base_url, read_timeout_s=5, total_timeout_s=0.4)
-    started = time.monotonic()
     pieces = 0
     with pytest.raises(ProviderTimeout):
         for _ in prov.stream({"model": "fake-slow", "messages": MESSAGES}):
             pieces += 1
-    assert 2 <= pieces < 15 and time.monotonic() - started < 1.0
+    assert 1 <= pieces < 23  # cut mid-stream: the fake's slow stream has 23 events over > 1 s
     prov.close()
 
 
@@ -68,7 +68,8 @@ def test_total_timeout_shorter_than_read_bounds_the_wait_for_headers(fake_upstre
     started = time.monotonic()
     with pytest.raises(ProviderTimeout):
         prov.complete({"model": "fake-hang", "messages": MESSAGES})
-    assert time.monotonic() - started < 1.0
+    # Not a timing of this machine: the 5 s read timeout was not what ended the wait.
+    assert time.monotonic() - started < 5
     prov.complete({"model": "gpt-4o-mini", "messages": MESSAGES})
     [conn] = prov.pool._idle
     assert conn.sock.gettimeout() == 5
@@ -81,7 +82,6 @@ def test_connect_refused_is_unavailable_and_fast():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     prov = provider(f"http://127.0.0.1:{port}/v1", connect_timeout_s=0.5)
-    started = time.monotonic()
-    with pytest.raises(ProviderUnavailable) as err:
+    with pytest.raises(ProviderUnavailable) as err:  # a timeout would be ProviderTimeout
         prov.complete({"model": "x", "messages": MESSAGES})
-    assert err.value.retryable and time.monotonic() - started < 0.5
+    assert err.value.retryable

@@ -3,13 +3,13 @@ and the configured latency / throughput."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
 
 from app.providers.base import Completion, StreamPiece
 from app.providers.simulator import DEFAULT_OUTPUT_TOKENS, SimulatorProvider
-from app.utils.token_counter import count_messages
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -80,12 +80,13 @@ def test_cap_above_natural_length_stops():
 
 
 def test_usage_is_tiktoken_prompt_and_word_count_completion():
-    """usage.prompt_tokens is count_messages(messages); completion_tokens is the number of words."""
+    """usage.prompt_tokens is the tiktoken count of the messages (24 with o200k_base);
+    completion_tokens is the number of words."""
     req = request(max_tokens=12)
     result = sim().complete(req)
     words = len(content_of(result).split())
-    assert result.usage == {"prompt_tokens": count_messages(MESSAGES), "completion_tokens": words,
-                            "total_tokens": count_messages(MESSAGES) + words}
+    assert words == 12
+    assert result.usage == {"prompt_tokens": 24, "completion_tokens": 12, "total_tokens": 36}
     assert result.body["usage"] == result.usage
     assert result.body["object"] == "chat.completion" and result.body["model"] == "demo"
 
@@ -106,44 +107,55 @@ def test_stream_shape_role_content_finish_usage():
     assert chunks[5]["choices"][0]["finish_reason"] == "length"
     last = pieces[-1]
     assert last.usage_only is True and chunks[-1]["choices"] == []
-    assert last.usage == {"prompt_tokens": count_messages(MESSAGES), "completion_tokens": 4,
-                          "total_tokens": count_messages(MESSAGES) + 4}
+    assert last.usage == {"prompt_tokens": 24, "completion_tokens": 4, "total_tokens": 28}
     assert chunks[-1]["usage"] == last.usage
     assert not any(p.usage_only or p.usage for p in pieces[:-1])
 
 
-def test_latency_delays_the_first_piece():
-    """latency_ms=100 delays the first stream piece by about 100 ms."""
+@pytest.fixture
+def sleeps(monkeypatch) -> list[float]:
+    """The waits the simulator asks for on this thread (it still really waits): its pacing is
+    checked by what it asks, not by timing a busy machine."""
+    calls: list[float] = []
+    real_sleep, me = time.sleep, threading.get_ident()
+
+    def recording(seconds: float) -> None:
+        if threading.get_ident() == me:
+            calls.append(seconds)
+        real_sleep(seconds)
+    monkeypatch.setattr(time, "sleep", recording)
+    return calls
+
+
+def test_latency_delays_the_first_piece(sleeps):
+    """latency_ms=100 waits 100 ms before the first stream piece, and only then."""
     stream = sim(latency_ms=100).stream(request(max_tokens=2))
-    started = time.monotonic()
+    assert sleeps == []  # nothing before the stream is read
     next(stream)
-    assert 0.09 <= time.monotonic() - started < 0.6
+    assert sleeps == [pytest.approx(0.1)]
 
 
-def test_tokens_per_s_paces_the_stream():
-    """tokens_per_s=50 spaces content pieces ~20 ms apart (5 words take >= ~0.1 s)."""
+def test_tokens_per_s_paces_the_stream(sleeps):
+    """tokens_per_s=50 waits 20 ms before each of the 5 content pieces."""
     stream = sim(tokens_per_s=50).stream(request(max_tokens=5))
     next(stream)  # role chunk, no latency
-    started = time.monotonic()
+    assert sleeps == [0]
     rest = list(stream)
-    elapsed = time.monotonic() - started
     assert len(rest) == 5 + 2
-    assert 0.09 <= elapsed < 0.8
+    assert sleeps[1:] == [pytest.approx(0.02)] * 5
 
 
-def test_complete_waits_latency_plus_generation_time():
-    """complete() takes latency + words / tokens_per_s (100 ms + 5/50 s ~ 0.2 s)."""
-    started = time.monotonic()
+def test_complete_waits_latency_plus_generation_time(sleeps):
+    """complete() waits latency + words / tokens_per_s (100 ms + 5/50 s = 0.2 s), once."""
     sim(latency_ms=100, tokens_per_s=50).complete(request(max_tokens=5))
-    assert 0.18 <= time.monotonic() - started < 1.0
+    assert sleeps == [pytest.approx(0.2)]
 
 
-def test_zero_latency_is_fast():
+def test_zero_latency_does_not_wait(sleeps):
     """latency_ms=0 and tokens_per_s=0 answer without waiting."""
-    started = time.monotonic()
     sim().complete(request())
     list(sim().stream(request()))
-    assert time.monotonic() - started < 0.5
+    assert sleeps and all(s == 0 for s in sleeps)
 
 
 @pytest.mark.parametrize("settings", [{"latency_ms": -1}, {"tokens_per_s": "fast"},

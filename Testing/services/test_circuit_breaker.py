@@ -3,19 +3,13 @@ probe, closes on success (a fake clock: no sleeping)."""
 from __future__ import annotations
 
 from app.services.circuit_breaker import CLOSED, HALF_OPEN, OPEN, BreakerConfig, CircuitBreaker
+from Testing.support import FakeClock
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def breaker(**cfg) -> tuple[CircuitBreaker, Clock]:
-    clock = Clock()
-    return CircuitBreaker(BreakerConfig(**{"failure_threshold": 3, "cooldown_s": 10, **cfg}), clock), clock
+def breaker(**cfg) -> tuple[CircuitBreaker, FakeClock]:
+    clock = FakeClock()
+    config = BreakerConfig(**{"failure_threshold": 3, "cooldown_s": 10, **cfg})
+    return CircuitBreaker(config, clock.monotonic), clock
 
 
 def test_opens_after_consecutive_failures_and_skips():
@@ -59,7 +53,7 @@ def test_half_open_lets_exactly_one_probe_through_then_closes_on_success():
     b, clock = breaker()
     for _ in range(3):
         b.record_failure()
-    clock.now += 10.01
+    clock.advance(10.01)
     assert b.available()
     assert b.allow()            # the probe
     assert b.state == HALF_OPEN
@@ -73,13 +67,13 @@ def test_failed_probe_reopens_for_another_cooldown():
     b, clock = breaker()
     for _ in range(3):
         b.record_failure()
-    clock.now += 11
+    clock.advance(11)
     assert b.allow()
     b.record_failure()
     assert b.state == OPEN and not b.allow()
-    clock.now += 9
+    clock.advance(9)
     assert not b.allow()
-    clock.now += 1.5
+    clock.advance(1.5)
     assert b.allow() and b.state == HALF_OPEN
 
 
@@ -88,11 +82,11 @@ def test_lost_probe_is_replaced_after_a_cooldown():
     b, clock = breaker()
     for _ in range(3):
         b.record_failure()
-    clock.now += 11
+    clock.advance(11)
     assert b.allow()
-    clock.now += 5
+    clock.advance(5)
     assert not b.allow()
-    clock.now += 6
+    clock.advance(6)
     assert b.allow()
 
 
@@ -102,12 +96,12 @@ def test_retry_after_lengthens_the_cooldown_within_the_cap():
     b, clock = breaker(max_cooldown_s=60)
     for _ in range(3):
         b.record_failure(retry_after=45)
-    clock.now += 30
+    clock.advance(30)
     assert not b.allow()
-    clock.now += 16
+    clock.advance(16)
     assert b.allow()
     b2, clock2 = breaker(max_cooldown_s=60)
     for _ in range(3):
         b2.record_failure(retry_after=3600)
-    clock2.now += 61
+    clock2.advance(61)
     assert b2.allow()

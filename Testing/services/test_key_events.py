@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import secrets
 import subprocess
-import time
 from dataclasses import replace
 
 import pytest
@@ -112,7 +111,8 @@ def test_listener_survives_a_redis_restart(own_redis):
         for h, info in (("h1", INFO), ("h2", replace(INFO, id=2))):
             cache.put(h, info)
         publisher.changed(key_id=1)
-        wait_until(lambda: cached(cache) == {"h2"}, timeout=1, interval=0.01, message="key event")
+        # waited for, not timed: the entries would otherwise live for their 60 s TTL
+        wait_until(lambda: cached(cache) == {"h2"}, timeout=10, interval=0.01, message="key event")
         stop()
         wait_until(lambda: not listener.subscribed.is_set(), timeout=10, message="listener to notice")
         start()
@@ -120,10 +120,8 @@ def test_listener_survives_a_redis_restart(own_redis):
         assert listener.subscriptions == 2 and cached(cache) == set()  # cleared on resubscription
         cache.put("h3", replace(INFO, id=3, tenant_id=11))
         publisher.publisher = redis.Redis.from_url(url)
-        started = time.monotonic()
         publisher.changed(tenant_id=11)
-        wait_until(lambda: cached(cache) == set(), timeout=1, interval=0.01, message="tenant event")
-        assert time.monotonic() - started < 1
+        wait_until(lambda: cached(cache) == set(), timeout=10, interval=0.01, message="tenant event")
     finally:
         listener.stop()
 

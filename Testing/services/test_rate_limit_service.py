@@ -12,9 +12,15 @@ import redis
 from app.services.rate_limit_service import (DeploymentQuota, KeyLimits, LimiterUnavailable,
                                              LocalLimiter, RateLimitService, RedisLimiter, SeedNeeded,
                                              format_reset, to_nano)
-from Testing.support import REDIS_URL
+from app.utils.clock import epoch_seconds
+from Testing.support import REDIS_URL, FakeClock
 
 _ids = itertools.count(int(time.time()) % 100000 * 1000)
+
+
+# The in-process limiter runs on a FakeClock the tests move; the Lua script reads Redis's own
+# TIME, which no test can move: there, `pass_time` really waits (at least as long as asked).
+_CLOCKS: dict[int, FakeClock] = {}
 
 
 @pytest.fixture(params=["redis", "local"])
@@ -24,7 +30,20 @@ def backend(request):
         yield RedisLimiter(client, lease_ms=1000)
         client.close()
     else:
-        yield LocalLimiter(lease_ms=1000)
+        clock = FakeClock()
+        local = LocalLimiter(lease_ms=1000, clock=lambda: epoch_seconds(clock))
+        _CLOCKS[id(local)] = clock
+        yield local
+        del _CLOCKS[id(local)]
+
+
+def pass_time(backend, seconds: float) -> None:
+    """Let `seconds` pass for the limiter: move its clock, or wait for Redis's."""
+    clock = _CLOCKS.get(id(backend))
+    if clock is not None:
+        clock.advance(seconds)
+    else:
+        time.sleep(seconds)  # Redis TIME: only a real wait moves it (a lower bound, never an upper one)
 
 
 def limits(**kw) -> KeyLimits:
@@ -49,14 +68,27 @@ def test_rpm_burst_up_to_the_limit_then_refuses(backend):
 
 
 def test_tpm_refills_smoothly(backend):
-    """Tokens/min refill continuously: after 0.5 s at 6000 TPM about 50 tokens are back."""
+    """Tokens/min refill continuously: after 0.5 s at 6000 TPM at least 50 tokens are back, not
+    the whole minute's."""
     lim = limits(tpm=6000)
     assert admit(backend, lim, tokens=6000).admitted
     refused = admit(backend, lim, tokens=1)
-    assert not refused.admitted and refused.reason == "tpm" and refused.retry_after_ms <= 20
-    time.sleep(0.5)
-    assert admit(backend, lim, tokens=40).admitted
-    assert not admit(backend, lim, tokens=30).admitted
+    assert not refused.admitted and refused.reason == "tpm" and 0 < refused.retry_after_ms <= 20
+    pass_time(backend, 0.5)
+    assert admit(backend, lim, tokens=50).admitted
+    assert admit(backend, lim, tokens=3000).reason == "tpm"
+
+
+def test_tpm_refill_is_exact_on_a_moved_clock():
+    """In-process limiter: 0.5 s at 6000 TPM gives back exactly 50 tokens (the clock is moved)."""
+    clock = FakeClock()
+    local = LocalLimiter(lease_ms=1000, clock=lambda: epoch_seconds(clock))
+    lim = limits(tpm=6000)
+    assert admit(local, lim, tokens=6000).admitted
+    clock.advance(0.5)
+    assert admit(local, lim, tokens=51).reason == "tpm"
+    assert admit(local, lim, tokens=50).admitted
+    assert admit(local, lim, tokens=1).reason == "tpm"
 
 
 def test_request_larger_than_tpm_is_refused_outright(backend):
@@ -106,7 +138,7 @@ def test_concurrency_leases_release_and_expire(backend):
     c = admit(backend, lim)
     assert c.admitted
     assert not admit(backend, lim).admitted
-    time.sleep(1.05)  # lease_ms=1000: b and c were never settled (a crashed worker)
+    pass_time(backend, 1.05)  # lease_ms=1000: b and c were never settled (a crashed worker)
     assert admit(backend, lim).admitted and admit(backend, lim).admitted
 
 

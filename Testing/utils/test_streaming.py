@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from typing import Iterator
 
 import pytest
@@ -123,20 +122,24 @@ def test_iter_lines_ndjson():
 # --- heartbeat --------------------------------------------------------------------------------
 
 def test_heartbeat_yields_none_while_source_silent():
-    """with_heartbeat yields None while the source is silent longer than the interval, then the items."""
+    """with_heartbeat yields None while the source is silent longer than the interval, then the
+    items. The source stays silent until the consumer has seen three heartbeats (an event, not a
+    duration: without heartbeats it would stay silent for 30 s and the test fails)."""
+    release = threading.Event()
+
     def source() -> Iterator[int]:
-        time.sleep(0.35)
+        release.wait(30)
         yield 1
         yield 2
 
-    started = time.monotonic()
-    out = list(with_heartbeat(source(), 0.05))
-    items = [x for x in out if x is not None]
-    assert items == [1, 2]
+    out = []
+    for item in with_heartbeat(source(), 0.05):
+        out.append(item)
+        if out.count(None) == 3:
+            release.set()
+    assert [x for x in out if x is not None] == [1, 2]
     heartbeats = out.index(1)
-    assert out[:heartbeats] == [None] * heartbeats
-    assert 3 <= heartbeats <= 10, out
-    assert time.monotonic() - started < 2
+    assert heartbeats >= 3 and out[:heartbeats] == [None] * heartbeats, out
 
 
 def test_heartbeat_no_none_when_source_is_fast():

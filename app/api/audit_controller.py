@@ -7,7 +7,6 @@ from flask import Response, request
 from app.api.auth import admin_caller
 from app.api.common import json_response
 from app.api.schemas import AUDIT_QUERY_SCHEMA
-from app.errors import NotFound
 from app.extensions import db
 from app.services import audit_service, tenant_service
 
@@ -18,10 +17,7 @@ def list_audit() -> Response:
     tenant_id = actor.tenant_id
     name = params.pop("tenant", None)
     if name is not None:
-        tenant = tenant_service.get_tenant_by_name(db.session, name)
-        if tenant is None or not actor.sees_tenant(tenant.id):
-            raise NotFound(f"No tenant named '{name}'.", param="tenant")
-        tenant_id = tenant.id
+        tenant_id = tenant_service.visible_tenant(db.session, actor, name).id
     limit = params.pop("limit")
     entries = audit_service.list_entries(db.session, tenant_id=tenant_id, limit=limit + 1, **params)
     return json_response({"object": "list", "data": [audit_service.entry_to_dict(e) for e in entries[:limit]],

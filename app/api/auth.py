@@ -41,7 +41,7 @@ def authenticate() -> KeyInfo:
                                  code="database_unavailable") from None
     if info is None:
         raise AuthenticationFailed("Incorrect API key provided.")
-    ok, reason = info.usable()
+    ok, reason = info.usable(rt.clock.now())
     if not ok:
         raise AuthenticationFailed(reason)
     g.api_key = info

@@ -31,8 +31,8 @@ api.add_url_rule("/v1/api-keys/<int:key_id>/rotate", view_func=key_controller.ro
                  methods=["POST"])
 api.add_url_rule("/v1/tenants", view_func=tenant_controller.create_tenant, methods=["POST"])
 api.add_url_rule("/v1/tenants", view_func=tenant_controller.list_tenants, methods=["GET"])
-api.add_url_rule("/v1/tenants/<int:tenant_id>", view_func=tenant_controller.get_tenant, methods=["GET"])
-api.add_url_rule("/v1/tenants/<int:tenant_id>", view_func=tenant_controller.update_tenant,
+api.add_url_rule("/v1/tenants/<tenant_ref>", view_func=tenant_controller.get_tenant, methods=["GET"])
+api.add_url_rule("/v1/tenants/<tenant_ref>", view_func=tenant_controller.update_tenant,
                  methods=["PATCH"])
 api.add_url_rule("/v1/audit", view_func=audit_controller.list_audit, methods=["GET"])
 api.add_url_rule("/v1/uptime/<path:model_id>", view_func=status_controller.uptime, methods=["GET"])

@@ -63,10 +63,7 @@ def _scope(actor: Actor, tenant_name: str | None, api_key_id: int | None) -> tup
         return None, actor.key_id
     tenant_id = actor.tenant_id  # None for the system secret: every tenant
     if tenant_name is not None:
-        tenant = tenant_service.get_tenant_by_name(db.session, tenant_name)
-        if tenant is None or not actor.sees_tenant(tenant.id):
-            raise NotFound(f"No tenant named '{tenant_name}'.", param="tenant")
-        tenant_id = tenant.id
+        tenant_id = tenant_service.visible_tenant(db.session, actor, tenant_name).id
     if api_key_id is not None:
         key = db.session.get(ApiKey, api_key_id)
         if key is None or not actor.sees_tenant(key.tenant_id):

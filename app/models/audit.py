@@ -21,6 +21,8 @@ class AuditEntry(db.Model):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
     actor_type: Mapped[str] = mapped_column(String(10), nullable=False)
     actor_key_id: Mapped[int | None] = mapped_column(BigId, nullable=True)
+    # `system`, `key:<id>` or `cli:<operating system user>` (null on rows older than 0004)
+    actor_name: Mapped[str | None] = mapped_column(String(100), nullable=True)
     tenant_id: Mapped[int | None] = mapped_column(BigId, nullable=True)
     action: Mapped[str] = mapped_column(String(40), nullable=False)
     target_type: Mapped[str] = mapped_column(String(20), nullable=False)

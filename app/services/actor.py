@@ -1,6 +1,7 @@
 """Who is making an administrative change or reading admin data (no Flask in here)."""
 from __future__ import annotations
 
+import getpass
 from dataclasses import dataclass
 
 
@@ -14,6 +15,14 @@ class Actor:
     key_id: int | None = None
     tenant_id: int | None = None   # the key's tenant
     role: str | None = None        # admin | member (keys only)
+    name: str | None = None        # who, in words, when the kind does not say it (the CLI's user)
+
+    @property
+    def label(self) -> str:
+        """What the audit log records as the actor: `system`, `key:<id>` or `cli:<user>`."""
+        if self.name:
+            return self.name
+        return f"key:{self.key_id}" if self.kind == "key" else self.kind
 
     @property
     def is_operator(self) -> bool:
@@ -29,4 +38,12 @@ class Actor:
 
 
 SYSTEM = Actor("system")
-CLI = Actor("cli")
+
+
+def cli_actor() -> Actor:
+    """The command line, named by the operating system user running it."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no login name (a container with an unnamed uid)
+        user = "unknown"
+    return Actor("cli", name=f"cli:{user}"[:100])

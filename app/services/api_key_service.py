@@ -86,8 +86,9 @@ def key_info(key: ApiKey, secret_expires_at: datetime | None = None) -> KeyInfo:
         secret_expires_at=as_utc(secret_expires_at))
 
 
-def key_to_dict(key: ApiKey) -> dict[str, Any]:
-    """The public description of a key: never its secret or its hash."""
+def key_to_dict(key: ApiKey, now: datetime | None = None) -> dict[str, Any]:
+    """The public description of a key: never its secret or its hash. `now` decides whether
+    a rotation's grace period is still running."""
     return {
         "id": key.id, "object": "api_key", "name": key.name, "prefix": key.prefix,
         "tenant": key.tenant.name, "tenant_id": key.tenant_id, "role": key.role,
@@ -97,13 +98,13 @@ def key_to_dict(key: ApiKey) -> dict[str, Any]:
         "expires_at": _iso(key.expires_at), "revoked_at": _iso(key.revoked_at),
         "created_at": _iso(key.created_at), "last_used_at": _iso(key.last_used_at),
         "rotated_at": _iso(key.rotated_at),
-        "previous_key_expires_at": _iso(_live_grace(key.previous_key_expires_at)),
+        "previous_key_expires_at": _iso(_live_grace(key.previous_key_expires_at, now or utcnow())),
     }
 
 
-def _live_grace(value: datetime | None) -> datetime | None:
+def _live_grace(value: datetime | None, now: datetime) -> datetime | None:
     value = as_utc(value)
-    return value if value is not None and value > utcnow() else None
+    return value if value is not None and value > now else None
 
 
 def iso(value: datetime | None) -> str | None:
@@ -116,29 +117,22 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat().replace("+00:00", "Z") if value else None
 
 
-def mint_key(session: Session, *, name: str, tenant: Tenant, role: str = "member",
-             rpm_limit: int | None = None, tpm_limit: int | None = None,
-             daily_token_limit: int | None = None, max_concurrent: int | None = None,
-             budget_usd: Decimal | None = None, allowed_models: list[str] | None = None,
-             expires_at: datetime | None = None, commit: bool = True) -> tuple[ApiKey, str]:
-    """Create a key and return it with its plaintext (which exists only in this return value).
-
-    `tenant_service.get_or_create_tenant` gives the tenant (audited when new). Commits unless
-    `commit=False`.
-    """
-    tenant_row = tenant
+def new_key(session: Session, *, name: str, tenant: Tenant, role: str = "member",
+            rpm_limit: int | None = None, tpm_limit: int | None = None,
+            daily_token_limit: int | None = None, max_concurrent: int | None = None,
+            budget_usd: Decimal | None = None, allowed_models: list[str] | None = None,
+            expires_at: datetime | None = None, created_at: datetime | None = None) -> tuple[ApiKey, str]:
+    """Add a key to the session (flushed, not committed: `admin_service.Admin.mint_key` is the
+    use case) and return it with its plaintext, which exists only in this return value."""
     plaintext = generate_key()
-    key = ApiKey(tenant_id=tenant_row.id, name=name, prefix=plaintext[:DISPLAY_PREFIX_LEN],
+    key = ApiKey(tenant_id=tenant.id, name=name, prefix=plaintext[:DISPLAY_PREFIX_LEN],
                  key_hash=hash_key(plaintext), role=role, rpm_limit=rpm_limit, tpm_limit=tpm_limit,
                  daily_token_limit=daily_token_limit, max_concurrent=max_concurrent,
                  budget_usd=budget_usd, allowed_models=allowed_models, expires_at=expires_at,
-                 created_at=utcnow())
-    key.tenant = tenant_row
+                 created_at=created_at or utcnow())
+    key.tenant = tenant
     session.add(key)
-    if commit:
-        session.commit()
-    else:
-        session.flush()
+    session.flush()
     return key, plaintext
 
 
@@ -149,15 +143,13 @@ def list_keys(session: Session, tenant_id: int | None = None) -> list[ApiKey]:
     return list(session.scalars(query))
 
 
-def revoke_key(session: Session, key_id: int, commit: bool = True) -> ApiKey | None:
-    key = session.get(ApiKey, key_id)
-    if key is None:
-        return None
-    if key.revoked_at is None:
-        key.revoked_at = utcnow()  # also ends a rotation's grace (usable() checks it first)
-        if commit:
-            session.commit()
-    return key
+def revoke_key(key: ApiKey, now: datetime) -> bool:
+    """Mark the key revoked at `now`; False when it already was. This also ends a rotation's
+    grace period (`KeyInfo.usable` checks revocation first)."""
+    if key.revoked_at is not None:
+        return False
+    key.revoked_at = now
+    return True
 
 
 UPDATABLE_FIELDS = ("name", *LIMIT_FIELDS, "budget_usd", "allowed_models", "expires_at")
@@ -179,11 +171,10 @@ def update_key(key: ApiKey, changes: dict[str, Any]) -> dict[str, Any]:
     return changed
 
 
-def rotate_key(key: ApiKey, grace_s: float) -> str:
+def rotate_key(key: ApiKey, grace_s: float, now: datetime) -> str:
     """Give the key a new secret and return it. The old secret keeps working for `grace_s`
-    seconds (0: it stops now); a secret still in an earlier grace period stops now."""
+    seconds after `now` (0: it stops now); a secret still in an earlier grace period stops now."""
     plaintext = generate_key()
-    now = utcnow()
     if grace_s > 0:
         key.previous_key_hash = key.key_hash
         key.previous_key_expires_at = now + timedelta(seconds=grace_s)
@@ -208,8 +199,9 @@ class KeyCache:
 
     NEGATIVE_TTL_S = 1.0
 
-    def __init__(self, ttl_s: float) -> None:
+    def __init__(self, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl_s = ttl_s
+        self.clock = clock
         self._entries: dict[str, tuple[KeyInfo | None, float]] = {}
         self._lock = threading.Lock()
         # Bumped by every invalidation: a lookup that read the database before an invalidation
@@ -220,7 +212,7 @@ class KeyCache:
 
     def get(self, key_hash: str) -> tuple[bool, KeyInfo | None]:
         entry = self._entries.get(key_hash)
-        if entry is None or entry[1] < time.monotonic():
+        if entry is None or entry[1] < self.clock():
             return False, None
         return True, entry[0]
 
@@ -239,7 +231,7 @@ class KeyCache:
             # already expired (the next request looks it up again; `get_stale` may still use it
             # while the database is unreachable).
             fresh = generation is None or generation == self.generation
-            self._entries[key_hash] = (info, time.monotonic() + ttl if fresh else 0.0)
+            self._entries[key_hash] = (info, self.clock() + ttl if fresh else 0.0)
 
     def invalidate_key_id(self, key_id: int) -> None:
         with self._lock:
@@ -306,12 +298,13 @@ def lookup_key(session_factory: Callable[[], Session], cache: KeyCache, plaintex
 class LastUsedTracker:
     """Writes `last_used_at` at most once per interval per key, off the request path."""
 
-    def __init__(self, interval_s: float) -> None:
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.interval_s = interval_s
+        self.clock = clock
         self._written: dict[int, float] = {}
 
     def due(self, key_id: int) -> bool:
-        now = time.monotonic()
+        now = self.clock()
         last = self._written.get(key_id)
         if last is not None and now - last < self.interval_s:
             return False

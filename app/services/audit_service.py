@@ -1,6 +1,7 @@
 """The audit log: one row per administrative change, written in the transaction of the change."""
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -14,9 +15,11 @@ ACTIONS = ("tenant.create", "tenant.update", "key.create", "key.update", "key.ro
 
 
 def record(session: Session, actor: Actor, action: str, *, target_type: str, target_id: int,
-           tenant_id: int | None, details: dict[str, Any] | None = None) -> AuditEntry:
+           tenant_id: int | None, details: dict[str, Any] | None = None,
+           at: datetime | None = None) -> AuditEntry:
     """Add an audit row to the session (the caller commits it with the change itself)."""
-    entry = AuditEntry(created_at=utcnow(), actor_type=actor.kind, actor_key_id=actor.key_id,
+    entry = AuditEntry(created_at=at or utcnow(), actor_type=actor.kind, actor_key_id=actor.key_id,
+                       actor_name=actor.label,
                        tenant_id=tenant_id, action=action, target_type=target_type,
                        target_id=target_id, details=details or None)
     session.add(entry)
@@ -46,7 +49,7 @@ def entry_to_dict(entry: AuditEntry) -> dict[str, Any]:
     return {
         "id": entry.id, "object": "audit_entry",
         "created_at": created.isoformat().replace("+00:00", "Z") if created else None,
-        "actor": {"type": entry.actor_type, "api_key_id": entry.actor_key_id},
+        "actor": {"type": entry.actor_type, "api_key_id": entry.actor_key_id, "name": entry.actor_name},
         "tenant_id": entry.tenant_id, "action": entry.action,
         "target": {"type": entry.target_type, "id": entry.target_id},
         "details": entry.details or {},

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import threading
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import redis
 
@@ -63,6 +63,31 @@ def publish_event(client: Optional[redis.Redis], channel: str, message: str) -> 
         log.warning("could not publish a key change (%s); other workers see it within the "
                     "cache TTL", type(exc).__name__)
         return False
+
+
+class KeyChangeNotifier(Protocol):
+    """What an admin use case tells after its commit: this key, or every key of this tenant."""
+
+    def changed(self, *, key_id: int | None = None, tenant_id: int | None = None) -> None: ...
+
+
+class KeyEventPublisher:
+    """The notifier of a process that keeps no key cache (the command line): publish only.
+
+    `delivered` says what happened to the last event: True (published), False (Redis was
+    unreachable: gateways see the change within their cache TTL), None (nothing published yet
+    or no Redis configured).
+    """
+
+    def __init__(self, client: Optional[redis.Redis], channel: str) -> None:
+        self.client = client
+        self.channel = channel
+        self.delivered: bool | None = None
+
+    def changed(self, *, key_id: int | None = None, tenant_id: int | None = None) -> None:
+        if self.client is not None:
+            self.delivered = publish_event(self.client, self.channel,
+                                           encode_event(key_id=key_id, tenant_id=tenant_id))
 
 
 class KeyEvents:

@@ -7,6 +7,7 @@ enforces it on every request) and the most a tenant admin may give one key.
 """
 from __future__ import annotations
 
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -14,6 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.errors import Conflict, InvalidRequest, NotFound
 from app.models import ApiKey, Tenant
 from app.models.types import utcnow
 from app.services import audit_service
@@ -45,7 +47,38 @@ def get_tenant(session: Session, tenant_id: int) -> Tenant | None:
 
 
 def get_tenant_by_name(session: Session, name: str) -> Tenant | None:
+    if "\x00" in name:  # PostgreSQL text cannot hold it, so no tenant has it
+        return None
     return session.scalar(select(Tenant).where(Tenant.name == name))
+
+
+def resolve_tenant(session: Session, ref: str | int) -> Tenant | None:
+    """A tenant by id or by name, as every API and CLI parameter that names a tenant takes it:
+    a reference of digits only is an id (names cannot be all digits), anything else a name."""
+    if isinstance(ref, int):
+        return get_tenant(session, ref)
+    if is_id(ref):
+        return get_tenant(session, int(ref)) if len(ref) <= 19 else None
+    return get_tenant_by_name(session, ref)
+
+
+def visible_tenant(session: Session, actor: Actor, ref: str | int, param: str = "tenant") -> Tenant:
+    """The tenant `ref` names (id or name), if the actor may see it; 404 otherwise, the same
+    answer for another tenant as for a tenant that does not exist."""
+    tenant = resolve_tenant(session, ref)
+    if tenant is None or not actor.sees_tenant(tenant.id):
+        raise NotFound(f"No tenant {describe_ref(ref)}.", param=param)
+    return tenant
+
+
+def describe_ref(ref: str | int) -> str:
+    """'with id 3' or "named 'research'", for a not-found message."""
+    return f"with id {ref}" if isinstance(ref, int) or is_id(ref) else f"named '{ref}'"
+
+
+def is_id(ref: str) -> bool:
+    """Does this tenant reference name an id (digits only)?"""
+    return ref.isascii() and ref.isdigit()
 
 
 def list_tenants(session: Session) -> list[Tenant]:
@@ -66,6 +99,7 @@ def get_or_create_tenant(session: Session, actor: Actor, name: str) -> Tenant:
     tenant = get_tenant_by_name(session, name)
     if tenant is not None:
         return tenant
+    check_name(name)
     try:
         with session.begin_nested():
             tenant = Tenant(name=name, status="active", created_at=utcnow())
@@ -79,33 +113,24 @@ def get_or_create_tenant(session: Session, actor: Actor, name: str) -> Tenant:
     return tenant
 
 
-def create_tenant(session: Session, actor: Actor, *, name: str, status: str = "active",
-                  budget_usd: Decimal | None = None,
-                  key_limits: dict[str, int | None] | None = None) -> Tenant | None:
-    """Create and commit a tenant (with its audit row); None when the name is taken."""
-    tenant = Tenant(name=name, status=status, budget_usd=budget_usd, created_at=utcnow(),
+def add_tenant(session: Session, *, name: str, status: str = "active", budget_usd: Decimal | None = None,
+               key_limits: dict[str, int | None] | None = None, created_at: datetime | None = None) -> Tenant:
+    """Add a tenant to the session (flushed, not committed: `admin_service.Admin.create_tenant`
+    is the use case). 409 when the name is taken."""
+    check_name(name)
+    tenant = Tenant(name=name, status=status, budget_usd=budget_usd, created_at=created_at or utcnow(),
                     **{f: (key_limits or {}).get(f) for f in LIMIT_FIELDS})
     session.add(tenant)
-    try:
-        session.flush()
-    except IntegrityError:
-        session.rollback()
-        return None
-    audit_service.record(session, actor, "tenant.create", target_type="tenant", target_id=tenant.id,
-                         tenant_id=tenant.id, details={"name": name, "status": status,
-                                                       "budget_usd": _plain(budget_usd),
-                                                       "key_limits": key_limits or {}})
-    session.commit()
+    _flush_unique_name(session, name)
     return tenant
 
 
-def update_tenant(session: Session, actor: Actor, tenant: Tenant,
-                  changes: dict[str, Any]) -> dict[str, Any] | None:
-    """Apply and commit `changes` (name, status, budget_usd, key_limits: a partial mapping).
-
-    Returns {field: [old, new]} of what changed ({} for nothing), or None when the new name
-    belongs to another tenant.
-    """
+def apply_changes(session: Session, tenant: Tenant, changes: dict[str, Any]) -> dict[str, Any]:
+    """Apply `changes` (name, status, budget_usd, key_limits: a partial mapping), flushed, not
+    committed. Returns {field: [old, new]} of what changed ({} for nothing); 409 when the new
+    name belongs to another tenant."""
+    if "name" in changes:
+        check_name(changes["name"])
     flat = {k: v for k, v in changes.items() if k != "key_limits"}
     flat.update(changes.get("key_limits") or {})
     changed: dict[str, Any] = {}
@@ -113,18 +138,25 @@ def update_tenant(session: Session, actor: Actor, tenant: Tenant,
         old = getattr(tenant, name)
         if old != new:
             setattr(tenant, name, new)
-            changed[name] = [_plain(old), _plain(new)]
-    if not changed:
-        return {}
-    try:
-        session.flush()
-    except IntegrityError:
-        session.rollback()
-        return None
-    audit_service.record(session, actor, "tenant.update", target_type="tenant", target_id=tenant.id,
-                         tenant_id=tenant.id, details=changed)
-    session.commit()
+            changed[name] = [plain(old), plain(new)]
+    if changed:
+        _flush_unique_name(session, tenant.name)
     return changed
+
+
+def _flush_unique_name(session: Session, name: str) -> None:
+    try:
+        with session.begin_nested():
+            session.flush()
+    except IntegrityError:
+        raise Conflict(f"A tenant named '{name}' already exists.", param="name", code="tenant_exists") from None
+
+
+def check_name(name: str) -> None:
+    """A tenant name is never all digits: `/v1/tenants/42` and `--tenant 42` mean the id 42."""
+    if is_id(name):
+        raise InvalidRequest(f"A tenant name cannot be only digits ('{name}'): digits name a tenant "
+                             "by its id.", param="name", code="invalid_value")
 
 
 def key_defaults(tenant: Tenant, given: dict[str, Any]) -> dict[str, Any]:
@@ -153,5 +185,6 @@ def ceiling_violations(tenant: Tenant, values: dict[str, Any]) -> list[tuple[str
     return problems
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """A value as the audit log shows it (money as a string)."""
     return format_money(value) if isinstance(value, Decimal) else value

@@ -45,8 +45,9 @@ class ProbeResult:
 
 class UptimeChecker:
     def __init__(self, providers: ProviderManager, health: HealthBoard, redis_client: Any,
-                 cache_s: float) -> None:
+                 cache_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.providers = providers
+        self.clock = clock  # the worker's cache lifetime (Redis keeps its own TTL)
         self.health = health
         self.redis = redis_client
         self.cache_s = cache_s
@@ -126,10 +127,10 @@ class UptimeChecker:
             except Exception:  # noqa: BLE001 - fall back to the worker's cache
                 pass
         hit = self._local.get(alias)
-        return hit[1] if hit and hit[0] > time.monotonic() else None
+        return hit[1] if hit and hit[0] > self.clock() else None
 
     def _store(self, alias: str, report: dict[str, Any]) -> None:
-        self._local[alias] = (time.monotonic() + self.cache_s, report)
+        self._local[alias] = (self.clock() + self.cache_s, report)
         if self.redis is not None and self.cache_s > 0:
             try:
                 self.redis.set(f"gw:uptime:{alias}", json.dumps(report), px=int(self.cache_s * 1000))
