@@ -156,12 +156,11 @@ def mint(client, admin_headers) -> Callable[..., dict]:
     return minter(client, admin_headers)
 
 
-def run_gateway(pg_url: str, models_file: Path, tmp_path_factory, name: str = "gateway") -> Iterator[GatewayProcess]:
-    """A gateway under `gunicorn -k gevent` (2 workers) with the test settings and `models_file`,
-    for a fixture to yield; stopped after, its log checked for the upstream key."""
-    log = tmp_path_factory.mktemp(name) / "gunicorn.log"
+def gateway_process(pg_url: str, models_file: Path, log_dir: Path) -> Iterator[GatewayProcess]:
+    """The body of a gateway fixture: gunicorn -k gevent with 2 workers on `models_file`, stopped
+    at the end, its log checked for the upstream key."""
     env = {k: str(v) for k, v in app_config(pg_url, models_file, LOG_LEVEL="INFO").items()}
-    proc = GatewayProcess(env, workers=2, log_path=log).start()
+    proc = GatewayProcess(env, workers=2, log_path=log_dir / "gunicorn.log").start()
     yield proc
     proc.stop()
     assert UPSTREAM_KEY not in proc.log_text(), "the upstream key leaked into the gateway log"
@@ -170,7 +169,7 @@ def run_gateway(pg_url: str, models_file: Path, tmp_path_factory, name: str = "g
 @pytest.fixture(scope="session")
 def gateway(pg_url, models_file, tmp_path_factory) -> Iterator[GatewayProcess]:
     """The gateway under `gunicorn -k gevent` with 2 workers, shared by the e2e tests."""
-    yield from run_gateway(pg_url, models_file, tmp_path_factory)
+    yield from gateway_process(pg_url, models_file, tmp_path_factory.mktemp("gateway"))
 
 
 def usage_rows(engine, where: str = "TRUE", params: dict | None = None) -> list[dict]:

@@ -17,7 +17,7 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-from Testing.conftest import run_gateway, wait_for_rows
+from Testing.conftest import gateway_process, wait_for_rows
 from Testing.fakes.fake_openai import FakeOpenAI, expected_content
 from Testing.fakes.native import fake_anthropic, fake_gemini, provider_settings  # noqa: F401
 from Testing.support import SYSTEM_SECRET, GatewayProcess, http_json
@@ -64,7 +64,7 @@ def models_path(tmp_path_factory, fake_upstream: FakeOpenAI, fake_anthropic, fak
 @pytest.fixture(scope="module")
 def gateway(pg_url, models_path, tmp_path_factory) -> Iterator[GatewayProcess]:
     """The gateway of this module: its models point at the fakes of every provider type."""
-    yield from run_gateway(pg_url, models_path, tmp_path_factory, "responses-gateway")
+    yield from gateway_process(pg_url, models_path, tmp_path_factory.mktemp("responses-gateway"))
 
 
 def mint(gateway: GatewayProcess, tenant: str) -> dict:

@@ -146,11 +146,15 @@ def _tool_choice(request: dict[str, Any]) -> dict[str, Any] | None:
 
 def usage_from(usage: dict[str, Any]) -> dict[str, Any]:
     """Anthropic usage in OpenAI shape: every input token (fresh, written to and read from the
-    cache) counts as prompt; cache reads are also the cached tokens."""
+    cache) counts as prompt; cache reads are also the cached tokens, cache writes are
+    `cache_creation_input_tokens` (when there are any), so that each is billed at its price."""
     created = int(usage.get("cache_creation_input_tokens") or 0)
     read = int(usage.get("cache_read_input_tokens") or 0)
     prompt = int(usage.get("input_tokens") or 0) + created + read
-    return openai_usage(prompt, int(usage.get("output_tokens") or 0), cached=read)
+    result = openai_usage(prompt, int(usage.get("output_tokens") or 0), cached=read)
+    if created:
+        result["cache_creation_input_tokens"] = created
+    return result
 
 
 def from_anthropic(body: dict[str, Any], model: str) -> dict[str, Any]:
