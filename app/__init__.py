@@ -109,7 +109,8 @@ def _build_routing(rt: Runtime) -> None:
     rt.router = Router(rt.providers.catalog, rt.health, RetryPolicy(
         max_attempts=s.ROUTER_MAX_ATTEMPTS, attempts_per_deployment=s.ROUTER_ATTEMPTS_PER_DEPLOYMENT,
         base_s=s.ROUTER_RETRY_BASE_S, max_backoff_s=s.ROUTER_RETRY_MAX_BACKOFF_S,
-        deadline_s=s.ROUTER_DEADLINE_S, max_retry_after_s=s.ROUTER_MAX_RETRY_AFTER_S))
+        deadline_s=s.ROUTER_DEADLINE_S, max_retry_after_s=s.ROUTER_MAX_RETRY_AFTER_S),
+        unconfigured=rt.providers.unconfigured)
     rt.uptime = UptimeChecker(rt.providers, rt.health, rt.redis, s.UPTIME_CACHE_S, clock=rt.clock.monotonic)
 
 

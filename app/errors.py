@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any
 
 from flask import Flask, Response
@@ -15,6 +16,9 @@ from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
 from app.providers.base import ProviderError
+from app.services.rate_limit_service import LimiterUnavailable
+from app.services.router import ContextTooLong, NoDeploymentAvailable
+from app.utils import db_errors
 
 log = logging.getLogger("gateway.errors")
 
@@ -137,6 +141,45 @@ def from_provider_error(exc: ProviderError) -> APIError:
     return UpstreamError(f"The provider failed: {exc.message}", status=status)
 
 
+def api_error_for(exc: BaseException, *, model: str | None = None) -> APIError | None:
+    """The client's view of a refusal raised below the API layer (None: not a refusal, a bug).
+
+    The one mapping of the request path's exceptions to the envelope: upstream failures,
+    the limiter's store down, no deployment to try, a prompt no model can hold, the database
+    down. `model`: the requested alias, named in the message."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ProviderError):
+        return from_provider_error(exc)
+    if isinstance(exc, LimiterUnavailable):
+        return ServiceUnavailable("Rate limits cannot be checked right now (the limiter's store is "
+                                  "unreachable); try again shortly.", code="rate_limiter_unavailable")
+    if isinstance(exc, NoDeploymentAvailable):
+        return _no_deployment(exc, model)
+    if isinstance(exc, ContextTooLong):
+        return InvalidRequest(f"This model's maximum context length is {exc.largest} tokens. However, "
+                              f"your request needs {exc.needed} tokens (prompt plus max_tokens), and no "
+                              "fallback model can hold it. Reduce the length of the messages or "
+                              "max_tokens.", code="context_length_exceeded", param="messages")
+    if db_errors.is_unreachable(exc):
+        return ServiceUnavailable("The database is unavailable; try again shortly.",
+                                  code="database_unavailable")
+    return None
+
+
+def _no_deployment(exc: NoDeploymentAvailable, model: str | None) -> APIError:
+    if exc.not_configured and not (exc.quota_full or exc.circuits_open):
+        return ServiceUnavailable(f"No deployment of '{model}' can be used: "
+                                  f"{'; '.join(exc.not_configured)}.", code="provider_not_configured")
+    if exc.quota_full:
+        return RateLimited(f"Every deployment of '{model}' is at its provider quota; retry shortly.",
+                           code="rate_limit_exceeded", headers={"Retry-After": "1"})
+    retry = max(1, math.ceil(exc.retry_in_s))
+    return ServiceUnavailable(f"Every deployment of '{model}' is failing (circuit open after repeated "
+                              f"upstream errors); retry in {retry}s.", code="deployments_unavailable",
+                              headers={"Retry-After": str(retry)})
+
+
 _LIMIT_MESSAGES = {
     "rpm": "Rate limit reached for requests per minute (limit {rpm}).",
     "tpm": "Rate limit reached for tokens per minute (limit {tpm}, this request reserves {tokens}).",
@@ -221,6 +264,10 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(err: Exception) -> Response:
+        refusal = api_error_for(err)
+        if refusal is not None:  # e.g. the database down under a controller
+            log.error("request refused: %s (%s)", refusal.code, type(err).__name__)
+            return error_response(refusal)
         log.exception("unhandled error: %s", type(err).__name__)
         return error_response(APIError("The gateway had an internal error. It has been logged.",
                                        code="internal_error"))

@@ -171,6 +171,24 @@ def test_group_by_model(client, key, clean_db):
     assert_groups_sum_to_totals(body)
 
 
+def test_group_by_endpoint_exact_from_the_rollup_and_the_edges(client, key, clean_db):
+    """group_by=endpoint: whole days come from the rollup (keyed by endpoint since migration
+    0005_usage_endpoint) and the partial last day from raw rows; both keep the endpoints apart."""
+    add_rows(clean_db, key,
+             {"created_at": at(2024, 1, 2), "prompt": 1, "completion": 2, "cost": "0.1"},
+             {"created_at": at(2024, 1, 2, 5), "endpoint": "uptime", "prompt": 10, "completion": 1, "cost": "0.2"},
+             {"created_at": at(2024, 1, 3, 12), "endpoint": "uptime", "prompt": 100, "completion": 1, "cost": "0.3"})
+    body = ok(get_usage(client, key, group_by="endpoint", start="2024-01-01T00:00:00Z", end="2024-01-03T18:00:00Z"))
+    assert body["data"] == [
+        {"endpoint": "chat.completions", "requests": 1, "prompt_tokens": 1, "completion_tokens": 2,
+         "total_tokens": 3, "cost_usd": "0.1"},
+        {"endpoint": "uptime", "requests": 2, "prompt_tokens": 110, "completion_tokens": 2, "total_tokens": 112,
+         "cost_usd": "0.5"},
+    ]
+    csv_text = get_usage(client, key, group_by="endpoint", format="csv", **JAN).get_data(as_text=True)
+    assert csv_text.splitlines()[1:] == ["chat.completions,1,1,2,3,0.1", "uptime,2,110,2,112,0.5"]
+
+
 DAY_ROWS = [
     {"created_at": at(2024, 3, 10, 0, 0, 0), "prompt": 1, "completion": 1, "cost": "0.01"},
     {"created_at": at(2024, 3, 10, 23, 59, 59), "prompt": 2, "completion": 2, "cost": "0.02"},

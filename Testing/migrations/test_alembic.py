@@ -27,7 +27,10 @@ COLUMNS = {
     "usage_records": {"id", "request_id", "tenant_id", "api_key_id", "model", "provider",
                       "upstream_model", "prompt_tokens", "completion_tokens", "total_tokens",
                       "cost_usd", "status", "error_type", "streamed", "cached", "latency_ms",
-                      "ttft_ms", "created_at"},
+                      "ttft_ms", "created_at", "endpoint", "cached_tokens", "cache_write_tokens",
+                      "reasoning_tokens"},
+    "usage_daily": {"day", "tenant_id", "api_key_id", "model", "endpoint", "requests", "prompt_tokens",
+                    "completion_tokens", "total_tokens", "cost_usd"},
     "responses": {"id", "tenant_id", "api_key_id", "model", "status", "previous_response_id", "history",
                   "input_items", "body", "created_at"},
 }
@@ -85,6 +88,8 @@ def assert_schema_at_head(url: str) -> None:
             usage_key = ["request_id", "created_at"] if engine.dialect.name == "postgresql" else ["request_id"]
             assert usage_key in unique_column_sets(insp, "usage_records") or \
                 insp.get_pk_constraint("usage_records")["constrained_columns"] == usage_key
+            assert sorted(insp.get_pk_constraint("usage_daily")["constrained_columns"]) == \
+                ["api_key_id", "day", "endpoint", "model", "tenant_id"]
             assert ["key_hash"] in unique_column_sets(insp, "api_keys")
             assert ["name"] in unique_column_sets(insp, "tenants")
             for table, column in MONEY:

@@ -255,3 +255,37 @@ def test_failed_deployment_quota_is_released_before_moving_on():
     run(r, clock, "m", script, reserve=lambda c: reserved.append(c.deployment.model) or True,
         release=lambda c: released.append(c.deployment.model))
     assert reserved == ["a", "b"] and released == ["a"]
+
+
+def test_deployment_of_an_unconfigured_provider_is_never_called_nor_counted_by_its_breaker():
+    """A deployment whose provider lacks its environment variables is skipped before any call:
+    the next one serves, its breaker stays closed with no request recorded; with nothing
+    else to try, NoDeploymentAvailable names what is missing (it is not a provider error)."""
+    catalog = parse_catalog({"providers": {"p": {"type": "openai", "base_url": "http://x"},
+                                           "q": {"type": "openai", "base_url": "http://y"}},
+                             "models": {"m": {"deployments": [{"provider": "q", "model": "a", "priority": 1},
+                                                              {"provider": "p", "model": "b", "priority": 2}],
+                                              "context_window": 1000},
+                                        "only-q": {"deployments": [{"provider": "q", "model": "a"}],
+                                                   "context_window": 1000}}})
+    clock = Clock()
+    health = HealthBoard(BreakerConfig(failure_threshold=1, cooldown_s=10), clock=clock)
+    r = Router(catalog, health, RetryPolicy(), clock=clock, sleep=clock.sleep,
+               unconfigured=lambda provider: ["Q_API_KEY"] if provider == "q" else [])
+    called: list[str] = []
+
+    def call(c):
+        called.append(c.deployment.model)
+        return "ok"
+
+    for _ in range(3):
+        cand, result = r.dispatch(r.candidates(r.models_for("m", size(), lambda a: True)), call, started=clock())
+        assert (cand.deployment.model, result) == ("b", "ok")
+    assert called == ["b", "b", "b"]
+    rec = health.get("q/a")
+    assert (rec.breaker.state, rec.requests, rec.failures) == ("closed", 0, 0)
+    with pytest.raises(NoDeploymentAvailable) as info:
+        r.dispatch(r.candidates(r.models_for("only-q", size(), lambda a: True)), call, started=clock())
+    assert info.value.not_configured == ["provider 'q' is not configured (set Q_API_KEY)"]
+    assert (info.value.quota_full, info.value.circuits_open) == (0, 0)
+    assert called == ["b", "b", "b"] and health.get("q/a").breaker.state == "closed"

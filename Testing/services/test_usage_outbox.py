@@ -296,3 +296,26 @@ def test_spool_with_a_torn_last_line_replays_the_complete_lines(clean_db, tmp_pa
     batcher.MAX_BATCH = 3
     assert batcher.replay_outbox() == {"records": 7, "new_rows": 7}
     assert list(tmp_path.glob("*.spool")) == [] and counts(clean_db) == (7, 7, 7)
+
+
+def test_outbox_lines_written_before_the_endpoint_column_still_replay(clean_db, rclient, name):
+    """A version-1 line (spooled by a gateway older than migration 0005_usage_endpoint: no endpoint, no token
+    details) replays as a chat completion without details; a version-2 line keeps its own; the
+    rollup counts them under their endpoints."""
+    at = datetime.now(UTC).isoformat(timespec="microseconds")
+    v1 = (b'{"v":1,"request_id":"req_old","tenant_id":1,"api_key_id":1,"model":"m","provider":"p",'
+          b'"upstream_model":"u","prompt_tokens":3,"completion_tokens":4,"cost_usd":"0.0000021",'
+          b'"status":"ok","error_type":null,"streamed":false,"cached":false,"latency_ms":5,'
+          b'"ttft_ms":null,"created_at":"' + at.encode() + b'"}')
+    [new] = events(1)
+    new.endpoint, new.cached_tokens, new.cache_write_tokens, new.reasoning_tokens = "messages", 2, 1, 0
+    outbox = RedisOutbox(rclient, name)
+    outbox.push([v1, new.to_json()])
+    assert UsageBatcher(UsageWriter(clean_db), redis_outbox=outbox).replay_outbox() == {"records": 2, "new_rows": 2}
+    with clean_db.connect() as conn:
+        rows = conn.execute(text("SELECT request_id, endpoint, cached_tokens, cache_write_tokens, reasoning_tokens "
+                                 "FROM usage_records ORDER BY endpoint")).all()
+        rollup = conn.execute(text("SELECT endpoint, requests FROM usage_daily ORDER BY endpoint")).all()
+    assert [tuple(r) for r in rows] == [("req_old", "chat.completions", None, None, None),
+                                        (new.request_id, "messages", 2, 1, 0)]
+    assert [tuple(r) for r in rollup] == [("chat.completions", 1), ("messages", 1)]

@@ -227,7 +227,7 @@ class UsageQuerySchema(Schema):
     start = UTCDateTime()
     end = UTCDateTime()
     model = StrictString(validate=validate.Length(min=1, max=200))
-    group_by = StrictString(validate=validate.OneOf(("model", "day", "key", "tenant")))
+    group_by = StrictString(validate=validate.OneOf(("model", "day", "key", "tenant", "endpoint")))
     tenant = StrictString(validate=validate.Length(min=1, max=200))
     api_key_id = IdField()
     format = StrictString(validate=validate.OneOf(("json", "csv")))

@@ -26,7 +26,7 @@ from app.services.actor import Actor
 
 TOTAL_COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd")
 GROUP_COLUMNS = {"model": ("model",), "day": ("day",), "key": ("api_key_id", "api_key_name"),
-                 "tenant": ("tenant_id", "tenant_name")}
+                 "tenant": ("tenant_id", "tenant_name"), "endpoint": ("endpoint",)}
 
 
 def usage() -> Response:

@@ -1,15 +1,15 @@
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 
-from datetime import date
-
-from sqlalchemy import BigInteger, Boolean, Date, Index, Integer, Numeric, PrimaryKeyConstraint, String
+from sqlalchemy import BigInteger, Boolean, Date, Index, Integer, Numeric, PrimaryKeyConstraint, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.extensions import db
 from app.models.types import BigId, Money, UTCDateTime, utcnow
+
+DEFAULT_ENDPOINT = "chat.completions"
 
 
 class UsageRecord(db.Model):
@@ -41,6 +41,13 @@ class UsageRecord(db.Model):
     latency_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
     ttft_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True, default=utcnow)
+    # which API served it: chat.completions | responses | messages | embeddings | images | uptime
+    endpoint: Mapped[str] = mapped_column(Text, nullable=False, default=DEFAULT_ENDPOINT,
+                                          server_default=DEFAULT_ENDPOINT)
+    # the provider's usage details (NULL: it did not say)
+    cached_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    cache_write_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    reasoning_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     __table_args__ = (
         Index("ix_usage_key_time", "api_key_id", "created_at"),
@@ -49,7 +56,7 @@ class UsageRecord(db.Model):
 
 
 class UsageDaily(db.Model):
-    """The daily rollup: one row per (UTC day, tenant, key, model alias), maintained in the same
+    """The daily rollup: one row per (UTC day, tenant, key, model alias, endpoint), maintained in the same
     transaction as the raw rows it sums (only rows actually inserted are added, so a replay adds
     nothing). `/v1/usage` reads whole days here and raw rows only for partial edge days."""
     __tablename__ = "usage_daily"
@@ -58,6 +65,8 @@ class UsageDaily(db.Model):
     tenant_id: Mapped[int] = mapped_column(BigId, nullable=False)
     api_key_id: Mapped[int] = mapped_column(BigId, nullable=False)
     model: Mapped[str] = mapped_column(String(200), nullable=False)
+    endpoint: Mapped[str] = mapped_column(Text, nullable=False, default=DEFAULT_ENDPOINT,
+                                          server_default=DEFAULT_ENDPOINT)
     requests: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     prompt_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     completion_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
@@ -65,6 +74,6 @@ class UsageDaily(db.Model):
     cost_usd: Mapped[Decimal] = mapped_column(Numeric(30, 10, asdecimal=True), nullable=False, default=0)
 
     __table_args__ = (
-        PrimaryKeyConstraint("api_key_id", "day", "model", "tenant_id", name="pk_usage_daily"),
+        PrimaryKeyConstraint("api_key_id", "day", "model", "tenant_id", "endpoint", name="pk_usage_daily"),
         Index("ix_usage_daily_tenant_day", "tenant_id", "day"),
     )

@@ -43,7 +43,7 @@ class ProviderManager:
         entry = self.catalog.get(alias)
         if entry is None or len(entry.deployments) == 1:
             return entry
-        usable = tuple(d for d in entry.deployments if not self.provider(d.provider).missing_configuration())
+        usable = tuple(d for d in entry.deployments if not self.unconfigured(d.provider))
         if usable and len(usable) != len(entry.deployments):
             return replace(entry, deployments=usable)
         return entry
@@ -53,11 +53,17 @@ class ProviderManager:
         at least one deployment is configured)."""
         missing: list[str] = []
         for dep in entry.deployments:
-            names = self.provider(dep.provider).missing_configuration()
+            names = self.unconfigured(dep.provider)
             if not names:
                 return []
             missing += [n for n in names if n not in missing]
         return missing
+
+    def unconfigured(self, provider: str) -> list[str]:
+        """The environment variables provider `provider` needs and that are unset ([] when it
+        can be called). The one test of "usable deployment": the router skips deployments
+        whose provider fails it, listings and probes use it too."""
+        return self.provider(provider).missing_configuration()
 
     def provider(self, name: str) -> Provider:
         """The process-wide instance of provider `name` (its connection pool is reused)."""

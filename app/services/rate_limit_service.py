@@ -100,6 +100,12 @@ def deployment_quota(deployment: Any) -> DeploymentQuota | None:
                            tpm=deployment.tpm or 0, rpd=deployment.rpd or 0)
 
 
+# Redis answers, but cannot serve the script now (loading its data, a replica, no master):
+# redis-py parses these replies into their own exception classes.
+_STORE_NOT_SERVING = (redis.exceptions.BusyLoadingError, redis.exceptions.ReadOnlyError,
+                      redis.exceptions.MasterDownError)
+
+
 class LimiterUnavailable(Exception):
     """The limiter's store cannot be reached."""
 
@@ -191,9 +197,8 @@ class RedisLimiter:
                 for i, result in zip(missing, self._evalsha(conn, [calls[i] for i in missing])):
                     results[i] = result
             for result in results:
-                if isinstance(result, redis.ResponseError) and any(
-                        word in str(result) for word in ("LOADING", "MASTERDOWN", "READONLY")):
-                    raise LimiterUnavailable(str(result))
+                if isinstance(result, _STORE_NOT_SERVING):
+                    raise LimiterUnavailable(type(result).__name__)
             return results
         except (redis.ConnectionError, redis.TimeoutError, OSError, LimiterUnavailable) as exc:
             conn.disconnect()

@@ -54,11 +54,15 @@ class ContextTooLong(Exception):
 
 
 class NoDeploymentAvailable(Exception):
-    """Every candidate was skipped without an upstream call: quota full or circuit open."""
+    """Every candidate was skipped without an upstream call: quota full, circuit open, or its
+    provider not configured (`not_configured`: one sentence per such provider)."""
 
-    def __init__(self, quota_full: int, circuits_open: int, retry_in_s: float) -> None:
-        super().__init__(f"{quota_full} at quota, {circuits_open} with an open circuit")
+    def __init__(self, quota_full: int, circuits_open: int, retry_in_s: float,
+                 not_configured: list[str] | None = None) -> None:
+        super().__init__(f"{quota_full} at quota, {circuits_open} with an open circuit, "
+                         f"{len(not_configured or ())} providers not configured")
         self.quota_full, self.circuits_open, self.retry_in_s = quota_full, circuits_open, retry_in_s
+        self.not_configured = not_configured or []
 
 
 class RequestSize:
@@ -108,8 +112,11 @@ def deployment_name(deployment: Deployment) -> str:
 class Router:
     def __init__(self, catalog: Catalog, health: HealthBoard, policy: RetryPolicy,
                  rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 unconfigured: Callable[[str], list[str]] | None = None) -> None:
         self.catalog = catalog
+        # provider name -> its unset environment variables ([]: usable); ProviderManager.unconfigured
+        self.unconfigured = unconfigured or (lambda provider: [])
         self.health = health
         self.policy = policy
         self.rng = rng or random.Random()
@@ -205,16 +212,24 @@ class Router:
 
         `reserve(c)` takes the deployment's provider quota (False: at quota, skip it) and
         `release(c)` gives it back when the deployment failed and the request moves on.
-        Raises the last ProviderError when every attempt failed, NoDeploymentAvailable when
-        nothing could be attempted."""
+        A deployment whose provider is not configured is never called (and its breaker never
+        hears of it). Raises the last ProviderError when every attempt failed,
+        NoDeploymentAvailable when nothing could be attempted."""
         policy, health, clock = self.policy, self.health, self.clock
         attempts = 0
         quota_full = circuits_open = 0
         retry_in = 0.0
         last_error: ProviderError | None = None
+        not_configured: list[str] = []
         for cand in candidates:
             if attempts >= policy.max_attempts or (attempts and clock() - started >= policy.deadline_s):
                 break
+            missing = self.unconfigured(cand.deployment.provider)
+            if missing:
+                reason = f"provider '{cand.deployment.provider}' is not configured (set {', '.join(missing)})"
+                if reason not in not_configured:
+                    not_configured.append(reason)
+                continue
             rec = cand.health
             if not rec.breaker.allow():
                 circuits_open += 1
@@ -259,7 +274,7 @@ class Router:
                 release(cand)
         if last_error is not None:
             raise last_error
-        raise NoDeploymentAvailable(quota_full, circuits_open, retry_in)
+        raise NoDeploymentAvailable(quota_full, circuits_open, retry_in, not_configured)
 
     @staticmethod
     def _unclaim_probe(rec: DeploymentHealth) -> None:

@@ -1,8 +1,9 @@
-"""After a completion is over: work out its exact usage and cost, and record it once.
+"""After a completion is over: work out its exact usage and cost, and record it.
 
-Runs after the response has gone out (non-streaming: the WSGI close callback; streaming: the
-generator's `finally`), so its database write is never on the client's critical path. It is
-called on every path: success, upstream failure, client disconnect.
+Called by the completion run (app/services/completion.py), once per run, on every path:
+success, refusal after admission, upstream failure, client disconnect, an error of ours. It
+runs after the response has gone out (non-streaming: the WSGI close callback; streaming: the
+end of the pieces iterator), so its database write is never on the client's critical path.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from sqlalchemy.engine import Engine
 
 from app.models import ApiKey
 from app.models.types import utcnow
+from app.providers.base import StreamPiece
 from app.providers.catalog import Deployment, ModelEntry
 from app.services.api_key_service import KeyInfo, LastUsedTracker
 from app.services.rate_limit_service import Admission, DeploymentQuota, RateLimitService, to_nano
@@ -41,14 +43,14 @@ class CompletionTrace:
     first_byte_at: float | None = None
     usage: dict[str, Any] | None = None
     body: dict[str, Any] | None = None       # non-streaming answer, for counting when no usage
-    chunks: list[bytes] = field(default_factory=list)  # streamed chunk JSON, same purpose
+    chunks: list[StreamPiece] = field(default_factory=list)  # streamed pieces, same purpose
+    endpoint: str = "chat.completions"       # the API that was called, written to the row
     status: str = "ok"                       # ok | error | client_disconnected
     error_type: str | None = None
     prompt_estimate: int | None = None       # tiktoken count made for admission, reused
     admission: Admission | None = None       # the key's reservation, settled here
     quota: DeploymentQuota | None = None     # the deployment's provider quota, if it has one
     quota_tokens: int = 0                    # tokens reserved on that quota
-    settled: bool = False
 
     def first_byte(self) -> None:
         if self.first_byte_at is None:
@@ -65,10 +67,12 @@ def _completion_text(trace: CompletionTrace) -> str:
                 parts.append(msg["content"])
             for call in msg.get("tool_calls") or ():
                 parts.append(str((call.get("function") or {}).get("arguments", "")))
-    for raw in trace.chunks:
+    for piece in trace.chunks:
         try:
-            chunk = json.loads(raw)
+            chunk = piece.chunk if piece.chunk is not None else json.loads(piece.raw or b"{}")
         except ValueError:
+            continue
+        if not isinstance(chunk, dict):
             continue
         for choice in chunk.get("choices") or ():
             delta = choice.get("delta") or {}
@@ -77,6 +81,23 @@ def _completion_text(trace: CompletionTrace) -> str:
             for call in delta.get("tool_calls") or ():
                 parts.append(str((call.get("function") or {}).get("arguments", "")))
     return "".join(parts)
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def usage_details(usage: dict[str, Any] | None) -> tuple[int | None, int | None, int | None]:
+    """(cached, cache-write, reasoning) tokens from an OpenAI-shaped usage dict
+    (`prompt_tokens_details.cached_tokens`, `cache_creation_input_tokens` as Anthropic's usage
+    is normalised, `completion_tokens_details.reasoning_tokens`); None where it does not say."""
+    if not usage:
+        return None, None, None
+    prompt = usage.get("prompt_tokens_details")
+    completion = usage.get("completion_tokens_details")
+    return (_count(prompt.get("cached_tokens")) if isinstance(prompt, dict) else None,
+            _count(usage.get("cache_creation_input_tokens")),
+            _count(completion.get("reasoning_tokens")) if isinstance(completion, dict) else None)
 
 
 def usage_figures(trace: CompletionTrace) -> tuple[int, int]:
@@ -103,6 +124,7 @@ class Settlement:
 
     def event(self, trace: CompletionTrace) -> UsageEvent:
         prompt, completion = usage_figures(trace)
+        cached, cache_write, reasoning = usage_details(trace.usage)
         now = time.perf_counter()
         return UsageEvent(
             request_id=trace.request_id, tenant_id=trace.key.tenant_id, api_key_id=trace.key.id,
@@ -114,16 +136,15 @@ class Settlement:
             status=trace.status, error_type=trace.error_type, streamed=trace.streamed,
             latency_ms=int((now - trace.started) * 1000),
             ttft_ms=int((trace.first_byte_at - trace.started) * 1000) if trace.first_byte_at else None,
-            created_at=trace.created_at,
+            created_at=trace.created_at, endpoint=trace.endpoint, cached_tokens=cached,
+            cache_write_tokens=cache_write, reasoning_tokens=reasoning,
         )
 
     def settle(self, trace: CompletionTrace, record: bool = True) -> None:
         """Release the reservation with the actual usage and record the completion.
         Never raises: it runs where nobody could handle an error. `record=False` only
-        releases (the request never reached a provider)."""
-        if trace.settled:
-            return  # settled once only, whichever path (stream end, close callback) comes first
-        trace.settled = True
+        releases (the request never reached a provider). Its one caller, the completion run,
+        calls it once per completion."""
         event = None
         try:
             event = self.event(trace)

@@ -27,11 +27,11 @@ from typing import Any
 
 from sqlalchemy import create_engine, event as sa_event, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DataError, IntegrityError
 
 from app.services import usage_partitions
 from app.services.usage_outbox import RedisOutbox, SpoolOutbox
 from app.services.usage_service import UsageEvent, UsageWriter
+from app.utils import db_errors
 
 log = logging.getLogger("gateway.usage")
 
@@ -57,10 +57,9 @@ def dedicated_engine(url: str, timeout_s: float) -> Engine:
 
 
 def is_permanent(exc: BaseException) -> bool:
-    """A failure that retrying cannot fix (the record itself is bad)."""
-    if isinstance(exc, IntegrityError):
-        return "no partition" not in str(exc)
-    return isinstance(exc, (DataError, ValueError, TypeError, KeyError))
+    """A failure that retrying cannot fix (the record itself is bad): by SQLSTATE for the
+    database's errors (a missing partition is not one of them), by type for ours."""
+    return isinstance(exc, (ValueError, TypeError, KeyError)) or db_errors.is_permanent(exc)
 
 
 class _Transient(Exception):

@@ -15,6 +15,9 @@ from typing import Iterable
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
+
+from app.utils import db_errors
 
 log = logging.getLogger("gateway.usage")
 PARENT = "usage_records"
@@ -59,7 +62,7 @@ def ensure_partitions(engine: Engine, months: Iterable[date]) -> list[str]:
 
     Checks first so that an existing partition costs one catalogue query, not a lock on the
     parent. Two workers creating the same month at once: the loser sees "already exists" and
-    moves on."""
+    moves on (told by SQLSTATE, see app/utils/db_errors.py)."""
     wanted = sorted({month_start(m) for m in months})
     if not wanted or engine.dialect.name != "postgresql":
         return []
@@ -80,8 +83,8 @@ def ensure_partitions(engine: Engine, months: Iterable[date]) -> list[str]:
                     conn.execute(text(f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF {PARENT} "
                                       f"FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"))
                 created.append(name)
-            except Exception as exc:  # created concurrently by another worker
-                if "already exists" not in str(exc):
+            except DBAPIError as exc:  # created concurrently by another worker
+                if not db_errors.is_already_exists(exc):
                     raise
     if created:
         log.info("usage partitions created: %s", ", ".join(created))

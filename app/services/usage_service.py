@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from app.models import UsageDaily, UsageRecord
 from app.models.types import utcnow
 from app.services import usage_partitions
+from app.utils import db_errors
 from app.utils.money import format_money
 
 log = logging.getLogger("gateway.usage")
@@ -52,6 +53,10 @@ class UsageEvent:
     latency_ms: int | None = None
     ttft_ms: int | None = None
     created_at: datetime = field(default_factory=utcnow)
+    endpoint: str = "chat.completions"       # which API served it (chat.completions, responses, ...)
+    cached_tokens: int | None = None         # prompt tokens read from the provider's cache
+    cache_write_tokens: int | None = None    # prompt tokens written to it (Anthropic)
+    reasoning_tokens: int | None = None      # completion tokens spent reasoning
 
     def row(self) -> dict[str, Any]:
         return {
@@ -61,20 +66,24 @@ class UsageEvent:
             "total_tokens": self.prompt_tokens + self.completion_tokens, "cost_usd": self.cost_usd,
             "status": self.status, "error_type": self.error_type, "streamed": self.streamed,
             "cached": self.cached, "latency_ms": self.latency_ms, "ttft_ms": self.ttft_ms,
-            "created_at": self.created_at,
+            "created_at": self.created_at, "endpoint": self.endpoint, "cached_tokens": self.cached_tokens,
+            "cache_write_tokens": self.cache_write_tokens, "reasoning_tokens": self.reasoning_tokens,
         }
 
     def to_json(self) -> bytes:
-        """One outbox line (no newline inside)."""
+        """One outbox line (no newline inside). Version 2 added `endpoint` and the token
+        details; `from_json` reads version 1 lines (written before) with their defaults."""
         created = self.created_at if self.created_at.tzinfo else self.created_at.replace(tzinfo=timezone.utc)
         return json.dumps({
-            "v": 1, "request_id": self.request_id, "tenant_id": self.tenant_id,
+            "v": 2, "request_id": self.request_id, "tenant_id": self.tenant_id,
             "api_key_id": self.api_key_id, "model": self.model, "provider": self.provider,
             "upstream_model": self.upstream_model, "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens, "cost_usd": str(self.cost_usd),
             "status": self.status, "error_type": self.error_type, "streamed": self.streamed,
             "cached": self.cached, "latency_ms": self.latency_ms, "ttft_ms": self.ttft_ms,
             "created_at": created.astimezone(timezone.utc).isoformat(timespec="microseconds"),
+            "endpoint": self.endpoint, "cached_tokens": self.cached_tokens,
+            "cache_write_tokens": self.cache_write_tokens, "reasoning_tokens": self.reasoning_tokens,
         }, separators=(",", ":")).encode()
 
     @classmethod
@@ -93,7 +102,8 @@ _COLUMNS = [("request_id", "varchar"), ("tenant_id", "bigint"), ("api_key_id", "
             ("prompt_tokens", "integer"), ("completion_tokens", "integer"), ("total_tokens", "integer"),
             ("cost_usd", "numeric"), ("status", "varchar"), ("error_type", "varchar"),
             ("streamed", "boolean"), ("cached", "boolean"), ("latency_ms", "integer"),
-            ("ttft_ms", "integer"), ("created_at", "timestamptz")]
+            ("ttft_ms", "integer"), ("created_at", "timestamptz"), ("endpoint", "text"),
+            ("cached_tokens", "integer"), ("cache_write_tokens", "integer"), ("reasoning_tokens", "integer")]
 _SUMS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd")
 
 # One statement, one round trip, fixed text (psycopg prepares it once): insert the batch as
@@ -105,15 +115,15 @@ WITH ins AS (
   INSERT INTO usage_records ({", ".join(c for c, _ in _COLUMNS)})
   SELECT * FROM unnest({", ".join(f"%({c})s::{t}[]" for c, t in _COLUMNS)})
   ON CONFLICT (request_id, created_at) DO NOTHING
-  RETURNING created_at, tenant_id, api_key_id, model, prompt_tokens, completion_tokens,
+  RETURNING created_at, tenant_id, api_key_id, model, endpoint, prompt_tokens, completion_tokens,
             total_tokens, cost_usd
 ), up AS (
-INSERT INTO usage_daily AS d (day, tenant_id, api_key_id, model, requests, prompt_tokens,
+INSERT INTO usage_daily AS d (day, tenant_id, api_key_id, model, endpoint, requests, prompt_tokens,
                               completion_tokens, total_tokens, cost_usd)
-SELECT (created_at AT TIME ZONE 'UTC')::date, tenant_id, api_key_id, model, count(*),
+SELECT (created_at AT TIME ZONE 'UTC')::date, tenant_id, api_key_id, model, endpoint, count(*),
        sum(prompt_tokens), sum(completion_tokens), sum(total_tokens), sum(cost_usd)
-FROM ins GROUP BY 1, 2, 3, 4 ORDER BY 3, 1, 4, 2
-ON CONFLICT (api_key_id, day, model, tenant_id) DO UPDATE SET
+FROM ins GROUP BY 1, 2, 3, 4, 5 ORDER BY 3, 1, 4, 2, 5
+ON CONFLICT (api_key_id, day, model, tenant_id, endpoint) DO UPDATE SET
   requests = d.requests + EXCLUDED.requests,
   prompt_tokens = d.prompt_tokens + EXCLUDED.prompt_tokens,
   completion_tokens = d.completion_tokens + EXCLUDED.completion_tokens,
@@ -150,7 +160,7 @@ class UsageWriter:
         try:
             return self._write_pg(batch)
         except IntegrityError as exc:
-            if "no partition" not in str(exc):
+            if not db_errors.is_no_partition(exc):
                 raise
             # a partition dropped by retention while we believed it there: create it, retry once
             self._months_ready.clear()
@@ -172,16 +182,17 @@ class UsageWriter:
                 if conn.execute(insert_row, e.row()).rowcount != 1:
                     continue
                 day = e.created_at.astimezone(timezone.utc).date() if e.created_at.tzinfo else e.created_at.date()
-                sums = groups.setdefault((day, e.tenant_id, e.api_key_id, e.model), [0, 0, 0, 0, Decimal(0)])
+                sums = groups.setdefault((day, e.tenant_id, e.api_key_id, e.model, e.endpoint),
+                                         [0, 0, 0, 0, Decimal(0)])
                 for i, v in enumerate((1, e.prompt_tokens, e.completion_tokens,
                                        e.prompt_tokens + e.completion_tokens, e.cost_usd)):
                     sums[i] += v
-            for (day, tenant, key, model), sums in sorted(groups.items()):
+            for (day, tenant, key, model, endpoint), sums in sorted(groups.items()):
                 values = dict(zip(_SUMS, sums))
                 stmt = sqlite.insert(ROLLUP).values(day=day, tenant_id=tenant, api_key_id=key, model=model,
-                                                    **values)
+                                                    endpoint=endpoint, **values)
                 conn.execute(stmt.on_conflict_do_update(
-                    index_elements=["api_key_id", "day", "model", "tenant_id"],
+                    index_elements=["api_key_id", "day", "model", "tenant_id", "endpoint"],
                     set_={c: ROLLUP.c[c] + stmt.excluded[c] for c in _SUMS}))
         return sum(g[0] for g in groups.values())
 
@@ -223,6 +234,7 @@ GROUP_BY: dict[str, tuple[Any, Any, Any, str]] = {
     "day": (_day_expr, UsageDaily.day, _day_value, "day"),
     "key": (lambda engine: UsageRecord.api_key_id, UsageDaily.api_key_id, int, "api_key_id"),
     "tenant": (lambda engine: UsageRecord.tenant_id, UsageDaily.tenant_id, int, "tenant_id"),
+    "endpoint": (lambda engine: UsageRecord.endpoint, UsageDaily.endpoint, str, "endpoint"),
 }
 
 

@@ -1,7 +1,7 @@
 """responses: stored Responses API answers (store: true) for previous_response_id and retrieval
 
 Revision ID: 0006_responses
-Revises: 0004_audit_actor_name (re-chained after 0005_usage_endpoint when that lands)
+Revises: 0005_usage_endpoint
 Create Date: 2026-12-01
 
 One row per stored response, owned by a tenant. Plain table on PostgreSQL and SQLite; pruned
@@ -11,7 +11,7 @@ from alembic import op
 import sqlalchemy as sa
 
 revision = "0006_responses"
-down_revision = "0004_audit_actor_name"
+down_revision = "0005_usage_endpoint"
 branch_labels = None
 depends_on = None
 

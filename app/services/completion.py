@@ -1,0 +1,379 @@
+"""One completion from admission to settlement: the run every endpoint that costs money uses.
+
+    run = CompletionRun.begin(rt, key, body, endpoint="chat.completions")   # refusals raise APIError
+    with run:
+        result = run.complete()          # or: pieces = run.stream()
+        return run.respond(response)     # settles when the response is closed
+
+`begin` resolves the model (alias, category, fallbacks, context window), checks that the key may
+use it and reserves the key's limits. `complete` / `stream` try the deployments through the
+router (provider quota reserved and given back, retries, fallbacks, breakers) and hand back the
+answer or its pieces. The run settles exactly once, in `_finish`, whichever way it ends:
+
+- a refusal or an upstream failure before any byte: when `complete`/`stream` raise;
+- a whole answer: when the response is closed (`respond` registers `close`);
+- a stream: in the `finally` of the pieces iterator (exhausted, upstream failure, client gone,
+  an exception of ours), or in `close` when the client left before the iterator started;
+- a controller exception between `begin` and `respond`: in `__exit__` of `with run:`.
+
+`_finish` takes the settlement out of the run before using it, so whichever of these comes
+second finds nothing to settle. Threads: a run is driven by one request (one thread or one
+greenlet); it is not shared.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import replace
+from inspect import GEN_CREATED, getgeneratorstate
+from typing import Any, Callable, Generator, Iterator, Optional
+
+from app.errors import APIError, ModelNotFound, PermissionDenied, api_error_for, limit_error
+from app.providers.base import (Completion, Provider, ProviderError, ProviderUnavailable, StreamPiece,
+                                not_configured)
+from app.providers.catalog import Deployment, ModelEntry
+from app.services.rate_limit_service import LimiterUnavailable, deployment_quota, key_limits, to_nano
+from app.services.router import Candidate, ContextTooLong, RequestSize
+from app.services.settlement_service import CompletionTrace
+from app.utils.streaming import with_heartbeat
+from app.utils.token_counter import count_messages
+
+Invoke = Callable[[Provider, Deployment], Any]
+Pieces = Iterator[Optional[StreamPiece]]
+
+_OK = ("ok", None)
+_DISCONNECTED = ("client_disconnected", "client_disconnected")
+_INTERNAL = ("error", "internal")
+
+
+class CompletionRun:
+    """One completion of one key (see the module docstring for its life)."""
+
+    __slots__ = ("rt", "trace", "models", "_pinned", "_settlement", "_attempted", "_pieces",
+                 "_upstream", "_answered", "_closing_outcome", "_candidate")
+
+    def __init__(self, rt: Any, trace: CompletionTrace, models: list[ModelEntry],
+                 pinned: Deployment | None = None) -> None:
+        self.rt = rt
+        self.trace = trace
+        self.models = models
+        self._pinned = pinned
+        self._settlement = rt.settlement   # consumed by the one settlement (`_finish`)
+        self._attempted = False            # a provider was called: the usage row is written
+        self._pieces: Generator[Optional[StreamPiece], None, None] | None = None
+        self._upstream: Any = None
+        self._answered = False
+        self._closing_outcome = _DISCONNECTED
+        self._candidate: Candidate | None = None
+
+    # -- admission ---------------------------------------------------------------------------
+
+    @classmethod
+    def begin(cls, rt: Any, key: Any, body: dict[str, Any], endpoint: str = "chat.completions", *,
+              request_id: str | None = None, body_bytes: int | None = None,
+              deployment: Deployment | None = None, hold_slot: bool = True) -> "CompletionRun":
+        """Resolve `body["model"]`, check the key may use it and that the request fits a model,
+        and reserve the key's limits. Raises APIError (nothing is held then).
+
+        `endpoint` is written to the usage row. `body_bytes`: the request's size as received
+        (bounds the prompt's tokens without counting them). `deployment` pins the run to one
+        deployment of the alias (no router: uptime probes); `hold_slot=False` takes no
+        concurrency slot (the further probes of one probe round)."""
+        alias = body["model"]
+        router = rt.router
+        if rt.providers.catalog.get(alias) is None and not router.is_category(alias):
+            raise ModelNotFound(f"The model '{alias}' does not exist on this gateway. "
+                                "GET /v1/models lists the available models.", param="model")
+        if not key.may_use(alias):
+            raise PermissionDenied(f"This API key may not use the model '{alias}'.", param="model",
+                                   code="model_not_allowed")
+        if deployment is None:
+            size = _request_size(body, body_bytes)
+            try:
+                models = router.models_for(alias, size, key.may_use)
+            except ContextTooLong as exc:
+                raise _refusal(exc) from None
+            if not models:
+                raise ModelNotFound(f"No model of the category '{alias}' is configured on this gateway.",
+                                    param="model")
+            prompt = size.counted(models[0].tokenizer)
+        else:
+            models, prompt = [rt.providers.catalog.get(alias)], None
+        trace = CompletionTrace(request_id=request_id or "req_" + uuid.uuid4().hex, key=key,
+                                entry=models[0], deployment=deployment, request=body,
+                                streamed=bool(body.get("stream")), endpoint=endpoint)
+        trace.prompt_estimate = prompt
+        run = cls(rt, trace, models, deployment)
+        run._admit(hold_slot)
+        return run
+
+    def _admit(self, hold_slot: bool) -> None:
+        """Reserve every limit of the key in one round trip (nothing when the key has none)."""
+        limits = key_limits(self.trace.key)
+        if not limits.any:
+            return
+        if not hold_slot and limits.max_concurrent:
+            limits = replace(limits, max_concurrent=0)
+        tokens, cost = self._estimate() if limits.needs_tokens else (0, 0)
+        try:
+            adm = self.rt.limiter.admit(limits, self.trace.request_id, tokens, cost)
+        except LimiterUnavailable as exc:
+            raise _refusal(exc) from None
+        if not adm.admitted:
+            raise limit_error(adm.reason, adm.retry_after_ms, adm.headers, tokens=tokens, rpm=limits.rpm,
+                              tpm=limits.tpm, daily=limits.daily_tokens, concurrent=limits.max_concurrent)
+        self.trace.admission = adm
+
+    def _estimate(self) -> tuple[int, int]:
+        """(tokens, nano-dollars) to reserve: the prompt counted with tiktoken plus the output cap
+        (max_completion_tokens, max_tokens, else the model's max_output_tokens), priced."""
+        trace = self.trace
+        body, entry = trace.request, trace.entry
+        if trace.prompt_estimate is None:
+            trace.prompt_estimate = count_messages(body.get("messages") or [], entry.tokenizer)
+        output = int(body.get("max_completion_tokens") or body.get("max_tokens") or entry.max_output_tokens)
+        return trace.prompt_estimate + output, to_nano(entry.pricing.cost(trace.prompt_estimate, output))
+
+    # -- what the caller sees ------------------------------------------------------------------
+
+    @property
+    def request_id(self) -> str:
+        return self.trace.request_id
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The x-ratelimit-* headers of the key's admission ({} for a key without limits)."""
+        adm = self.trace.admission
+        return adm.headers if adm is not None else {}
+
+    @property
+    def deployment(self) -> Deployment | None:
+        """The deployment that answered (None before one did)."""
+        return self.trace.deployment
+
+    def complete(self, invoke: Invoke | None = None) -> Completion:
+        """The whole answer. `invoke(provider, deployment)` replaces the provider call (native
+        passthrough); it returns a Completion whose `usage` is OpenAI-shaped. Raises APIError
+        (the run is settled then)."""
+        call = invoke or self._provider_complete
+        completion = self._dispatch(call)
+        self.trace.first_byte()
+        self.trace.usage, self.trace.body = completion.usage, completion.body
+        self._answered = True
+        return completion
+
+    def stream(self, invoke: Invoke | None = None) -> Pieces:
+        """The answer's pieces; `None` items are keep-alive ticks (STREAM_KEEPALIVE_S > 0).
+        Waits for the first piece, so that a failure before it still falls back or raises
+        APIError (settled). After it, an upstream failure is raised from the iterator as
+        ProviderError. The run settles when the iterator ends, raises or is closed."""
+        call = invoke or self._provider_stream
+
+        def open_stream(provider: Provider, deployment: Deployment) -> tuple[Any, StreamPiece]:
+            upstream = call(provider, deployment)
+            self._upstream = upstream
+            try:
+                return upstream, next(iter(upstream))
+            except StopIteration:
+                raise ProviderUnavailable("The provider ended the stream without any event.") from None
+
+        upstream, first = self._dispatch(open_stream)
+        self._pieces = self._iterate(upstream, first)
+        return self._pieces
+
+    def respond(self, response: Any) -> Any:
+        """Add the admission's x-ratelimit-* headers to the response (a Werkzeug Response) and
+        settle when it is closed. Returns the response."""
+        adm = self.trace.admission
+        if adm is not None:
+            for name, value in adm.headers.items():
+                response.headers[name] = value
+        if self._pieces is not None:
+            response.headers["Cache-Control"] = "no-cache"
+            response.headers["X-Accel-Buffering"] = "no"
+            response.response = self._guarded(response.response)
+        response.call_on_close(self.close)
+        return response
+
+    def close(self) -> None:
+        """End the run now: a stream not read to its end counts as a client disconnect; a run
+        that never answered (a cancelled probe round, a controller error) releases its
+        reservation. Idempotent."""
+        pieces = self._pieces
+        if pieces is not None:
+            if getgeneratorstate(pieces) == GEN_CREATED:
+                _abort(self._upstream)  # the client left before the first byte: the generator never ran
+            pieces.close()              # a started stream settles in its own `finally`
+        self._finish(*(_OK if self._answered else self._closing_outcome))
+
+    def __enter__(self) -> "CompletionRun":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self._closing_outcome = _INTERNAL
+            self._answered = False
+            self.close()
+
+    # -- the attempt loop ------------------------------------------------------------------------
+
+    def _provider_complete(self, provider: Provider, deployment: Deployment) -> Completion:
+        """The default call: the canonical request with the deployment's upstream model id."""
+        return provider.complete({**self.trace.request, "model": deployment.model})
+
+    def _provider_stream(self, provider: Provider, deployment: Deployment) -> Iterator[StreamPiece]:
+        return provider.stream({**self.trace.request, "model": deployment.model})
+
+    def _dispatch(self, call: Invoke) -> Any:
+        """Call `call(provider, deployment)` on the candidates (or the pinned deployment) until
+        one answers. Any failure settles the run and is raised as APIError."""
+        try:
+            if self._pinned is not None:
+                return self._call_pinned(call)
+            router = self.rt.router
+            cand, result = router.dispatch(router.candidates(self.models), self._attempt(call),
+                                           started=self.trace.started, reserve=self._reserve,
+                                           release=self._release_quota)
+            self._candidate = cand
+            return result
+        except BaseException as exc:
+            kind = exc.kind if isinstance(exc, ProviderError) else "internal"
+            self._finish("error", kind)
+            if isinstance(exc, APIError) or not isinstance(exc, Exception):
+                raise
+            err = api_error_for(exc, model=self.trace.request.get("model"))
+            if err is None:
+                raise  # a bug of ours: the generic handler answers 500 (the run is settled)
+            raise err from exc
+
+    def _attempt(self, call: Invoke) -> Callable[[Candidate], Any]:
+        providers = self.rt.providers
+
+        def attempt(cand: Candidate) -> Any:
+            self._attempted = True
+            return call(providers.provider(cand.deployment.provider), cand.deployment)
+        return attempt
+
+    def _call_pinned(self, call: Invoke) -> Any:
+        """One deployment, one attempt (uptime probes): no breaker, quota or retry. A provider
+        that is not configured is not called."""
+        dep = self._pinned
+        provider = self.rt.providers.provider(dep.provider)
+        missing = provider.missing_configuration()
+        if missing:
+            raise not_configured(dep.provider, missing)
+        self._attempted = True
+        return call(provider, dep)
+
+    def _reserve(self, cand: Candidate) -> bool:
+        """Before an attempt: the trace names the candidate (so the row names who answered),
+        and its provider quota (rpm/tpm/rpd) is reserved if it has one; False when full."""
+        trace = self.trace
+        trace.entry, trace.deployment = cand.entry, cand.deployment
+        quota = deployment_quota(cand.deployment)
+        if quota is None:
+            return True
+        tokens = self._estimate()[0] if quota.tpm else 0
+        if not self.rt.limiter.deployment_admit(quota, tokens):  # LimiterUnavailable: a refusal
+            return False
+        trace.quota, trace.quota_tokens = quota, tokens
+        return True
+
+    def _release_quota(self, cand: Candidate) -> None:
+        """The deployment failed and the request moves on: its quota reservation goes back."""
+        trace = self.trace
+        if trace.quota is not None and trace.quota_tokens:
+            self.rt.limiter.deployment_settle(trace.quota, trace.quota_tokens)
+        trace.quota, trace.quota_tokens = None, 0
+
+    # -- streaming ---------------------------------------------------------------------------------
+
+    def _iterate(self, upstream: Any, first: StreamPiece) -> Generator[Optional[StreamPiece], None, None]:
+        trace = self.trace
+        keepalive = self.rt.settings.STREAM_KEEPALIVE_S
+        rest = with_heartbeat(upstream, keepalive) if keepalive > 0 else upstream
+        outcome = _DISCONNECTED
+        try:
+            trace.first_byte()
+            piece: Optional[StreamPiece] = first
+            source = iter(rest)
+            while True:
+                if piece is not None:
+                    if piece.usage is not None:
+                        trace.usage = piece.usage
+                    trace.chunks.append(piece)
+                yield piece
+                try:
+                    piece = next(source)
+                except StopIteration:
+                    break
+            outcome = _OK
+        except ProviderError as exc:
+            # Bytes are out: no fallback; the caller turns the error into its dialect's event.
+            outcome = ("error", exc.kind)
+            self._health_failure(exc)
+            raise
+        except GeneratorExit:
+            outcome = self._closing_outcome
+            raise
+        except Exception:
+            outcome = _INTERNAL
+            raise
+        finally:
+            close = getattr(rest, "close", None)
+            if close is not None:
+                close()
+            self._finish(*outcome)
+
+    def _guarded(self, body: Any) -> Iterator[bytes]:
+        """The encoded body: an exception of the encoder marks the run as failed inside the
+        gateway (not as a client disconnect) before the response is closed."""
+        try:
+            yield from body
+        except GeneratorExit:
+            raise
+        except Exception:
+            self._closing_outcome = _INTERNAL
+            raise
+
+    def _health_failure(self, exc: ProviderError) -> None:
+        """A failure mid-stream counts against the deployment (the router saw its first piece
+        as a success). Pinned runs (probes) report their own outcome."""
+        if self._candidate is not None:
+            self.rt.health.failure(self._candidate.health, exc)
+
+    # -- settlement ----------------------------------------------------------------------------------
+
+    def _finish(self, status: str, error_type: str | None) -> None:
+        """The run's one settlement: release the reservations with the actual usage and write
+        the usage row (when a provider was called). The settlement is taken out of the run
+        before it is used, so a second call has nothing to settle."""
+        settlement, self._settlement = self._settlement, None
+        if settlement is None:
+            return
+        trace = self.trace
+        if status != "ok":
+            trace.status, trace.error_type = status, error_type
+        settlement.settle(trace, record=self._attempted)
+
+
+def _refusal(exc: Exception) -> APIError:
+    err = api_error_for(exc)
+    assert err is not None, exc
+    return err
+
+
+def _abort(upstream: Any) -> None:
+    """Drop an upstream connection whose answer nobody will read."""
+    abort = getattr(upstream, "abort", None)
+    if abort is not None:
+        abort()
+
+
+def _request_size(body: dict[str, Any], body_bytes: int | None) -> RequestSize:
+    """The request's size for context-window checks (tiktoken runs only for long prompts)."""
+    messages = body.get("messages") or []
+    if body_bytes is None:
+        body_bytes = len(json.dumps(body))
+    output = int(body.get("max_completion_tokens") or body.get("max_tokens") or 1)
+    return RequestSize(body_bytes, len(messages), output, lambda tokenizer: count_messages(messages, tokenizer))
