@@ -3,6 +3,7 @@
 the gateway beyond a chat completion of the same size (same prompt, same 20-token answer).
 
     .venv/bin/python bench/responses_translation.py [--iterations 5000] [--rounds 5]
+    .venv/bin/python bench/responses_translation.py --app [--pg-url URL]   # whole requests
 
 Both paths are timed with the process CPU clock, interleaved round by round (the machine is
 shared: the median of the rounds is reported). What is timed is the work that differs:
@@ -15,15 +16,21 @@ shared: the median of the rounds is reported). What is timed is the work that di
   (app/translate/chat_stream_to_responses.py).
 
 The rest of a request (authentication, admission, the upstream call, settlement) is the same
-completion run for both; bench/run_benchmark.py --modes nonstream,responses,stream,responses-stream
-measures whole requests through gunicorn.
+completion run for both. `--app` times whole requests instead: the Flask app in this process
+(its test client, no gunicorn), a key without limits, a temporary PostgreSQL database, the fake
+upstream as a separate process (its CPU is not counted); chat and Responses requests of the same
+size alternate round by round. bench/run_benchmark.py --modes nonstream,responses,stream,responses-stream
+measures them through gunicorn and wrk.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -99,11 +106,78 @@ def cpu_us(fn: Callable[[], bytes], iterations: int) -> float:
     return (time.process_time() - start) / iterations * 1e6
 
 
+def whole_requests(iterations: int, rounds: int, pg_url: str) -> None:
+    """Chat and Responses requests through the app in this process (see the module docstring)."""
+    os.environ["TEST_PG_URL"] = pg_url
+    from Testing.support import create_database, database_url, drop_database, free_port
+    import db_manager
+    from app import create_app
+
+    port = free_port()
+    fake = subprocess.Popen([sys.executable, "-m", "Testing.fakes.fake_openai", "--port", str(port)],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    name = create_database("gw_responses_bench")
+    app = None
+    try:
+        assert fake.stdout is not None and b"listening" in fake.stdout.readline()
+        db_manager.upgrade(database_url(name))
+        models = Path(tempfile.mkdtemp()) / "models.json"
+        models.write_text(json.dumps({
+            "providers": {"up": {"type": "openai", "base_url": f"http://127.0.0.1:{port}/v1",
+                                 "api_key_env": "BENCH_UPSTREAM_KEY"}},
+            "models": {"bench": {"deployments": [{"provider": "up", "model": "bench"}], "context_window": 128000,
+                                 "max_output_tokens": 4096,
+                                 "pricing": {"input_per_mtok": "0.15", "output_per_mtok": "0.60"}}}}))
+        os.environ["BENCH_UPSTREAM_KEY"] = "sk-bench-upstream"
+        app = create_app({"DATABASE_URL": database_url(name), "MODELS_FILE": str(models), "SYSTEM_SECRET": "bench",
+                          "REDIS_URL": "", "LOG_LEVEL": "WARNING", "STREAM_KEEPALIVE_S": 0})
+        client = app.test_client()
+        key = client.post("/v1/api-keys", json={"name": "bench", "tenant": "bench"},
+                          headers={"X-System-Secret": "bench"}).get_json()["key"]
+        headers = {"Authorization": f"Bearer {key}"}
+
+        def request(path: str, body: dict) -> Callable[[], bytes]:
+            def run() -> bytes:
+                resp = client.post(path, json=body, headers=headers)
+                data = resp.get_data()
+                resp.close()
+                if resp.status_code != 200:
+                    raise SystemExit(f"{path} answered {resp.status_code}: {data[:300]!r}")
+                return data
+            return run
+
+        print(f"{'mode':<10} {'chat ms':>9} {'responses ms':>13} {'added ms':>9}   (CPU per whole request, "
+              f"median of {rounds} rounds of {iterations})")
+        for stream in (False, True):
+            chat = request("/v1/chat/completions", {**CHAT, "stream": stream})
+            responses = request("/v1/responses", {**RESPONSES, "stream": stream})
+            chat(), responses()
+            pairs = [(cpu_us(chat, iterations) / 1000, cpu_us(responses, iterations) / 1000) for _ in range(rounds)]
+            print(f"{'stream' if stream else 'plain':<10} {statistics.median(c for c, _ in pairs):>9.3f} "
+                  f"{statistics.median(r for _, r in pairs):>13.3f} {statistics.median(r - c for c, r in pairs):>9.3f}")
+    finally:
+        if app is not None:
+            gateway = app.extensions["gateway"]
+            gateway.usage_batcher.close(5)
+            gateway.providers.close()
+            gateway.engine.dispose()
+        fake.terminate()
+        fake.wait()
+        drop_database(name)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--iterations", type=int, default=5000)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--app", action="store_true",
+                   help="whole requests through the app (needs PostgreSQL; at most 400 per round)")
+    p.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     args = p.parse_args(argv)
+    if args.app:
+        whole_requests(min(args.iterations, 400), args.rounds, args.pg_url)
+        return 0
     print(f"{'mode':<10} {'chat µs':>9} {'responses µs':>13} {'added µs':>9}   (CPU per request, median of "
           f"{args.rounds} rounds of {args.iterations})")
     for stream in (False, True):

@@ -32,6 +32,9 @@ from app.translate.chat_to_responses import base_response, finish, new_item_id
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _CONTENT = b'"delta":{"content":"'
+# An output_text.delta event: sequence number, item id, `_delta_tail` (output index), JSON text.
+_DELTA = (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+          b'"sequence_number":%d,"item_id":"%s%s%s,"logprobs":[]}\n\n')
 
 
 def plain_text_delta(data: bytes) -> str | None:
@@ -102,6 +105,10 @@ class ChatStreamToResponses:
         if piece.chunk is None and piece.raw is not None:
             text = plain_text_delta(piece.raw)
             if text is not None:
+                if text and self._open is not None and self._call_open is None:  # the bulk of a stream
+                    self._text.append(text)
+                    self.seq += 1
+                    return [_DELTA % (self.seq, self._delta_id, self._delta_tail, encode_basestring(text).encode())]
                 if text:
                     self._text_delta(text, out)
                 return out
@@ -144,9 +151,7 @@ class ChatStreamToResponses:
             self._delta_id = item["id"].encode()
         self._text.append(text)
         self.seq += 1
-        out.append(b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
-                   b'"sequence_number":%d,"item_id":"%s%s%s,"logprobs":[]}\n\n'
-                   % (self.seq, self._delta_id, self._delta_tail, encode_basestring(text).encode()))
+        out.append(_DELTA % (self.seq, self._delta_id, self._delta_tail, encode_basestring(text).encode()))
 
     def _close_text(self, out: list[bytes], status: str = "completed") -> None:
         item = self._open
