@@ -108,10 +108,14 @@ def test_upstream_failure_mid_stream_ends_with_error_and_response_failed():
 
 
 def test_plain_text_deltas_are_read_without_parsing_and_anything_else_is_not():
+    """The text of a plain content chunk comes back still JSON-escaped (copied into the event
+    as it is), its end found past escaped quotes and backslashes."""
     from app.translate.chat_stream_to_responses import plain_text_delta
     head = '{"id":"c","object":"chat.completion.chunk","model":"m","choices":[{"index":0,'
-    assert plain_text_delta((head + '"delta":{"content":"h\\u00e9 \\"x\\" ü"},"logprobs":null,'
-                             '"finish_reason":null}]}').encode()) == 'hé "x" ü'
+    for text in ('hé "x" ü', 'ends with a backslash \\', '\\"quoted\\"', "line\nbreak", ""):
+        data = (head + '"delta":{"content":' + json.dumps(text) + '},"logprobs":null,"finish_reason":null}]}')
+        escaped = plain_text_delta(data.encode())
+        assert json.loads(b'"' + escaped + b'"') == text, text
     for other in ('"delta":{"role":"assistant","content":""},"finish_reason":null}]}',
                   '"delta":{"content":"a"},"finish_reason":"stop"}]}',
                   '"delta":{"content":"a","reasoning_content":null},"finish_reason":null}]}',
@@ -122,9 +126,10 @@ def test_plain_text_deltas_are_read_without_parsing_and_anything_else_is_not():
 
 
 def test_unicode_text_streams_through_the_fast_path_intact():
-    _, events = run([chunk({"content": "héllo "}), chunk({"content": "wörld ✓"}), chunk({}, "stop")])
-    assert [e["delta"] for e in events if e["type"] == "response.output_text.delta"] == ["héllo ", "wörld ✓"]
-    assert events[-1]["response"]["output"][0]["content"][0]["text"] == "héllo wörld ✓"
+    _, events = run([chunk({"content": "héllo "}), chunk({"content": 'wörld ✓ "q" \\'}), chunk({}, "stop")])
+    assert [e["delta"] for e in events if e["type"] == "response.output_text.delta"] == [
+        "héllo ", 'wörld ✓ "q" \\']
+    assert events[-1]["response"]["output"][0]["content"][0]["text"] == 'héllo wörld ✓ "q" \\'
 
 
 def test_a_stream_the_client_left_is_kept_as_incomplete_with_what_was_produced():

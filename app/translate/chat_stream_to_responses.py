@@ -23,7 +23,6 @@ hot path (see bench/README.md for its measured cost).
 from __future__ import annotations
 
 import json
-from json.decoder import scanstring
 from json.encoder import encode_basestring
 from typing import Any
 
@@ -32,34 +31,47 @@ from app.translate.chat_to_responses import base_response, finish, new_item_id
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _CONTENT = b'"delta":{"content":"'
-# An output_text.delta event: sequence number, item id, `_delta_tail` (output index), JSON text.
+# An output_text.delta event: sequence number, item id, `_delta_tail` (output index), JSON-escaped text.
 _DELTA = (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
-          b'"sequence_number":%d,"item_id":"%s%s%s,"logprobs":[]}\n\n')
+          b'"sequence_number":%d,"item_id":"%s%s%s","logprobs":[]}\n\n')
 
 
-def plain_text_delta(data: bytes) -> str | None:
+def plain_text_delta(data: bytes) -> bytes | None:
     """The text of a chunk whose only choice's delta is `{"content": "..."}` and that finishes
-    nothing (the bulk of a stream), read without parsing the chunk; None for any other chunk."""
+    nothing (the bulk of a stream), as it is escaped in the chunk's JSON (so it is copied into
+    the event as it is, never decoded and encoded again); None for any other chunk."""
     i = data.find(_CONTENT)
     if i < 0:
         return None
     start = i + len(_CONTENT)
     end = data.find(b'"', start)
+    while end > 0 and data[end - 1] == 0x5C:  # a backslash before it: escaped if their count is odd
+        k = end - 1
+        while data[k - 1] == 0x5C:
+            k -= 1
+        if (end - k) % 2 == 0:
+            break
+        end = data.find(b'"', end + 1)
     if end < 0:
         return None
-    if data.find(b"\\", start, end) >= 0:  # escapes: let the JSON decoder read the string
-        try:
-            text, after = scanstring(data[start:].decode(), 0)
-        except ValueError:
-            return None
-        end = start + len(data[start:].decode()[:after].encode()) - 1
-    else:
-        text = data[start:end].decode()
     rest = end + 1
     if not data.startswith(b"}", rest) or data.find(b'"finish_reason":null', rest) < 0 \
             or data.find(b'"delta":', rest) >= 0:
         return None
-    return text
+    return data[start:end]
+
+
+def _escaped(text: str) -> bytes:
+    """`text` as the inside of a JSON string."""
+    return encode_basestring(text)[1:-1].encode()
+
+
+def _unescaped(parts: list[bytes]) -> str:
+    joined = b"".join(parts)
+    try:
+        return json.loads(b'"' + joined + b'"')
+    except ValueError:  # an upstream that sent broken escapes: keep what can be read
+        return joined.decode(errors="replace")
 
 
 def sse(kind: str, data: str) -> bytes:
@@ -73,7 +85,7 @@ class ChatStreamToResponses:
         self.items: list[dict[str, Any]] = []
         self.seq = -1
         self._open: dict[str, Any] | None = None   # the message item receiving text deltas
-        self._text: list[str] = []
+        self._text: list[bytes] = []  # the open message's text, JSON-escaped pieces
         self._calls: dict[int, dict[str, Any]] = {}  # chat tool-call index -> its item
         self._args: dict[int, list[str]] = {}
         self._call_open: int | None = None            # chat index of the call receiving deltas
@@ -103,14 +115,14 @@ class ChatStreamToResponses:
             self.usage = piece.usage
         out: list[bytes] = []
         if piece.chunk is None and piece.raw is not None:
-            text = plain_text_delta(piece.raw)
-            if text is not None:
-                if text and self._open is not None and self._call_open is None:  # the bulk of a stream
-                    self._text.append(text)
+            escaped = plain_text_delta(piece.raw)
+            if escaped is not None:
+                if escaped and self._open is not None and self._call_open is None:  # the bulk of a stream
+                    self._text.append(escaped)
                     self.seq += 1
-                    return [_DELTA % (self.seq, self._delta_id, self._delta_tail, encode_basestring(text).encode())]
-                if text:
-                    self._text_delta(text, out)
+                    return [_DELTA % (self.seq, self._delta_id, self._delta_tail, escaped)]
+                if escaped:
+                    self._text_delta(escaped, out)
                 return out
         chunk = piece.chunk if piece.chunk is not None else json.loads(piece.data())
         if chunk.get("model"):
@@ -121,7 +133,7 @@ class ChatStreamToResponses:
             delta = choice.get("delta") or {}
             text = delta.get("content")
             if text:
-                self._text_delta(text, out)
+                self._text_delta(_escaped(text), out)
             for call in delta.get("tool_calls") or ():
                 self._call_delta(call, out)
             if choice.get("finish_reason"):
@@ -134,7 +146,7 @@ class ChatStreamToResponses:
         out.append(self._item_event("response.output_item.added", item))
         return item
 
-    def _text_delta(self, text: str, out: list[bytes]) -> None:
+    def _text_delta(self, escaped: bytes, out: list[bytes]) -> None:
         if self._call_open is not None:
             self._close_call(out)
         item = self._open
@@ -147,18 +159,18 @@ class ChatStreamToResponses:
                            '"output_index":%d,"content_index":0,"part":{"type":"output_text","text":"",'
                            '"annotations":[],"logprobs":[]}}' % (self._next(), item["id"], item["_index"])))
             # The delta events of this item differ only in sequence number and text.
-            self._delta_tail = ('","output_index":%d,"content_index":0,"delta":' % item["_index"]).encode()
+            self._delta_tail = ('","output_index":%d,"content_index":0,"delta":"' % item["_index"]).encode()
             self._delta_id = item["id"].encode()
-        self._text.append(text)
+        self._text.append(escaped)
         self.seq += 1
-        out.append(_DELTA % (self.seq, self._delta_id, self._delta_tail, encode_basestring(text).encode()))
+        out.append(_DELTA % (self.seq, self._delta_id, self._delta_tail, escaped))
 
     def _close_text(self, out: list[bytes], status: str = "completed") -> None:
         item = self._open
         if item is None:
             return
         self._open = None
-        text = "".join(self._text)
+        text = _unescaped(self._text)
         part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
         item["content"], item["status"] = [part], status
         out.append(sse("response.output_text.done",
@@ -237,7 +249,7 @@ class ChatStreamToResponses:
             if item["status"] == "in_progress":
                 item["status"] = "incomplete"
                 if item["type"] == "message":
-                    item["content"] = [{"type": "output_text", "text": "".join(self._text),
+                    item["content"] = [{"type": "output_text", "text": _unescaped(self._text),
                                         "annotations": [], "logprobs": []}]
         for index, item in self._calls.items():
             item["arguments"] = "".join(self._args[index])
