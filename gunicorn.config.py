@@ -4,15 +4,13 @@
 
 No `preload_app`: the gevent worker monkey-patches *before* it imports the app, which is what
 makes psycopg 3 cooperative. Preloading would import psycopg in the unpatched master and every
-query would block its whole worker (measured in TRAPS.md). If you ever need preloading, the
+query would block its whole worker. If you ever need preloading, the
 first lines of this file must be `from gevent import monkey; monkey.patch_all()`.
 """
 import multiprocessing
 import os
 
 from dotenv import load_dotenv
-from gunicorn import util as gunicorn_util
-from gunicorn.http import wsgi as gunicorn_wsgi
 
 load_dotenv(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env"), override=False)
 
@@ -30,7 +28,7 @@ preload_app = False
 timeout = int(_env("WORKER_TIMEOUT", "60"))
 graceful_timeout = int(_env("GRACEFUL_TIMEOUT", "30"))
 keepalive = int(_env("KEEPALIVE", "5"))
-# An access log costs ~25% of throughput on 2 cores (TRAPS.md): off unless asked for.
+# An access log costs ~25% of throughput on 2 cores: off unless asked for.
 accesslog = os.environ.get("ACCESS_LOG") or None
 errorlog = "-"
 loglevel = _env("LOG_LEVEL", "info").lower()
@@ -44,68 +42,25 @@ else:
     control_socket_disable = True
 
 
-class _OneSendResponse(gunicorn_wsgi.Response):
-    """gunicorn's response writer, with fewer `send`s: the status line and headers leave with
-    the first body bytes (gunicorn sends them alone first), and a chunked body's terminating
-    chunk leaves with the last data when the app marks it (a bytes object whose `ends_body`
-    is true: app/utils/streaming.py `FinalChunk`), instead of alone in `close()`. On loopback
-    or a LAN every `send` costs a syscall and a wake-up of the peer. The edge cases (no body
-    allowed, not bytes, empty, longer than Content-Length) stay with gunicorn. It relies on
-    gunicorn's Response internals as of the version pinned in requirements.txt (27.0.1);
-    Testing/test_gunicorn_config.py checks the bytes on the wire, so an upgrade that changes
-    them fails there, not in production."""
-
-    _ended = False  # the terminating chunk went out with the last data
-
-    def write(self, arg):  # noqa: ANN001 - gunicorn's signature
-        if self._ended:
-            return
-        if (self._omits_body or not isinstance(arg, bytes) or not arg
-                or (self.response_length is not None and len(arg) > self.response_length - self.sent)):
-            return super().write(arg)
-        data = b""
-        if not self.headers_sent:
-            head = self.default_headers()
-            head.extend(["%s: %s\r\n" % (k, v) for k, v in self.headers])
-            data = gunicorn_util.to_bytestring("%s\r\n" % "".join(head), "latin-1")
-            self.headers_sent = True
-        self.sent += len(arg)
-        if self.chunked:
-            data += b"%X\r\n%s\r\n" % (len(arg), arg)
-            if getattr(arg, "ends_body", False):
-                data += b"0\r\n\r\n"
-                self._ended = True
-        else:
-            data += arg
-        self.sock.sendall(data)
-
-    def close(self):
-        if not self._ended:
-            super().close()
-
-
-def post_fork(server, worker):
-    """Installed in the worker only (the master serves no request)."""
-    gunicorn_wsgi.Response = _OneSendResponse
-
-
-def _gateway(worker):
+def _runtime(worker):
     app = getattr(worker, "wsgi", None)
     return getattr(app, "extensions", {}).get("gateway") if app is not None else None
 
 
 def post_worker_init(worker):
-    """Start the usage writer and outbox flusher at once: a fresh worker replays what dead
-    workers left in the outbox even before its first request."""
-    gateway = _gateway(worker)
-    if gateway is not None:
-        gateway.usage_batcher.start()
+    """The app was built in this worker (after the fork and gevent's patching), no request
+    served yet: start its runtime's background threads (usage writer, outbox flusher,
+    settlement sender, key-event listener, health publisher). A fresh worker replays what
+    dead workers left in the outbox even before its first request."""
+    runtime = _runtime(worker)
+    if runtime is not None:
+        runtime.start()
 
 
 def worker_exit(server, worker):
-    """After in-flight requests finished (or graceful_timeout passed): send the settlements and
-    store the usage rows this worker still holds (in PostgreSQL, else in the outbox)."""
-    gateway = _gateway(worker)
-    if gateway is not None:
-        gateway.limiter.flush(timeout=5)
-        gateway.usage_batcher.close(timeout=float(_env("GRACEFUL_TIMEOUT", "30")))
+    """After in-flight requests finished (or graceful_timeout passed): close the runtime, which
+    sends the settlements and stores the usage rows this worker still holds (in PostgreSQL,
+    else in the outbox)."""
+    runtime = _runtime(worker)
+    if runtime is not None:
+        runtime.close(timeout=float(_env("GRACEFUL_TIMEOUT", "30")))

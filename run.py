@@ -19,10 +19,16 @@ def main() -> None:
         import db_manager
         db_manager.upgrade(settings.DATABASE_URL)
     app = create_app(settings)
-    app.extensions["gateway"].usage_batcher.start()  # the usage writer and the outbox flusher
+    runtime = app.extensions["gateway"]
     host = os.environ.get("HOST") or "127.0.0.1"
     port = int(os.environ.get("PORT") or "8000")
-    app.run(host=host, port=port, threaded=True, debug=False, use_reloader=False)
+    # Started once, before the server's threads exist; closed when it stops (Ctrl-C included):
+    # queued settlements and usage rows are sent first.
+    runtime.start()
+    try:
+        app.run(host=host, port=port, threaded=True, debug=False, use_reloader=False)
+    finally:
+        runtime.close()
 
 
 if __name__ == "__main__":

@@ -99,24 +99,27 @@ def app_config(pg_url: str, models_file: Path, **overrides: Any) -> dict[str, An
             "USAGE_OUTBOX_NAME": OUTBOX_NAME, **ROUTING_TEST_SETTINGS, **overrides}
 
 
+def start_app(config: dict[str, Any], **kwargs: Any):
+    """An app built by the factory (`kwargs`: its other arguments, e.g. `clock`) with its
+    runtime started (its background threads running), as a gunicorn worker has it. Close it
+    with `close_app`."""
+    from app import create_app
+    application = create_app(config, **kwargs)
+    application.extensions["gateway"].start()
+    return application
+
+
 @pytest.fixture
 def app(pg_url, models_file, clean_db):
-    from app import create_app
-    application = create_app(app_config(pg_url, models_file))
+    application = start_app(app_config(pg_url, models_file))
     yield application
     close_app(application)
 
 
 def close_app(application) -> None:
-    """Write queued usage rows, then release the app's upstream and database connections."""
-    gateway = application.extensions["gateway"]
-    gateway.key_events.stop()
-    gateway.limiter.flush(5)
-    gateway.usage_batcher.close(5)
-    gateway.providers.close()
-    if getattr(gateway, "health", None) is not None:
-        gateway.health.stop()  # its Redis publisher loop
-    gateway.engine.dispose()
+    """Close the app's runtime: stop its threads, write queued settlements and usage rows,
+    release its upstream, Redis and database connections."""
+    application.extensions["gateway"].close(timeout=5)
 
 
 @pytest.fixture
@@ -133,8 +136,7 @@ def admin_headers() -> dict[str, str]:
 def module_app(pg_url, models_file):
     """One app for a whole module, for tests that need no empty tables (each mints its own
     keys): building an app per test case is slow."""
-    from app import create_app
-    application = create_app(app_config(pg_url, models_file))
+    application = start_app(app_config(pg_url, models_file))
     yield application
     close_app(application)
 
@@ -208,7 +210,6 @@ def clock() -> FakeClock:
 def clocked_app(pg_url, models_file, clean_db, clock):
     """The `app` fixture on the `clock` fixture: key expiry, grace periods, cache lifetimes and
     breaker cooldowns move when the test calls `clock.advance(...)`, never by sleeping."""
-    from app import create_app
-    application = create_app(app_config(pg_url, models_file), clock=clock)
+    application = start_app(app_config(pg_url, models_file), clock=clock)
     yield application
     close_app(application)

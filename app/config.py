@@ -112,6 +112,10 @@ class Settings:
     # Stored Responses API answers (`store: true`) older than this many days are deleted by
     # `db_manager prune-responses` (0 = keep all).
     RESPONSES_RETENTION_DAYS: int = 30
+    # Overrides of third-party internals (app/overrides.py, docs/overrides.md). Each is used only
+    # when the installed library is the version it was written for; 0 switches it off.
+    OVERRIDE_TIKTOKEN_LOADER: bool = True      # tiktoken encodings from data/tokenizers/
+    OVERRIDE_REDIS_POOL_BYPASS: bool = True    # the limiter's own Redis connection free list
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

@@ -1,29 +1,61 @@
-"""The per-process objects of one app (provider manager, caches, writers), built in create_app.
+"""The per-process objects of the gateway, built in one place and started and stopped in one place.
 
-Kept on `app.extensions["gateway"]` so that several apps (tests) never share state, and so
-that code running after a response (no request context) can hold a plain reference.
+`build_runtime(settings)` makes every object a worker needs (provider manager, key cache and
+its event listener, limiter, usage writer with its outbox, settlement, health board, router,
+uptime checker, Redis client). Building starts nothing. `Runtime.start()` starts the
+background threads (greenlets under gevent) - the usage writer, the outbox flusher, the
+limiter's settlement sender, the key-event listener and the health publisher - once, however
+many threads call it; `Runtime.close()` stops them, sending what is still queued, and releases
+connections. Who calls them:
+
+- gunicorn (gunicorn.config.py): the app is built in each worker after the fork;
+  `post_worker_init` starts its runtime, `worker_exit` closes it.
+- `run.py`: starts it before serving, closes it when the server stops.
+- the tests (Testing/conftest.py `start_app` / `close_app`).
+
+A runtime that was never started queues its usage rows and settlements; `close()` (or a
+component's `flush()`) sends them. The Flask app keeps the runtime on
+`app.extensions["gateway"]` (see `runtime()`), so that several apps (tests) never share state
+and code running after a response (no request context) can hold a plain reference.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Optional
 
 import redis
-from flask import Flask, current_app
+from flask import current_app
+from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
-from app.config import Settings
+from app import overrides
+from app.config import Settings, engine_options
+from app.extensions import make_redis
 from app.providers.provider_manager import ProviderManager
 from app.services.api_key_service import KeyCache, LastUsedTracker
+from app.services.circuit_breaker import BreakerConfig
 from app.services.key_events import KeyEvents
-from app.services.rate_limit_service import RateLimitService
+from app.services.provider_health import HealthBoard
+from app.services.rate_limit_service import LimiterUnavailable, LocalLimiter, RateLimitService, RedisLimiter
+from app.services.retry_policy import RetryPolicy
+from app.services.router import Router
 from app.services.settlement_service import Settlement
-from app.services.usage_batcher import UsageBatcher
-from app.utils.clock import SYSTEM_CLOCK, Clock
+from app.services.uptime_service import UptimeChecker
+from app.services.usage_batcher import UsageBatcher, dedicated_engine
+from app.services.usage_outbox import RedisOutbox, SpoolOutbox
+from app.services.usage_service import UsageWriter, period_totals
+from app.utils.clock import SYSTEM_CLOCK, Clock, epoch_seconds
+from app.utils.token_counter import preload as preload_tokenizers
+
+log = logging.getLogger("gateway")
 
 
 @dataclass
 class Runtime:
+    """Everything one gateway process holds, fully built (nothing is set later)."""
     settings: Settings
     providers: ProviderManager
     key_cache: KeyCache
@@ -33,13 +65,131 @@ class Runtime:
     limiter: RateLimitService
     engine: Engine
     redis: Optional[redis.Redis]
-    app: Flask
-    key_events: Optional[KeyEvents] = None
-    router: Any = None       # app.services.router.Router: candidates, retries, fallback
-    health: Any = None       # app.services.provider_health.HealthBoard: breakers, outcomes
-    uptime: Any = None       # app.services.uptime_service.UptimeChecker
-    clock: Clock = SYSTEM_CLOCK  # every time-dependent decision reads it (tests move it)
+    key_events: KeyEvents
+    health: HealthBoard       # breakers and outcomes per deployment
+    router: Router            # candidates, retries, fallback
+    uptime: UptimeChecker
+    clock: Clock              # every time-dependent decision reads it (tests move it)
+    overrides: dict[str, bool] = field(default_factory=dict)   # which guarded overrides are in use
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _state: str = field(default="built", init=False, repr=False)  # built -> started -> closed
+
+    @property
+    def started(self) -> bool:
+        return self._state == "started"
+
+    def start(self) -> "Runtime":
+        """Start every background thread of this process, once (later calls do nothing, also
+        when made concurrently by the threads of run.py's server). Call it in the process that
+        serves requests: after gunicorn's fork, never in its master."""
+        with self._lock:
+            if self._state != "built":
+                return self
+            self._state = "started"
+            self.usage_batcher.start()   # the usage writer and the outbox flusher
+            self.limiter.start()         # the settlement sender
+            self.key_events.start()      # the key-event listener (with Redis)
+            self.health.start()          # the health publisher (with Redis)
+        return self
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Stop the background threads, send the settlements and store the usage rows still
+        queued (in PostgreSQL, else in the outbox), release upstream and database connections.
+        True when nothing was left in memory. Later calls do nothing."""
+        with self._lock:
+            if self._state == "closed":
+                return True
+            self._state = "closed"
+        self.key_events.stop()
+        self.health.stop()
+        settled = self.limiter.close(timeout=min(timeout, 5.0))
+        stored = self.usage_batcher.close(timeout=timeout)
+        self.providers.close()
+        self.engine.dispose()
+        if self.redis is not None:
+            self.redis.close()
+        return settled and stored
+
+
+def build_runtime(settings: Settings, engine: Engine | None = None, clock: Clock = SYSTEM_CLOCK) -> Runtime:
+    """Every per-process object, built and wired, none started. `engine`: the database engine
+    to share (the Flask app's, so that its session and the runtime use one pool); by default
+    one is made from the settings. `clock`: the time source of every object that reads time."""
+    if engine is None:
+        engine = create_engine(settings.DATABASE_URL, **engine_options(settings))
+    pool_bypass = overrides.REDIS_POOL_BYPASS.usable(settings.OVERRIDE_REDIS_POOL_BYPASS)
+    providers = ProviderManager.from_file(settings.MODELS_FILE, defaults={
+        "connect_timeout_s": settings.UPSTREAM_CONNECT_TIMEOUT_S,
+        "read_timeout_s": settings.UPSTREAM_READ_TIMEOUT_S,
+        "pool_maxsize": settings.UPSTREAM_POOL_MAXSIZE,
+        "total_timeout_s": settings.UPSTREAM_TOTAL_TIMEOUT_S,
+    })
+    preload_tokenizers({m.tokenizer for m in providers.catalog.models.values()},
+                       local_files=settings.OVERRIDE_TIKTOKEN_LOADER)
+    redis_client = make_redis(settings.REDIS_URL, settings.REDIS_MAX_CONNECTIONS)
+    last_used = LastUsedTracker(settings.LAST_USED_WRITE_INTERVAL_S, clock.monotonic)
+    batcher = _usage_batcher(settings, engine, redis_client)
+    limiter = RateLimitService(
+        _limiter_backend(settings, redis_client, pool_bypass, clock),
+        seed=lambda limits, day, month: seed_from_usage(engine, limits.key_id, limits.tenant_id, day, month),
+        fail_mode=settings.RATE_LIMIT_FAIL_MODE)
+    key_cache = KeyCache(settings.AUTH_CACHE_TTL_S, clock.monotonic)
+    health = HealthBoard(BreakerConfig(
+        failure_threshold=settings.BREAKER_FAILURE_THRESHOLD, failure_ratio=settings.BREAKER_FAILURE_RATIO,
+        window=settings.BREAKER_WINDOW, min_requests=settings.BREAKER_MIN_REQUESTS,
+        cooldown_s=settings.BREAKER_COOLDOWN_S),
+        redis_client=redis_client, publish_interval_s=settings.HEALTH_PUBLISH_INTERVAL_S,
+        clock=clock.monotonic)
+    return Runtime(
+        settings=settings, providers=providers, key_cache=key_cache, last_used=last_used,
+        usage_batcher=batcher, settlement=Settlement(batcher, engine, last_used, limiter),
+        limiter=limiter, engine=engine, redis=redis_client,
+        key_events=KeyEvents(key_cache, settings.REDIS_URL, settings.KEY_EVENTS_CHANNEL,
+                             publisher=redis_client),
+        health=health,
+        router=Router(providers.catalog, health, RetryPolicy(
+            max_attempts=settings.ROUTER_MAX_ATTEMPTS,
+            attempts_per_deployment=settings.ROUTER_ATTEMPTS_PER_DEPLOYMENT,
+            base_s=settings.ROUTER_RETRY_BASE_S, max_backoff_s=settings.ROUTER_RETRY_MAX_BACKOFF_S,
+            deadline_s=settings.ROUTER_DEADLINE_S, max_retry_after_s=settings.ROUTER_MAX_RETRY_AFTER_S),
+            unconfigured=providers.unconfigured),
+        uptime=UptimeChecker(providers, health, redis_client, settings.UPTIME_CACHE_S, clock=clock.monotonic),
+        clock=clock,
+        overrides={overrides.REDIS_POOL_BYPASS.name: pool_bypass,
+                   overrides.TIKTOKEN_LOADER.name: settings.OVERRIDE_TIKTOKEN_LOADER})
+
+
+def _usage_batcher(settings: Settings, engine: Engine, redis_client: Optional[redis.Redis]) -> UsageBatcher:
+    """Group commit on the writer's own small pool (PostgreSQL), with the Redis outbox when
+    Redis is configured and the local spool always."""
+    if settings.embedded_database:
+        writer, owns = UsageWriter(engine), False
+    else:
+        writer, owns = UsageWriter(dedicated_engine(settings.DATABASE_URL, settings.USAGE_WRITE_TIMEOUT_S)), True
+    outbox = RedisOutbox(redis_client, settings.USAGE_OUTBOX_NAME) if redis_client is not None else None
+    return UsageBatcher(writer, redis_outbox=outbox,
+                        spool=SpoolOutbox(settings.USAGE_SPOOL_DIR), poll_s=settings.USAGE_OUTBOX_POLL_S,
+                        partitions_ahead=settings.USAGE_PARTITIONS_AHEAD, owns_engine=owns)
+
+
+def seed_from_usage(engine: Engine, key_id: int, tenant_id: int, day: int, month: str) -> dict[str, int]:
+    """The limiter's day/month counters rebuilt from the usage store. PostgreSQL unreachable:
+    the limiter is as unable to decide as without Redis (RATE_LIMIT_FAIL_MODE applies)."""
+    try:
+        return period_totals(engine, key_id, tenant_id, day, month)
+    except SQLAlchemyError as exc:
+        log.error("limiter counters cannot be rebuilt: usage store unavailable (%s)", type(exc).__name__)
+        raise LimiterUnavailable() from None
+
+
+def _limiter_backend(settings: Settings, redis_client: Optional[redis.Redis],
+                     pool_bypass: bool, clock: Clock) -> RedisLimiter | LocalLimiter:
+    lease_ms = int(settings.CONCURRENCY_LEASE_S * 1000)
+    if redis_client is None:
+        return LocalLimiter(lease_ms, clock=lambda: epoch_seconds(clock))
+    return RedisLimiter(redis_client, lease_ms, settings.REDIS_MAX_CONNECTIONS, pool_bypass=pool_bypass)
 
 
 def runtime() -> Runtime:
+    """The runtime of the current Flask app."""
     return current_app.extensions["gateway"]

@@ -12,7 +12,7 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import text
 
-from Testing.conftest import app_config, close_app, minter
+from Testing.conftest import app_config, close_app, minter, start_app
 from Testing.support import SYSTEM_SECRET
 
 pytestmark = pytest.mark.timeout(60)
@@ -196,8 +196,7 @@ def test_admin_api_requires_system_secret(shared_client, shared_mint, pg_engine,
 
 def test_admin_api_disabled_without_system_secret(pg_url, models_file, pg_engine):
     """With SYSTEM_SECRET empty the admin API answers 503 naming SYSTEM_SECRET, whatever is sent."""
-    from app import create_app
-    application = create_app(app_config(pg_url, models_file, SYSTEM_SECRET=""))
+    application = start_app(app_config(pg_url, models_file, SYSTEM_SECRET=""))
     before = counts(pg_engine)
     try:
         c = application.test_client()

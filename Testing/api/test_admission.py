@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from app import create_app
-from Testing.conftest import app_config, close_app
+from Testing.conftest import app_config, close_app, start_app
 from Testing.support import SYSTEM_SECRET
 
 MESSAGES = [{"role": "user", "content": "hello"}]
@@ -34,7 +33,7 @@ def _models_with_quotas(path: Path, upstream: str) -> Path:
 @pytest.fixture
 def quota_client(pg_url, fake_upstream, tmp_path, clean_db):
     models = _models_with_quotas(tmp_path / "models.json", fake_upstream.base_url)
-    app = create_app(app_config(pg_url, models))
+    app = start_app(app_config(pg_url, models))
     yield app.test_client()
     close_app(app)
 
@@ -74,7 +73,7 @@ def test_deployment_tpm_quota_counts_tokens_of_keys_without_limits(quota_client,
 
 def test_embedded_limiter_without_redis(pg_url, models_file, clean_db):
     """Without REDIS_URL the in-process limiter applies the same limits (here rpm_limit=2)."""
-    app = create_app(app_config(pg_url, models_file, REDIS_URL=""))
+    app = start_app(app_config(pg_url, models_file, REDIS_URL=""))
     client = app.test_client()
     key = _mint(client, rpm_limit=2)
     headers = {"Authorization": f"Bearer {key}"}
@@ -89,7 +88,7 @@ def test_embedded_limiter_without_redis(pg_url, models_file, clean_db):
 def test_keepalive_comments_while_upstream_is_silent(pg_url, models_file, clean_db):
     """While the upstream is silent longer than STREAM_KEEPALIVE_S, the client receives
     `: keep-alive` comments between events (so proxies and clients keep the stream)."""
-    app = create_app(app_config(pg_url, models_file, STREAM_KEEPALIVE_S=0.01))
+    app = start_app(app_config(pg_url, models_file, STREAM_KEEPALIVE_S=0.01))
     client = app.test_client()
     key = _mint(client)
     resp = client.post("/v1/chat/completions", json={"model": "slow", "messages": MESSAGES, "stream": True,

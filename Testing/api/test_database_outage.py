@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from Testing.conftest import app_config, close_app
+from Testing.conftest import app_config, close_app, start_app
 from Testing.support import SYSTEM_SECRET
 from Testing.tcp_proxy import TcpProxy
 
@@ -21,8 +21,7 @@ def outage_app(pg_url, models_file, clean_db, tmp_path, clock):
     """The app behind a proxy, on the test's clock (`clock.advance` ends cache lifetimes); its
     outbox is its own (no other gateway of the run replays it)."""
     proxy = TcpProxy.in_front_of(pg_url)
-    from app import create_app
-    application = create_app(app_config(proxy.url, models_file, AUTH_CACHE_TTL_S=0.2, USAGE_WRITE_TIMEOUT_S=1,
+    application = start_app(app_config(proxy.url, models_file, AUTH_CACHE_TTL_S=0.2, USAGE_WRITE_TIMEOUT_S=1,
                                         USAGE_OUTBOX_NAME="usage-outage-" + uuid.uuid4().hex[:8],
                                         USAGE_SPOOL_DIR=str(tmp_path)), clock=clock)
     yield application, proxy

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from Testing.conftest import app_config, close_app
+from Testing.conftest import app_config, close_app, start_app
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -190,8 +190,7 @@ def test_model_outside_allowed_models_403(client, mint):
 
 def test_unexpected_exception_500_without_internals(pg_url, models_file):
     """An unexpected exception -> 500 internal_error envelope that reveals nothing of it."""
-    from app import create_app
-    application = create_app(app_config(pg_url, models_file))
+    application = start_app(app_config(pg_url, models_file))
 
     def boom():
         raise RuntimeError("secret internals")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from Testing.conftest import KEY_ROWS, app_config, close_app, minter, usage_rows, wait_for_rows
+from Testing.conftest import KEY_ROWS, app_config, close_app, minter, start_app, usage_rows, wait_for_rows
 from Testing.support import REDIS_URL, FakeClock, free_port, wait_until
 
 MESSAGES = [{"role": "user", "content": "hello routing"}]
@@ -60,11 +60,10 @@ BREAKER_CLOCK = FakeClock()
 
 @pytest.fixture(scope="module")
 def rapp(pg_url, tmp_path_factory, fake_upstream):
-    from app import create_app
     models = routing_models(tmp_path_factory.mktemp("routing") / "models.json", fake_upstream.base_url)
     # The breakers' cooldowns run on a clock the tests move (`BREAKER_CLOCK.advance`): a busy
     # machine can neither end a cooldown early nor make a test wait for one.
-    application = create_app(app_config(
+    application = start_app(app_config(
         pg_url, models, ROUTER_RETRY_BASE_S=0.01, ROUTER_RETRY_MAX_BACKOFF_S=0.02, ROUTER_DEADLINE_S=5.0,
         ROUTER_MAX_RETRY_AFTER_S=1.0, BREAKER_FAILURE_THRESHOLD=2, BREAKER_MIN_REQUESTS=1000,
         BREAKER_COOLDOWN_S=30, UPTIME_CACHE_S=2.0, HEALTH_PUBLISH_INTERVAL_S=0), clock=BREAKER_CLOCK)

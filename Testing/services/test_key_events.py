@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import secrets
 import subprocess
+import threading
 from dataclasses import replace
 
 import pytest
 
 from app.services.api_key_service import KeyCache, KeyInfo
 from app.services.key_events import KeyEvents, apply_event, encode_event
-from Testing.conftest import app_config, close_app
+from Testing.conftest import app_config, close_app, start_app
 from Testing.support import SYSTEM_SECRET, free_port, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -105,7 +106,7 @@ def test_listener_survives_a_redis_restart(own_redis):
     listener = KeyEvents(cache, url, channel, max_retry_s=0.2)
     publisher = KeyEvents(KeyCache(60), url, channel, publisher=redis.Redis.from_url(url))
     try:
-        listener.ensure_listening()
+        listener.start()
         assert listener.subscribed.wait(5)
         cache = listener.cache
         for h, info in (("h1", INFO), ("h2", replace(INFO, id=2))):
@@ -126,30 +127,40 @@ def test_listener_survives_a_redis_restart(own_redis):
         listener.stop()
 
 
-def test_listener_is_started_per_process_on_the_first_cache_miss():
-    """ensure_listening starts one listener per process id (a fork gets its own) and nothing
-    without Redis."""
+def test_listener_starts_once_however_many_threads_start_it():
+    """start() from 16 threads at once (run.py's threaded server) makes one listener; a second
+    start() keeps it; without Redis nothing starts; a stopped listener does not start again."""
     events = KeyEvents(KeyCache(1), "", "x")
-    events.ensure_listening()
+    events.start()
     assert events._thread is None
     events = KeyEvents(KeyCache(1), "redis://127.0.0.1:1/0", "x", max_retry_s=0.05)
+    gate = threading.Barrier(16)
+    started: list[threading.Thread] = []
+
+    def race() -> None:
+        gate.wait()
+        events.start()
+        started.append(events._thread)
     try:
-        events.ensure_listening()
+        threads = [threading.Thread(target=race) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(started) == 16 and len({id(t) for t in started}) == 1
         first = events._thread
-        events.ensure_listening()
+        events.start()
         assert events._thread is first and first.is_alive()
-        events._pid = -1  # as seen from a forked child
-        events.ensure_listening()
-        assert events._thread is not first
     finally:
-        events.stop()
+        events.stop(timeout=5)
+    events.start()
+    assert events._thread is first and not first.is_alive()
 
 
 def test_embedded_mode_invalidates_in_process(pg_url, models_file, clean_db):
     """Without Redis a revocation, a rotation and a suspension apply in the process at once
     (the cache TTL is a minute here)."""
-    from app import create_app
-    application = create_app(app_config(pg_url, models_file, REDIS_URL="", AUTH_CACHE_TTL_S=60))
+    application = start_app(app_config(pg_url, models_file, REDIS_URL="", AUTH_CACHE_TTL_S=60))
     try:
         c = application.test_client()
         system = {"X-System-Secret": SYSTEM_SECRET}

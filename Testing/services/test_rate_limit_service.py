@@ -23,11 +23,13 @@ _ids = itertools.count(int(time.time()) % 100000 * 1000)
 _CLOCKS: dict[int, FakeClock] = {}
 
 
-@pytest.fixture(params=["redis", "local"])
+@pytest.fixture(params=["redis", "redis-pipeline", "local"])
 def backend(request):
-    if request.param == "redis":
+    """"redis": the limiter's own connection free list (the pool-bypass override, on by
+    default); "redis-pipeline": redis-py's pipeline and pool (that override switched off)."""
+    if request.param.startswith("redis"):
         client = redis.Redis.from_url(REDIS_URL)
-        yield RedisLimiter(client, lease_ms=1000)
+        yield RedisLimiter(client, lease_ms=1000, pool_bypass=request.param == "redis")
         client.close()
     else:
         clock = FakeClock()
@@ -189,14 +191,17 @@ def test_deployment_quota(backend):
     assert [backend.deployment_admit(quota, 10) for _ in range(3)] == [True, True, False]
 
 
-def test_fail_modes_when_redis_is_down():
+@pytest.mark.parametrize("pool_bypass", [True, False], ids=["free-list", "pipeline"])
+def test_fail_modes_when_redis_is_down(pool_bypass):
     """Redis unreachable: fail closed raises, fail open admits and counts it."""
     dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
     lim = limits(rpm=1)
-    closed = RateLimitService(RedisLimiter(dead, 1000), seed=lambda *a: {}, fail_mode="closed")
+    closed = RateLimitService(RedisLimiter(dead, 1000, pool_bypass=pool_bypass), seed=lambda *a: {},
+                              fail_mode="closed")
     with pytest.raises(LimiterUnavailable):
         closed.admit(lim, "x", 0, 0)
-    opened = RateLimitService(RedisLimiter(dead, 1000), seed=lambda *a: {}, fail_mode="open")
+    opened = RateLimitService(RedisLimiter(dead, 1000, pool_bypass=pool_bypass), seed=lambda *a: {},
+                              fail_mode="open")
     adm = opened.admit(lim, "x", 0, 0)
     assert adm.admitted and adm.degraded and opened.fail_open_admissions == 1
     opened.settle(adm, 0, 0)  # a degraded admission settles to nothing, without raising
@@ -230,4 +235,18 @@ def test_service_settles_in_the_background_pipelined():
     # 20 slots free again, and 20 * 40 tokens were refunded: 2000 - 200 = 1800 left
     assert service.admit(lim, "after", 1790, 0).admitted
     assert service.admit(lim, "over", 60, 0).reason == "tpm"  # 10 left, plus a little refill
+    client.close()
+
+
+@pytest.mark.parametrize("pool_bypass", [True, False], ids=["free-list", "pipeline"])
+def test_script_is_loaded_again_after_script_flush(pool_bypass):
+    """Redis lost its scripts (restart, SCRIPT FLUSH): the next call loads the script again
+    and is answered, whichever way commands reach Redis."""
+    client = redis.Redis.from_url(REDIS_URL)
+    backend = RedisLimiter(client, lease_ms=1000, pool_bypass=pool_bypass)
+    lim = limits(rpm=5)
+    assert admit(backend, lim).admitted
+    client.script_flush()
+    assert admit(backend, lim).admitted
+    assert client.script_exists(backend.sha) == [True]
     client.close()

@@ -99,6 +99,7 @@ def test_database_down_rows_go_to_redis_and_are_replayed_exactly_once(pg_url, cl
     the batcher stops trying PostgreSQL until a probe answers, then replays them all once."""
     engine = dedicated_engine(pg_proxy.url, 2.0)
     batcher = UsageBatcher(UsageWriter(engine), redis_outbox=RedisOutbox(rclient, name), poll_s=0.1)
+    batcher.start()  # the writer and the outbox flusher
     try:
         for e in events(5):
             batcher.submit(e)
@@ -128,6 +129,7 @@ def test_writer_connections_killed_rows_replayed_exactly_once(pg_url, clean_db, 
     as soon as PostgreSQL answers the probe; every row once."""
     engine = dedicated_engine(pg_url, 2.0)
     batcher = UsageBatcher(UsageWriter(engine), redis_outbox=RedisOutbox(rclient, name), poll_s=0.1)
+    batcher.start()  # the writer and the outbox flusher
     try:
         for e in events(5):
             batcher.submit(e)
@@ -155,6 +157,7 @@ def test_database_and_redis_down_rows_go_to_the_fsynced_spool(pg_url, clean_db, 
     dead_redis = redis.Redis(port=free_port(), socket_connect_timeout=0.5)
     batcher = UsageBatcher(UsageWriter(engine), redis_outbox=RedisOutbox(dead_redis, "usage-dead"),
                            spool=SpoolOutbox(tmp_path), poll_s=0.1)
+    batcher.start()  # the writer and the outbox flusher
     try:
         pg_proxy.cut()
         batch = events(12)

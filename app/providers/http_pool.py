@@ -2,10 +2,9 @@
 
 Why not urllib3 or httpx: on the gateway's hot path urllib3 cost ~0.45 ms of CPU per call in
 profiles (URL parsing, a liveness poll before each reuse, headers and body in two sends);
-httpx's pool collapses under gevent concurrency (TRAPS.md). This pool adds only a list of idle
-connections to `http.client`, whose connections here send the headers and a bytes body in one
-`send` (plain `http.client` uses two: one more syscall, and on loopback one more wake-up of
-the upstream, per call). Under gevent
+httpx's pool collapses under gevent concurrency. This pool adds only a list of idle
+connections to `http.client` (whose headers and body leave in two `send`s: joining them was
+measured and did not pay, docs/overrides.md). Under gevent
 the sockets are cooperative; timeouts are per socket operation (connect, then every read:
 the read timeout is also the stream idle timeout). An optional total timeout bounds the whole
 call: it is checked before every read, and a read never waits longer than what is left of it.
@@ -28,27 +27,6 @@ _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
 # What reading a body can raise; AttributeError is http.client's answer when the socket was
 # closed under a read in progress (abort).
 _READ_ERRORS = (socket.timeout, http.client.HTTPException, OSError, ValueError, AttributeError)
-
-
-class _OneSend:
-    """Mixin for `http.client` connections: headers and a bytes body leave in one `send`."""
-
-    def _send_output(self, message_body: Any = None, encode_chunked: bool = False) -> None:
-        if isinstance(message_body, bytes) and not encode_chunked:
-            self._buffer.extend((b"", b""))  # type: ignore[attr-defined]
-            msg = b"\r\n".join(self._buffer) + message_body  # type: ignore[attr-defined]
-            del self._buffer[:]  # type: ignore[attr-defined]
-            self.send(msg)  # type: ignore[attr-defined]
-            return
-        super()._send_output(message_body, encode_chunked)  # type: ignore[misc]
-
-
-class _HTTPConnection(_OneSend, http.client.HTTPConnection):
-    pass
-
-
-class _HTTPSConnection(_OneSend, http.client.HTTPSConnection):
-    pass
 
 
 class UpstreamConnectError(OSError):
@@ -196,10 +174,10 @@ class HTTPPool:
 
     def _new(self) -> http.client.HTTPConnection:
         if self.https:
-            conn: http.client.HTTPConnection = _HTTPSConnection(
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
                 self.host, self.port, timeout=self.connect_timeout, context=self._ssl)
         else:
-            conn = _HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
         try:
             conn.connect()
         except socket.timeout:

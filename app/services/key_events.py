@@ -7,9 +7,9 @@ Redis pub/sub channel (`KEY_EVENTS_CHANNEL`); a listener in every worker drops t
 entries when the message arrives (a few milliseconds later). The cache's TTL stays as the
 backstop for what pub/sub cannot promise (a listener that is reconnecting to Redis).
 
-The listener is a background thread (a greenlet under gevent) started lazily by the first
-cache miss of the process that serves requests, so it always runs in the worker after the
-fork, never in a gunicorn master. Every (re)subscription expires the whole cache, so messages
+The listener is a background thread (a greenlet under gevent) started by the app's
+`Runtime.start()` in the process that serves requests (a gunicorn worker after the fork, never
+its master), once however many threads call it. Every (re)subscription expires the whole cache, so messages
 published while it was disconnected cannot leave stale entries behind (the expired entries only
 serve as the fallback while the database is unreachable, see `lookup_key`). Without Redis
 (embedded mode) there is one process, and the local invalidation is all there is.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from typing import Any, Optional, Protocol
 
@@ -102,7 +101,6 @@ class KeyEvents:
         self.max_retry_s = max_retry_s
         self.subscribed = threading.Event()   # set while the listener is subscribed
         self.subscriptions = 0                # how many times it (re)subscribed
-        self._pid: int | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -113,15 +111,12 @@ class KeyEvents:
         apply_event(self.cache, message)
         publish_event(self.publisher, self.channel, message)
 
-    def ensure_listening(self) -> None:
-        """Start this process's listener if it has none (cheap when it has one)."""
-        if not self.redis_url or self._pid == os.getpid() or self._stop.is_set():
-            return
+    def start(self) -> None:
+        """Start the listener (with Redis; once: later and concurrent calls do nothing, and
+        a stopped listener is not started again)."""
         with self._lock:
-            if self._pid == os.getpid():
+            if not self.redis_url or self._thread is not None or self._stop.is_set():
                 return
-            self._pid = os.getpid()
-            self.subscribed.clear()
             self._thread = threading.Thread(target=self._run, name="key-events", daemon=True)
             self._thread.start()
 

@@ -63,6 +63,7 @@ class HealthBoard:
         self._dirty = False
         self._publisher: threading.Thread | None = None
         self._stopped = threading.Event()
+        self._lock = threading.Lock()
 
     def get(self, name: str) -> DeploymentHealth:
         rec = self._records.get(name)
@@ -95,16 +96,18 @@ class HealthBoard:
 
     def _changed(self) -> None:
         self._dirty = True
-        if self._publisher is None and self.redis is not None and self.publish_interval_s > 0:
-            self._start_publisher()
 
     # -- sharing observations (off the request path) -------------------------------------------
 
-    def _start_publisher(self) -> None:
-        # Started lazily, in the worker process (gunicorn forks before any request); a daemon
-        # thread, i.e. a greenlet under gevent's patched threading.
-        self._publisher = threading.Thread(target=self._publish_loop, name="health-publisher", daemon=True)
-        self._publisher.start()
+    def start(self) -> None:
+        """Start the publisher (with Redis and a publish interval; once): a daemon thread, i.e.
+        a greenlet under gevent. Called by the app's Runtime.start() in the worker."""
+        with self._lock:
+            if (self._publisher is None and not self._stopped.is_set() and self.redis is not None
+                    and self.publish_interval_s > 0):
+                self._publisher = threading.Thread(target=self._publish_loop, name="health-publisher",
+                                                   daemon=True)
+                self._publisher.start()
 
     def _publish_loop(self) -> None:
         while not self._stopped.wait(self.publish_interval_s):

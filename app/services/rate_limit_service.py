@@ -26,6 +26,8 @@ from typing import Any, Callable, Protocol
 
 import redis
 
+from app.overrides import RedisFreeList
+
 log = logging.getLogger("gateway.limits")
 
 NANO = Decimal(1_000_000_000)
@@ -150,15 +152,16 @@ def _headers(limits: KeyLimits, rpm_left: int, rpm_reset_ms: int, tpm_left: int,
 # --- Redis ----------------------------------------------------------------------------------
 
 class RedisLimiter:
-    def __init__(self, client: redis.Redis, lease_ms: int, max_connections: int = 64) -> None:
+    def __init__(self, client: redis.Redis, lease_ms: int, max_connections: int = 64,
+                 pool_bypass: bool = True) -> None:
+        """`pool_bypass`: commands go through app/overrides.py `RedisFreeList` (our own free
+        list of connections, straight on the wire) instead of redis-py's pipeline and pool."""
         self.client = client
-        self.pool = client.connection_pool
         self.lease_ms = lease_ms
-        # Our own free list: redis-py's pool polls every connection for stray data on each
-        # checkout (10% of a worker's CPU in profiles). A connection that saw any error is
-        # disconnected, so one coming back here is always in a clean state.
-        self._idle: list[Any] = []
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self._free_list = (RedisFreeList(client.connection_pool, max_connections, LimiterUnavailable)
+                           if pool_bypass else None)
+        self._execute: Callable[[list[tuple[Any, ...]]], list[Any]] = (
+            self._free_list.execute if self._free_list is not None else self._pipelined)
         self.script_text = SCRIPT_PATH.read_text()
         self.sha = hashlib.sha1(self.script_text.encode()).hexdigest()
 
@@ -181,45 +184,37 @@ class RedisLimiter:
         return result
 
     def _call_many(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        """EVALSHA each call on one pooled connection, pipelined (one write, one read), loading
-        the script when Redis does not have it (a restart or SCRIPT FLUSH). Straight on the
-        connection rather than through `Script.__call__`: redis-py's command layers cost
-        ~0.1 ms per call in profiles. Error replies come back in place of their results."""
-        if not self._slots.acquire(timeout=5):
-            raise LimiterUnavailable("no Redis connection free within 5 s")
-        conn = self._idle.pop() if self._idle else self.pool.make_connection()
-        try:
-            results = self._evalsha(conn, calls)
-            missing = [i for i, r in enumerate(results) if isinstance(r, redis.exceptions.NoScriptError)]
-            if missing:
-                conn.send_command("SCRIPT", "LOAD", self.script_text)
-                conn.read_response()
-                for i, result in zip(missing, self._evalsha(conn, [calls[i] for i in missing])):
-                    results[i] = result
-            for result in results:
-                if isinstance(result, _STORE_NOT_SERVING):
-                    raise LimiterUnavailable(type(result).__name__)
-            return results
-        except (redis.ConnectionError, redis.TimeoutError, OSError, LimiterUnavailable) as exc:
-            conn.disconnect()
-            raise LimiterUnavailable(str(exc)) from None
-        except BaseException:
-            conn.disconnect()  # interrupted mid-reply (a timeout, a killed greenlet)
-            raise
-        finally:
-            self._idle.append(conn)
-            self._slots.release()
-
-    def _evalsha(self, conn: Any, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        conn.send_packed_command(conn.pack_commands(
-            [("EVALSHA", self.sha, len(keys), *keys, *args) for keys, args in calls]))
-        results: list[Any] = []
-        for _ in calls:
-            try:
-                results.append(conn.read_response())
-            except redis.ResponseError as exc:
-                results.append(exc)
+        """EVALSHA each call, pipelined (one write, one read), loading the script when Redis
+        does not have it (a restart or SCRIPT FLUSH). Error replies come back in place of
+        their results; an unreachable or not-ready Redis raises LimiterUnavailable."""
+        results = self._execute([("EVALSHA", self.sha, len(keys), *keys, *args) for keys, args in calls])
+        missing = [i for i, r in enumerate(results) if isinstance(r, redis.exceptions.NoScriptError)]
+        if missing:
+            loaded, *retried = self._execute([("SCRIPT", "LOAD", self.script_text)] + [
+                ("EVALSHA", self.sha, len(calls[i][0]), *calls[i][0], *calls[i][1]) for i in missing])
+            if isinstance(loaded, Exception):
+                raise LimiterUnavailable(str(loaded))
+            for i, result in zip(missing, retried):
+                results[i] = result
+        for result in results:
+            if isinstance(result, _STORE_NOT_SERVING):
+                raise LimiterUnavailable(type(result).__name__)
         return results
+
+    def close(self) -> None:
+        """Release this limiter's own Redis connections (the client's pool is its owner's)."""
+        if self._free_list is not None:
+            self._free_list.close()
+
+    def _pipelined(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """redis-py's own way: a non-transactional pipeline on the client's pool."""
+        pipe = self.client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        try:
+            return pipe.execute(raise_on_error=False)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            raise LimiterUnavailable(str(exc)) from None
 
     def admit(self, limits: KeyLimits, request_id: str, tokens: int, cost_nano: int,
               seeds: dict[str, int] | None) -> Admission:
@@ -437,6 +432,8 @@ class RateLimitService:
         self._idle = threading.Event()
         self._idle.set()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
 
     def admit(self, limits: KeyLimits, request_id: str, tokens: int, cost_nano: int) -> Admission:
         """Raises LimiterUnavailable in fail-closed mode when the store is down."""
@@ -465,9 +462,25 @@ class RateLimitService:
         self._pending.append((adm, actual_tokens, actual_cost_nano))
         self._idle.clear()
         self._wake.set()
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._run, name="limiter-settlement", daemon=True)
-            self._thread.start()
+
+    def start(self) -> None:
+        """Start the settlement sender (once; later calls do nothing). Called by the app's
+        Runtime.start(); not started, settlements wait for `flush()`."""
+        with self._lock:
+            if self._batched and not self._closed and self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="limiter-settlement", daemon=True)
+                self._thread.start()
+
+    def close(self, timeout: float = 5.0) -> bool:
+        """Send what is queued, then end the sender. True when nothing was left."""
+        with self._lock:
+            self._closed = True
+        done = self.flush(timeout)
+        self._wake.set()
+        backend_close = getattr(self.backend, "close", None)
+        if backend_close is not None:
+            backend_close()
+        return done
 
     def _settle_now(self, items: list[tuple[Admission, int, int]]) -> None:
         try:
@@ -491,11 +504,16 @@ class RateLimitService:
                 self._settle_now(batch)
             if not self._pending:
                 self._idle.set()
+                if self._closed:
+                    return
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every queued settlement was sent (shutdown, tests)."""
-        if self._pending and (self._thread is None or not self._thread.is_alive()):
-            self._settle_now([self._pending.popleft() for _ in range(len(self._pending))])
+        if self._thread is None or not self._thread.is_alive():  # not started, or closed
+            if self._pending:
+                self._settle_now([self._pending.popleft() for _ in range(len(self._pending))])
+            self._idle.set()
+            return True
         self._wake.set()
         return self._idle.wait(timeout) and not self._pending
 

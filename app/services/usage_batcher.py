@@ -112,14 +112,11 @@ class UsageBatcher:
         self._queue.append(event)
         self._idle.clear()
         self._wake.set()
-        if self._thread is None or not self._thread.is_alive():
-            self.start(flusher=False)
 
     def start(self, flusher: bool = True) -> None:
-        """Start the writer, and the outbox flusher unless `flusher=False`. Threads start in the
-        process, and under the gevent hub, that serves requests: gunicorn's post_worker_init
-        (and run.py) start both at worker start; otherwise the writer starts with the first
-        record and the flusher with the first record diverted to the outbox."""
+        """Start the writer, and the outbox flusher unless `flusher=False` (once; later calls
+        do nothing). Called by the app's Runtime.start() in the process, and under the gevent
+        hub, that serves requests. Not started, rows wait in the queue for `flush()`."""
         with self._lock:
             if self._stop.is_set():
                 return
@@ -145,6 +142,8 @@ class UsageBatcher:
                     time.sleep(1.0)
             if not self._queue:
                 self._idle.set()
+                if self._stop.is_set():
+                    return  # closed: everything queued is stored
 
     def _store(self, batch: list[UsageEvent]) -> None:
         if not self.database_down:
@@ -181,8 +180,6 @@ class UsageBatcher:
     def _divert(self, batch: list[UsageEvent]) -> None:
         """Into the outbox: Redis if it answers, else the local spool; in memory only when
         neither can take them (retried)."""
-        if self._flusher is None:
-            self.start()  # someone has to replay them
         lines = [e.to_json() for e in batch]
         if self._redis_usable():
             try:
@@ -342,10 +339,14 @@ class UsageBatcher:
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued is stored (written or in the outbox). True when empty."""
-        if self._queue and (self._thread is None or not self._thread.is_alive()):
-            with self._lock:
-                self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
-                self._thread.start()
+        if self._thread is None or not self._thread.is_alive():
+            # Never started (or already gone): the caller stores what is queued itself.
+            deadline = time.monotonic() + timeout
+            while self._queue and time.monotonic() < deadline:
+                self._store([self._queue.popleft() for _ in range(min(len(self._queue), self.MAX_BATCH))])
+            if not self._queue:
+                self._idle.set()
+            return not self._queue
         self._wake.set()
         return self._idle.wait(timeout) and not self._queue
 

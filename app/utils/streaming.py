@@ -75,8 +75,9 @@ def iter_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
 
 
 class FinalChunk(bytes):
-    """The last bytes of a streamed body. Servers that know the marker (gunicorn.config.py)
-    send the end of the chunked body in the same write; to anyone else it is plain bytes."""
+    """The last bytes of a streamed body. Plain bytes to every server: the gunicorn writer
+    that sent the end of the chunked body with them was measured and removed
+    (docs/overrides.md); the marker can go when the stream encoder stops using it."""
     ends_body = True
 
 

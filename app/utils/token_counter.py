@@ -1,14 +1,19 @@
 """Token counting with tiktoken, from the encodings shipped in `data/tokenizers/` (no network).
 
-Encodings are built once per process from the local files; tiktoken's own download cache is
-disabled (`TIKTOKEN_CACHE_DIR=""`) so nothing is written to /tmp and nothing is fetched.
+Encodings are built once per process from the local files (app/overrides.py
+`tiktoken_local_encoding`); tiktoken's own download cache is disabled (`TIKTOKEN_CACHE_DIR=""`)
+so nothing is written to /tmp and nothing is fetched. With that override off
+(`OVERRIDE_TIKTOKEN_LOADER=0`) tiktoken loads its encodings its own way (download, or the
+directory its `TIKTOKEN_CACHE_DIR` names).
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from typing import Any, Iterable
 
+from app import overrides
 from app.config import ROOT_DIR
 
 TOKENIZER_DIR = ROOT_DIR / "data" / "tokenizers"
@@ -23,8 +28,9 @@ _lock = threading.Lock()
 _encodings: dict[str, Any] = {}
 
 
-def get_encoding(name: str = DEFAULT_ENCODING):
-    """The tiktoken Encoding `name`, loaded from the local file once per process."""
+def get_encoding(name: str = DEFAULT_ENCODING, local_files: bool = True):
+    """The tiktoken Encoding `name`, loaded once per process (from the local file unless
+    `local_files` is false or the override's guard refuses)."""
     enc = _encodings.get(name)
     if enc is not None:
         return enc
@@ -32,25 +38,22 @@ def get_encoding(name: str = DEFAULT_ENCODING):
         raise ValueError(f"unknown tokenizer {name!r}; available: {', '.join(sorted(SHA256))}")
     with _lock:
         if name not in _encodings:
-            _encodings[name] = _load(name)
+            _encodings[name] = _load(name, local_files)
     return _encodings[name]
 
 
-def _load(name: str):
-    os.environ["TIKTOKEN_CACHE_DIR"] = ""  # never cache copies, never download
+def _load(name: str, local_files: bool):
+    if local_files and _local_loader_usable():
+        os.environ["TIKTOKEN_CACHE_DIR"] = ""  # never cache copies, never download
+        return overrides.tiktoken_local_encoding(name, str(TOKENIZER_DIR / f"{name}.tiktoken"), SHA256[name])
     import tiktoken
-    import tiktoken_ext.openai_public as op
-    from tiktoken.load import load_tiktoken_bpe
+    return tiktoken.get_encoding(name)
 
-    path = str(TOKENIZER_DIR / f"{name}.tiktoken")
-    original = op.load_tiktoken_bpe
-    # Reuse tiktoken's own pattern and special tokens; feed it the local rank file.
-    op.load_tiktoken_bpe = lambda _url, expected_hash=None: load_tiktoken_bpe(path, SHA256[name])
-    try:
-        params = getattr(op, name)()
-    finally:
-        op.load_tiktoken_bpe = original
-    return tiktoken.Encoding(**params)
+
+@functools.cache
+def _local_loader_usable() -> bool:
+    """The override's guard, checked (and its one log line written) once per process."""
+    return overrides.TIKTOKEN_LOADER.usable(True)
 
 
 def count_text(text: str, encoding: str = DEFAULT_ENCODING) -> int:
@@ -95,7 +98,10 @@ def count_messages(messages: list[dict], encoding: str = DEFAULT_ENCODING) -> in
     return total
 
 
-def preload(names: Iterable[str] = (DEFAULT_ENCODING,)) -> None:
-    """Load encodings at start-up (125-250 ms each) rather than on a client's request."""
+def preload(names: Iterable[str] = (DEFAULT_ENCODING,), local_files: bool = True) -> None:
+    """Load encodings at start-up (125-250 ms each) rather than on a client's request;
+    `local_files`: the OVERRIDE_TIKTOKEN_LOADER switch."""
+    if not local_files:
+        overrides.TIKTOKEN_LOADER.usable(False)  # its one log line
     for name in names:
-        get_encoding(name)
+        get_encoding(name, local_files)
