@@ -132,6 +132,7 @@ def whole_requests(iterations: int, rounds: int, pg_url: str) -> None:
         os.environ["BENCH_UPSTREAM_KEY"] = "sk-bench-upstream"
         app = create_app({"DATABASE_URL": database_url(name), "MODELS_FILE": str(models), "SYSTEM_SECRET": "bench",
                           "REDIS_URL": "", "LOG_LEVEL": "WARNING", "STREAM_KEEPALIVE_S": 0})
+        app.extensions["gateway"].start()  # its background threads, as in a gunicorn worker
         client = app.test_client()
         key = client.post("/v1/api-keys", json={"name": "bench", "tenant": "bench"},
                           headers={"X-System-Secret": "bench"}).get_json()["key"]
@@ -158,10 +159,7 @@ def whole_requests(iterations: int, rounds: int, pg_url: str) -> None:
                   f"{statistics.median(r for _, r in pairs):>13.3f} {statistics.median(r - c for c, r in pairs):>9.3f}")
     finally:
         if app is not None:
-            gateway = app.extensions["gateway"]
-            gateway.usage_batcher.close(5)
-            gateway.providers.close()
-            gateway.engine.dispose()
+            app.extensions["gateway"].close(timeout=5)
         fake.terminate()
         fake.wait()
         drop_database(name)
