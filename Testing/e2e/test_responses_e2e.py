@@ -163,6 +163,22 @@ def test_tool_call_both_ways(client, model):
     assert "Tool said: " in second.output_text and "21 celsius" in second.output_text
 
 
+def test_custom_tool_as_codex_sends_it(client, fake_upstream):
+    """A custom (freeform) tool, as Codex CLI declares apply_patch: the upstream gets a function
+    tool taking {"input"}, the client a custom_tool_call item, and its custom_tool_call_output
+    goes back as the tool's result."""
+    tools = [{"type": "custom", "name": "apply_patch", "description": "Edit files with a patch"}]
+    first = client.responses.create(model="chat-tool", input="patch the file", tools=tools)
+    [call] = first.output
+    assert call.type == "custom_tool_call" and call.name == "apply_patch" and call.call_id
+    assert json.loads(call.input) == {"query": "patch the file", "unit": "celsius"}  # the fake's arguments
+    sent = fake_upstream.chat_requests()[-1]["body"]["tools"]
+    assert sent[0]["function"]["parameters"]["required"] == ["input"]
+    second = client.responses.create(model="chat-tool", tools=tools, previous_response_id=first.id, input=[
+        {"type": "custom_tool_call_output", "call_id": call.call_id, "output": "Done!"}])
+    assert second.output_text == "Tool said: Done!"
+
+
 def test_streamed_tool_call(client):
     with client.responses.stream(model="chat-tool", input="weather in Rome", tools=TOOLS) as stream:
         kinds = [e.type for e in stream]

@@ -27,8 +27,9 @@ def usage_piece() -> StreamPiece:
     return StreamPiece(raw=json.dumps(data).encode(), chunk=data, usage=USAGE, usage_only=True)
 
 
-def run(pieces: list[StreamPiece], fail: str | None = None) -> tuple[ChatStreamToResponses, list[dict]]:
-    enc = ChatStreamToResponses({"model": "alias", "input": "x"}, "resp_x", 1, "alias")
+def run(pieces: list[StreamPiece], fail: str | None = None,
+        request: dict | None = None) -> tuple[ChatStreamToResponses, list[dict]]:
+    enc = ChatStreamToResponses(request or {"model": "alias", "input": "x"}, "resp_x", 1, "alias")
     raw = enc.start()
     for piece in pieces:
         raw += enc.feed(piece)
@@ -140,3 +141,20 @@ def test_a_stream_the_client_left_is_kept_as_incomplete_with_what_was_produced()
     assert enc.response["status"] == "incomplete"
     assert enc.response["output"][0]["status"] == "incomplete"
     assert enc.response["output"][0]["content"][0]["text"] == "Hel"
+
+
+def test_a_custom_tool_call_streams_its_whole_input_when_its_arguments_are_complete():
+    request = {"model": "alias", "input": "x", "tools": [{"type": "custom", "name": "apply_patch"}]}
+    _, events = run([
+        chunk({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                               "function": {"name": "apply_patch", "arguments": '{"input":'}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"*** Begin Patch"}'}}]}),
+        chunk({}, "tool_calls")], request=request)
+    assert [e["type"] for e in events] == [
+        "response.created", "response.in_progress", "response.output_item.added",
+        "response.custom_tool_call_input.delta", "response.custom_tool_call_input.done",
+        "response.output_item.done", "response.completed"]
+    assert events[3]["delta"] == events[4]["input"] == "*** Begin Patch"
+    [item] = events[-1]["response"]["output"]
+    assert (item["type"], item["call_id"], item["name"], item["input"]) == (
+        "custom_tool_call", "call_1", "apply_patch", "*** Begin Patch")

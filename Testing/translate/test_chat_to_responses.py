@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from openai.types.responses import Response
 
-from app.translate.chat_to_responses import chat_usage, response_from_chat, response_usage
+from app.translate.chat_to_responses import response_from_chat
+from app.translate.responses_usage import chat_usage, response_usage
 
 CHAT_USAGE = {"prompt_tokens": 120, "completion_tokens": 30, "total_tokens": 150,
               "prompt_tokens_details": {"cached_tokens": 100}, "completion_tokens_details": {"reasoning_tokens": 12}}
@@ -61,3 +62,18 @@ def test_usage_round_trip_and_anthropic_cache_writes():
 
 def test_no_usage_stays_none():
     assert response_usage(None) is None and chat_usage(None) is None
+
+
+def test_calls_of_custom_tools_are_custom_tool_call_items():
+    message = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "apply_patch", "arguments": '{"input":"*** Begin"}'}},
+        {"id": "c2", "type": "function", "function": {"name": "apply_patch", "arguments": "not json"}},
+        {"id": "c3", "type": "function", "function": {"name": "shell", "arguments": '{"cmd":"ls"}'}}]}
+    request = {"model": "m", "input": "x", "tools": [{"type": "custom", "name": "apply_patch"},
+                                                     {"type": "function", "name": "shell"}]}
+    obj = response_from_chat(chat(message, "tool_calls"), request, "resp_c", 1)
+    Response.model_validate(obj)
+    assert [(i["type"], i["call_id"], i.get("input"), i.get("arguments")) for i in obj["output"]] == [
+        ("custom_tool_call", "c1", "*** Begin", None), ("custom_tool_call", "c2", "not json", None),
+        ("function_call", "c3", None, '{"cmd":"ls"}')]
+    assert obj["output"][0]["id"].startswith("ctc_")

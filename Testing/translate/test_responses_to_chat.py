@@ -126,3 +126,24 @@ def test_what_chat_cannot_express_is_a_400_naming_the_param(body, param):
     with pytest.raises(InvalidRequest) as err:
         chat_for({"model": "m", **body})
     assert err.value.param == param and err.value.status == 400
+
+
+def test_custom_tools_become_function_tools_with_one_input_string():
+    """Codex CLI's freeform tools (apply_patch): a function tool taking {"input": string}; their
+    calls and outputs in the conversation become a tool call and its tool message."""
+    body = {"model": "m", "tools": [{"type": "custom", "name": "apply_patch", "description": "Patch files",
+                                     "format": {"type": "grammar", "syntax": "lark", "definition": "start: /.+/"}}],
+            "tool_choice": {"type": "custom", "name": "apply_patch"},
+            "input": [{"role": "user", "content": "fix it"},
+                      {"type": "custom_tool_call", "call_id": "c1", "name": "apply_patch", "input": "*** Begin Patch"},
+                      {"type": "custom_tool_call_output", "call_id": "c1", "output": "Done!"}]}
+    chat = chat_for(body)
+    assert chat["tools"] == [{"type": "function", "function": {
+        "name": "apply_patch", "description": "Patch files",
+        "parameters": {"type": "object", "properties": {"input": {"type": "string"}}, "required": ["input"],
+                       "additionalProperties": False}}}]
+    assert chat["tool_choice"] == {"type": "function", "function": {"name": "apply_patch"}}
+    assert chat["messages"][1:] == [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "apply_patch", "arguments": '{"input": "*** Begin Patch"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "Done!"}]

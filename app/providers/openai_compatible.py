@@ -20,7 +20,7 @@ from app.providers.base import (Completion, Provider, ProviderError, ProviderTim
                                 not_configured, parse_retry_after, redact, register)
 from app.providers.http_pool import (HTTPPool, PooledResponse, UpstreamConnectError, http_timeouts,
                                      UpstreamTimeoutError)
-from app.translate.chat_to_responses import chat_usage
+from app.translate.responses_usage import chat_usage
 from app.utils.streaming import DONE, iter_sse_batches
 
 # Responses stream events after which the upstream sends nothing more.

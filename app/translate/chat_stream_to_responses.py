@@ -10,6 +10,9 @@ One `ChatStreamToResponses` per request consumes the completion run's `StreamPie
                       response.content_part.done, response.output_item.done
     per tool call:    response.output_item.added (function_call),
                       response.function_call_arguments.delta..., .done, response.output_item.done
+                      (a custom tool's call: custom_tool_call, its whole input in one
+                      response.custom_tool_call_input.delta, then .done: the input is only
+                      known once its JSON stand-in `{"input": ...}` is complete)
     response.completed (or response.incomplete when the answer was cut by max_output_tokens or
     a content filter) carrying the whole response with its usage;
     on an upstream failure mid-stream: error, then response.failed.
@@ -27,7 +30,8 @@ from json.encoder import encode_basestring
 from typing import Any
 
 from app.providers.base import StreamPiece
-from app.translate.chat_to_responses import base_response, finish, new_item_id
+from app.translate.chat_to_responses import base_response, custom_tool_input, finish, new_item_id
+from app.translate.responses_to_chat import custom_tool_names
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _CONTENT = b'"delta":{"content":"'
@@ -91,6 +95,7 @@ class ChatStreamToResponses:
         self._call_open: int | None = None            # chat index of the call receiving deltas
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
+        self._custom = custom_tool_names(request)
 
     def _next(self) -> int:
         self.seq += 1
@@ -190,9 +195,14 @@ class ChatStreamToResponses:
         if item is None:
             self._close_text(out)
             self._close_call(out)
-            item = self._calls[index] = self._add({
-                "id": new_item_id("fc"), "type": "function_call", "status": "in_progress", "arguments": "",
-                "call_id": call.get("id") or new_item_id("call"), "name": function.get("name") or ""}, out)
+            name, call_id = function.get("name") or "", call.get("id") or new_item_id("call")
+            if name in self._custom:
+                item = {"id": new_item_id("ctc"), "type": "custom_tool_call", "status": "in_progress",
+                        "call_id": call_id, "name": name, "input": ""}
+            else:
+                item = {"id": new_item_id("fc"), "type": "function_call", "status": "in_progress", "arguments": "",
+                        "call_id": call_id, "name": name}
+            item = self._calls[index] = self._add(item, out)
             self._args[index] = []
             self._call_open = index
         elif function.get("name") and not item["name"]:
@@ -200,7 +210,7 @@ class ChatStreamToResponses:
         arguments = function.get("arguments")
         if arguments:
             self._args[index].append(arguments)
-            if self._call_open == index:
+            if self._call_open == index and item["type"] == "function_call":
                 out.append(sse("response.function_call_arguments.delta",
                                '{"type":"response.function_call_arguments.delta","sequence_number":%d,'
                                '"item_id":"%s","output_index":%d,"delta":%s}'
@@ -211,13 +221,31 @@ class ChatStreamToResponses:
             return
         index, self._call_open = self._call_open, None
         item = self._calls[index]
-        item["arguments"], item["status"] = "".join(self._args[index]), status
+        item["status"] = status
+        self._set_arguments(index, item)
+        if item["type"] == "custom_tool_call":
+            head = '"sequence_number":%d,"item_id":"%s","output_index":%d'
+            out.append(sse("response.custom_tool_call_input.delta",
+                           ('{"type":"response.custom_tool_call_input.delta",' + head + ',"delta":%s}')
+                           % (self._next(), item["id"], item["_index"], _dumps(item["input"]))))
+            out.append(sse("response.custom_tool_call_input.done",
+                           ('{"type":"response.custom_tool_call_input.done",' + head + ',"input":%s}')
+                           % (self._next(), item["id"], item["_index"], _dumps(item["input"]))))
+            out.append(self._item_event("response.output_item.done", item))
+            return
         out.append(sse("response.function_call_arguments.done",
                        '{"type":"response.function_call_arguments.done","sequence_number":%d,"item_id":"%s",'
                        '"output_index":%d,"name":%s,"arguments":%s}'
                        % (self._next(), item["id"], item["_index"], _dumps(item["name"]),
                           _dumps(item["arguments"]))))
         out.append(self._item_event("response.output_item.done", item))
+
+    def _set_arguments(self, index: int, item: dict[str, Any]) -> None:
+        arguments = "".join(self._args[index])
+        if item["type"] == "custom_tool_call":
+            item["input"] = custom_tool_input(arguments)
+        else:
+            item["arguments"] = arguments
 
     def finish(self) -> list[bytes]:
         """Close the open items, then response.completed (or response.incomplete)."""
@@ -226,7 +254,7 @@ class ChatStreamToResponses:
         self._close_text(out, status)
         self._close_call(out, status)
         for index, item in self._calls.items():  # deltas that came after their call was closed
-            item["arguments"] = "".join(self._args[index])
+            self._set_arguments(index, item)
         self.response["output"] = [_public(item) for item in self.items]
         finish(self.response, self.finish_reason, self.usage)
         kind = "response.completed" if self.response["status"] == "completed" else "response.incomplete"
@@ -252,7 +280,7 @@ class ChatStreamToResponses:
                     item["content"] = [{"type": "output_text", "text": _unescaped(self._text),
                                         "annotations": [], "logprobs": []}]
         for index, item in self._calls.items():
-            item["arguments"] = "".join(self._args[index])
+            self._set_arguments(index, item)
         self.response["output"] = [_public(item) for item in self.items]
         self.response["status"] = status
         self.response["usage"] = finish({}, None, self.usage)["usage"]

@@ -1,4 +1,4 @@
-"""Chat-completions answer -> Responses API `response` object, and usage in both directions.
+"""Chat-completions answer -> Responses API `response` object.
 
 Pure functions. The shape follows OpenAI's `response` object field for field (the openai
 SDK's `openai.types.responses.Response` is the reference), so a client that reads any field
@@ -6,9 +6,13 @@ of a real OpenAI response finds it here too.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
+
+from app.translate.responses_to_chat import custom_tool_names
+from app.translate.responses_usage import response_usage
 
 # finish_reason -> (status, incomplete_details.reason)
 INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
@@ -17,48 +21,6 @@ INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 def new_item_id(prefix: str) -> str:
     """An id in OpenAI's format: a prefix and 48 hex digits (`msg_...`, `fc_...`)."""
     return f"{prefix}_{os.urandom(24).hex()}"
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-
-def response_usage(usage: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A chat `usage` (the completion run's normalised usage) as a Responses `usage`: the same
-    counts under Responses' names, cached and reasoning tokens included; Anthropic's cache
-    writes (`cache_creation_input_tokens`) as `input_tokens_details.cache_write_tokens`."""
-    if not usage:
-        return None
-    prompt, completion = _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
-    prompt_details = usage.get("prompt_tokens_details") or {}
-    completion_details = usage.get("completion_tokens_details") or {}
-    return {
-        "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": _int(prompt_details.get("cached_tokens")),
-                                 "cache_write_tokens": _int(usage.get("cache_creation_input_tokens"))},
-        "output_tokens": completion,
-        "output_tokens_details": {"reasoning_tokens": _int(completion_details.get("reasoning_tokens"))},
-        "total_tokens": _int(usage.get("total_tokens")) or prompt + completion,
-    }
-
-
-def chat_usage(usage: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A Responses `usage` (from a provider that speaks Responses natively) as the chat usage
-    the completion run bills."""
-    if not isinstance(usage, dict):
-        return None
-    prompt, completion = _int(usage.get("input_tokens")), _int(usage.get("output_tokens"))
-    input_details = usage.get("input_tokens_details") or {}
-    output_details = usage.get("output_tokens_details") or {}
-    out: dict[str, Any] = {
-        "prompt_tokens": prompt, "completion_tokens": completion,
-        "total_tokens": _int(usage.get("total_tokens")) or prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": _int(input_details.get("cached_tokens"))},
-        "completion_tokens_details": {"reasoning_tokens": _int(output_details.get("reasoning_tokens"))},
-    }
-    if _int(input_details.get("cache_write_tokens")):
-        out["cache_creation_input_tokens"] = _int(input_details["cache_write_tokens"])
-    return out
 
 
 def base_response(request: dict[str, Any], response_id: str, created_at: int, model: str) -> dict[str, Any]:
@@ -105,9 +67,26 @@ def function_call_item(call_id: str, name: str, arguments: str, status: str = "c
             "arguments": arguments, "call_id": call_id, "name": name}
 
 
-def output_from_message(message: dict[str, Any], status: str = "completed") -> list[dict[str, Any]]:
+def custom_tool_input(arguments: str) -> str:
+    """The free-form input of a custom tool called through its function stand-in
+    (`{"input": "..."}`); the arguments as they are when they are not that."""
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return arguments
+    return value["input"] if isinstance(value, dict) and isinstance(value.get("input"), str) else arguments
+
+
+def custom_tool_call_item(call_id: str, name: str, tool_input: str, status: str = "completed",
+                          item_id: str | None = None) -> dict[str, Any]:
+    return {"id": item_id or new_item_id("ctc"), "type": "custom_tool_call", "status": status,
+            "call_id": call_id, "name": name, "input": tool_input}
+
+
+def output_from_message(message: dict[str, Any], status: str = "completed",
+                        custom: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
     """The output items of one chat `message`: its text (or refusal) as a message item, then
-    one function_call item per tool call."""
+    one function_call item per tool call (custom_tool_call for the tools named in `custom`)."""
     items: list[dict[str, Any]] = []
     content = message.get("content")
     if isinstance(content, list):  # some servers answer with content parts
@@ -118,8 +97,10 @@ def output_from_message(message: dict[str, Any], status: str = "completed") -> l
         items.append(message_item(str(content), status))
     for call in message.get("tool_calls") or ():
         function = call.get("function") or {}
-        items.append(function_call_item(str(call.get("id") or new_item_id("call")), str(function.get("name", "")),
-                                        str(function.get("arguments") or ""), status))
+        call_id, name = str(call.get("id") or new_item_id("call")), str(function.get("name", ""))
+        arguments = str(function.get("arguments") or "")
+        items.append(custom_tool_call_item(call_id, name, custom_tool_input(arguments), status) if name in custom
+                     else function_call_item(call_id, name, arguments, status))
     return items
 
 
@@ -142,5 +123,5 @@ def response_from_chat(chat: dict[str, Any], request: dict[str, Any], response_i
     choice = choices[0] if isinstance(choices[0], dict) else {}
     reason = choice.get("finish_reason")
     status = "incomplete" if reason in INCOMPLETE else "completed"
-    response["output"] = output_from_message(choice.get("message") or {}, status)
+    response["output"] = output_from_message(choice.get("message") or {}, status, custom_tool_names(request))
     return finish(response, reason, chat.get("usage"))

@@ -15,9 +15,15 @@ dropped (chat has no way to send them back). `max_output_tokens` -> `max_complet
 (every adapter reads it); `text.format` -> `response_format`;
 function `tools` -> chat tools; `tool_choice` {"type": "function", "name"} -> chat's shape;
 `reasoning.effort` -> `reasoning_effort`.
+
+Custom (freeform) tools, which Codex CLI sends (`apply_patch`), become function tools with one
+string parameter `input`; `custom_tool_call` / `custom_tool_call_output` items become a tool
+call with the arguments `{"input": ...}` and its tool message (chat_to_responses.py maps the
+calls of these tools back to `custom_tool_call` items).
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from app.errors import InvalidRequest
@@ -53,15 +59,19 @@ def normalise_input(value: Any) -> list[dict[str, Any]]:
             for name in ("call_id", "name", "arguments"):
                 if not isinstance(item.get(name), str):
                     raise _bad(f"A function_call item needs a string '{name}'.", f"input[{i}].{name}")
-        elif kind == "function_call_output":
+        elif kind == "custom_tool_call":
+            for name in ("call_id", "name", "input"):
+                if not isinstance(item.get(name), str):
+                    raise _bad(f"A custom_tool_call item needs a string '{name}'.", f"input[{i}].{name}")
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             if not isinstance(item.get("call_id"), str):
-                raise _bad("A function_call_output item needs a string 'call_id'.", f"input[{i}].call_id")
+                raise _bad(f"A {kind} item needs a string 'call_id'.", f"input[{i}].call_id")
             if not isinstance(item.get("output"), (str, list)):
-                raise _bad("A function_call_output item needs an 'output' (a string or content parts).",
-                           f"input[{i}].output")
+                raise _bad(f"A {kind} item needs an 'output' (a string or content parts).", f"input[{i}].output")
         elif kind != "reasoning":
-            raise _bad(f"Input items of type '{kind}' are not supported by this gateway (supported: "
-                       "message, function_call, function_call_output, reasoning).", f"input[{i}].type")
+            raise _bad(f"Input items of type '{kind}' are not supported by this gateway (supported: message, "
+                       "function_call, function_call_output, custom_tool_call, custom_tool_call_output, "
+                       "reasoning).", f"input[{i}].type")
         items.append(item)
     return items
 
@@ -124,9 +134,10 @@ def items_to_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         kind = item.get("type", "message")
         if kind == "message":
             messages.append({"role": item["role"], "content": _chat_content(item["content"])})
-        elif kind == "function_call":
+        elif kind in ("function_call", "custom_tool_call"):
+            arguments = item["arguments"] if kind == "function_call" else json.dumps({"input": item["input"]})
             call = {"id": item["call_id"], "type": "function",
-                    "function": {"name": item["name"], "arguments": item["arguments"]}}
+                    "function": {"name": item["name"], "arguments": arguments}}
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant":
                 last.setdefault("tool_calls", []).append(call)
@@ -134,7 +145,7 @@ def items_to_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     last["content"] = None
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
-        elif kind == "function_call_output":
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             messages.append({"role": "tool", "tool_call_id": item["call_id"],
                              "content": _tool_output(item["output"])})
     return messages
@@ -145,24 +156,43 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
         raise _bad("'tools' must be a list.", "tools")
     out = []
     for i, tool in enumerate(tools):
-        if not isinstance(tool, dict) or tool.get("type") != "function":
-            kind = tool.get("type") if isinstance(tool, dict) else None
-            raise _bad(f"Tools of type '{kind}' are not supported by this gateway; only function tools "
-                       "are.", f"tools[{i}].type")
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind not in ("function", "custom"):
+            raise _bad(f"Tools of type '{kind}' are not supported by this gateway; function and custom "
+                       "tools are.", f"tools[{i}].type")
         if not isinstance(tool.get("name"), str) or not tool["name"]:
-            raise _bad("A function tool needs a 'name'.", f"tools[{i}].name")
-        function = {k: tool[k] for k in ("name", "description", "parameters", "strict")
-                    if tool.get(k) is not None}
+            raise _bad(f"A {kind} tool needs a 'name'.", f"tools[{i}].name")
+        if kind == "custom":
+            function = {"name": tool["name"], "description": tool.get("description") or "",
+                        "parameters": CUSTOM_PARAMETERS}
+        else:
+            function = {k: tool[k] for k in ("name", "description", "parameters", "strict")
+                        if tool.get(k) is not None}
         out.append({"type": "function", "function": function})
     return out
+
+
+# The function parameters standing for a custom tool's free-form input.
+CUSTOM_PARAMETERS = {"type": "object", "properties": {"input": {"type": "string"}}, "required": ["input"],
+                     "additionalProperties": False}
+
+
+def custom_tool_names(request: dict[str, Any]) -> frozenset[str]:
+    """Names of the request's custom (freeform) tools: their calls are answered as custom_tool_call."""
+    tools = request.get("tools")
+    if not isinstance(tools, list):
+        return frozenset()
+    return frozenset(t["name"] for t in tools if isinstance(t, dict) and t.get("type") == "custom"
+                     and isinstance(t.get("name"), str))
 
 
 def _tool_choice(choice: Any) -> Any:
     if choice in ("auto", "none", "required"):
         return choice
-    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
+    if isinstance(choice, dict) and choice.get("type") in ("function", "custom") \
+            and isinstance(choice.get("name"), str):
         return {"type": "function", "function": {"name": choice["name"]}}
-    raise _bad("'tool_choice' must be 'auto', 'none', 'required' or {\"type\": \"function\", "
+    raise _bad("'tool_choice' must be 'auto', 'none', 'required' or {\"type\": \"function\" (or \"custom\"), "
                "\"name\": ...}.", "tool_choice")
 
 
