@@ -30,7 +30,7 @@ from app.errors import InvalidRequest
 
 # Responses fields that have the same name and meaning in chat completions.
 SAME_NAME = ("temperature", "top_p", "parallel_tool_calls", "user", "seed", "service_tier",
-             "prompt_cache_key", "safety_identifier", "top_logprobs")
+             "prompt_cache_key", "safety_identifier")
 MESSAGE_ROLES = ("user", "assistant", "system", "developer")
 TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
 
