@@ -214,6 +214,18 @@ def test_retrieve_input_items_and_delete(client):
         client.responses.retrieve(created.id)
 
 
+def test_input_items_pages(client, gateway, key):
+    created = client.responses.create(model="chat-3", input=[{"role": "user", "content": w} for w in ("a", "b", "c")])
+    page = client.responses.input_items.list(created.id, order="asc", limit=2)
+    assert [i.content[0].text for i in page.data] == ["a", "b"] and page.has_more is True
+    assert (page.first_id, page.last_id) == (page.data[0].id, page.data[1].id)
+    rest = client.responses.input_items.list(created.id, order="asc", limit=2, after=page.last_id)
+    assert [i.content[0].text for i in rest.data] == ["c"] and rest.has_more is False
+    status, _, answer = http_json("GET", f"{gateway.base_url}/v1/responses/{created.id}/input_items?limit=0",
+                                  headers={"Authorization": f"Bearer {key['key']}"})
+    assert status == 400 and answer["error"]["param"] == "limit"
+
+
 def test_store_false_is_not_kept(client):
     created = client.responses.create(model="chat-3", input="x", store=False)
     assert created.store is False
