@@ -158,3 +158,19 @@ def test_a_custom_tool_call_streams_its_whole_input_when_its_arguments_are_compl
     [item] = events[-1]["response"]["output"]
     assert (item["type"], item["call_id"], item["name"], item["input"]) == (
         "custom_tool_call", "call_1", "apply_patch", "*** Begin Patch")
+
+
+def test_reasoning_deltas_stream_as_a_reasoning_item_before_the_text():
+    _, events = run([chunk({"role": "assistant", "content": "", "reasoning_content": "Six"}),
+                     chunk({"reasoning_content": " sevens."}), chunk({"content": "42"}), chunk({}, "stop")])
+    assert [e["type"] for e in events] == [
+        "response.created", "response.in_progress",
+        "response.output_item.added", "response.reasoning_text.delta", "response.reasoning_text.delta",
+        "response.reasoning_text.done", "response.output_item.done",
+        "response.output_item.added", "response.content_part.added", "response.output_text.delta",
+        "response.output_text.done", "response.content_part.done", "response.output_item.done",
+        "response.completed"]
+    assert events[5]["text"] == "Six sevens."
+    final = events[-1]["response"]["output"]
+    assert [i["type"] for i in final] == ["reasoning", "message"]
+    assert final[0]["content"] == [{"type": "reasoning_text", "text": "Six sevens."}]

@@ -77,3 +77,12 @@ def test_calls_of_custom_tools_are_custom_tool_call_items():
         ("custom_tool_call", "c1", "*** Begin", None), ("custom_tool_call", "c2", "not json", None),
         ("function_call", "c3", None, '{"cmd":"ls"}')]
     assert obj["output"][0]["id"].startswith("ctc_")
+
+
+def test_reasoning_text_of_the_upstream_is_a_reasoning_item_before_the_answer():
+    message = {"role": "assistant", "content": "42", "reasoning_content": "Six times seven."}
+    obj = response_from_chat(chat(message), {"model": "m", "input": "x"}, "resp_r", 1)
+    Response.model_validate(obj)
+    assert [i["type"] for i in obj["output"]] == ["reasoning", "message"]
+    assert obj["output"][0]["content"] == [{"type": "reasoning_text", "text": "Six times seven."}]
+    assert obj["output"][0]["summary"] == [] and obj["output"][0]["id"].startswith("rs_")

@@ -5,6 +5,8 @@ One `ChatStreamToResponses` per request consumes the completion run's `StreamPie
 `sequence_number`:
 
     response.created, response.in_progress,
+    per reasoning text (DeepSeek's `reasoning_content`): response.output_item.added (reasoning),
+                      response.reasoning_text.delta..., .done, response.output_item.done
     per text answer:  response.output_item.added (message), response.content_part.added,
                       response.output_text.delta..., response.output_text.done,
                       response.content_part.done, response.output_item.done
@@ -30,7 +32,7 @@ from json.encoder import encode_basestring
 from typing import Any
 
 from app.providers.base import StreamPiece
-from app.translate.chat_to_responses import base_response, custom_tool_input, finish, new_item_id
+from app.translate.chat_to_responses import base_response, custom_tool_input, finish, new_item_id, reasoning_of
 from app.translate.responses_to_chat import custom_tool_names
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -96,6 +98,8 @@ class ChatStreamToResponses:
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
         self._custom = custom_tool_names(request)
+        self._reasoning: dict[str, Any] | None = None  # the reasoning item receiving deltas
+        self._reasoning_text: list[str] = []
 
     def _next(self) -> int:
         self.seq += 1
@@ -136,6 +140,9 @@ class ChatStreamToResponses:
             if choice.get("index", 0) != 0:
                 continue
             delta = choice.get("delta") or {}
+            reasoning = reasoning_of(delta)
+            if reasoning:
+                self._reasoning_delta(reasoning, out)
             text = delta.get("content")
             if text:
                 self._text_delta(_escaped(text), out)
@@ -151,7 +158,36 @@ class ChatStreamToResponses:
         out.append(self._item_event("response.output_item.added", item))
         return item
 
+    def _reasoning_delta(self, text: str, out: list[bytes]) -> None:
+        item = self._reasoning
+        if item is None:
+            self._close_text(out)
+            self._close_call(out)
+            item = self._reasoning = self._add({"id": new_item_id("rs"), "type": "reasoning", "summary": [],
+                                                "content": [], "status": "in_progress"}, out)
+            self._reasoning_text = []
+        self._reasoning_text.append(text)
+        out.append(sse("response.reasoning_text.delta",
+                       '{"type":"response.reasoning_text.delta","sequence_number":%d,"item_id":"%s",'
+                       '"output_index":%d,"content_index":0,"delta":%s}'
+                       % (self._next(), item["id"], item["_index"], encode_basestring(text))))
+
+    def _close_reasoning(self, out: list[bytes], status: str = "completed") -> None:
+        item = self._reasoning
+        if item is None:
+            return
+        self._reasoning = None
+        text = "".join(self._reasoning_text)
+        item["content"], item["status"] = [{"type": "reasoning_text", "text": text}], status
+        out.append(sse("response.reasoning_text.done",
+                       '{"type":"response.reasoning_text.done","sequence_number":%d,"item_id":"%s",'
+                       '"output_index":%d,"content_index":0,"text":%s}'
+                       % (self._next(), item["id"], item["_index"], encode_basestring(text))))
+        out.append(self._item_event("response.output_item.done", item))
+
     def _text_delta(self, escaped: bytes, out: list[bytes]) -> None:
+        if self._reasoning is not None:
+            self._close_reasoning(out)
         if self._call_open is not None:
             self._close_call(out)
         item = self._open
@@ -193,6 +229,7 @@ class ChatStreamToResponses:
         function = call.get("function") or {}
         item = self._calls.get(index)
         if item is None:
+            self._close_reasoning(out)
             self._close_text(out)
             self._close_call(out)
             name, call_id = function.get("name") or "", call.get("id") or new_item_id("call")
@@ -251,6 +288,7 @@ class ChatStreamToResponses:
         """Close the open items, then response.completed (or response.incomplete)."""
         out: list[bytes] = []
         status = "incomplete" if self.finish_reason in ("length", "content_filter") else "completed"
+        self._close_reasoning(out, status)
         self._close_text(out, status)
         self._close_call(out, status)
         for index, item in self._calls.items():  # deltas that came after their call was closed
@@ -276,6 +314,8 @@ class ChatStreamToResponses:
         for item in self.items:
             if item["status"] == "in_progress":
                 item["status"] = "incomplete"
+                if item["type"] == "reasoning":
+                    item["content"] = [{"type": "reasoning_text", "text": "".join(self._reasoning_text)}]
                 if item["type"] == "message":
                     item["content"] = [{"type": "output_text", "text": _unescaped(self._text),
                                         "annotations": [], "logprobs": []}]

@@ -83,11 +83,29 @@ def custom_tool_call_item(call_id: str, name: str, tool_input: str, status: str 
             "call_id": call_id, "name": name, "input": tool_input}
 
 
+def reasoning_item(text: str, status: str = "completed", item_id: str | None = None) -> dict[str, Any]:
+    return {"id": item_id or new_item_id("rs"), "type": "reasoning", "summary": [],
+            "content": [{"type": "reasoning_text", "text": text}], "status": status}
+
+
+def reasoning_of(message: dict[str, Any]) -> str | None:
+    """The reasoning text a chat upstream put beside the answer (DeepSeek, vLLM, OpenRouter)."""
+    for key in ("reasoning_content", "reasoning"):
+        value = message.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 def output_from_message(message: dict[str, Any], status: str = "completed",
                         custom: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
-    """The output items of one chat `message`: its text (or refusal) as a message item, then
-    one function_call item per tool call (custom_tool_call for the tools named in `custom`)."""
+    """The output items of one chat `message`: its reasoning text (when the upstream gave it) as
+    a reasoning item, its text (or refusal) as a message item, then one function_call item per
+    tool call (custom_tool_call for the tools named in `custom`)."""
     items: list[dict[str, Any]] = []
+    reasoning = reasoning_of(message)
+    if reasoning is not None:
+        items.append(reasoning_item(reasoning, status))
     content = message.get("content")
     if isinstance(content, list):  # some servers answer with content parts
         content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
