@@ -4,7 +4,7 @@
 
 No `preload_app`: the gevent worker monkey-patches *before* it imports the app, which is what
 makes psycopg 3 cooperative. Preloading would import psycopg in the unpatched master and every
-query would block its whole worker. If you ever need preloading, the
+query would block its whole worker (measured: docs/traps.md). If you ever need preloading, the
 first lines of this file must be `from gevent import monkey; monkey.patch_all()`.
 """
 import multiprocessing
@@ -28,7 +28,7 @@ preload_app = False
 timeout = int(_env("WORKER_TIMEOUT", "60"))
 graceful_timeout = int(_env("GRACEFUL_TIMEOUT", "30"))
 keepalive = int(_env("KEEPALIVE", "5"))
-# An access log costs ~25% of throughput on 2 cores: off unless asked for.
+# An access log costs ~25% of throughput on 2 cores (docs/traps.md): off unless asked for.
 accesslog = os.environ.get("ACCESS_LOG") or None
 errorlog = "-"
 loglevel = _env("LOG_LEVEL", "info").lower()

@@ -251,7 +251,7 @@ def register_error_handlers(app: Flask) -> None:
     def _http(err: HTTPException) -> Response:
         status = err.code or 500
         message = {
-            404: "Unknown URL. See the README for the gateway's endpoints.",
+            404: "Unknown URL. See docs/api.md for the gateway's endpoints.",
             405: "Method not allowed for this URL.",
             413: f"Request body too large (limit: {app.config.get('MAX_CONTENT_LENGTH')} bytes).",
         }.get(status, err.description or err.name)

@@ -18,7 +18,7 @@ cors = CORS()
 
 
 def make_redis(url: str, max_connections: int) -> Optional[redis.Redis]:
-    """A client with a *blocking* pool sized to the worker's concurrency (see TRAPS.md)."""
+    """A client with a *blocking* pool sized to the worker's concurrency (see docs/traps.md)."""
     if not url:
         return None
     pool = redis.BlockingConnectionPool.from_url(

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Sets up and runs the whole test suite on a fresh Debian machine with Python 3.11:
-#   ./scripts/test.sh [pytest args...]
-# 1. a virtualenv in .venv with requirements-dev.txt;
+# Sets up and runs the test suite on a fresh Debian machine with Python 3.11:
+#   ./scripts/test.sh                          the whole suite (Testing/)
+#   ./scripts/test.sh -q                       the whole suite, options passed to pytest (.ci/run)
+#   ./scripts/test.sh Testing/test_x.py -k y   only what the arguments select (paths from the repo root)
+# 1. a virtualenv in .venv with requirements-dev.txt (first time: about half a minute, progress shown);
 # 2. PostgreSQL and Redis: used where already reachable, otherwise installed with apt-get
 #    (when root) and started; otherwise a clear message and exit 1;
-# 3. pytest over Testing/ (each run creates and drops its own fresh databases).
+# 3. pytest with the arguments given; without a path it collects Testing/ (pytest.ini's
+#    testpaths). Each run creates and drops its own fresh databases.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,29 +22,19 @@ say() { printf '[test.sh] %s\n' "$*"; }
 die() { printf '[test.sh] ERROR: %s\n' "$*" >&2; exit 1; }
 is_root() { [ "$(id -u)" = 0 ]; }
 apt_install() {
-  is_root || die "$1 is not reachable and I am not root: start it yourself (see README, 'Running the tests')."
-  say "installing $* with apt-get"
-  DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${@:2}" >/dev/null
+  is_root || die "$1 is not reachable and I am not root: start it yourself (see docs/testing.md)."
+  say "installing $1 with apt-get (${*:2})"
+  DEBIAN_FRONTEND=noninteractive apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${@:2}"
 }
 port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 
 # --- Python -------------------------------------------------------------------------------
-PYTHON=${PYTHON:-python3.11}
-command -v "$PYTHON" >/dev/null || PYTHON=python3
-if [ ! -x .venv/bin/python ]; then
-  if ! "$PYTHON" -m venv .venv 2>/dev/null; then
-    apt_install "python3-venv" python3-venv
-    rm -rf .venv && "$PYTHON" -m venv .venv
-  fi
-fi
-if ! cmp -s requirements-dev.txt .venv/.installed-dev 2>/dev/null || ! cmp -s requirements.txt .venv/.installed 2>/dev/null; then
-  say "installing Python dependencies"
-  .venv/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt
-  cp requirements-dev.txt .venv/.installed-dev && cp requirements.txt .venv/.installed
-fi
+. scripts/venv.sh
+ensure_venv requirements-dev.txt
 
 # --- PostgreSQL -----------------------------------------------------------------------------
+say "checking PostgreSQL at $PG_HOST:$PG_PORT"
 if ! port_open "$PG_HOST" "$PG_PORT"; then
   if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
     apt_install PostgreSQL postgresql
@@ -61,6 +54,7 @@ psycopg.connect(os.environ["TEST_PG_URL"], connect_timeout=5).close()
 PY
 
 # --- Redis ----------------------------------------------------------------------------------
+say "checking Redis at $REDIS_HOST:$REDIS_PORT"
 if ! command -v redis-server >/dev/null; then
   apt_install Redis redis-server   # tests also start private redis-servers (restart tests)
 fi
@@ -74,4 +68,4 @@ fi
 
 # --- pytest ---------------------------------------------------------------------------------
 say "running pytest (PostgreSQL $PG_HOST:$PG_PORT, Redis $REDIS_HOST:$REDIS_PORT)"
-exec .venv/bin/python -m pytest Testing "$@"
+exec .venv/bin/python -m pytest "$@"

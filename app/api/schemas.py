@@ -1,7 +1,7 @@
 """marshmallow schemas of the request bodies, with strict types.
 
 Strictness matters: marshmallow's Integer would turn 1.5 into 1 and "10" into 10, Boolean
-would take "yes", Float would take "0.7" (see TRAPS.md). An OpenAI client never sends those,
+would take "yes", Float would take "0.7" (see docs/traps.md). An OpenAI client never sends those,
 so a gateway that accepts them hides a bug of its caller.
 """
 from __future__ import annotations

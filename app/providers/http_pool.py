@@ -2,7 +2,7 @@
 
 Why not urllib3 or httpx: on the gateway's hot path urllib3 cost ~0.45 ms of CPU per call in
 profiles (URL parsing, a liveness poll before each reuse, headers and body in two sends);
-httpx's pool collapses under gevent concurrency. This pool adds only a list of idle
+httpx's pool collapses under gevent concurrency (docs/traps.md). This pool adds only a list of idle
 connections to `http.client` (whose headers and body leave in two `send`s: joining them was
 measured and did not pay, docs/overrides.md). Under gevent
 the sockets are cooperative; timeouts are per socket operation (connect, then every read:

@@ -227,5 +227,5 @@ def _line_batches(fd: int, path: Path, batch: int) -> Iterator[list[bytes]]:
         yield lines
     if rest:
         # A write cut short by the writer's death: its fsync never returned, so that batch was
-        # still in flight in the dead worker (the window the README says SIGKILL can lose).
+        # still in flight in the dead worker (the window docs/durability.md says SIGKILL can lose).
         log.warning("usage spool %s ends with an incomplete line (%d bytes): skipped", path.name, len(rest))
