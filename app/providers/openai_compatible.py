@@ -182,35 +182,22 @@ class OpenAICompatibleProvider(Provider):
         the terminal event's piece carries the usage. An `error` or `response.failed` event
         raises ProviderUnavailable, like a broken stream."""
         resp = self._post({**request, "stream": True}, stream=True, path="/responses")
-        return HTTPStream(resp, self._response_events(resp))
+        return HTTPStream(resp, self._sse_pieces(resp, self._response_event,
+                                                 "ended the stream before response.completed"))
 
-    def _response_events(self, resp: PooledResponse) -> Iterator[StreamPiece]:
-        finished = False
-        try:
-            for batch in iter_sse_batches(self._read(resp)):
-                last = len(batch) - 1
-                for i, data in enumerate(batch):
-                    try:
-                        event = json.loads(data)
-                    except ValueError:
-                        raise ProviderUnavailable(f"provider {self.name!r} sent an event that is not JSON") from None
-                    kind = event.get("type") if isinstance(event, dict) else None
-                    if kind in ("error", "response.failed"):
-                        error = event.get("error") or (event.get("response") or {}).get("error") or event
-                        raise ProviderUnavailable(redact(str(error.get("message") or "response failed")))
-                    piece = StreamPiece(raw=data, chunk=event, flush=i == last)
-                    if kind in RESPONSES_TERMINAL:
-                        piece.usage = chat_usage((event.get("response") or {}).get("usage"))
-                        piece.flush = finished = True
-                        yield piece
-                        return
-                    yield piece
-            raise ProviderUnavailable(f"provider {self.name!r} ended the stream before response.completed")
-        finally:
-            if finished:
-                resp.drain()
-            else:
-                resp.close()
+    def _response_event(self, data: bytes) -> tuple[StreamPiece | None, bool]:
+        if data == DONE:
+            return None, True
+        event = self._event_json(data)
+        kind = event.get("type") if isinstance(event, dict) else None
+        if kind in ("error", "response.failed"):
+            error = event.get("error") or (event.get("response") or {}).get("error") or event
+            raise ProviderUnavailable(redact(str(error.get("message") or "response failed")))
+        piece = StreamPiece(raw=data, chunk=event)
+        if kind in RESPONSES_TERMINAL:
+            piece.usage = chat_usage((event.get("response") or {}).get("usage"))
+            return piece, True
+        return piece, False
 
     def stream(self, request: dict[str, Any]) -> HTTPStream:
         payload = dict(request)
@@ -219,24 +206,33 @@ class OpenAICompatibleProvider(Provider):
         # it only when the client asked for it.
         payload["stream_options"] = {**(request.get("stream_options") or {}), "include_usage": True}
         resp = self._post(payload, stream=True)
-        return HTTPStream(resp, self._pieces(resp))
+        return HTTPStream(resp, self._sse_pieces(resp, self._chunk, "ended the stream without [DONE]"))
 
-    def _pieces(self, resp: PooledResponse) -> Iterator[StreamPiece]:
+    def _chunk(self, data: bytes) -> tuple[StreamPiece | None, bool]:
+        if data == DONE:
+            return None, True
+        return (self._parsed_piece(data) if _needs_parsing(data) else StreamPiece(raw=data)), False
+
+    def _sse_pieces(self, resp: PooledResponse, parse: Callable[[bytes], tuple[StreamPiece | None, bool]],
+                    unfinished: str) -> Iterator[StreamPiece]:
+        """The pieces of an SSE body, `parse(data)` giving each event's piece (or None) and
+        whether it is the last; `flush` is False while more events of the same read follow. A
+        body that ends before its last event is ProviderUnavailable(`unfinished`)."""
         finished = False
         try:
             for batch in iter_sse_batches(self._read(resp)):
                 last = len(batch) - 1
                 for i, data in enumerate(batch):
-                    if data == DONE:
-                        finished = True
+                    piece, finished = parse(data)
+                    if piece is not None:
+                        piece.flush = finished or i == last
+                        yield piece
+                    if finished:
                         return
-                    piece = self._parsed_piece(data) if _needs_parsing(data) else StreamPiece(raw=data)
-                    piece.flush = i == last
-                    yield piece
-            raise ProviderUnavailable(f"provider {self.name!r} ended the stream without [DONE]")
+            raise ProviderUnavailable(f"provider {self.name!r} {unfinished}")
         finally:
             if finished:
-                resp.drain()  # past [DONE] to the end of the body: the connection is reused
+                resp.drain()  # past the last event to the end of the body: the connection is reused
             else:
                 resp.close()  # aborted or broken mid-body: never reuse this connection
 
@@ -246,11 +242,14 @@ class OpenAICompatibleProvider(Provider):
         except OSError as exc:
             raise transport_error(exc, self.name) from None
 
-    def _parsed_piece(self, data: bytes) -> StreamPiece:
+    def _event_json(self, data: bytes) -> Any:
         try:
-            chunk = json.loads(data)
+            return json.loads(data)
         except ValueError:
             raise ProviderUnavailable(f"provider {self.name!r} sent an event that is not JSON") from None
+
+    def _parsed_piece(self, data: bytes) -> StreamPiece:
+        chunk = self._event_json(data)
         if isinstance(chunk.get("error"), (dict, str)):
             err = chunk["error"]
             message = err.get("message", "stream error") if isinstance(err, dict) else err
