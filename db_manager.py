@@ -256,8 +256,8 @@ def admin_session(url: str, run: Callable[..., int]) -> int:
         raise CommandError(f"cannot read the model catalog {settings.MODELS_FILE}: {exc}") from None
     client = None
     if settings.REDIS_URL:
-        import redis
-        client = redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
+        from app.extensions import make_redis
+        client = make_redis(settings.REDIS_URL, 2, settings.REDIS_CLUSTER)
     publisher = KeyEventPublisher(client, settings.KEY_EVENTS_CHANNEL)
     engine = engine_for(url)
     try:
@@ -406,7 +406,7 @@ def cmd_flush_usage(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     redis_url = settings.REDIS_URL if args.redis_url is None else args.redis_url
     engine = engine_for(args.url)
-    client = make_redis(redis_url, 4) if redis_url else None
+    client = make_redis(redis_url, 4, settings.REDIS_CLUSTER) if redis_url else None
     spool = SpoolOutbox(args.spool_dir or settings.USAGE_SPOOL_DIR)
     outbox = RedisOutbox(client, settings.USAGE_OUTBOX_NAME) if client else None
     batcher = UsageBatcher(UsageWriter(engine), redis_outbox=outbox, spool=spool)
@@ -489,6 +489,67 @@ def cmd_prune_responses(args: argparse.Namespace) -> int:
     return 0
 
 
+def _period(value: str) -> float:
+    """`90s`, `30m`, `6h`, `1d` or plain seconds."""
+    raw = value.strip().lower()
+    unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}.get(raw[-1:], None)
+    number = raw[:-1] if unit else raw
+    try:
+        seconds = float(number) * (unit or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a period (90s, 30m, 6h, 1d): {value!r}") from None
+    if seconds < 1:
+        raise argparse.ArgumentTypeError("the period must be at least 1s")
+    return seconds
+
+
+def cmd_maintain(args: argparse.Namespace) -> int:
+    """Partitions ahead and retention, once per period across every scheduler (a Redis lock);
+    with --every, forever (the compose `maintenance` service)."""
+    import time
+
+    from redis import RedisError
+
+    from app.extensions import make_redis
+    from app.services.maintenance import run_once
+
+    settings = Settings.from_env()
+    client = make_redis(settings.REDIS_URL, 2, settings.REDIS_CLUSTER)
+    period = args.every or args.period
+    while True:
+        engine = engine_for(args.url)
+        try:
+            run = run_once(engine, client, period, settings.USAGE_PARTITIONS_AHEAD,
+                           settings.USAGE_RETENTION_DAYS, settings.RESPONSES_RETENTION_DAYS)
+            print(run.summary(), flush=True)
+        except (OperationalError, OSError, RedisError) as exc:
+            if not args.every and not isinstance(exc, RedisError):
+                raise
+            print(f"maintenance failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                  + (", retried next period" if args.every else ""), file=sys.stderr, flush=True)
+            if not args.every:
+                return EXIT_UNREACHABLE
+        finally:
+            engine.dispose()
+        if not args.every:
+            return 0
+        time.sleep(args.every)
+
+
+def cmd_check_models(args: argparse.Namespace) -> int:
+    """Validate a models file as the gateway would; the error names the bad entry."""
+    from app.providers.catalog import CatalogError
+    from app.providers.provider_manager import ProviderManager
+
+    path = args.file or Settings.from_env().MODELS_FILE
+    try:
+        manager = ProviderManager.from_file(path)
+    except CatalogError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"{path}: valid, {len(manager.catalog.models)} models")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="db_manager.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--database-url", help="overrides DATABASE_URL")
@@ -534,6 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
     change.add_argument("--status", choices=("active", "suspended"))
     add_tenant_options(change)
     add_usage_commands(add)
+    check = add("check-models", cmd_check_models, "validate a models file (default MODELS_FILE)")
+    check.add_argument("file", nargs="?")
     return parser
 
 
@@ -569,6 +632,10 @@ def add_usage_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     responses = add("prune-responses", cmd_prune_responses, "delete stored Responses API answers older than a cutoff")
     responses.add_argument("--older-than", type=_older_than,
                            help="days (30d) or a date (2026-01-01); default RESPONSES_RETENTION_DAYS")
+    maintain = add("maintain", cmd_maintain, "partitions ahead + retention, once per period across replicas")
+    maintain.add_argument("--period", type=_period, default=3600.0,
+                          help="the Redis lock's period: one run per period across every scheduler (default 1h)")
+    maintain.add_argument("--every", type=_period, help="run forever, once every this long (6h)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,3 +64,28 @@ def worker_exit(server, worker):
     runtime = _runtime(worker)
     if runtime is not None:
         runtime.close(timeout=float(_env("GRACEFUL_TIMEOUT", "30")))
+
+
+def when_ready(server):
+    """SIGHUP reloads data/models.json: gunicorn restarts the workers gracefully and the new
+    ones load the file. The master first checks the file (`db_manager.py check-models`, in a
+    child process: the master must not import the app before gevent patches the workers); an
+    invalid file is refused with the error naming the entry, and the workers that serve the
+    previous catalogue are left running. (`POST /v1/admin/reload` reloads without a restart.)"""
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    restart_workers = server.handle_hup
+
+    def handle_hup():
+        path = os.environ.get("MODELS_FILE") or os.path.join(here, "data", "models.json")
+        check = subprocess.run([sys.executable, os.path.join(here, "db_manager.py"), "check-models", path],
+                               cwd=here, capture_output=True, text=True, timeout=120)
+        if check.returncode != 0:
+            server.log.error("SIGHUP: models file refused, the workers keep serving the previous "
+                             "catalogue: %s", check.stderr.strip())
+            return
+        restart_workers()
+
+    server.handle_hup = handle_hup

@@ -213,3 +213,14 @@ def clocked_app(pg_url, models_file, clean_db, clock):
     application = start_app(app_config(pg_url, models_file), clock=clock)
     yield application
     close_app(application)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """A real 3-master Redis Cluster on free loopback ports, for the whole run (started only
+    when a test asks for it; Testing/redis_cluster.py)."""
+    from Testing.redis_cluster import LocalRedisCluster
+
+    cluster = LocalRedisCluster().start()
+    yield cluster
+    cluster.stop()

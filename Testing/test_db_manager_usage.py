@@ -158,3 +158,57 @@ def test_prune_usage_defaults_to_usage_retention_days(url, monkeypatch, capsys):
             assert list(conn.execute(text("SELECT request_id FROM usage_records")).scalars()) == [recent.request_id]
     finally:
         engine.dispose()
+
+
+def test_maintain_runs_once_across_concurrent_schedulers(url):
+    """Three schedulers start `maintain` at once (as cron on three hosts would): one creates the
+    partitions and prunes past USAGE_RETENTION_DAYS, the other two skip (Redis lock per period);
+    once the lock is gone a later run works again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app.services.maintenance import LOCK_KEY
+
+    client = redis.Redis.from_url(REDIS_URL)
+    client.delete(LOCK_KEY)
+    engine = create_engine(url)
+    try:
+        UsageWriter(engine).write([event(datetime.now(UTC) - timedelta(days=60)), event(datetime.now(UTC))])
+        env_run = lambda: subprocess.run(  # noqa: E731
+            [sys.executable, "db_manager.py", "maintain", "--period", "60s"], cwd=ROOT, stdin=subprocess.DEVNULL,
+            env={**os.environ, "DATABASE_URL": url, "REDIS_URL": REDIS_URL, "USAGE_RETENTION_DAYS": "30",
+                 "USAGE_PARTITIONS_AHEAD": "2"}, capture_output=True, text=True, timeout=60)
+        with ThreadPoolExecutor(3) as pool:
+            outputs = [ok(p) for p in pool.map(lambda _: env_run(), range(3))]
+        assert sum("maintenance done" in o for o in outputs) == 1, outputs
+        assert sum("maintenance skipped" in o for o in outputs) == 2, outputs
+        assert count(engine, "SELECT count(*) FROM usage_records") == 1
+        with engine.connect() as conn:
+            months = set(existing_partitions(conn).values())
+        this_month = month_start(datetime.now(UTC))
+        assert {this_month, next_month(this_month), next_month(next_month(this_month))} <= months
+        assert 0 < client.pttl(LOCK_KEY) <= 60_000
+        client.delete(LOCK_KEY)
+        assert "maintenance done" in ok(env_run())
+    finally:
+        client.delete(LOCK_KEY)
+        client.close()
+        engine.dispose()
+
+
+def test_check_models_names_the_bad_entry(tmp_path):
+    """`check-models` validates a models file as the gateway would (the SIGHUP reload runs it)."""
+    good = ok(subprocess.run([sys.executable, "db_manager.py", "check-models", "data/models.json"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60))
+    assert good.strip().endswith(f"valid, {len(db_manager_models())} models")
+    bad = tmp_path / "models.json"
+    bad.write_text('{"providers": {"p": {"type": "simulator"}}, "models": {"m": {"deployments": '
+                   '[{"provider": "p", "model": "x"}], "pricing": {"input_per_mtok": "free"}}}}')
+    proc = subprocess.run([sys.executable, "db_manager.py", "check-models", str(bad)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "models.m.pricing.input_per_mtok" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def db_manager_models() -> dict:
+    import json
+    return json.loads((ROOT / "data" / "models.json").read_text())["models"]

@@ -1,7 +1,7 @@
 """The documented interface matches the code: the API table of docs/api.md lists exactly the
 routes of app/api/routes.py (method and path); `.env.example` documents exactly the settings of
-app/config.py plus the variables data/models.json and the server files read; docker-compose.yml
-passes every provider variable through to the gateway; every relative link of README.md and
+app/config.py plus the variables data/models.json and the server files read; docker-compose.yml's wiring is
+checked in Testing/test_docker_compose.py; every relative link of README.md and
 docs/ leads to a file (and heading) of the repository, and nothing cites a file outside it.
 Each would drift silently otherwise."""
 from __future__ import annotations
@@ -103,19 +103,9 @@ def test_env_example_documents_exactly_the_settings():
     assert documented - read == set(), ".env.example documents variables nothing reads"
 
 
-def test_docker_compose_passes_every_provider_variable_to_the_gateway():
-    """A provider configured in .env reaches the container: docker-compose.yml's shared gateway
-    environment names every variable data/models.json reads."""
-    compose = (ROOT_DIR / "docker-compose.yml").read_text()
-    shared = compose[compose.index("environment: &gateway-env"):compose.index("depends_on:")]
-    passed = set(re.findall(r"^\s+([A-Z][A-Z0-9_]+): ", shared, re.M))
-    assert provider_variables() - passed == set()
-
-
 # Pages other branches add (linked from the README's Documentation section before they land).
 # Remove a name once its page is on main: the link check then holds for it too.
-PAGES_FROM_OTHER_BRANCHES = {"docs/replicas.md",
-                             "docs/console.md", "docs/messages.md"}
+PAGES_FROM_OTHER_BRANCHES = {"docs/console.md", "docs/messages.md"}
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 
 

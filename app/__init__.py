@@ -6,10 +6,12 @@ from typing import Any, Mapping
 
 from flask import Flask, Response, g
 
+from app.api.request_guard import RequestGuard
 from app.config import Settings, load_dotenv_once
 from app.errors import register_error_handlers
 from app.extensions import cors, db
 from app.runtime import Runtime, build_runtime
+from app.services import catalog_reload
 from app.utils.clock import SYSTEM_CLOCK, Clock
 
 log = logging.getLogger("gateway")
@@ -45,11 +47,15 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, clock: Clock 
         engine = db.engine
     rt = build_runtime(settings, engine=engine, clock=clock)
     app.extensions["gateway"] = rt
+    # models.json reloads in every worker of every replica (POST /v1/admin/reload, key events)
+    app.extensions["catalog_reloader"] = catalog_reload.CatalogReloader(rt).install()
 
     from app.api.routes import api
     app.register_blueprint(api)
     register_error_handlers(app)
     app.after_request(_request_id_header)
+    # Client address, connections per address, the body read with a deadline, security headers.
+    app.wsgi_app = RequestGuard(app.wsgi_app, settings)  # type: ignore[method-assign]
     _announce_mode(rt)
     return app
 

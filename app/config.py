@@ -47,6 +47,11 @@ class Settings:
 
     DATABASE_URL: str = f"sqlite:///{DEFAULT_SQLITE_PATH}"
     REDIS_URL: str = ""
+    # REDIS_URL names a Redis Cluster node (also implied by a `redis+cluster://` URL).
+    REDIS_CLUSTER: bool = False
+    # A PostgreSQL streaming replica for read-only queries (usage reports and exports); empty:
+    # they go to DATABASE_URL. Writes never go there.
+    DATABASE_READ_URL: str = ""
     SYSTEM_SECRET: str = ""
     MODELS_FILE: str = str(ROOT_DIR / "data" / "models.json")
     CORS_ORIGINS: str = "*"
@@ -112,6 +117,28 @@ class Settings:
     # Stored Responses API answers (`store: true`) older than this many days are deleted by
     # `db_manager prune-responses` (0 = keep all).
     RESPONSES_RETENTION_DAYS: int = 30
+    # Hostile and careless clients (docs/security.md). Reading a request body: it must be
+    # complete within REQUEST_BODY_TIMEOUT_S plus one second per REQUEST_BODY_MIN_RATE bytes
+    # received (else 408 and the connection is closed), like Apache's mod_reqtimeout.
+    REQUEST_BODY_TIMEOUT_S: float = 20.0
+    REQUEST_BODY_MIN_RATE: int = 500
+    # Requests in progress per client address and worker process (past it: 429 and close; 0: no cap).
+    MAX_CONNECTIONS_PER_CLIENT: int = 500
+    # Reverse proxies whose X-Forwarded-For names the client (comma-separated addresses or
+    # networks, e.g. "127.0.0.1,10.0.0.0/8"). Empty: the peer's address is the client's.
+    TRUSTED_PROXIES: str = ""
+    # Failed key or system-secret attempts per client address and window before 429 (0: no limit).
+    AUTH_FAILURE_LIMIT: int = 20
+    AUTH_FAILURE_WINDOW_S: float = 60.0
+    # An unknown key is remembered as unknown this long per worker (no database lookup meanwhile).
+    AUTH_NEGATIVE_CACHE_TTL_S: float = 30.0
+    # A key over its requests/min or concurrency limit is refused before its prompt is counted
+    # when the body is at least this large (one extra limiter round trip; 0: always).
+    ADMISSION_PRECHECK_BYTES: int = 4096
+    # Content-Security-Policy of HTML responses (a response that sets its own keeps it).
+    CONTENT_SECURITY_POLICY: str = ("default-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
+                                    "form-action 'self'; object-src 'none'")
+    REFERRER_POLICY: str = "no-referrer"
     # Overrides of third-party internals (app/overrides.py, docs/overrides.md). Each is used only
     # when the installed library is the version it was written for; 0 switches it off.
     OVERRIDE_TIKTOKEN_LOADER: bool = True      # tiktoken encodings from data/tokenizers/
@@ -135,8 +162,11 @@ class Settings:
             elif env[f.name].strip():
                 setattr(s, f.name, env[f.name].strip())
         s.DATABASE_URL = normalize_database_url(s.DATABASE_URL)
+        s.DATABASE_READ_URL = normalize_database_url(s.DATABASE_READ_URL)
         if s.ROUTER_MAX_ATTEMPTS < 1 or s.ROUTER_ATTEMPTS_PER_DEPLOYMENT < 1:
             raise ValueError("ROUTER_MAX_ATTEMPTS and ROUTER_ATTEMPTS_PER_DEPLOYMENT must be at least 1")
+        if s.REQUEST_BODY_TIMEOUT_S <= 0 or s.REQUEST_BODY_MIN_RATE < 0:
+            raise ValueError("REQUEST_BODY_TIMEOUT_S must be positive and REQUEST_BODY_MIN_RATE not negative")
         if s.RATE_LIMIT_FAIL_MODE not in ("closed", "open"):
             raise ValueError(f"RATE_LIMIT_FAIL_MODE must be 'closed' or 'open', got {s.RATE_LIMIT_FAIL_MODE!r}")
         return s

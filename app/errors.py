@@ -87,6 +87,19 @@ class Conflict(APIError):
     code = "conflict"
 
 
+class RequestTimeout(APIError):
+    """The request body did not arrive in time (slow or stalled client)."""
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class RequestTooLarge(APIError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
 class RateLimited(APIError):
     status = 429
     type = "rate_limit_error"

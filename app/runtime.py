@@ -36,6 +36,7 @@ from app.config import Settings, engine_options
 from app.extensions import make_redis
 from app.providers.provider_manager import ProviderManager
 from app.services.api_key_service import KeyCache, LastUsedTracker
+from app.services.auth_throttle import AuthThrottle
 from app.services.circuit_breaker import BreakerConfig
 from app.services.key_events import KeyEvents
 from app.services.provider_health import HealthBoard
@@ -70,6 +71,7 @@ class Runtime:
     router: Router            # candidates, retries, fallback
     uptime: UptimeChecker
     clock: Clock              # every time-dependent decision reads it (tests move it)
+    auth_throttle: AuthThrottle   # failed key / system-secret attempts per client address
     overrides: dict[str, bool] = field(default_factory=dict)   # which guarded overrides are in use
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _state: str = field(default="built", init=False, repr=False)  # built -> started -> closed
@@ -126,14 +128,14 @@ def build_runtime(settings: Settings, engine: Engine | None = None, clock: Clock
     })
     preload_tokenizers({m.tokenizer for m in providers.catalog.models.values()},
                        local_files=settings.OVERRIDE_TIKTOKEN_LOADER)
-    redis_client = make_redis(settings.REDIS_URL, settings.REDIS_MAX_CONNECTIONS)
+    redis_client = make_redis(settings.REDIS_URL, settings.REDIS_MAX_CONNECTIONS, settings.REDIS_CLUSTER)
     last_used = LastUsedTracker(settings.LAST_USED_WRITE_INTERVAL_S, clock.monotonic)
     batcher = _usage_batcher(settings, engine, redis_client)
     limiter = RateLimitService(
         _limiter_backend(settings, redis_client, pool_bypass, clock),
         seed=lambda limits, day, month: seed_from_usage(engine, limits.key_id, limits.tenant_id, day, month),
         fail_mode=settings.RATE_LIMIT_FAIL_MODE)
-    key_cache = KeyCache(settings.AUTH_CACHE_TTL_S, clock.monotonic)
+    key_cache = KeyCache(settings.AUTH_CACHE_TTL_S, clock.monotonic, settings.AUTH_NEGATIVE_CACHE_TTL_S)
     health = HealthBoard(BreakerConfig(
         failure_threshold=settings.BREAKER_FAILURE_THRESHOLD, failure_ratio=settings.BREAKER_FAILURE_RATIO,
         window=settings.BREAKER_WINDOW, min_requests=settings.BREAKER_MIN_REQUESTS,
@@ -155,6 +157,8 @@ def build_runtime(settings: Settings, engine: Engine | None = None, clock: Clock
             unconfigured=providers.unconfigured),
         uptime=UptimeChecker(providers, health, redis_client, settings.UPTIME_CACHE_S, clock=clock.monotonic),
         clock=clock,
+        auth_throttle=AuthThrottle(settings.AUTH_FAILURE_LIMIT, settings.AUTH_FAILURE_WINDOW_S,
+                                   lambda: epoch_seconds(clock), redis_client),
         overrides={overrides.REDIS_POOL_BYPASS.name: pool_bypass,
                    overrides.TIKTOKEN_LOADER.name: settings.OVERRIDE_TIKTOKEN_LOADER})
 

@@ -157,11 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
-        procs.stop_all()
-        try:
-            rb.drop_database(admin_url)
-        except Exception as exc:  # noqa: BLE001
-            print(f"could not drop {rb.BENCH_DB}: {exc}", file=sys.stderr)
+        rb.stop_and_drop(procs, admin_url)
 
 
 if __name__ == "__main__":

@@ -403,6 +403,16 @@ def drop_database(admin_url: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)')
 
 
+def stop_and_drop(procs: "Processes", admin_url: str) -> None:
+    """Stop every child, then drop the benchmark's database (a failure is printed, not raised:
+    cleanup must not mask the result)."""
+    procs.stop_all()
+    try:
+        drop_database(admin_url)
+    except Exception as exc:  # noqa: BLE001
+        print(f"could not drop {BENCH_DB}: {exc}", file=sys.stderr)
+
+
 def count_usage_rows(admin_url: str) -> int:
     import psycopg  # noqa: PLC0415
     parts = urlsplit(admin_url)

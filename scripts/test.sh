@@ -5,7 +5,8 @@
 #   ./scripts/test.sh Testing/test_x.py -k y   only what the arguments select (paths from the repo root)
 # 1. a virtualenv in .venv with requirements-dev.txt (first time: about half a minute, progress shown);
 # 2. PostgreSQL and Redis: used where already reachable, otherwise installed with apt-get
-#    (when root) and started; otherwise a clear message and exit 1;
+#    (when root) and started; otherwise a clear message and exit 1; nginx installed when missing
+#    (the replica tests run it as a child process);
 # 3. pytest with the arguments given; without a path it collects Testing/ (pytest.ini's
 #    testpaths). Each run creates and drops its own fresh databases.
 set -euo pipefail
@@ -64,6 +65,13 @@ if ! port_open "$REDIS_HOST" "$REDIS_PORT"; then
     --logfile /tmp/gateway-test-redis.log
   for _ in $(seq 1 20); do port_open "$REDIS_HOST" "$REDIS_PORT" && break; sleep 0.5; done
   port_open "$REDIS_HOST" "$REDIS_PORT" || die "Redis did not come up on $REDIS_HOST:$REDIS_PORT"
+fi
+
+# --- nginx (the load balancer of Testing/e2e/test_replicas.py) ---------------------------------
+# The replica tests run the Debian package's nginx as a child process with the configuration
+# docker-compose.yml ships (deploy/nginx/gateway.conf); it is never started as a service here.
+if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+  apt_install nginx nginx
 fi
 
 # --- pytest ---------------------------------------------------------------------------------

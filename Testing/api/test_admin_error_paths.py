@@ -139,11 +139,12 @@ def test_unknown_and_out_of_range_ids_are_404_envelopes(client, callers, who, me
             assert resp.status_code == 404, (method, template, key_id, resp.status_code, err)
 
 
-@pytest.mark.parametrize("model", ["no-such-model", "a/b/c", "m" * 5000, "%00", "..%2F..%2Fetc", "demo%0A",
+@pytest.mark.parametrize("model", ["no-such-model", "a/b/c", "m" * 5000, "..%2F..%2Fetc", "demo%0A",
                                    "é"])
 def test_uptime_of_unknown_or_odd_model_names_is_404(client, callers, model):
     """GET /v1/uptime/<model> with a model that does not exist (slashes, control characters,
-    very long names included) is a 404 envelope, for a key and without one a 401."""
+    very long names included) is a 404 envelope, for a key and without one a 401. (A NUL in
+    it is a 400 before any of this: Testing/api/test_bad_input_sweep.py.)"""
     resp = client.get(f"/v1/uptime/{model}", headers=callers["admin"])
     assert_envelope(resp, model[:40])
     assert resp.status_code == 404
@@ -157,6 +158,6 @@ def test_uptime_of_unknown_or_odd_model_names_is_404(client, callers, model):
                                      {"X-System-Secret": "x" * 10_000}])
 def test_providers_status_refuses_bad_credentials_with_envelopes(client, headers):
     """GET /v1/providers/status without valid credentials is a 401 envelope, never a 500."""
-    resp = client.get("/v1/providers/status?verbose=%00", headers=headers)
+    resp = client.get("/v1/providers/status?verbose=1", headers=headers)
     assert_envelope(resp, str(headers)[:60])
     assert resp.status_code == 401

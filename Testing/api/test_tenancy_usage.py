@@ -150,12 +150,14 @@ def test_unknown_tenant_or_key_is_404_for_the_system(client, fleet):
         assert resp.status_code == 404 and resp.get_json()["error"]["param"] == param
 
 
-def test_csv_cells_cannot_become_spreadsheet_formulas(client, clean_db):
-    """A key named like a formula ("=HYPERLINK(...)") is exported with a leading quote."""
-    key = client.post("/v1/api-keys", headers=SYSTEM, json={"name": "=HYPERLINK(\"x\")", "tenant": "t"}).get_json()
+@pytest.mark.parametrize("name", ["=HYPERLINK(\"x\")", "+1+cmd", "-1+cmd", "@SUM(A1)", "\t=cmd", "\r=cmd"])
+def test_csv_cells_cannot_become_spreadsheet_formulas(client, clean_db, name):
+    """A key named like a formula (starting with = + - @, or a tab or carriage return, which
+    some spreadsheets skip before reading a formula) is exported with a leading quote."""
+    key = client.post("/v1/api-keys", headers=SYSTEM, json={"name": name, "tenant": "t"}).get_json()
     UsageWriter(clean_db).write([UsageEvent(request_id="req_" + uuid.uuid4().hex, tenant_id=key["tenant_id"],
                                             api_key_id=key["id"], model="demo",
                                             created_at=datetime(2024, 3, 2, tzinfo=timezone.utc))])
     resp = client.get("/v1/usage", query_string={**PERIOD, "group_by": "key", "format": "csv"}, headers=SYSTEM)
     line = list(csv.DictReader(io.StringIO(resp.get_data(as_text=True))))[0]
-    assert line["api_key_name"] == "'=HYPERLINK(\"x\")"
+    assert line["api_key_name"] == "'" + name

@@ -33,12 +33,14 @@ def test_tenant_by_name_or_id_in_the_url(client, research):
 
 
 def test_unknown_tenant_references_are_404_never_500(client, research):
-    """An unknown name or id, an id past BIGINT, a NUL byte: 404 with the envelope, naming what was asked."""
+    """An unknown name or id, an id past BIGINT: 404 with the envelope, naming what was asked;
+    a NUL byte: 400."""
     assert error(client.get("/v1/tenants/nope", headers=SYSTEM), 404) == {
         "message": "No tenant named 'nope'.", "type": "invalid_request_error", "param": "id", "code": "not_found"}
     assert error(client.get("/v1/tenants/999999", headers=SYSTEM), 404)["message"] == "No tenant with id 999999."
     assert error(client.get("/v1/tenants/99999999999999999999999", headers=SYSTEM), 404)["param"] == "id"
-    assert error(client.get("/v1/tenants/a%00b", headers=SYSTEM), 404)["param"] == "id"
+    # A NUL byte never reaches the lookup: 400 naming the path parameter.
+    assert error(client.get("/v1/tenants/a%00b", headers=SYSTEM), 400)["param"] == "tenant_ref"
     assert error(client.patch("/v1/tenants/nope", headers=SYSTEM, json={"status": "active"}), 404)["param"] == "id"
 
 

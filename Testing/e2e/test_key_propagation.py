@@ -7,7 +7,6 @@ makes the change through one process, and prints how long until all four workers
 few milliseconds on an idle machine; the figure is reported, not asserted)."""
 from __future__ import annotations
 
-import http.client
 import json
 import time
 from datetime import datetime, timedelta, timezone
@@ -16,6 +15,7 @@ import pytest
 
 from Testing.conftest import app_config
 from Testing.support import SYSTEM_SECRET, GatewayProcess, http_json, wait_until
+from Testing.workers import Worker, connect_every_worker
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -39,43 +39,14 @@ def replicas(pg_url, models_file, tmp_path_factory):
             p.stop()
 
 
-class Worker:
-    """A keep-alive connection that always reaches the same gunicorn worker."""
-
-    def __init__(self, proc: GatewayProcess, conn: http.client.HTTPConnection, pid: int) -> None:
-        self.proc, self.conn, self.pid = proc, conn, pid
-
-    def status(self, key: str, path: str = "/v1/models") -> int:
-        self.conn.request("GET", path, headers={"Authorization": f"Bearer {key}"})
-        resp = self.conn.getresponse()
-        resp.read()
-        return resp.status
-
-
 @pytest.fixture
 def workers(replicas):
-    """One connection per worker of both processes (found by asking /health for the pid)."""
-    found: dict[int, Worker] = {}
-    spare = []
-    for proc in replicas:
-        expected = set(proc.worker_pids())
-        assert len(expected) == 2
-        deadline = time.monotonic() + 20
-        while not expected <= set(found) and time.monotonic() < deadline:
-            conn = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=10)
-            conn.request("GET", "/health")
-            resp = conn.getresponse()
-            pid = json.loads(resp.read())["worker"]["pid"]
-            if pid in found:
-                spare.append(conn)
-            else:
-                found[pid] = Worker(proc, conn, pid)
-        assert expected <= set(found), "could not reach every worker"
-    for conn in spare:
-        conn.close()
-    yield list(found.values())
-    for w in found.values():
-        w.conn.close()
+    """One connection per worker of both processes."""
+    found = connect_every_worker(replicas)
+    assert len(found) == 4
+    yield found
+    for w in found:
+        w.close()
 
 
 def admin(proc: GatewayProcess, method: str, path: str, body=None) -> dict:

@@ -1,5 +1,6 @@
-"""The limiter's rules, run on both backends: the Lua script against the real Redis, and the
-in-process mirror of the embedded mode. Same tests, same expectations."""
+"""The limiter's rules, run on every backend: the Lua script against the real Redis and against
+a real 3-master Redis Cluster, and the in-process mirror of the embedded mode. Same tests, same
+expectations."""
 from __future__ import annotations
 
 import itertools
@@ -12,6 +13,7 @@ import redis
 from app.services.rate_limit_service import (DeploymentQuota, KeyLimits, LimiterUnavailable,
                                              LocalLimiter, RateLimitService, RedisLimiter, SeedNeeded,
                                              format_reset, to_nano)
+from app.extensions import make_redis
 from app.utils.clock import epoch_seconds
 from Testing.support import REDIS_URL, FakeClock
 
@@ -23,11 +25,16 @@ _ids = itertools.count(int(time.time()) % 100000 * 1000)
 _CLOCKS: dict[int, FakeClock] = {}
 
 
-@pytest.fixture(params=["redis", "redis-pipeline", "local"])
+@pytest.fixture(params=["redis", "redis-pipeline", "cluster", "local"])
 def backend(request):
     """"redis": the limiter's own connection free list (the pool-bypass override, on by
-    default); "redis-pipeline": redis-py's pipeline and pool (that override switched off)."""
-    if request.param.startswith("redis"):
+    default); "redis-pipeline": redis-py's pipeline and pool (that override switched off);
+    "cluster": a real 3-master Redis Cluster (commands routed by slot)."""
+    if request.param == "cluster":
+        client = make_redis(request.getfixturevalue("redis_cluster").url, 8)
+        yield RedisLimiter(client, lease_ms=1000)
+        client.close()
+    elif request.param.startswith("redis"):
         client = redis.Redis.from_url(REDIS_URL)
         yield RedisLimiter(client, lease_ms=1000, pool_bypass=request.param == "redis")
         client.close()
@@ -220,10 +227,32 @@ def test_redis_keys_share_one_hash_tag():
     assert all(n.startswith("gw:{t:9}:") for n in names)
 
 
-def test_service_settles_in_the_background_pipelined():
+def test_keys_of_one_call_live_on_one_cluster_master(redis_cluster):
+    """On the real cluster every key of an admission hashes to one slot, and tenants spread
+    over the masters (so the cluster shares the load)."""
+    client = redis.Redis(host="127.0.0.1", port=redis_cluster.ports[0])
+    slots = {client.cluster("KEYSLOT", name) for name in RedisLimiter.key_names(KeyLimits(key_id=5, tenant_id=9))}
+    assert len(slots) == 1
+    owners = {redis_cluster.slot_owner(RedisLimiter.key_names(KeyLimits(key_id=t, tenant_id=t))[0]) for t in range(30)}
+    assert owners == set(redis_cluster.ports)
+    client.close()
+
+
+def test_script_reloads_on_every_master_after_a_flush(redis_cluster):
+    """A cluster that lost its scripts (restart, SCRIPT FLUSH) gets the script again."""
+    limiter = RedisLimiter(make_redis(redis_cluster.url, 4), lease_ms=1000)
+    assert admit(limiter, limits(rpm=5)).admitted
+    for port in redis_cluster.ports:
+        redis_cluster.node(port).script_flush()
+    assert all(admit(limiter, limits(rpm=5)).admitted for _ in range(6))
+
+
+@pytest.mark.parametrize("where", ["redis", "cluster"])
+def test_service_settles_in_the_background_pipelined(where, request):
     """Settlements are queued and sent pipelined by a background thread: after flush() every
     reservation is released (leases free, tokens refunded), none is applied twice."""
-    client = redis.Redis.from_url(REDIS_URL)
+    client = make_redis(request.getfixturevalue("redis_cluster").url, 8) if where == "cluster" \
+        else redis.Redis.from_url(REDIS_URL)
     service = RateLimitService(RedisLimiter(client, lease_ms=60_000), seed=lambda *a: {})
     lim = limits(tpm=2000, max_concurrent=20)
     admissions = [service.admit(lim, f"r{i}", 50, 0) for i in range(20)]

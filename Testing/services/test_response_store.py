@@ -121,3 +121,17 @@ def test_embedded_sqlite_keeps_stored_responses(tmp_path):
         assert store.prune(datetime(2025, 1, 2, tzinfo=timezone.utc)) == 1 and store.get(rid, 1) is None
     finally:
         engine.dispose()
+
+
+def test_scheduled_maintenance_prunes_stored_responses_past_their_retention(clean_db):
+    """`db_manager maintain` (app/services/maintenance.upkeep) deletes stored responses older
+    than RESPONSES_RETENTION_DAYS days before today's midnight (UTC) and keeps the others."""
+    from app.services.maintenance import upkeep
+
+    store = ResponseStore(clean_db, wait_s=0)
+    old, kept = new_response_id(True), new_response_id(True)
+    save(store, old, created_at=datetime(2026, 3, 1, 23, 59, tzinfo=timezone.utc))
+    save(store, kept, created_at=datetime(2026, 3, 2, tzinfo=timezone.utc))
+    run = upkeep(clean_db, 0, 0, now=datetime(2026, 3, 31, 12, tzinfo=timezone.utc), responses_retention_days=29)
+    assert run.responses_pruned == 1 and "1 stored response(s) deleted" in run.summary()
+    assert store.get(old, 1) is None and store.get(kept, 1) is not None

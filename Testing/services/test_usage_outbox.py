@@ -13,6 +13,7 @@ import pytest
 import redis
 from sqlalchemy import create_engine, text
 
+from app.extensions import make_redis
 from app.services.usage_batcher import (DEAD_LETTER_FILE, WRITER_APPLICATION_NAME, UsageBatcher,
                                         dedicated_engine)
 from app.services.usage_outbox import RedisOutbox, SpoolOutbox, outbox_key
@@ -51,11 +52,21 @@ def rclient(clean_db):
     client.close()
 
 
-def test_replaying_the_same_redis_outbox_twice_writes_nothing_the_second_time(clean_db, rclient, name):
+@pytest.fixture(params=["redis", "cluster"])
+def any_redis(request, clean_db):
+    """The shared Redis, or a real 3-master Redis Cluster: the outbox's scripts and
+    transactions work on both (its keys share the outbox name's hash tag)."""
+    client = make_redis(request.getfixturevalue("redis_cluster").url, 8) if request.param == "cluster" \
+        else redis.Redis.from_url(REDIS_URL)
+    yield client
+    client.close()
+
+
+def test_replaying_the_same_redis_outbox_twice_writes_nothing_the_second_time(clean_db, any_redis, name):
     """Every line of the Redis outbox is written once; the same lines pushed and replayed again
     add no row and nothing to the rollup; the outbox is empty afterwards."""
     lines = [e.to_json() for e in events(40)]
-    outbox = RedisOutbox(rclient, name)
+    outbox = RedisOutbox(any_redis, name)
     batcher = UsageBatcher(UsageWriter(clean_db), redis_outbox=outbox)
     outbox.push(lines)
     assert batcher.replay_outbox() == {"records": 40, "new_rows": 40}
@@ -63,7 +74,7 @@ def test_replaying_the_same_redis_outbox_twice_writes_nothing_the_second_time(cl
     outbox.push(lines)
     assert batcher.replay_outbox() == {"records": 40, "new_rows": 0}
     assert counts(clean_db) == (40, 40, 40)
-    assert rclient.llen(outbox_key(name)) == 0
+    assert any_redis.llen(outbox_key(name)) == 0
 
 
 def test_replaying_the_same_spool_file_twice_writes_nothing_the_second_time(clean_db, tmp_path):
@@ -176,15 +187,15 @@ def test_database_and_redis_down_rows_go_to_the_fsynced_spool(pg_url, clean_db, 
         engine.dispose()
 
 
-def test_claim_of_a_dead_replayer_returns_to_the_outbox_after_its_lease(clean_db, rclient, name):
+def test_claim_of_a_dead_replayer_returns_to_the_outbox_after_its_lease(clean_db, any_redis, name):
     """Lines claimed by a replayer that died before committing are claimed again by another
     once the lease expired, so they are not lost."""
     lines = [e.to_json() for e in events(7)]
-    dead = RedisOutbox(rclient, name, consumer="dead", lease_ms=100)
+    dead = RedisOutbox(any_redis, name, consumer="dead", lease_ms=100)
     dead.push(lines)
     assert len(dead.claim(100)) == 7
-    assert rclient.llen(outbox_key(name)) == 0
-    alive = RedisOutbox(rclient, name, consumer="alive")
+    assert any_redis.llen(outbox_key(name)) == 0
+    alive = RedisOutbox(any_redis, name, consumer="alive")
     assert alive.claim(100) == []  # lease still running
     wait_until(lambda: len(alive.claim(100)) == 7, timeout=3, message="the expired claim taken over")
     batcher = UsageBatcher(UsageWriter(clean_db), redis_outbox=alive)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from app.config import ROOT_DIR
-from app.utils.token_counter import (IMAGE_PART_TOKENS, count_messages, count_text,
+from app.utils.token_counter import (count_messages, count_prompt, count_text,
                                      get_encoding)
 
 pytestmark = pytest.mark.timeout(60)
@@ -94,12 +94,34 @@ def test_count_messages_uses_the_given_encoding():
 
 
 def test_count_messages_content_parts_and_images():
-    """Text parts are counted and each image part costs IMAGE_PART_TOKENS."""
+    """Text parts are counted; an image part costs 85 tokens in low detail and OpenAI's
+    high-detail bound (85 + 170 x 8 tiles = 1445) otherwise (auto or unset may pick high)."""
     messages = [{"role": "user", "content": [
         {"type": "text", "text": "hello world"},
         {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+        {"type": "image_url", "image_url": {"url": "https://example.com/b.png", "detail": "low"}},
         {"type": "text", "text": "hello world"}]}]
-    assert count_messages(messages) == 3 + 3 + 1 + 2 + 2 + IMAGE_PART_TOKENS
+    assert count_messages(messages) == 3 + 3 + 1 + 2 + 2 + 1445 + 85
+
+
+def test_count_prompt_adds_tools_functions_and_json_schema():
+    """The prompt the provider bills includes tool and function definitions and a
+    response_format JSON schema, counted as their compact JSON."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    schema = {"name": "answer", "schema": {"type": "object"}}
+    base = {"messages": [{"role": "user", "content": "hello world"}]}
+    assert count_prompt(base) == 3 + 3 + 1 + 2
+    # o200k_base tokens of the compact JSON (checked with tiktoken): 20, 14 and 11
+    assert count_prompt({**base, "tools": tools}) == 9 + 20
+    assert count_prompt({**base, "functions": [tools[0]["function"]]}) == 9 + 14
+    assert count_prompt({**base, "response_format": {"type": "json_schema", "json_schema": schema}}) == 9 + 11
+    assert count_prompt({**base, "response_format": {"type": "json_object"}}) == 9
+
+
+def test_count_messages_survives_wrong_tool_call_shapes():
+    """Counting never raises on shapes validation refuses anyway (a string function, a string call)."""
+    messages = [{"role": "assistant", "content": None, "tool_calls": ["x", {"function": "y"}]}]
+    assert count_messages(messages) == 3 + 3 + 1
 
 
 def test_count_messages_tool_calls_counted():
@@ -107,7 +129,7 @@ def test_count_messages_tool_calls_counted():
     args = json.dumps({"city": "Paris", "unit": "celsius"})
     messages = [{"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": args}}]}]
-    assert count_messages(messages) == 3 + 3 + count_text("assistant") + count_text("get_weather") + \
+    assert count_messages(messages) == 3 + 3 + 1 + count_text("get_weather") + \
         count_text(args)
 
 

@@ -5,11 +5,13 @@ import hmac
 
 from flask import g, request
 
-from app.errors import AuthenticationFailed, PermissionDenied, ServiceUnavailable, SystemSecretRequired
+from app.api.request_guard import CLIENT_ADDRESS
+from app.errors import (AuthenticationFailed, PermissionDenied, RateLimited, ServiceUnavailable,
+                        SystemSecretRequired)
 from app.extensions import db
 from app.runtime import runtime
 from app.services.actor import SYSTEM, Actor
-from app.services.api_key_service import KeyInfo, lookup_key
+from app.services.api_key_service import KeyInfo, hash_key, lookup_key
 
 
 def bearer_token() -> str | None:
@@ -29,9 +31,15 @@ def authenticate() -> KeyInfo:
     if token is None:
         raise AuthenticationFailed("Missing API key. Send it as 'Authorization: Bearer sk-...'.")
     rt = runtime()
+    hit, known = rt.key_cache.get(hash_key(token))
+    # A key in this worker's cache costs no lookup: no throttle check (no Redis round trip on
+    # the hot path). Everything else does: guesses, and any key once its cache entry expired.
+    if not (hit and known is not None):
+        _refuse_if_throttled(rt)
     # The database down: 503 database_unavailable, mapped with every refusal in app/errors.py.
     info = lookup_key(lambda: db.session, rt.key_cache, token)
     if info is None:
+        rt.auth_throttle.failed(client_address())
         raise AuthenticationFailed("Incorrect API key provided.")
     ok, reason = info.usable(rt.clock.now())
     if not ok:
@@ -47,8 +55,25 @@ def require_system_secret() -> None:
         raise ServiceUnavailable("The admin API is disabled: SYSTEM_SECRET is not configured "
                                  "on this gateway.", code="system_secret_not_configured")
     given = request.headers.get("X-System-Secret", "")
+    rt = runtime()
+    _refuse_if_throttled(rt)
     if not given or not hmac.compare_digest(given.encode(), expected.encode()):
+        if given:
+            rt.auth_throttle.failed(client_address())
         raise SystemSecretRequired("Missing or wrong X-System-Secret header.")
+
+
+def client_address() -> str:
+    """The client's address as the request guard resolved it (TRUSTED_PROXIES)."""
+    return request.environ.get(CLIENT_ADDRESS) or request.remote_addr or "unknown"
+
+
+def _refuse_if_throttled(rt) -> None:
+    """429 for an address that failed too many key or secret checks in the current window."""
+    retry = rt.auth_throttle.retry_after(client_address())
+    if retry:
+        raise RateLimited(f"Too many failed authentication attempts from this address; retry after {retry}s.",
+                          code="too_many_failed_attempts", headers={"Retry-After": str(retry)})
 
 
 def key_actor(key: KeyInfo) -> Actor:

@@ -29,7 +29,76 @@ def read_json_object() -> dict[str, Any]:
         raise InvalidRequest("The request body is nested too deeply.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    reject_unstorable_strings(body)
     return body
+
+
+def read_optional_json_object() -> dict[str, Any]:
+    """The JSON object of a request whose body may be empty ({} then). Emptiness is judged on
+    the bytes received, not on Content-Length (absent on a chunked body)."""
+    if not request.get_data(cache=True):
+        return {}
+    return read_json_object()
+
+
+def unstorable(text: str) -> str | None:
+    """Why `text` cannot be stored or sent on (None: it can): a NUL character (PostgreSQL's
+    text refuses it) or a lone UTF-16 surrogate such as JSON "\\ud800" (not Unicode: it has
+    no UTF-8 form)."""
+    if "\x00" in text:
+        return "contains a NUL character (\\u0000)"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return "contains a lone surrogate (an unpaired \\ud800-\\udfff escape)"
+    return None
+
+
+def reject_unstorable_strings(body: Any) -> None:
+    """400 naming the first field (`param`, e.g. "messages[0].content") whose key or string
+    value is unstorable. Iterative: a body nested as deep as the JSON parser allows must not
+    exhaust the stack here."""
+    stack: list[tuple[Any, str]] = [(body, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            problem = unstorable(value)
+            if problem:
+                raise InvalidRequest(f"Invalid value for '{_printable(path) or 'body'}': it {problem}.",
+                                     param=_printable(path) or None, code="invalid_value")
+        elif isinstance(value, dict):
+            for key in value:
+                problem = unstorable(key)
+                if problem:
+                    where = _printable(f"{path}.{key}" if path else key)
+                    raise InvalidRequest(f"Invalid field name '{where}': it {problem}.",
+                                         param=where, code="invalid_value")
+            stack.extend((value[key], f"{path}.{key}" if path else key) for key in reversed(value))
+        elif isinstance(value, list):
+            stack.extend((value[i], f"{path}[{i}]") for i in range(len(value) - 1, -1, -1))
+
+
+def reject_unstorable_url_values() -> None:
+    """400 for a NUL (or lone surrogate) in any query parameter or path segment, before any
+    controller runs: such a value reaching PostgreSQL would be a 500."""
+    for name, value in request.args.items(multi=True):
+        problem = unstorable(name) or unstorable(value)
+        if problem:
+            raise InvalidRequest(f"Invalid query parameter '{_printable(name)}': it {problem}.",
+                                 param=_printable(name), code="invalid_value")
+    for name, value in (request.view_args or {}).items():
+        if isinstance(value, str):
+            problem = unstorable(value)
+            if problem:
+                raise InvalidRequest(f"Invalid value in the URL for '{name}': it {problem}.",
+                                     param=name, code="invalid_value")
+
+
+def _printable(name: str) -> str:
+    """`name` with control characters and surrogates escaped (it is echoed in `param`)."""
+    return name if name.isprintable() and unstorable(name) is None else \
+        name.encode("unicode_escape", "backslashreplace").decode("ascii")
 
 
 def new_request_id() -> str:

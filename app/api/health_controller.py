@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import os
 
-from flask import Response
+from flask import Response, current_app
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.api.common import json_response
 from app.runtime import runtime
+from app.services import read_replica
 
 
 def health() -> Response:
@@ -34,6 +35,13 @@ def health() -> Response:
     status["worker"] = {"pid": os.getpid(), **rt.usage_batcher.stats(),
                         "rate_limit_fail_mode": rt.settings.RATE_LIMIT_FAIL_MODE,
                         "fail_open_admissions": rt.limiter.fail_open_admissions}
+    # The catalogue this worker serves (a reload reaches every worker: compare their digests).
+    reloader = current_app.extensions.get("catalog_reloader")
+    status["models"] = {"count": len(rt.providers.catalog.models),
+                        "digest": reloader.digest[:16] if reloader else None}
+    # The PostgreSQL replica of the read-only queries (reads fall back to the primary when it fails).
+    if rt.settings.DATABASE_READ_URL:
+        status["read_replica"] = read_replica.of(current_app, rt).status()
     # Usage records waiting for PostgreSQL: the shared Redis list and this machine's spool files.
     status["usage_outbox"] = rt.usage_batcher.outbox_depth()
     return json_response(status, code)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from flask import Response, request
 
 from app.api.auth import admin_caller
-from app.api.common import json_response, read_json_object
+from app.api.common import json_response, read_json_object, read_optional_json_object
 from app.api.schemas import API_KEY_CREATE_SCHEMA, API_KEY_UPDATE_SCHEMA, ROTATE_SCHEMA
 from app.extensions import db
 from app.runtime import runtime
@@ -56,7 +56,7 @@ def update_api_key(key_id: int) -> Response:
 
 def rotate_api_key(key_id: int) -> Response:
     admin = admin_for(admin_caller())
-    params = ROTATE_SCHEMA.load(read_json_object() if request.content_length else {})
+    params = ROTATE_SCHEMA.load(read_optional_json_object())
     key, plaintext = admin.rotate_key(key_id, float(params["grace_period_s"]))
     body = _describe(key)
     body["key"] = plaintext  # shown once, like at minting

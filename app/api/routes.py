@@ -3,10 +3,13 @@ from __future__ import annotations
 
 from flask import Blueprint
 
+from app.api.common import reject_unstorable_url_values
+
 from app.api import (audit_controller, chat_controller, health_controller, key_controller, models_controller,
-                     responses_controller, status_controller, tenant_controller, usage_controller)
+                     reload_controller, responses_controller, status_controller, tenant_controller, usage_controller)
 
 api = Blueprint("api", __name__)
+api.before_request(reject_unstorable_url_values)  # a NUL in a query parameter or path: 400, not 500
 
 api.add_url_rule("/health", view_func=health_controller.health, methods=["GET"])
 for prefix in ("/v1", ""):
@@ -37,3 +40,4 @@ api.add_url_rule("/v1/tenants/<tenant_ref>", view_func=tenant_controller.update_
 api.add_url_rule("/v1/audit", view_func=audit_controller.list_audit, methods=["GET"])
 api.add_url_rule("/v1/uptime/<path:model_id>", view_func=status_controller.uptime, methods=["GET"])
 api.add_url_rule("/v1/providers/status", view_func=status_controller.providers_status, methods=["GET"])
+api.add_url_rule("/v1/admin/reload", view_func=reload_controller.reload_models, methods=["POST"])

@@ -61,8 +61,36 @@ def _validate_content(content: Any, role: str) -> str | None:
                 return "Each content part must be an object with a 'type'."
             if part["type"] == "text" and not isinstance(part.get("text"), str):
                 return "A text part needs a string 'text'."
+            if part["type"] == "image_url" and not _image_url_ok(part.get("image_url")):
+                return "An image_url part needs 'image_url': {\"url\": string, \"detail\": low|high|auto}."
         return None
     return "Content must be a string or a list of content parts."
+
+
+def _image_url_ok(value: Any) -> bool:
+    if isinstance(value, str):
+        return True
+    return (isinstance(value, dict) and isinstance(value.get("url"), str)
+            and value.get("detail", "auto") in ("low", "high", "auto"))
+
+
+def _tool_calls_problem(calls: Any) -> dict | list | None:
+    """marshmallow-shaped messages for a wrong `tool_calls` of an assistant message (None: fine):
+    a list of {"id": str, "type": "function", "function": {"name": str, "arguments": str}}."""
+    if not isinstance(calls, list):
+        return ["Must be a list of tool calls."]
+    for j, call in enumerate(calls):
+        if not isinstance(call, dict):
+            return {j: ["Each tool call must be an object."]}
+        if not isinstance(call.get("id", ""), str):
+            return {j: {"id": ["Must be a string."]}}
+        fn = call.get("function")
+        if not isinstance(fn, dict):
+            return {j: {"function": ["Must be an object with 'name' and 'arguments'."]}}
+        for name in ("name", "arguments"):
+            if not isinstance(fn.get(name), str):
+                return {j: {"function": {name: ["Must be a string."]}}}
+    return None
 
 
 class Messages(fields.List):
@@ -86,6 +114,12 @@ class Messages(fields.List):
             problem = _validate_content(msg.get("content"), role)
             if problem and not (role == "assistant" and msg.get("tool_calls")):
                 raise ValidationError({i: {"content": [problem]}})
+            if msg.get("tool_calls") is not None:
+                problem = _tool_calls_problem(msg["tool_calls"])
+                if problem:
+                    raise ValidationError({i: {"tool_calls": problem}})
+            if msg.get("name") is not None and not isinstance(msg["name"], str):
+                raise ValidationError({i: {"name": ["Must be a string."]}})
             if role == "tool" and not isinstance(msg.get("tool_call_id"), str):
                 raise ValidationError({i: {"tool_call_id": ["A tool message needs a string 'tool_call_id'."]}})
         return value
@@ -109,6 +143,10 @@ class ChatCompletionSchema(Schema):
     presence_penalty = StrictNumber(validate=validate.Range(min=-2, max=2), allow_none=True)
     frequency_penalty = StrictNumber(validate=validate.Range(min=-2, max=2), allow_none=True)
     user = StrictString(allow_none=True)
+    # Counted in the admission's token reservation: their shapes must be what the count expects.
+    tools = fields.List(fields.Dict(), allow_none=True)
+    functions = fields.List(fields.Dict(), allow_none=True)
+    response_format = fields.Dict(allow_none=True)
 
 
 class UTCDateTime(fields.AwareDateTime):

@@ -11,17 +11,17 @@ import io
 from datetime import datetime
 from typing import Any
 
-from flask import Response, request
+from flask import Response, current_app, request
 from sqlalchemy import select
 
 from app.api.auth import caller
-from app.api.common import json_response, read_json_object
+from app.api.common import json_response, read_optional_json_object
 from app.api.schemas import USAGE_QUERY_SCHEMA
 from app.errors import InvalidRequest, NotFound, PermissionDenied
 from app.extensions import db
 from app.models import ApiKey, Tenant
 from app.runtime import runtime
-from app.services import tenant_service, usage_service
+from app.services import read_replica, tenant_service, usage_service
 from app.services.actor import Actor
 
 TOTAL_COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd")
@@ -32,8 +32,8 @@ GROUP_COLUMNS = {"model": ("model",), "day": ("day",), "key": ("api_key_id", "ap
 def usage() -> Response:
     rt = runtime()
     actor = caller()
-    raw = request.args.to_dict() if request.method == "GET" or not request.content_length \
-        else read_json_object()
+    # POST: the filters in the JSON body (chunked or not); a POST without a body reads the query.
+    raw = (request.method == "POST" and read_optional_json_object()) or request.args.to_dict()
     params = USAGE_QUERY_SCHEMA.load(raw)
     default_start, default_end = usage_service.month_bounds()
     start: datetime = params.get("start", default_start)
@@ -44,7 +44,7 @@ def usage() -> Response:
     group_by = params.get("group_by")
     query = usage_service.UsageQuery(start=start, end=end, api_key_id=api_key_id, tenant_id=tenant_id,
                                      model=params.get("model"), group_by=group_by)
-    result = usage_service.query_usage(rt.engine, query)
+    result = read_replica.of(current_app, rt).query(lambda engine: usage_service.query_usage(engine, query))
     if group_by in ("key", "tenant"):
         _add_names(group_by, result["data"])
     if _wants_csv(params.get("format")):
@@ -109,9 +109,13 @@ def _csv_response(result: dict[str, Any], group_by: str | None) -> Response:
     return resp
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _cell(value: Any) -> Any:
-    """Spreadsheets run cells starting with = + - @ as formulas: key and tenant names are user
+    """Spreadsheets run cells starting with = + - @ as formulas, and some also those starting
+    with a tab or a carriage return (OWASP's CSV injection list): key and tenant names are user
     input, so such a cell gets a leading quote."""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@"):
+    if isinstance(value, str) and value[:1] in FORMULA_STARTS:
         return "'" + value
     return "" if value is None else value

@@ -195,14 +195,19 @@ def _plain(value: Any) -> Any:
 
 
 class KeyCache:
-    """Per-worker cache of hash -> KeyInfo (or None for unknown keys), with a TTL backstop."""
+    """Per-worker cache of hash -> KeyInfo, with a TTL backstop, and of unknown hashes (None)
+    for `negative_ttl_s`. Unknown hashes are kept apart and bounded, so that a flood of random
+    keys can neither grow the cache without end nor push the known keys out of it."""
 
-    NEGATIVE_TTL_S = 1.0
+    MAX_NEGATIVE = 10_000
 
-    def __init__(self, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, ttl_s: float, clock: Callable[[], float] = time.monotonic,
+                 negative_ttl_s: float = 1.0) -> None:
         self.ttl_s = ttl_s
+        self.negative_ttl_s = negative_ttl_s
         self.clock = clock
         self._entries: dict[str, tuple[KeyInfo | None, float]] = {}
+        self._unknown: dict[str, float] = {}   # hash -> expiry
         self._lock = threading.Lock()
         # Bumped by every invalidation: a lookup that read the database before an invalidation
         # must not cache what it read (it may predate the change).
@@ -212,9 +217,12 @@ class KeyCache:
 
     def get(self, key_hash: str) -> tuple[bool, KeyInfo | None]:
         entry = self._entries.get(key_hash)
-        if entry is None or entry[1] < self.clock():
-            return False, None
-        return True, entry[0]
+        if entry is not None and entry[1] >= self.clock():
+            return True, entry[0]
+        expiry = self._unknown.get(key_hash)
+        if expiry is not None and expiry >= self.clock():
+            return True, None
+        return False, None
 
     def get_stale(self, key_hash: str) -> KeyInfo | None:
         """The last known snapshot of a key even past its TTL (None for unknown keys): what
@@ -223,15 +231,22 @@ class KeyCache:
         return entry[0] if entry is not None else None
 
     def put(self, key_hash: str, info: KeyInfo | None, generation: int | None = None) -> None:
-        ttl = self.ttl_s if info is not None else min(self.ttl_s, self.NEGATIVE_TTL_S)
         with self._lock:
-            if len(self._entries) > 100_000:
-                self._entries.clear()
             # A lookup that overlapped an invalidation may have read the old row: kept only as
             # already expired (the next request looks it up again; `get_stale` may still use it
             # while the database is unreachable).
             fresh = generation is None or generation == self.generation
-            self._entries[key_hash] = (info, self.clock() + ttl if fresh else 0.0)
+            if info is None:
+                if len(self._unknown) >= self.MAX_NEGATIVE:
+                    self._unknown.clear()
+                if fresh and self.negative_ttl_s > 0:
+                    self._unknown[key_hash] = self.clock() + self.negative_ttl_s
+                self._entries.pop(key_hash, None)
+                return
+            if len(self._entries) > 100_000:
+                self._entries.clear()
+            self._unknown.pop(key_hash, None)
+            self._entries[key_hash] = (info, self.clock() + self.ttl_s if fresh else 0.0)
 
     def invalidate_key_id(self, key_id: int) -> None:
         with self._lock:
@@ -251,6 +266,7 @@ class KeyCache:
         with self._lock:
             self.generation += 1
             self._entries.clear()
+            self._unknown.clear()
 
     def expire_all(self) -> None:
         """Every entry must be looked up again, but stays known to `get_stale`: changes may

@@ -36,7 +36,7 @@ from app.services.rate_limit_service import LimiterUnavailable, deployment_quota
 from app.services.router import Candidate, ContextTooLong, RequestSize
 from app.services.settlement_service import CompletionTrace
 from app.utils.streaming import with_heartbeat
-from app.utils.token_counter import count_messages
+from app.utils.token_counter import IMAGE_TOKENS_HIGH, count_prompt, image_parts
 
 Invoke = Callable[[Provider, Deployment], Any]
 Pieces = Iterator[Optional[StreamPiece]]
@@ -87,6 +87,8 @@ class CompletionRun:
         if not key.may_use(alias):
             raise PermissionDenied(f"This API key may not use the model '{alias}'.", param="model",
                                    code="model_not_allowed")
+        if hold_slot:
+            _refuse_cheaply(rt, key, body, body_bytes)
         if deployment is None:
             size = _request_size(body, body_bytes)
             try:
@@ -125,13 +127,15 @@ class CompletionRun:
         self.trace.admission = adm
 
     def _estimate(self) -> tuple[int, int]:
-        """(tokens, nano-dollars) to reserve: the prompt counted with tiktoken plus the output cap
-        (max_completion_tokens, max_tokens, else the model's max_output_tokens), priced."""
+        """(tokens, nano-dollars) to reserve: everything the provider bills as prompt (messages,
+        images, tools, functions, a response_format schema: `count_prompt`, counted once per run)
+        plus the output cap (max_completion_tokens, max_tokens, else the model's
+        max_output_tokens) times the number of choices `n`, priced."""
         trace = self.trace
         body, entry = trace.request, trace.entry
         if trace.prompt_estimate is None:
-            trace.prompt_estimate = count_messages(body.get("messages") or [], entry.tokenizer)
-        output = int(body.get("max_completion_tokens") or body.get("max_tokens") or entry.max_output_tokens)
+            trace.prompt_estimate = count_prompt(body, entry.tokenizer)
+        output = _output_cap(body, entry.max_output_tokens) * _choices(body)
         return trace.prompt_estimate + output, to_nano(entry.pricing.cost(trace.prompt_estimate, output))
 
     # -- what the caller sees ------------------------------------------------------------------
@@ -370,10 +374,41 @@ def _abort(upstream: Any) -> None:
         abort()
 
 
+def _output_cap(body: dict[str, Any], default: int) -> int:
+    return int(body.get("max_completion_tokens") or body.get("max_tokens") or default)
+
+
+def _choices(body: dict[str, Any]) -> int:
+    """`n`: each choice is a whole output, billed (validated 1..128 by the chat schema)."""
+    n = body.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+
+
 def _request_size(body: dict[str, Any], body_bytes: int | None) -> RequestSize:
-    """The request's size for context-window checks (tiktoken runs only for long prompts)."""
+    """The request's size for context-window checks (tiktoken runs only for long prompts). An
+    image part is a few bytes of URL but up to IMAGE_TOKENS_HIGH tokens: added to the bound."""
     messages = body.get("messages") or []
     if body_bytes is None:
         body_bytes = len(json.dumps(body))
-    output = int(body.get("max_completion_tokens") or body.get("max_tokens") or 1)
-    return RequestSize(body_bytes, len(messages), output, lambda tokenizer: count_messages(messages, tokenizer))
+    images = image_parts(messages)
+    if images:
+        body_bytes += IMAGE_TOKENS_HIGH * len(images)
+    return RequestSize(body_bytes, len(messages), _output_cap(body, 1),
+                       lambda tokenizer: count_prompt(body, tokenizer))
+
+
+def _refuse_cheaply(rt: Any, key: Any, body: dict[str, Any], body_bytes: int | None) -> None:
+    """A key already at its requests/min or concurrency limit is refused before its prompt is
+    counted (counting megabytes takes a worker's CPU for a while). One extra limiter round trip,
+    so only for bodies of ADMISSION_PRECHECK_BYTES and more (a small prompt counts faster than
+    the round trip takes); the admission proper still decides."""
+    limits = key_limits(key)
+    if not (limits.rpm or limits.max_concurrent):
+        return
+    size = body_bytes if body_bytes is not None else len(json.dumps(body))
+    if size < rt.settings.ADMISSION_PRECHECK_BYTES:
+        return
+    refusal = rt.limiter.peek(limits)
+    if refusal is not None:
+        raise limit_error(refusal.reason, refusal.retry_after_ms, refusal.headers, tokens=0, rpm=limits.rpm,
+                          tpm=limits.tpm, daily=limits.daily_tokens, concurrent=limits.max_concurrent)

@@ -19,10 +19,11 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import redis
 
+from app.extensions import subscriber_urls
 from app.services.api_key_service import KeyCache
 
 log = logging.getLogger("gateway.key_events")
@@ -101,6 +102,11 @@ class KeyEvents:
         self.max_retry_s = max_retry_s
         self.subscribed = threading.Event()   # set while the listener is subscribed
         self.subscriptions = 0                # how many times it (re)subscribed
+        # Other process-wide events share the channel and the listener (one subscription per
+        # worker): a message {"event": NAME, ...} goes to handlers[NAME]; on_subscribe hooks
+        # run at every (re)subscription, to catch up with what may have been missed.
+        self.handlers: dict[str, Callable[[dict], None]] = {}
+        self.on_subscribe: list[Callable[[], None]] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -127,10 +133,37 @@ class KeyEvents:
         if timeout and thread is not None and thread.is_alive():
             thread.join(timeout)
 
+    def publish(self, event: str, **fields: Any) -> bool:
+        """Tell every worker of every replica about a process-wide event (see `handlers`)."""
+        return publish_event(self.publisher, self.channel, json.dumps({"event": event, **fields}))
+
+    def _dispatch(self, raw: bytes | str) -> None:
+        try:
+            event = json.loads(raw)
+        except ValueError:
+            event = None
+        handler = self.handlers.get(event.get("event")) if isinstance(event, dict) else None
+        if handler is not None:
+            try:
+                handler(event)
+            except Exception:
+                log.exception("handling the %r event failed", event.get("event"))
+        elif not (isinstance(event, dict) and "event" in event):
+            apply_event(self.cache, raw)
+
+    def _caught_up(self) -> None:
+        self.cache.expire_all()
+        for hook in self.on_subscribe:
+            try:
+                hook()
+            except Exception:
+                log.exception("a resubscription hook failed")
+
     def _run(self) -> None:
         delay = 0.05
+        urls = subscriber_urls(self.redis_url)   # a cluster: its nodes in turn
         while not self._stop.is_set():
-            client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2, socket_timeout=5,
+            client = redis.Redis.from_url(next(urls), socket_connect_timeout=2, socket_timeout=5,
                                           socket_keepalive=True, health_check_interval=5)
             pubsub = client.pubsub()
             try:
@@ -142,12 +175,12 @@ class KeyEvents:
                     if message["type"] == "subscribe":
                         # Anything published while we were not listening is unknown: every
                         # entry is looked up again (kept only as the outage fallback).
-                        self.cache.expire_all()
+                        self._caught_up()
                         self.subscriptions += 1
                         self.subscribed.set()
                         delay = 0.05
                     elif message["type"] == "message":
-                        apply_event(self.cache, message["data"])
+                        self._dispatch(message["data"])
             except (redis.RedisError, OSError) as exc:
                 if self.subscribed.is_set():
                     log.warning("key-change listener lost Redis (%s); reconnecting (cache TTL "

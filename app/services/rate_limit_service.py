@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import redis
+from redis.cluster import RedisCluster
 
 from app.overrides import RedisFreeList
 
@@ -121,6 +122,7 @@ class SeedNeeded(Exception):
 class Limiter(Protocol):
     def admit(self, limits: KeyLimits, request_id: str, tokens: int, cost_nano: int,
               seeds: dict[str, int] | None) -> Admission: ...
+    def peek(self, limits: KeyLimits) -> Admission | None: ...
     def settle(self, adm: Admission, actual_tokens: int, actual_cost_nano: int) -> None: ...
     def deployment_admit(self, quota: DeploymentQuota, tokens: int) -> bool: ...
     def deployment_settle(self, quota: DeploymentQuota, refund_tokens: int) -> None: ...
@@ -158,9 +160,12 @@ class RedisLimiter:
         list of connections, straight on the wire) instead of redis-py's pipeline and pool."""
         self.client = client
         self.lease_ms = lease_ms
+        # A Redis Cluster client has one pool per node: its commands go through its slot routing.
+        cluster = isinstance(client, RedisCluster)
         self._free_list = (RedisFreeList(client.connection_pool, max_connections, LimiterUnavailable)
-                           if pool_bypass else None)
+                           if pool_bypass and not cluster else None)
         self._execute: Callable[[list[tuple[Any, ...]]], list[Any]] = (
+            self._on_cluster if cluster else
             self._free_list.execute if self._free_list is not None else self._pipelined)
         self.script_text = SCRIPT_PATH.read_text()
         self.sha = hashlib.sha1(self.script_text.encode()).hexdigest()
@@ -206,6 +211,22 @@ class RedisLimiter:
         if self._free_list is not None:
             self._free_list.close()
 
+    def _on_cluster(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """On a Redis Cluster: each command through the client's slot routing (it follows
+        MOVED/ASK and refreshes its slot map). All keys of one script call share a hash tag, so
+        each runs whole on the master owning that slot; SCRIPT LOAD goes to every master.
+        EVALSHA cannot be pipelined across a cluster: one round trip per call."""
+        results: list[Any] = []
+        for command in commands:
+            try:
+                results.append(self.client.execute_command(*command))
+            except (redis.exceptions.ClusterError, redis.exceptions.RedisClusterException,
+                    redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                raise LimiterUnavailable(f"{type(exc).__name__}: {exc}") from None
+            except redis.ResponseError as exc:
+                results.append(exc)
+        return results
+
     def _pipelined(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """redis-py's own way: a non-transactional pipeline on the client's pool."""
         pipe = self.client.pipeline(transaction=False)
@@ -237,6 +258,16 @@ class RedisLimiter:
         elif reason == "tpm":
             adm.headers = _headers(replace(limits, rpm=0), 0, 0, int(res[5]), int(res[6]))
         return adm
+
+    def peek(self, limits: KeyLimits) -> Admission | None:
+        """The refusal a request would get on requests/min or concurrency alone (None: none);
+        reserves nothing."""
+        res = self._call(self.key_names(limits), ["peek", limits.rpm, limits.max_concurrent])
+        if int(res[0]) == 1:
+            return None
+        reason = res[1].decode() if isinstance(res[1], bytes) else res[1]
+        headers = _headers(replace(limits, tpm=0), int(res[3]), int(res[4]), 0, 0) if reason == "rpm" else {}
+        return Admission(False, reason, int(res[2]), limits=limits, headers=headers)
 
     def settle(self, adm: Admission, actual_tokens: int, actual_cost_nano: int) -> None:
         self.settle_many([(adm, actual_tokens, actual_cost_nano)])
@@ -363,6 +394,21 @@ class LocalLimiter:
         return Admission(True, "", 0, **base,
                          headers=_headers(limits, rpm_left, rpm_reset // 1000, tpm_left, tpm_reset // 1000))
 
+    def peek(self, limits: KeyLimits) -> Admission | None:
+        """As RedisLimiter.peek."""
+        with self._lock:
+            now = self._now_us()
+            k = f"k:{limits.key_id}"
+            if limits.rpm:
+                ok, _, retry, left, reset = self._gcra(f"{k}:rpm", limits.rpm, 1, now)
+                if not ok:
+                    return Admission(False, "rpm", -(-retry // 1000), limits=limits,
+                                     headers=_headers(replace(limits, tpm=0), left, reset // 1000, 0, 0))
+            leases = self._leases.get(k, {})
+            if limits.max_concurrent and sum(1 for e in leases.values() if e > now // 1000) >= limits.max_concurrent:
+                return Admission(False, "concurrency", 1000, limits=limits)
+            return None
+
     def settle(self, adm: Admission, actual_tokens: int, actual_cost_nano: int) -> None:
         limits = adm.limits
         assert limits is not None
@@ -451,6 +497,14 @@ class RateLimitService:
             self.fail_open_admissions += 1
             self._warn("limiter store unavailable: admitting without limits (RATE_LIMIT_FAIL_MODE=open)")
             return Admission(True, request_id=request_id, limits=limits, degraded=True)
+
+    def peek(self, limits: KeyLimits) -> Admission | None:
+        """A refusal on requests/min or concurrency alone, known without reserving anything
+        (None: no such refusal, or the store is down: the admission proper then decides)."""
+        try:
+            return self.backend.peek(limits)
+        except LimiterUnavailable:
+            return None
 
     def settle(self, adm: Admission, actual_tokens: int, actual_cost_nano: int) -> None:
         """Replace the reservation with the actual usage (refunds, lease release)."""

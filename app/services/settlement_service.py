@@ -24,7 +24,7 @@ from app.services.api_key_service import KeyInfo, LastUsedTracker
 from app.services.rate_limit_service import Admission, DeploymentQuota, RateLimitService, to_nano
 from app.services.usage_batcher import UsageBatcher
 from app.services.usage_service import UsageEvent
-from app.utils.token_counter import count_messages, count_text
+from app.utils.token_counter import count_prompt, count_text
 
 log = logging.getLogger("gateway.settlement")
 
@@ -110,7 +110,7 @@ def usage_figures(trace: CompletionTrace) -> tuple[int, int]:
         return 0, 0  # failed before any token: providers do not bill it
     prompt = trace.prompt_estimate
     if prompt is None:
-        prompt = count_messages(trace.request.get("messages") or [], trace.entry.tokenizer)
+        prompt = count_prompt(trace.request, trace.entry.tokenizer)
     return prompt, count_text(_completion_text(trace), trace.entry.tokenizer)
 
 

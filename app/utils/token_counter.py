@@ -9,6 +9,7 @@ directory its `TIKTOKEN_CACHE_DIR` names).
 from __future__ import annotations
 
 import functools
+import json
 import os
 import threading
 from typing import Any, Iterable
@@ -72,29 +73,62 @@ def _content_text(content: Any) -> Iterable[str]:
                 yield part["text"]
 
 
-# An image part costs at least this many tokens (OpenAI's "low detail" figure).
-IMAGE_PART_TOKENS = 85
+# An image part, by OpenAI's published vision accounting: "low" detail is a flat 85 tokens;
+# "high" (and "auto", which may pick high) is 85 + 170 per 512-px tile of the image scaled to
+# fit 2048 x 2048 with its short side at most 768 px: at most 4 x 2 tiles, so 1445 tokens. The
+# image's size is not known without fetching it, so the reservation takes that bound (the
+# settlement refunds what the provider did not bill).
+IMAGE_TOKENS_LOW = 85
+IMAGE_TOKENS_HIGH = 85 + 170 * 8
+
+
+def image_tokens(part: dict) -> int:
+    """The tokens reserved for one `image_url` content part."""
+    detail = part.get("image_url", {}).get("detail") if isinstance(part.get("image_url"), dict) else None
+    return IMAGE_TOKENS_LOW if detail == "low" else IMAGE_TOKENS_HIGH
+
+
+def image_parts(messages: list[dict]) -> list[dict]:
+    """The `image_url` content parts of a chat request (no tokenising)."""
+    return [p for msg in messages if isinstance(msg, dict) and isinstance(msg.get("content"), list)
+            for p in msg["content"] if isinstance(p, dict) and p.get("type") == "image_url"]
 
 
 def count_messages(messages: list[dict], encoding: str = DEFAULT_ENCODING) -> int:
-    """Prompt tokens of a chat request, by OpenAI's published per-message accounting:
-    3 tokens of framing per message, 1 more for a `name`, and 3 to prime the reply."""
+    """Prompt tokens of a chat request's messages, by OpenAI's published per-message accounting:
+    3 tokens of framing per message, 1 more for a `name`, and 3 to prime the reply; images as
+    `image_tokens`."""
     total = 3
     for msg in messages:
         total += 3
         for text in _content_text(msg.get("content")):
             total += count_text(text, encoding)
         if isinstance(msg.get("content"), list):
-            total += IMAGE_PART_TOKENS * sum(
-                1 for p in msg["content"] if isinstance(p, dict) and p.get("type") == "image_url")
+            total += sum(image_tokens(p) for p in msg["content"]
+                         if isinstance(p, dict) and p.get("type") == "image_url")
         if msg.get("name"):
             total += 1 + count_text(str(msg["name"]), encoding)
         if msg.get("role"):
             total += count_text(str(msg["role"]), encoding)
         for call in msg.get("tool_calls") or ():
-            fn = call.get("function") or {} if isinstance(call, dict) else {}
-            total += count_text(str(fn.get("name", "")), encoding)
-            total += count_text(str(fn.get("arguments", "")), encoding)
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict):
+                total += count_text(str(fn.get("name", "")), encoding)
+                total += count_text(str(fn.get("arguments", "")), encoding)
+    return total
+
+
+def count_prompt(body: dict[str, Any], encoding: str = DEFAULT_ENCODING) -> int:
+    """Everything of a chat request the provider bills as prompt: the messages, and the tool
+    and function definitions and a `response_format` JSON schema, which the provider renders
+    into the prompt (counted here as their compact JSON, a close upper bound of the rendering)."""
+    total = count_messages(body.get("messages") or [], encoding)
+    for name in ("tools", "functions"):
+        if body.get(name):
+            total += count_text(json.dumps(body[name], separators=(",", ":")), encoding)
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and fmt.get("json_schema") is not None:
+        total += count_text(json.dumps(fmt["json_schema"], separators=(",", ":")), encoding)
     return total
 
 

@@ -7,7 +7,7 @@
 -- All keys of one call share one hash tag (the tenant's, or the deployment's), so the script
 -- also runs on Redis Cluster. Day/month counters are named from the declared key prefixes.
 --
--- ARGV[1] is the operation: admit | settle | deploy_admit | deploy_settle.
+-- ARGV[1] is the operation: admit | peek | settle | deploy_admit | deploy_settle.
 
 local PERIOD = 60000000 -- one minute in microseconds
 
@@ -143,6 +143,21 @@ if op == 'admit' then
   if kbudget >= 0 then redis.call('SET', kspend_key, fmt(kspent + cost), 'PX', month_ttl) end
   if tbudget >= 0 then redis.call('SET', tspend_key, fmt(tspent + cost), 'PX', month_ttl) end
   return {1, '', 0, days, month, rpm_left, math.ceil(rpm_reset / 1000), tpm_left, math.ceil(tpm_reset / 1000)}
+
+elseif op == 'peek' then
+  -- Would a request be refused on requests/min or concurrency alone? Reads only, reserves
+  -- nothing: lets the gateway refuse before counting a prompt. KEYS as for admit.
+  -- ARGV: 2 rpm, 3 max concurrent
+  local now = now_us()
+  local rpm, maxc = tonumber(ARGV[2]), tonumber(ARGV[3])
+  if rpm > 0 then
+    local ok, _, retry, left, reset = gcra(KEYS[1], rpm, 1, now)
+    if not ok then return {0, 'rpm', math.ceil(retry / 1000), left, math.ceil(reset / 1000)} end
+  end
+  if maxc > 0 and redis.call('ZCOUNT', KEYS[4], '(' .. fmt(math.floor(now / 1000)), '+inf') >= maxc then
+    return {0, 'concurrency', 1000, 0, 0}
+  end
+  return {1, '', 0, 0, 0}
 
 elseif op == 'settle' then
   -- KEYS as for admit. ARGV: 2 request_id, 3 tpm, 4 token delta (reserved - actual),
