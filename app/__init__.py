@@ -50,8 +50,9 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, clock: Clock 
     # models.json reloads in every worker of every replica (POST /v1/admin/reload, key events)
     app.extensions["catalog_reloader"] = catalog_reload.CatalogReloader(rt).install()
 
-    from app.api.routes import api
+    from app.api.routes import api, messages_api
     app.register_blueprint(api)
+    app.register_blueprint(messages_api)
     register_error_handlers(app)
     app.after_request(_request_id_header)
     # Client address, connections per address, the body read with a deadline, security headers.
@@ -64,6 +65,7 @@ def _request_id_header(resp: Response) -> Response:
     rid = g.get("request_id")
     if rid:
         resp.headers["X-Request-ID"] = rid
+        resp.headers["request-id"] = rid  # the name Anthropic's SDKs read (`message._request_id`)
     return resp
 
 

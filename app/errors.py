@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-from typing import Any
+from typing import Any, Callable
 
-from flask import Flask, Response
+from flask import Blueprint, Flask, Response, current_app
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
@@ -226,8 +226,49 @@ _HTTP_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
-def error_response(err: APIError) -> Response:
-    resp = Response(json.dumps(err.body()), status=err.status, mimetype="application/json")
+# The Anthropic Messages endpoint answers errors in Anthropic's envelope and status codes.
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                         500: "api_error", 504: "timeout_error", 529: "overloaded_error"}
+
+# An envelope encodes an APIError as (status, JSON body) in one API dialect.
+Envelope = Callable[[APIError], "tuple[int, dict[str, Any]]"]
+
+
+def openai_envelope(err: APIError) -> tuple[int, dict[str, Any]]:
+    """{"error": {"message", "type", "param", "code"}} with the error's own status."""
+    return err.status, err.body()
+
+
+def anthropic_status(status: int) -> int:
+    """Our status as one of Anthropic's: 503 (nothing can serve now) is 529 overloaded, other
+    4xx are 400 and other 5xx 500, as Anthropic documents."""
+    if status in ANTHROPIC_ERROR_TYPES:
+        return status
+    if status == 503:
+        return 529
+    return 400 if 400 <= status < 500 else 500
+
+
+def anthropic_envelope(err: APIError) -> tuple[int, dict[str, Any]]:
+    """{"type": "error", "error": {"type", "message"}} with Anthropic's status code."""
+    status = anthropic_status(err.status)
+    return status, {"type": "error", "error": {"type": ANTHROPIC_ERROR_TYPES[status], "message": err.message}}
+
+
+# The URL prefix of the Anthropic Messages API (its blueprint's): errors answered before Flask
+# routes a request (the WSGI request guard) use its envelope too.
+ANTHROPIC_PREFIX = "/v1/messages"
+
+
+def envelope_for(path: str) -> Envelope:
+    """The envelope of the API a URL path belongs to."""
+    return anthropic_envelope if path.startswith(ANTHROPIC_PREFIX) else openai_envelope
+
+
+def error_response(err: APIError, envelope: Envelope = openai_envelope) -> Response:
+    status, body = envelope(err)
+    resp = Response(json.dumps(body), status=status, mimetype="application/json")
     for k, v in err.headers.items():
         resp.headers[k] = v
     return resp
@@ -249,38 +290,48 @@ def first_validation_error(messages: Any, prefix: str = "") -> tuple[str | None,
     return (prefix or None), str(messages)
 
 
-def register_error_handlers(app: Flask) -> None:
-    @app.errorhandler(APIError)
+def http_error(err: HTTPException) -> APIError:
+    """Werkzeug's HTTP errors (unknown URL, wrong method, body too large) as APIErrors."""
+    status = err.code or 500
+    message = {
+        404: "Unknown URL. See docs/api.md for the gateway's endpoints.",
+        405: "Method not allowed for this URL.",
+        413: f"Request body too large (limit: {current_app.config.get('MAX_CONTENT_LENGTH')} bytes).",
+    }.get(status, err.description or err.name)
+    api = APIError(message, status=status, code=_HTTP_CODES.get(status))
+    api.type = _HTTP_TYPES.get(status, "api_error")
+    if status == 405 and getattr(err, "valid_methods", None):
+        api.headers["Allow"] = ", ".join(err.valid_methods)
+    return api
+
+
+def validation_error(err: ValidationError) -> APIError:
+    param, message = first_validation_error(err.messages)
+    text = f"Invalid value for '{param}': {message}" if param else message
+    return InvalidRequest(text, param=param, code="invalid_value")
+
+
+def register_error_handlers(target: Flask | Blueprint, envelope: Envelope = openai_envelope) -> None:
+    """Map every error raised under `target` (the app, or a blueprint speaking another dialect)
+    to an APIError, encoded by `envelope`."""
+    @target.errorhandler(APIError)
     def _api_error(err: APIError) -> Response:
-        return error_response(err)
+        return error_response(err, envelope)
 
-    @app.errorhandler(ValidationError)
+    @target.errorhandler(ValidationError)
     def _validation(err: ValidationError) -> Response:
-        param, message = first_validation_error(err.messages)
-        text = f"Invalid value for '{param}': {message}" if param else message
-        return error_response(InvalidRequest(text, param=param, code="invalid_value"))
+        return error_response(validation_error(err), envelope)
 
-    @app.errorhandler(HTTPException)
+    @target.errorhandler(HTTPException)
     def _http(err: HTTPException) -> Response:
-        status = err.code or 500
-        message = {
-            404: "Unknown URL. See docs/api.md for the gateway's endpoints.",
-            405: "Method not allowed for this URL.",
-            413: f"Request body too large (limit: {app.config.get('MAX_CONTENT_LENGTH')} bytes).",
-        }.get(status, err.description or err.name)
-        api = APIError(message, status=status, code=_HTTP_CODES.get(status))
-        api.type = _HTTP_TYPES.get(status, "api_error")
-        resp = error_response(api)
-        if status == 405 and hasattr(err, "valid_methods") and err.valid_methods:
-            resp.headers["Allow"] = ", ".join(err.valid_methods)
-        return resp
+        return error_response(http_error(err), envelope)
 
-    @app.errorhandler(Exception)
+    @target.errorhandler(Exception)
     def _unexpected(err: Exception) -> Response:
         refusal = api_error_for(err)
         if refusal is not None:  # e.g. the database down under a controller
             log.error("request refused: %s (%s)", refusal.code, type(err).__name__)
-            return error_response(refusal)
+            return error_response(refusal, envelope)
         log.exception("unhandled error: %s", type(err).__name__)
         return error_response(APIError("The gateway had an internal error. It has been logged.",
-                                       code="internal_error"))
+                                       code="internal_error"), envelope)

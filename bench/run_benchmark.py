@@ -6,9 +6,10 @@ One command (from the repo root)::
     .venv/bin/python bench/run_benchmark.py [--duration 10] [--concurrency 1,16,64]
         [--modes nonstream,stream] [--workers 2] [--pg-url URL] [--redis-url URL] [--keep]
 
-``--modes`` also takes ``responses`` and ``responses-stream``: the same prompt and answer as
-``nonstream`` / ``stream`` through ``POST /v1/responses`` (``store: false``), so the gateway's
-CPU per request of the two dialects can be compared (the Responses translation's cost).
+Modes `messages` and `messages-stream` send the same prompt to the gateway's Anthropic
+Messages endpoint (`/v1/messages`, translated to the same chat request upstream), so that the
+translation's CPU cost shows against `nonstream` / `stream` of the same size. Modes `responses`
+and `responses-stream` do the same through the Responses API (`/v1/responses`, `store: false`).
 
 It starts the fake upstream and the gateway (gunicorn) as child processes, drives both with
 wrk in the same run, prints a comparison table and writes ``bench/results/latest.json``.
@@ -46,10 +47,12 @@ RESULTS = REPO / "bench" / "results" / "latest.json"
 BENCH_DB = os.environ.get("BENCH_DB") or "gateway_bench"  # another name lets two runs share a server
 UPSTREAM_KEY = "sk-bench-upstream"  # the gateway's key for the fake upstream
 CHAT_PATH = "/v1/chat/completions"
+MESSAGES_PATH = "/v1/messages"
 RESPONSES_PATH = "/v1/responses"
-# mode -> (URL path, streamed, Responses dialect)
-MODES = {"nonstream": (CHAT_PATH, False, False), "stream": (CHAT_PATH, True, False),
-         "responses": (RESPONSES_PATH, False, True), "responses-stream": (RESPONSES_PATH, True, True)}
+# mode -> (streamed, gateway path); the upstream is always called with the chat request.
+MODES = {"nonstream": (False, CHAT_PATH), "stream": (True, CHAT_PATH),
+         "messages": (False, MESSAGES_PATH), "messages-stream": (True, MESSAGES_PATH),
+         "responses": (False, RESPONSES_PATH), "responses-stream": (True, RESPONSES_PATH)}
 PROMPT = "Say hello to the benchmark"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 T = TypeVar("T")
@@ -110,17 +113,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def request_body(mode: str) -> dict[str, Any]:
-    """The request of a mode: chat completions, or the same prompt and cap in the Responses
-    dialect (not stored: the translation is measured, not the stored-response insert)."""
-    _, stream, responses = MODES[mode]
-    if responses:
-        body: dict[str, Any] = {"model": "bench", "input": PROMPT, "max_output_tokens": 64, "store": False}
-    else:
-        body = {"model": "bench", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 64}
+def request_body(stream: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "bench",
+                            "messages": [{"role": "user", "content": PROMPT}],
+                            "max_tokens": 64}
     if stream:
         body["stream"] = True
     return body
+
+
+def messages_body(stream: bool) -> dict[str, Any]:
+    """The Anthropic Messages request of the same size as `request_body`."""
+    body: dict[str, Any] = {"model": "bench", "max_tokens": 64,
+                            "messages": [{"role": "user", "content": PROMPT}]}
+    if stream:
+        body["stream"] = True
+    return body
+
+
+def responses_body(stream: bool) -> dict[str, Any]:
+    """The Responses API request of the same size as `request_body` (not stored: the
+    translation is measured, not the stored-response insert)."""
+    body: dict[str, Any] = {"model": "bench", "input": PROMPT, "max_output_tokens": 64, "store": False}
+    if stream:
+        body["stream"] = True
+    return body
+
+
+def gateway_body(mode: str) -> dict[str, Any]:
+    stream, path = MODES[mode]
+    if path == RESPONSES_PATH:
+        return responses_body(stream)
+    return messages_body(stream) if path == MESSAGES_PATH else request_body(stream)
 
 
 def http_post(url: str, body: dict[str, Any], key: str,
@@ -293,9 +317,10 @@ def ensure_wrk() -> str:
     return path
 
 
-def write_lua(directory: Path, mode: str, key: str) -> Path:
-    path = directory / f"{mode}.lua"
-    lua = LUA_TEMPLATE.format(body=lua_string(json.dumps(request_body(mode))),
+def write_lua(directory: Path, stream: bool, key: str, body: dict[str, Any] | None = None,
+              name: str | None = None) -> Path:
+    path = directory / f"{name or ('stream' if stream else 'nonstream')}.lua"
+    lua = LUA_TEMPLATE.format(body=lua_string(json.dumps(body or request_body(stream))),
                               auth=lua_string(f"Bearer {key}"))
     path.write_text(lua)
     return path
@@ -514,16 +539,16 @@ def mint_key(env: dict[str, str], admission: bool = False) -> str:
     return lines[-1]
 
 
-def smoke_check(name: str, url: str, key: str, mode: str) -> None:
+def smoke_check(name: str, url: str, key: str, stream: bool, request: dict[str, Any] | None = None) -> None:
     """One request before wrk, so a broken answer fails loudly instead of as a fast 4xx."""
-    _, stream, responses = MODES[mode]
-    status, body = http_post(url, request_body(mode), key)
+    status, body = http_post(url, request or request_body(stream), key)
     if status != 200:
-        raise BenchError(f"{name}: {mode} request answered {status}: {body[:500]!r}")
-    if stream and responses and b"response.completed" not in body:
-        raise BenchError(f"{name}: stream did not end with response.completed: {body[-500:]!r}")
-    if stream and not responses and b"data: [DONE]" not in body:
-        raise BenchError(f"{name}: stream did not end with data: [DONE]: {body[-500:]!r}")
+        raise BenchError(f"{name}: {'stream' if stream else 'non-stream'} request answered "
+                         f"{status}: {body[:500]!r}")
+    end = (b"event: message_stop" if url.endswith(MESSAGES_PATH) else
+           b"event: response.completed" if url.endswith(RESPONSES_PATH) else b"data: [DONE]")
+    if stream and end not in body:
+        raise BenchError(f"{name}: stream did not end with {end.decode()}: {body[-500:]!r}")
     if not stream and b'"usage"' not in body:
         raise BenchError(f"{name}: non-stream answer has no usage: {body[:500]!r}")
 
@@ -585,16 +610,16 @@ def print_usage(usage: dict[str, Any], rows: list[Row]) -> None:
           f"  per measured run: {per_run}")
 
 
-def dialect_cost(rows: list[Row]) -> Iterator[str]:
-    """The Responses translation's cost: gateway CPU per request of a Responses mode minus that
-    of the chat mode of the same size, at each concurrency measured in both."""
-    cpu = {(r.mode, r.concurrency): r.gateway.cpu_ms_per_req for r in rows if r.gateway}
-    for responses, chat in (("responses", "nonstream"), ("responses-stream", "stream")):
-        for (mode, c), ms in sorted(cpu.items()):
-            base = cpu.get((chat, c))
-            if mode == responses and ms is not None and base is not None:
-                yield (f"{responses} c={c}: gateway CPU {ms:.3f} ms/req vs {chat} {base:.3f}: "
-                       f"translation adds {ms - base:+.3f} ms/req")
+def translation_overhead(rows: list[Row]) -> Iterator[str]:
+    """Gateway CPU per request of each Messages or Responses mode minus its chat mode of the same size."""
+    cpu = {(r.mode, r.concurrency): r.gateway.cpu_ms_per_req for r in rows
+           if r.gateway and r.gateway.cpu_ms_per_req is not None}
+    for translated, chat in (("messages", "nonstream"), ("messages-stream", "stream"),
+                             ("responses", "nonstream"), ("responses-stream", "stream")):
+        for (mode, c), value in cpu.items():
+            if mode == translated and (chat, c) in cpu:
+                yield (f"{translated} vs {chat} c={c}: gateway CPU {value:.3f} vs {cpu[(chat, c)]:.3f} "
+                       f"ms/req, translation adds {value - cpu[(chat, c)]:+.3f} ms/req")
 
 
 def error_details(rows: list[Row]) -> Iterator[str]:
@@ -647,8 +672,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     p.add_argument("--concurrency", default="1,16,64", help="comma-separated connections")
-    p.add_argument("--modes", default="nonstream,stream",
-                   help="nonstream,stream (chat completions), responses,responses-stream (Responses API)")
+    p.add_argument("--modes", default="nonstream,stream", help=",".join(MODES))
     p.add_argument("--workers", type=int, default=2, help="gunicorn WEB_CONCURRENCY")
     p.add_argument("--warmup", type=float, default=2.0,
                    help="seconds of unmeasured load per target and mode (0 = none)")
@@ -672,10 +696,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @dataclass
 class Targets:
     """Where wrk sends load, and what to measure the CPU of."""
-    direct_base: str  # the fake upstream, http://127.0.0.1:port
+    direct_url: str
     upstream_pid: int
     upstream_port: int
-    gateway_base: str | None = None
+    gateway_url: str | None = None
     gateway_pid: int | None = None
     key: str = "sk-direct"
     gateway_completed: int = 0  # responses wrk (and smoke checks) got from the gateway
@@ -698,27 +722,27 @@ class Targets:
 
 def bench_mode(wrk: str, args: argparse.Namespace, t: Targets, mode: str,
                tmp: Path) -> Iterator[Row]:
-    path = MODES[mode][0]
-    lua = write_lua(tmp, mode, t.key)
-    direct_url = t.direct_base + path
-    smoke_check("upstream", direct_url, t.key, mode)
-    gw = t.gateway_base + path if t.gateway_base else None
+    stream, path = MODES[mode]
+    lua = write_lua(tmp, stream, t.key)
+    gw_lua = write_lua(tmp, stream, t.key, gateway_body(mode), f"gateway-{mode}")
+    smoke_check("upstream", t.direct_url, t.key, stream)
+    gw = t.gateway_url.replace(CHAT_PATH, path) if t.gateway_url else None
     if gw:
-        t.on_gateway(lambda: smoke_check("gateway", gw, t.key, mode))
+        t.on_gateway(lambda: smoke_check("gateway", gw, t.key, stream, gateway_body(mode)))
         t.gateway_completed += 1
     if args.warmup > 0:
         top = max(args.concurrency)
-        run_wrk(wrk, direct_url, lua, top, args.warmup)
+        run_wrk(wrk, t.direct_url, lua, top, args.warmup)
         if gw:
-            warm = t.on_gateway(lambda: run_wrk(wrk, gw, lua, top, args.warmup))
+            warm = t.on_gateway(lambda: run_wrk(wrk, gw, gw_lua, top, args.warmup))
             t.gateway_completed += warm.requests
     for c in args.concurrency:
         log(f"{mode} c={c}: direct")
-        direct = measured_run(wrk, direct_url, lua, c, args.duration, t.upstream_pid)
+        direct = measured_run(wrk, t.direct_url, lua, c, args.duration, t.upstream_pid)
         row = Row(mode, c, direct)
         if gw:
             log(f"{mode} c={c}: gateway")
-            row.gateway = t.on_gateway(lambda: measured_run(wrk, gw, lua, c, args.duration,
+            row.gateway = t.on_gateway(lambda: measured_run(wrk, gw, gw_lua, c, args.duration,
                                                             t.gateway_pid))
             t.gateway_completed += row.gateway.requests
             row.upstream_during_gateway = t.last_upstream
@@ -737,7 +761,7 @@ def setup_gateway(args: argparse.Namespace, procs: Processes, t: Targets, tmp: P
     run_manager(env, "create-db")
     log(f"starting gateway on port {port} with {args.workers} workers")
     proc = start_gateway(procs, env, port, tmp)
-    t.gateway_base, t.gateway_pid = f"http://127.0.0.1:{port}", proc.pid
+    t.gateway_url, t.gateway_pid = f"http://127.0.0.1:{port}{CHAT_PATH}", proc.pid
     t.key = mint_key(env, args.admission)
     log(f"minted key {t.key[:8]}...")
 
@@ -765,7 +789,7 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
     log(f"machine: {info['nproc']} CPUs, {info['cpu_model']}, Python {info['python']}, "
         f"{info['wrk']}")
     port, fake = start_fake(procs, tmp)
-    t = Targets(f"http://127.0.0.1:{port}", fake.pid, port)
+    t = Targets(f"http://127.0.0.1:{port}{CHAT_PATH}", fake.pid, port)
     if not args.direct_only:
         setup_gateway(args, procs, t, tmp)
     rows: list[Row] = []
@@ -779,7 +803,7 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
     print(f"wrk: {args.duration:g}s per run, 1 thread at c=1 else 2; gateway workers: "
           f"{args.workers}\n")
     print(format_table(rows))
-    for line in dialect_cost(rows):
+    for line in translation_overhead(rows):
         print(line)
     for line in error_details(rows):
         print(line)

@@ -24,6 +24,7 @@ ROUTES = {
     ("GET", "/v1/audit"),
     ("GET", "/v1/uptime/<path:model_id>"),
     ("GET", "/v1/providers/status"),
+    ("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens"),
     ("POST", "/v1/admin/reload"),
     ("POST", "/v1/responses"), ("POST", "/responses"),
     ("GET", "/v1/responses/<response_id>"), ("GET", "/responses/<response_id>"),
@@ -44,7 +45,13 @@ BODIES = {
     "/v1/api-keys": NAME_BODY, "/v1/api-keys/<int:key_id>": NAME_BODY,
     "/v1/api-keys/<int:key_id>/rotate": ({"grace_period_s": 1, "note\u0000": 1}, "note\\x00"),
     "/v1/tenants": NAME_BODY, "/v1/tenants/<tenant_ref>": ({"status": "active", "name": "t\u0000"}, "name"),
+    "/v1/messages": ({"model": "demo", "max_tokens": 8, "system": "a\u0000b",
+                      "messages": [{"role": "user", "content": "hi"}]}, "system"),
+    "/v1/messages/count_tokens": ({"model": "demo", "messages": [{"role": "user", "content": "a\u0000b"}]},
+                                  "messages[0].content"),
 }
+# The Anthropic Messages routes answer in Anthropic's envelope (no param field: it is named in the message).
+ANTHROPIC_ROUTES = {"/v1/messages", "/v1/messages/count_tokens"}
 
 
 @pytest.fixture
@@ -61,12 +68,17 @@ def _path(rule: str, key_id: int, tenant_ref: str = "sweep-tenant", model: str =
 
 
 def _headers(ctx, rule: str) -> dict[str, str]:
-    key_routes = ("/v1/chat/completions", "/chat/completions", "/v1/models", "/v1/uptime/<path:model_id>")
+    key_routes = ("/v1/chat/completions", "/chat/completions", "/v1/models", "/v1/uptime/<path:model_id>",
+                  *ANTHROPIC_ROUTES)
     return ctx["key_headers"] if rule in key_routes or "/responses" in rule else ctx["headers"]
 
 
 def _assert_400(resp, param) -> None:
     assert resp.status_code == 400, (resp.status_code, resp.get_data(as_text=True)[:300])
+    if resp.get_json().get("type") == "error":  # Anthropic's envelope
+        error = resp.get_json()["error"]
+        assert error["type"] == "invalid_request_error" and f"'{param}'" in error["message"]
+        return
     error = resp.get_json()["error"]
     assert error["type"] == "invalid_request_error"
     assert error["code"] == "invalid_value"

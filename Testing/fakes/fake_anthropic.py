@@ -11,7 +11,10 @@ hostile upstream might), fail-429 (retry-after: 7), overloaded (529 overloaded_e
 fail-500, context-too-long, malformed (200 HTML), malformed-json (200 JSON without content),
 stream-error (an `error` event after message_start), die-mid-stream (cut after 4 events), hang,
 tool (a text block then a tool_use block; answers "Tool said: ..." once a tool_result came
-back), cache (11 cache-creation and 100 cache-read input tokens), chunks-N.
+back), cache (11 cache-creation and 100 cache-read input tokens), chunks-N. `POST
+/v1/messages/count_tokens` answers words + 7 (+ 1 per tool; fail-500 fails). A request with
+`thinking: {"type": "enabled"}` gets a thinking block first (`THINKING`, signed `SIGNATURE`;
+streamed as thinking_delta + signature_delta).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from Testing.fakes.http_fake import HANG, FakeHTTPServer, FakeRequest, Reply, St
 DEFAULT_PIECES = 12
 PROMPT_OVERHEAD = 7
 CACHE_CREATION, CACHE_READ = 11, 100
+THINKING, SIGNATURE = "Pondering the words.", "sig-fake-0001"
 _CHUNKS = re.compile(r"chunks-(\d+)")
 
 
@@ -72,6 +76,8 @@ class FakeAnthropic(FakeHTTPServer):
         return self.url + "/v1"
 
     def handle(self, req: FakeRequest) -> Any:
+        if req.path == "/v1/messages/count_tokens" and req.method == "POST":
+            return self._count_tokens(req)
         if req.path != "/v1/messages" or req.method != "POST":
             return error(404, "not_found_error", f"Not found: {req.method} {req.path}")
         if req.headers.get("x-api-key") != self.api_key:
@@ -108,6 +114,17 @@ class FakeAnthropic(FakeHTTPServer):
             return self._stream(plan, model)
         return Reply(200, self._message(plan))
 
+    def _count_tokens(self, req: FakeRequest) -> Reply:
+        """`{"input_tokens": words + 7}` (the prompt_tokens of an answer), + 1 per tool."""
+        if req.headers.get("x-api-key") != self.api_key:
+            return error(401, "authentication_error", "invalid x-api-key")
+        body = req.json
+        if not isinstance(body, dict) or "max_tokens" in body or not isinstance(body.get("messages"), list):
+            return error(400, "invalid_request_error", "count_tokens takes model, messages, system, tools")
+        if "fail-500" in str(body.get("model")):
+            return error(500, "api_error", "Internal server error")
+        return Reply(200, {"input_tokens": prompt_tokens(body) + len(body.get("tools") or [])})
+
     @staticmethod
     def _invalid(body: Any) -> str | None:
         if not isinstance(body, dict):
@@ -123,7 +140,8 @@ class FakeAnthropic(FakeHTTPServer):
             if not isinstance(m.get("content"), (str, list)):
                 return f"messages.{i}.content: Input should be a valid list"
             for block in m["content"] if isinstance(m["content"], list) else ():
-                if block.get("type") not in ("text", "image", "tool_use", "tool_result", "document"):
+                if block.get("type") not in ("text", "image", "tool_use", "tool_result", "document", "thinking",
+                                             "redacted_thinking"):
                     return f"messages.{i}.content: unknown block type {block.get('type')!r}"
         if "system" in body and not isinstance(body["system"], (str, list)):
             return "system: Input should be a valid string"
@@ -134,7 +152,8 @@ class FakeAnthropic(FakeHTTPServer):
         result = tool_result_of(body)
         tools = body.get("tools") or []
         m = _CHUNKS.search(model)
-        plan: dict[str, Any] = {"id": mid, "model": model, "tool": None, "stop": "end_turn"}
+        plan: dict[str, Any] = {"id": mid, "model": model, "tool": None, "stop": "end_turn",
+                                "thinking": (body.get("thinking") or {}).get("type") == "enabled"}
         if "tool" in model and result is None and tools:
             args = json.dumps({"query": block_text(body["messages"][-1]["content"]), "unit": "celsius"})
             plan["pieces"] = ["Let me check."]
@@ -159,6 +178,8 @@ class FakeAnthropic(FakeHTTPServer):
     @staticmethod
     def _message(plan: dict[str, Any]) -> dict[str, Any]:
         content: list[dict[str, Any]] = [{"type": "text", "text": "".join(plan["pieces"])}]
+        if plan["thinking"]:
+            content.insert(0, {"type": "thinking", "thinking": THINKING, "signature": SIGNATURE})
         if plan["tool"]:
             t = plan["tool"]
             content.append({"type": "tool_use", "id": t["id"], "name": t["name"],
@@ -177,24 +198,34 @@ class FakeAnthropic(FakeHTTPServer):
             events.append(sse({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
                               "error"))
             return Streamed(events)
-        events.append(sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        text = 0
+        if plan["thinking"]:
+            text = 1
+            events.append(sse({"type": "content_block_start", "index": 0, "content_block": {
+                "type": "thinking", "thinking": "", "signature": ""}}, "content_block_start"))
+            events.append(sse({"type": "content_block_delta", "index": 0,
+                               "delta": {"type": "thinking_delta", "thinking": THINKING}}, "content_block_delta"))
+            events.append(sse({"type": "content_block_delta", "index": 0,
+                               "delta": {"type": "signature_delta", "signature": SIGNATURE}}, "content_block_delta"))
+            events.append(sse({"type": "content_block_stop", "index": 0}, "content_block_stop"))
+        events.append(sse({"type": "content_block_start", "index": text, "content_block": {"type": "text", "text": ""}},
                           "content_block_start"))
         events.append(sse({"type": "ping"}, "ping"))
         for piece in plan["pieces"]:
-            events.append(sse({"type": "content_block_delta", "index": 0,
+            events.append(sse({"type": "content_block_delta", "index": text,
                                "delta": {"type": "text_delta", "text": piece}}, "content_block_delta"))
-        events.append(sse({"type": "content_block_stop", "index": 0}, "content_block_stop"))
+        events.append(sse({"type": "content_block_stop", "index": text}, "content_block_stop"))
         if plan["tool"]:
-            t = plan["tool"]
-            events.append(sse({"type": "content_block_start", "index": 1, "content_block": {
+            t, index = plan["tool"], text + 1
+            events.append(sse({"type": "content_block_start", "index": index, "content_block": {
                 "type": "tool_use", "id": t["id"], "name": t["name"], "input": {}}}, "content_block_start"))
-            events.append(sse({"type": "content_block_delta", "index": 1,
+            events.append(sse({"type": "content_block_delta", "index": index,
                                "delta": {"type": "input_json_delta", "partial_json": ""}}, "content_block_delta"))
             for piece in t["json_pieces"]:
-                events.append(sse({"type": "content_block_delta", "index": 1,
+                events.append(sse({"type": "content_block_delta", "index": index,
                                    "delta": {"type": "input_json_delta", "partial_json": piece}},
                                   "content_block_delta"))
-            events.append(sse({"type": "content_block_stop", "index": 1}, "content_block_stop"))
+            events.append(sse({"type": "content_block_stop", "index": index}, "content_block_stop"))
         events.append(sse({"type": "message_delta", "delta": {"stop_reason": plan["stop"], "stop_sequence": None},
                            "usage": {"output_tokens": usage["output_tokens"]}}, "message_delta"))
         events.append(sse({"type": "message_stop"}, "message_stop"))

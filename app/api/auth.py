@@ -22,12 +22,13 @@ def bearer_token() -> str | None:
     return token.strip()
 
 
-def authenticate() -> KeyInfo:
-    """The calling key, or AuthenticationFailed (401 + WWW-Authenticate: Bearer).
+def authenticate(token: str | None = None) -> KeyInfo:
+    """The calling key (`token`, else the Bearer token), or AuthenticationFailed (401 +
+    WWW-Authenticate: Bearer).
 
     The plaintext key is never logged; error messages name at most its display prefix.
     """
-    token = bearer_token()
+    token = token or bearer_token()
     if token is None:
         raise AuthenticationFailed("Missing API key. Send it as 'Authorization: Bearer sk-...'.")
     rt = runtime()

@@ -17,7 +17,8 @@
   between reads.
 - **Security headers** on every response, the errors of this layer included.
 
-The refusals of this layer are the usual OpenAI error envelope (app/errors.py).
+The refusals of this layer are in the envelope of the API the path belongs to (app/errors.py
+`envelope_for`: Anthropic's for the Messages API, OpenAI's everywhere else).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import time
 from typing import Any, Callable, Iterable
 
 from app.config import Settings
-from app.errors import APIError, RateLimited, RequestTimeout, RequestTooLarge, error_response
+from app.errors import APIError, RateLimited, RequestTimeout, RequestTooLarge, envelope_for, error_response
 
 CLIENT_ADDRESS = "gateway.client_address"  # environ key of the resolved client address
 _READ_PIECE = 16 * 1024
@@ -226,7 +227,7 @@ class RequestGuard:
                 err: APIError, close: bool) -> Iterable[bytes]:
         if close:
             _close_after_response(start_response)
-        response = error_response(err)
+        response = error_response(err, envelope_for(environ.get("PATH_INFO", "")))
         if close:
             response.headers["Connection"] = "close"
         return response(environ, with_headers)

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from flask import Blueprint
 
+from app.api import (audit_controller, chat_controller, health_controller, key_controller, messages_controller,
+                     models_controller, reload_controller, responses_controller, status_controller, tenant_controller,
+                     usage_controller)
 from app.api.common import reject_unstorable_url_values
-
-from app.api import (audit_controller, chat_controller, health_controller, key_controller, models_controller,
-                     reload_controller, responses_controller, status_controller, tenant_controller, usage_controller)
+from app.errors import ANTHROPIC_PREFIX, anthropic_envelope, register_error_handlers
 
 api = Blueprint("api", __name__)
 api.before_request(reject_unstorable_url_values)  # a NUL in a query parameter or path: 400, not 500
@@ -41,3 +42,10 @@ api.add_url_rule("/v1/audit", view_func=audit_controller.list_audit, methods=["G
 api.add_url_rule("/v1/uptime/<path:model_id>", view_func=status_controller.uptime, methods=["GET"])
 api.add_url_rule("/v1/providers/status", view_func=status_controller.providers_status, methods=["GET"])
 api.add_url_rule("/v1/admin/reload", view_func=reload_controller.reload_models, methods=["POST"])
+
+# The Anthropic Messages API: its own blueprint, so that its errors leave in Anthropic's envelope.
+messages_api = Blueprint("anthropic", __name__, url_prefix=ANTHROPIC_PREFIX)
+register_error_handlers(messages_api, anthropic_envelope)
+messages_api.before_request(reject_unstorable_url_values)
+messages_api.add_url_rule("", view_func=messages_controller.messages, methods=["POST"])
+messages_api.add_url_rule("/count_tokens", view_func=messages_controller.count_tokens, methods=["POST"])

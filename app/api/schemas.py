@@ -149,6 +149,34 @@ class ChatCompletionSchema(Schema):
     response_format = fields.Dict(allow_none=True)
 
 
+class CountTokensSchema(Schema):
+    """`POST /v1/messages/count_tokens` (Anthropic). The blocks of `system` and `messages` are
+    checked where they are translated (app/translate/anthropic_to_chat.py)."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    model = StrictString(required=True, validate=validate.Length(min=1, max=200))
+    messages = fields.List(fields.Raw(), required=True, validate=validate.Length(min=1))
+    system = fields.Raw(allow_none=True)
+    tools = fields.List(fields.Dict(), allow_none=True)
+    tool_choice = fields.Dict(allow_none=True)
+
+
+class MessagesSchema(CountTokensSchema):
+    """`POST /v1/messages` (Anthropic). `max_tokens` is required, as Anthropic requires it;
+    fields not modelled here (thinking, cache_control, service_tier, ...) reach an Anthropic
+    upstream untouched."""
+
+    max_tokens = fields.Integer(strict=True, required=True, validate=validate.Range(min=1))
+    stream = StrictBool(allow_none=True)
+    temperature = StrictNumber(validate=validate.Range(min=0, max=1), allow_none=True)
+    top_p = StrictNumber(validate=validate.Range(min=0, max=1), allow_none=True)
+    top_k = fields.Integer(strict=True, validate=validate.Range(min=1), allow_none=True)
+    stop_sequences = fields.List(StrictString(), allow_none=True)
+    metadata = fields.Dict(allow_none=True)
+
+
 class UTCDateTime(fields.AwareDateTime):
     """An ISO 8601 time (UTC when it has no offset), returned in UTC. A time UTC cannot hold
     (31 Dec 9999 west of Greenwich, 1 Jan 0001 east of it) is refused here, where it would
@@ -272,6 +300,8 @@ class UsageQuerySchema(Schema):
 
 
 CHAT_SCHEMA = ChatCompletionSchema()
+MESSAGES_SCHEMA = MessagesSchema()
+COUNT_TOKENS_SCHEMA = CountTokensSchema()
 API_KEY_CREATE_SCHEMA = ApiKeyCreateSchema()
 API_KEY_UPDATE_SCHEMA = ApiKeyUpdateSchema()
 ROTATE_SCHEMA = RotateSchema()

@@ -15,21 +15,29 @@ streamed as `input_json_delta` become `tool_calls[].function.arguments` deltas).
 
 Errors: `overloaded_error` (529) and `rate_limit_error` (429) are `rate_limited` and retryable,
 with Retry-After when sent; "prompt is too long" is `context_too_long`.
+
+Native passthrough (`messages` / `messages_stream`, used by `POST /v1/messages`): the client's
+own Messages body is sent with only `model` and `stream` set, and the answer or the events
+come back untouched (cache_control, thinking and their token counts survive), with the usage
+normalised as above for billing.
 """
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Iterator
 
-from app.providers.base import (ProviderBadRequest, ProviderContextTooLong, ProviderError,
+from app.providers.base import (Completion, ProviderBadRequest, ProviderContextTooLong, ProviderError,
                                 ProviderRateLimited, ProviderUnavailable, StreamPiece, error_for_status,
                                 parse_retry_after, redact, register)
 from app.providers.native_http import (ChunkFactory, NativeHTTPProvider, StreamTranslator, choice,
                                        completion_body, content_parts, forced_tool, function_tools,
                                        image_source, json_or_none, openai_usage, parse_arguments,
                                        single_choice_only, sse_batches, stop_sequences, text_of, tool_call)
+from app.providers.openai_compatible import transport_error
 
 API_VERSION = "2023-06-01"
+# The fields of a Messages request that Anthropic's count_tokens endpoint takes.
+COUNTED_FIELDS = ("messages", "system", "tools", "tool_choice", "thinking", "mcp_servers")
 FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
           "refusal": "content_filter", "pause_turn": "stop", "model_context_window_exceeded": "length"}
 ERROR_STATUS = {"invalid_request_error": 400, "authentication_error": 401, "billing_error": 402,
@@ -227,6 +235,39 @@ class AnthropicStream(StreamTranslator):
         return [self.chunks.piece({}, self.finish), self.chunks.usage(usage)]
 
 
+class NativeMessageStream(StreamTranslator):
+    """Anthropic's events passed on unchanged (native passthrough of `POST /v1/messages`): each
+    piece has the event's JSON text in `raw` and the parsed event in `chunk` (its `type` is the
+    SSE event name). The pieces of `message_start` and `message_delta` carry the usage so far in
+    OpenAI's shape, so a stream cut short is still billed for what it used. An `error` event
+    raises the mapped ProviderError."""
+
+    def __init__(self) -> None:
+        self.usage: dict[str, Any] = {}
+
+    def feed(self, data: bytes) -> list[StreamPiece]:
+        event = json.loads(data)
+        kind = event["type"]
+        piece = StreamPiece(raw=data, chunk=event)
+        if kind == "message_start":
+            self.usage.update(event["message"].get("usage") or {})
+            piece.usage = usage_from(self.usage)
+        elif kind == "message_delta":
+            self.usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
+            piece.usage = usage_from(self.usage)
+        elif kind == "message_stop":
+            self.done = True
+        elif kind == "error":
+            err = event.get("error") or {}
+            raise anthropic_error(None, err.get("type"), str(err.get("message") or "stream error"))
+        return [piece]
+
+    def close(self) -> list[StreamPiece]:
+        if not self.done:
+            raise ProviderUnavailable("the Anthropic stream ended before message_stop")
+        return []
+
+
 @register
 class AnthropicProvider(NativeHTTPProvider):
     type = "anthropic"
@@ -253,6 +294,47 @@ class AnthropicProvider(NativeHTTPProvider):
             f"Anthropic answered HTTP {status}"
         return anthropic_error(status, error_type if isinstance(error_type, str) else None, message,
                                parse_retry_after(headers.get("Retry-After")))
+
+    # -- native passthrough of the Messages API (nothing translated, nothing lost) -----------
+
+    def messages(self, body: dict[str, Any], model: str, beta: str | None = None) -> Completion:
+        """`POST /messages` with the client's own Messages body (cache_control, thinking and
+        every other field kept): the answer as Anthropic sent it, usage in OpenAI's shape."""
+        resp = self._post_native(body, model, False, beta)
+        try:
+            raw = resp.read()
+        except OSError as exc:
+            raise transport_error(exc, self.name) from None
+        with self.translating():
+            data = json.loads(raw)
+            usage = usage_from(data["usage"])
+        return Completion(body=data, raw=raw, usage=usage)
+
+    def messages_stream(self, body: dict[str, Any], model: str, beta: str | None = None) -> Iterator[StreamPiece]:
+        """The streamed `POST /messages`: Anthropic's events, one piece each (`NativeMessageStream`)."""
+        return self.stream_from(self._post_native(body, model, True, beta), sse_batches, NativeMessageStream())
+
+    def count_tokens(self, body: dict[str, Any], model: str, beta: str | None = None) -> int:
+        """`POST /messages/count_tokens`: Anthropic's own count of a Messages request's input."""
+        self.require_configured()
+        fields = {k: v for k, v in body.items() if k in COUNTED_FIELDS}
+        headers = self.headers(False)
+        if beta:
+            headers["anthropic-beta"] = beta
+        resp = self.post("/messages/count_tokens", json.dumps({**fields, "model": model}).encode(), headers)
+        with self.translating():
+            count = self.read_json(resp)["input_tokens"]
+            if not isinstance(count, int):
+                raise ValueError("input_tokens is not an integer")
+        return count
+
+    def _post_native(self, body: dict[str, Any], model: str, stream: bool, beta: str | None):
+        self.require_configured()
+        payload = {**body, "model": model, "stream": stream}
+        headers = self.headers(stream)
+        if beta:
+            headers["anthropic-beta"] = beta
+        return self.post("/messages", json.dumps(payload, separators=(",", ":")).encode(), headers)
 
     def _post(self, request: dict[str, Any], stream: bool):
         self.require_configured()

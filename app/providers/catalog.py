@@ -24,10 +24,21 @@ class CatalogError(ValueError):
 class Pricing:
     input_per_mtok: Decimal = Decimal(0)
     output_per_mtok: Decimal = Decimal(0)
+    # Optional prices of input tokens read from the provider's prompt cache (OpenAI's cached
+    # input, Anthropic's cache reads) and written to it (Anthropic's cache creation); unset:
+    # the plain input price.
+    cached_input_per_mtok: Decimal | None = None
+    cache_write_per_mtok: Decimal | None = None
 
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
-        """Exact cost in USD of a request (no float anywhere)."""
-        return (self.input_per_mtok * prompt_tokens + self.output_per_mtok * completion_tokens) / MTOK
+    def cost(self, prompt_tokens: int, completion_tokens: int, *, cached_tokens: int = 0,
+             cache_write_tokens: int = 0) -> Decimal:
+        """Exact cost in USD of a request (no float anywhere). `prompt_tokens` counts every input
+        token, the cached and cache-written ones included (OpenAI's convention)."""
+        cached_price = self.input_per_mtok if self.cached_input_per_mtok is None else self.cached_input_per_mtok
+        write_price = self.input_per_mtok if self.cache_write_per_mtok is None else self.cache_write_per_mtok
+        fresh = max(prompt_tokens - cached_tokens - cache_write_tokens, 0)
+        return (self.input_per_mtok * fresh + cached_price * cached_tokens + write_price * cache_write_tokens
+                + self.output_per_mtok * completion_tokens) / MTOK
 
 
 @dataclass(frozen=True)
@@ -107,6 +118,7 @@ def _deployment(raw: Any, where: str, providers: dict[str, dict]) -> Deployment:
     )
 
 
+OPTIONAL_PRICES = ("cached_input_per_mtok", "cache_write_per_mtok")
 _MODEL_KEYS = {"deployments", "context_window", "max_output_tokens", "pricing", "tokenizer",
                "category", "owned_by", "fallbacks", "priority"}
 # Per-provider HTTP timeouts (seconds): connect, read (between two bytes, also the stream's idle
@@ -129,6 +141,8 @@ def _model(alias: str, raw: Any, providers: dict[str, dict]) -> ModelEntry:
     pricing = Pricing(
         input_per_mtok=_decimal(pricing_raw.get("input_per_mtok", "0"), f"{where}.pricing.input_per_mtok"),
         output_per_mtok=_decimal(pricing_raw.get("output_per_mtok", "0"), f"{where}.pricing.output_per_mtok"),
+        **{name: _decimal(pricing_raw[name], f"{where}.pricing.{name}")
+           for name in OPTIONAL_PRICES if pricing_raw.get(name) is not None},
     )
     tokenizer = raw.get("tokenizer", "o200k_base")
     if tokenizer not in KNOWN_TOKENIZERS:
