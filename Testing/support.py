@@ -120,7 +120,8 @@ def write_models_file(path: Path, upstream_base_url: str) -> Path:
     """models.json of the tests: `openai` points at the fake upstream; scripted aliases map to
     the fake's failure behaviours; `demo` is a fast simulator."""
     scripted = ["fail-500", "fail-429", "fail-401", "fail-400", "context-too-long", "hang",
-                "die-mid-stream", "slow", "no-usage", "tool", "chunks-3"]
+                "die-mid-stream", "slow", "no-usage", "tool", "chunks-3",
+                "slow-chunks-600"]  # 600 pieces 50 ms apart: a 30 s stream to stop in the middle
     pricing = {"input_per_mtok": "0.15", "output_per_mtok": "0.60"}
     models: dict[str, Any] = {
         "gpt-4o-mini": {"deployments": [{"provider": "openai", "model": "gpt-4o-mini"}],

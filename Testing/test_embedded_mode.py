@@ -97,3 +97,30 @@ def test_run_py_embedded_mode_serves_the_whole_flow(embedded):
     output = log_path.read_text(errors="replace")
     assert "embedded" in output.lower(), output[-2000:]
     assert key["key"] not in output
+
+
+def test_embedded_mode_serves_the_console_my_key_and_requests(embedded):
+    """The console and its two read endpoints work on SQLite with the in-process limiter too:
+    /ui/ is served, /v1/key shows the limiter's headroom, /v1/requests pages the SQLite rows."""
+    base, _, _ = embedded
+    status, headers, page = http_json("GET", base + "/ui/")
+    assert status == 200 and "Content-Security-Policy" in headers and "/ui/assets/console/app.js" in page
+    status, _, key = http_json("POST", base + "/v1/api-keys", {"name": "local", "tenant": "me", "rpm_limit": 3},
+                               headers={"X-System-Secret": SYSTEM_SECRET})
+    auth = {"Authorization": f"Bearer {key['key']}"}
+    for text in ("one", "two"):
+        status, _, body = http_json("POST", base + "/v1/chat/completions", {
+            "model": "demo", "max_tokens": 4, "messages": [{"role": "user", "content": text}]}, headers=auth)
+        assert status == 200, body
+    status, _, mine = http_json("GET", base + "/v1/key", headers=auth)
+    assert status == 200 and mine["headroom"]["requests_this_minute"]["remaining"] == 1
+
+    def listed() -> list:
+        return http_json("GET", base + "/v1/requests?limit=5", headers=auth)[2]["data"]
+    wait_until(lambda: len(listed()) == 2, message="two requests listed")
+    rows = listed()
+    status, _, first = http_json("GET", base + "/v1/requests?limit=1", headers=auth)
+    assert first["has_more"] is True and first["data"][0]["request_id"] == rows[0]["request_id"]
+    status, _, second = http_json("GET", base + f"/v1/requests?limit=1&cursor={first['next_cursor']}", headers=auth)
+    assert status == 200 and second["data"][0]["request_id"] == rows[1]["request_id"]
+    assert second["has_more"] is False

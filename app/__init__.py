@@ -51,8 +51,10 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, clock: Clock 
     app.extensions["catalog_reloader"] = catalog_reload.CatalogReloader(rt).install()
 
     from app.api.routes import api, messages_api
+    from app.api.console_controller import console
     app.register_blueprint(api)
     app.register_blueprint(messages_api)
+    app.register_blueprint(console)
     register_error_handlers(app)
     app.after_request(_request_id_header)
     # Client address, connections per address, the body read with a deadline, security headers.

@@ -97,6 +97,11 @@ class Settings:
     STREAM_KEEPALIVE_S: float = 15.0
     # Redis down: "closed" answers 503, "open" admits without limits (logged and counted).
     RATE_LIMIT_FAIL_MODE: str = "closed"
+    # Window of the deployments' provider quotas (`rpm`/`tpm` in data/models.json count
+    # requests/tokens per this many seconds). 60 in production; tests shorten it.
+    DEPLOYMENT_QUOTA_WINDOW_S: float = 60.0
+    # POST /api/chat without "model": this alias (empty: the category alias `auto`).
+    API_CHAT_DEFAULT_MODEL: str = ""
     # A concurrency slot is a lease that expires after this long even if never released
     # (a killed worker cannot leak slots). Longer than your longest stream.
     CONCURRENCY_LEASE_S: float = 600.0

@@ -130,6 +130,18 @@ class ServiceUnavailable(APIError):
     code = "service_unavailable"
 
 
+class ClientGone(APIError):
+    """The client hung up while its request waited (a provider queue): nobody reads this
+    answer; the run is settled as client_disconnected."""
+    status = 499
+    type = "api_error"
+    code = "client_closed_request"
+
+    def __init__(self, message: str = "The client closed the connection while the request waited.",
+                 **kw: Any) -> None:
+        super().__init__(message, **kw)
+
+
 def from_provider_error(exc: ProviderError) -> APIError:
     """The client's view of an upstream failure (status by the taxonomy, message redacted)."""
     status = exc.client_status
@@ -185,8 +197,13 @@ def _no_deployment(exc: NoDeploymentAvailable, model: str | None) -> APIError:
         return ServiceUnavailable(f"No deployment of '{model}' can be used: "
                                   f"{'; '.join(exc.not_configured)}.", code="provider_not_configured")
     if exc.quota_full:
+        retry = str(max(1, math.ceil(exc.retry_in_s)))
+        if exc.queued_for_s:
+            return RateLimited(f"Every deployment of '{model}' is at its provider quota and no slot came "
+                               f"within the {exc.queued_for_s:g}s queue timeout; retry in {retry}s.",
+                               code="rate_limit_exceeded", headers={"Retry-After": retry})
         return RateLimited(f"Every deployment of '{model}' is at its provider quota; retry shortly.",
-                           code="rate_limit_exceeded", headers={"Retry-After": "1"})
+                           code="rate_limit_exceeded", headers={"Retry-After": retry})
     retry = max(1, math.ceil(exc.retry_in_s))
     return ServiceUnavailable(f"Every deployment of '{model}' is failing (circuit open after repeated "
                               f"upstream errors); retry in {retry}s.", code="deployments_unavailable",

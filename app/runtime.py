@@ -190,8 +190,10 @@ def _limiter_backend(settings: Settings, redis_client: Optional[redis.Redis],
                      pool_bypass: bool, clock: Clock) -> RedisLimiter | LocalLimiter:
     lease_ms = int(settings.CONCURRENCY_LEASE_S * 1000)
     if redis_client is None:
-        return LocalLimiter(lease_ms, clock=lambda: epoch_seconds(clock))
-    return RedisLimiter(redis_client, lease_ms, settings.REDIS_MAX_CONNECTIONS, pool_bypass=pool_bypass)
+        return LocalLimiter(lease_ms, clock=lambda: epoch_seconds(clock),
+                            quota_window_s=settings.DEPLOYMENT_QUOTA_WINDOW_S)
+    return RedisLimiter(redis_client, lease_ms, settings.REDIS_MAX_CONNECTIONS, pool_bypass=pool_bypass,
+                        quota_window_s=settings.DEPLOYMENT_QUOTA_WINDOW_S)
 
 
 def runtime() -> Runtime:

@@ -7,7 +7,8 @@
 # 2. PostgreSQL and Redis: used where already reachable, otherwise installed with apt-get
 #    (when root) and started; otherwise a clear message and exit 1; nginx installed when missing
 #    (the replica tests run it as a child process);
-# 3. pytest with the arguments given; without a path it collects Testing/ (pytest.ini's
+# 3. Debian's chromium for the console's browser tests (installed with apt-get when root);
+# 4. pytest with the arguments given; without a path it collects Testing/ (pytest.ini's
 #    testpaths). Each run creates and drops its own fresh databases.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,6 +73,19 @@ fi
 # docker-compose.yml ships (deploy/nginx/gateway.conf); it is never started as a service here.
 if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
   apt_install nginx nginx
+fi
+
+# --- Chromium (browser tests of the web console) ------------------------------------------------
+# Debian's own package, driven by playwright through executable_path: no browser is downloaded.
+# Without it (and not root) the console's browser tests are skipped with a message.
+if [ ! -x /usr/bin/chromium ]; then
+  if is_root; then
+    say "installing chromium with apt-get (browser tests of the console)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    say "chromium is not installed and I am not root: the console's browser tests will be skipped"
+  fi
 fi
 
 # --- pytest ---------------------------------------------------------------------------------

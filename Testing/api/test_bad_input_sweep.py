@@ -5,6 +5,7 @@ no UTF-8 form) in a name or a message, and `tool_calls` of the wrong shape are a
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -30,9 +31,14 @@ ROUTES = {
     ("GET", "/v1/responses/<response_id>"), ("GET", "/responses/<response_id>"),
     ("DELETE", "/v1/responses/<response_id>"), ("DELETE", "/responses/<response_id>"),
     ("GET", "/v1/responses/<response_id>/input_items"), ("GET", "/responses/<response_id>/input_items"),
+    ("POST", "/api/chat"), ("GET", "/api/health"),
+    ("GET", "/v1/key"), ("GET", "/v1/requests"),
+    # the web console: its HTML shell and its static files
+    ("GET", "/"), ("GET", "/ui"), ("GET", "/ui/"), ("GET", "/ui/<path:page>"), ("GET", "/ui/assets/<path:filename>"),
+    ("GET", "/playground"), ("GET", "/console"), ("GET", "/dashboard"),
 }
 # The query parameter each route reads (a NUL in it used to reach PostgreSQL), else any name.
-QUERY_PARAM = {"/v1/usage": "model", "/v1/api-keys": "tenant", "/v1/audit": "action"}
+QUERY_PARAM = {"/v1/usage": "model", "/v1/api-keys": "tenant", "/v1/audit": "action", "/v1/requests": "model"}
 # Routes that take a JSON body, and the body that carries the bad string (param expected).
 NAME_BODY = ({"name": "bad\u0000name"}, "name")
 CHAT_BODY = ({"model": "demo", "messages": [{"role": "user", "content": "hi", "name": "a\u0000b"}]},
@@ -44,6 +50,7 @@ BODIES = {
     "/v1/usage": ({"model": "x\u0000"}, "model"),
     "/v1/api-keys": NAME_BODY, "/v1/api-keys/<int:key_id>": NAME_BODY,
     "/v1/api-keys/<int:key_id>/rotate": ({"grace_period_s": 1, "note\u0000": 1}, "note\\x00"),
+    "/api/chat": ({"message": "hi\u0000", "model": "demo"}, "message"),
     "/v1/tenants": NAME_BODY, "/v1/tenants/<tenant_ref>": ({"status": "active", "name": "t\u0000"}, "name"),
     "/v1/messages": ({"model": "demo", "max_tokens": 8, "system": "a\u0000b",
                       "messages": [{"role": "user", "content": "hi"}]}, "system"),
@@ -63,14 +70,13 @@ def ctx(client, mint):
 
 
 def _path(rule: str, key_id: int, tenant_ref: str = "sweep-tenant", model: str = "demo") -> str:
-    return rule.replace("<int:key_id>", str(key_id)).replace("<tenant_ref>", tenant_ref) \
-        .replace("<path:model_id>", model).replace("<response_id>", "resp_unknown")
+    return re.sub(r"<path:\w+>", model, rule.replace("<int:key_id>", str(key_id)).replace("<tenant_ref>", tenant_ref)).replace("<response_id>", "resp_unknown")
 
 
 def _headers(ctx, rule: str) -> dict[str, str]:
     key_routes = ("/v1/chat/completions", "/chat/completions", "/v1/models", "/v1/uptime/<path:model_id>",
-                  *ANTHROPIC_ROUTES)
-    return ctx["key_headers"] if rule in key_routes or "/responses" in rule else ctx["headers"]
+                  "/api/chat", *ANTHROPIC_ROUTES)
+    return ctx["key_headers"] if rule in key_routes else ctx["headers"].replace("<response_id>", "resp_unknown")
 
 
 def _assert_400(resp, param) -> None:
@@ -107,7 +113,7 @@ def test_a_nul_in_a_path_segment_is_400(client, ctx, method, rule):
     """/v1/tenants/a%00b, /v1/uptime/a%00b: 400 naming the path parameter."""
     path = _path(rule, ctx["key"]["id"], tenant_ref="a%00b", model="a%00b")
     resp = client.open(path, method=method, headers=_headers(ctx, rule), json={} if method == "PATCH" else None)
-    _assert_400(resp, "tenant_ref" if "<tenant_ref>" in rule else "model_id")
+    _assert_400(resp, "tenant_ref" if "<tenant_ref>" in rule else re.search(r"<path:(\w+)>", rule).group(1))
 
 
 @pytest.mark.parametrize("method,rule", sorted(r for r in ROUTES if r[0] in ("POST", "PATCH") and r[1] in BODIES))

@@ -127,7 +127,7 @@ def test_valid_request_passes_validation(client, auth):
 
 
 @pytest.mark.parametrize("method, path", [("get", "/v1/nope"), ("post", "/v1/completions"),
-                                          ("get", "/"), ("delete", "/v1/api-keys/abc")])
+                                          ("get", "/nope"), ("delete", "/v1/api-keys/abc")])
 def test_unknown_url_404(client, method, path):
     """An unknown URL -> 404 envelope, code not_found."""
     err = error_of(getattr(client, method)(path), 404)

@@ -13,7 +13,7 @@ from Testing.support import create_database, database_url, drop_database, head_r
 
 pytestmark = pytest.mark.timeout(60)
 
-TABLES = {"tenants", "api_keys", "usage_records", "usage_daily", "audit_log", "responses"}
+TABLES = {"tenants", "api_keys", "usage_records", "usage_daily", "audit_log", "conversations", "responses"}
 HEAD = head_revision()
 COLUMNS = {
     "tenants": {"id", "name", "status", "budget_usd", "created_at", "rpm_limit", "tpm_limit",

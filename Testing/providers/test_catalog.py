@@ -296,3 +296,22 @@ def test_provider_manager_reuses_provider_instances():
         assert manager.provider("sim") is not manager.provider("openai")
     finally:
         manager.close()
+
+
+def test_queue_timeout_of_a_deployment_and_its_models_default():
+    """`queue_timeout_s` on the model is the default of its deployments; a deployment's own
+    value (0 too) wins; absent everywhere: 0 (refuse at once)."""
+    deps = [{"provider": "openai", "model": "a", "rpm": 5}, {"provider": "openai", "model": "b", "queue_timeout_s": 0},
+            {"provider": "openai", "model": "c", "queue_timeout_s": 2.5}]
+    entry = parse_catalog(data(deployments=deps, queue_timeout_s=10)).models["small"]
+    assert [entry.queue_timeout_for(d) for d in entry.deployments] == [10.0, 0.0, 2.5]
+    assert "queue_timeout_s" not in entry.extra
+    plain = parse_catalog(data()).models["small"]
+    assert plain.queue_timeout_for(plain.deployments[0]) == 0.0
+
+
+@pytest.mark.parametrize("value", [-1, "5", True])
+def test_bad_queue_timeout_is_named(value):
+    deps = [{"provider": "openai", "model": "a", "queue_timeout_s": value}]
+    with pytest.raises(CatalogError, match=r"models\.small\.deployments\[0\]\.queue_timeout_s"):
+        parse_catalog(data(deployments=deps))

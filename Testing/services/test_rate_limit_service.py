@@ -267,6 +267,32 @@ def test_service_settles_in_the_background_pipelined(where, request):
     client.close()
 
 
+def test_headroom_reads_counters_without_reserving(backend):
+    """`headroom` (GET /v1/key) shows what is left of each limit and reserves nothing: two peeks
+    agree, and a request is still admitted exactly as before."""
+    # rpm 5 and tpm 6: a request (a token) takes 12 s (10 s) to come back, far longer than the test
+    lim = limits(rpm=5, tpm=6, daily_tokens=500, max_concurrent=2, key_budget_nano=1000, tenant_budget_nano=-1)
+    fresh = backend.headroom(lim)
+    assert (fresh.rpm_left, fresh.tpm_left, fresh.in_flight) == (5, 6, 0)
+    assert (fresh.day_tokens, fresh.key_spend_nano, fresh.tenant_spend_nano) == (None, None, None)
+    adm = admit(backend, lim, tokens=4, cost=300)
+    first, second = backend.headroom(lim), backend.headroom(lim)
+    assert (first.rpm_left, first.tpm_left, first.in_flight, first.day_tokens, first.key_spend_nano) == \
+        (second.rpm_left, second.tpm_left, second.in_flight, second.day_tokens, second.key_spend_nano) == \
+        (4, 2, 1, 4, 300)
+    assert 0 < first.rpm_reset_ms <= 12000 and 30000 < first.tpm_reset_ms <= 40000
+    backend.settle(adm, 1, 120)
+    after = backend.headroom(lim)
+    assert (after.tpm_left, after.in_flight, after.day_tokens, after.key_spend_nano) == (5, 0, 1, 120)
+    assert (after.day, after.month) == (adm.day, adm.month)
+
+
+def test_headroom_without_limits_reports_none(backend):
+    """A key without rate limits has no headroom figures (-1) and nothing in flight."""
+    peek = backend.headroom(limits())
+    assert (peek.rpm_left, peek.tpm_left, peek.in_flight, peek.day_tokens) == (-1, -1, 0, None)
+
+
 @pytest.mark.parametrize("pool_bypass", [True, False], ids=["free-list", "pipeline"])
 def test_script_is_loaded_again_after_script_flush(pool_bypass):
     """Redis lost its scripts (restart, SCRIPT FLUSH): the next call loads the script again

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from flask import Response, request
 
-from app.api.auth import admin_caller
+from app.api.auth import admin_caller, caller
 from app.api.common import json_response, read_json_object, read_optional_json_object
 from app.api.schemas import API_KEY_CREATE_SCHEMA, API_KEY_UPDATE_SCHEMA, ROTATE_SCHEMA
+from app.errors import PermissionDenied
 from app.extensions import db
+from app.models import ApiKey
 from app.runtime import runtime
 from app.services import api_key_service
 from app.services.actor import Actor
@@ -45,7 +47,14 @@ def list_api_keys() -> Response:
 
 
 def get_api_key(key_id: int) -> Response:
-    return json_response(_describe(admin_for(admin_caller()).visible_key(key_id)))
+    """Admins read the keys they manage; any key may read itself (a member: only itself)."""
+    actor = caller()
+    if actor.kind == "key" and not actor.is_tenant_admin:
+        if key_id != actor.key_id:
+            raise PermissionDenied("A member key may read only itself; other keys need the system secret "
+                                   "or a tenant admin key.", code="admin_required")
+        return json_response(_describe(db.session.get(ApiKey, key_id)))
+    return json_response(_describe(admin_for(actor).visible_key(key_id)))
 
 
 def update_api_key(key_id: int) -> Response:

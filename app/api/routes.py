@@ -1,18 +1,28 @@
 """URL map of the gateway: every route points at one controller function."""
 from __future__ import annotations
 
-from flask import Blueprint
+from flask import Blueprint, request
 
-from app.api import (audit_controller, chat_controller, health_controller, key_controller, messages_controller,
-                     models_controller, reload_controller, responses_controller, status_controller, tenant_controller,
-                     usage_controller)
+from app.api import (api_chat_controller, audit_controller, chat_controller, health_controller, key_controller,
+                     messages_controller, models_controller, my_key_controller, reload_controller,
+                     requests_controller, responses_controller, status_controller, tenant_controller, usage_controller)
 from app.api.common import reject_unstorable_url_values
 from app.errors import ANTHROPIC_PREFIX, anthropic_envelope, register_error_handlers
+from app.utils import client_connection
 
 api = Blueprint("api", __name__)
 api.before_request(reject_unstorable_url_values)  # a NUL in a query parameter or path: 400, not 500
 
+
+@api.before_request
+def _watch_client() -> None:
+    """Requests that wait (provider queues) stop when their client hangs up."""
+    client_connection.watch(request.environ.get("gunicorn.socket"))
+
+
 api.add_url_rule("/health", view_func=health_controller.health, methods=["GET"])
+api.add_url_rule("/api/health", endpoint="api_health", view_func=health_controller.health, methods=["GET"])
+api.add_url_rule("/api/chat", view_func=api_chat_controller.api_chat, methods=["POST"])
 for prefix in ("/v1", ""):
     api.add_url_rule(f"{prefix}/chat/completions", endpoint=f"chat{prefix}",
                      view_func=chat_controller.chat_completions, methods=["POST"])
@@ -26,6 +36,8 @@ for prefix in ("/v1", ""):
                      view_func=responses_controller.list_input_items, methods=["GET"])
 api.add_url_rule("/v1/models", view_func=models_controller.list_models, methods=["GET", "POST"])
 api.add_url_rule("/v1/usage", view_func=usage_controller.usage, methods=["GET", "POST"])
+api.add_url_rule("/v1/requests", view_func=requests_controller.list_requests, methods=["GET"])
+api.add_url_rule("/v1/key", view_func=my_key_controller.my_key, methods=["GET"])
 api.add_url_rule("/v1/api-keys", view_func=key_controller.create_api_key, methods=["POST"])
 api.add_url_rule("/v1/api-keys", view_func=key_controller.list_api_keys, methods=["GET"])
 api.add_url_rule("/v1/api-keys/<int:key_id>", view_func=key_controller.get_api_key, methods=["GET"])

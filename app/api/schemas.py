@@ -299,7 +299,38 @@ class UsageQuerySchema(Schema):
     format = StrictString(validate=validate.OneOf(("json", "csv")))
 
 
+class ApiChatSchema(Schema):
+    """POST /api/chat: one message, optional model, system prompt and conversation id."""
+    class Meta:
+        unknown = RAISE
+
+    message = fields.String(required=True, validate=validate.Length(min=1))
+    model = fields.String(validate=validate.Length(min=1))
+    system = fields.String()
+    conversation = fields.String(validate=validate.Length(min=1, max=40))
+    stream = StrictBool()
+    max_tokens = fields.Integer(strict=True, validate=validate.Range(min=1, max=INT32_MAX))
+    temperature = StrictNumber(validate=validate.Range(min=0, max=2))
+class RequestsQuerySchema(Schema):
+    """Query string of `GET /v1/requests` (scope parameters as for `/v1/usage`)."""
+
+    class Meta:
+        unknown = RAISE
+
+    limit = IdField(maximum=100, load_default=20)
+    cursor = StrictString(validate=validate.Length(min=1, max=300))
+    start = UTCDateTime()
+    end = UTCDateTime()
+    model = StrictString(validate=validate.Length(min=1, max=200))
+    endpoint = StrictString(validate=validate.Length(min=1, max=40))
+    status = StrictString(validate=validate.Length(min=1, max=20))
+    request_id = StrictString(validate=validate.Length(min=1, max=64))
+    tenant = StrictString(validate=validate.Length(min=1, max=200))
+    api_key_id = IdField()
+
+
 CHAT_SCHEMA = ChatCompletionSchema()
+API_CHAT_SCHEMA = ApiChatSchema()
 MESSAGES_SCHEMA = MessagesSchema()
 COUNT_TOKENS_SCHEMA = CountTokensSchema()
 API_KEY_CREATE_SCHEMA = ApiKeyCreateSchema()
@@ -309,3 +340,4 @@ TENANT_CREATE_SCHEMA = TenantCreateSchema()
 TENANT_UPDATE_SCHEMA = TenantUpdateSchema()
 AUDIT_QUERY_SCHEMA = AuditQuerySchema()
 USAGE_QUERY_SCHEMA = UsageQuerySchema()
+REQUESTS_QUERY_SCHEMA = RequestsQuerySchema()

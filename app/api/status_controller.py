@@ -14,6 +14,7 @@ from app.providers.catalog import Deployment
 from app.runtime import runtime
 from app.services.completion import CompletionRun
 from app.services.provider_health import merge_snapshots
+from app.services.rate_limit_service import deployment_quota
 from app.services.router import deployment_name
 from app.services.uptime_service import probe_request
 
@@ -37,6 +38,15 @@ def uptime(model_id: str) -> Response:
     return json_response(rt.uptime.check(entry, open_run))
 
 
+def _queue(rt, dep: Deployment) -> dict[str, Any]:
+    """The deployment's provider queue (requests waiting for its quota), when it has a quota."""
+    quota = deployment_quota(dep)
+    stats = rt.limiter.deployment_queue(quota) if quota is not None else None
+    if stats is None:
+        return {}
+    return {"queue": {"length": stats.length, "oldest_wait_s": round(stats.oldest_wait_s, 3)}}
+
+
 def providers_status() -> Response:
     """System secret or any valid key (the report holds no tenant data and no secrets)."""
     rt = runtime()
@@ -57,5 +67,5 @@ def providers_status() -> Response:
             aliases = [a for a, e in rt.providers.catalog.models.items()
                        if any(deployment_name(d) == name for d in e.deployments)]
             data.append({"deployment": name, "provider": dep.provider, "model": dep.model,
-                         "aliases": aliases, **merge_snapshots(name, snapshots)})
+                         "aliases": aliases, **merge_snapshots(name, snapshots), **_queue(rt, dep)})
     return json_response({"object": "providers.status", "workers_reporting": len(snapshots), "data": data})

@@ -16,13 +16,13 @@ from sqlalchemy import select
 
 from app.api.auth import caller
 from app.api.common import json_response, read_optional_json_object
+from app.api.scope import usage_scope
 from app.api.schemas import USAGE_QUERY_SCHEMA
-from app.errors import InvalidRequest, NotFound, PermissionDenied
+from app.errors import InvalidRequest
 from app.extensions import db
 from app.models import ApiKey, Tenant
 from app.runtime import runtime
-from app.services import read_replica, tenant_service, usage_service
-from app.services.actor import Actor
+from app.services import read_replica, usage_service
 
 TOTAL_COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd")
 GROUP_COLUMNS = {"model": ("model",), "day": ("day",), "key": ("api_key_id", "api_key_name"),
@@ -40,7 +40,7 @@ def usage() -> Response:
     end: datetime = params.get("end", default_end)
     if end <= start:
         raise InvalidRequest("'end' must be after 'start'.", param="end")
-    tenant_id, api_key_id = _scope(actor, params.get("tenant"), params.get("api_key_id"))
+    tenant_id, api_key_id = usage_scope(actor, params.get("tenant"), params.get("api_key_id"))
     group_by = params.get("group_by")
     query = usage_service.UsageQuery(start=start, end=end, api_key_id=api_key_id, tenant_id=tenant_id,
                                      model=params.get("model"), group_by=group_by)
@@ -50,25 +50,6 @@ def usage() -> Response:
     if _wants_csv(params.get("format")):
         return _csv_response(result, group_by)
     return json_response(result)
-
-
-def _scope(actor: Actor, tenant_name: str | None, api_key_id: int | None) -> tuple[int | None, int | None]:
-    """(tenant_id, api_key_id) filters the caller is allowed, from the parameters it sent."""
-    if actor.kind == "key" and not actor.is_tenant_admin:
-        if tenant_name is not None:
-            raise PermissionDenied("A member key reads its own usage only: 'tenant' needs a tenant admin "
-                                   "key.", param="tenant")
-        if api_key_id is not None and api_key_id != actor.key_id:
-            raise PermissionDenied("A member key reads its own usage only.", param="api_key_id")
-        return None, actor.key_id
-    tenant_id = actor.tenant_id  # None for the system secret: every tenant
-    if tenant_name is not None:
-        tenant_id = tenant_service.visible_tenant(db.session, actor, tenant_name).id
-    if api_key_id is not None:
-        key = db.session.get(ApiKey, api_key_id)
-        if key is None or not actor.sees_tenant(key.tenant_id):
-            raise NotFound(f"No API key with id {api_key_id}.", param="api_key_id")
-    return tenant_id, api_key_id
 
 
 def _add_names(group_by: str, data: list[dict[str, Any]]) -> None:

@@ -50,6 +50,9 @@ class Deployment:
     rpm: int | None = None
     tpm: int | None = None
     rpd: int | None = None
+    # At its quota, a request waits this long (seconds) for a slot, in arrival order, instead
+    # of being refused (None: the model's default; 0: refuse at once).
+    queue_timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,13 @@ class ModelEntry:
     # Rank among the models of a category alias (small/big/auto): lower first. Defaults to the
     # best priority of the model's deployments.
     priority: int = 1
+    # Default `queue_timeout_s` of its deployments (0: no waiting).
+    queue_timeout_s: float = 0.0
+
+    def queue_timeout_for(self, deployment: Deployment) -> float:
+        """How long a request may wait for `deployment`'s quota (0: refused at once)."""
+        own = deployment.queue_timeout_s
+        return own if own is not None else self.queue_timeout_s
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,14 @@ def _pos_int(value: Any, where: str, optional: bool = False) -> int | None:
     return value
 
 
+def _seconds(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
+        raise CatalogError(f"{where}: must be a non-negative number of seconds, got {value!r}")
+    return float(value)
+
+
 def _deployment(raw: Any, where: str, providers: dict[str, dict]) -> Deployment:
     if not isinstance(raw, dict):
         raise CatalogError(f"{where}: must be an object with 'provider' and 'model'")
@@ -115,12 +133,13 @@ def _deployment(raw: Any, where: str, providers: dict[str, dict]) -> Deployment:
         rpm=_pos_int(raw.get("rpm"), f"{where}.rpm", optional=True),
         tpm=_pos_int(raw.get("tpm"), f"{where}.tpm", optional=True),
         rpd=_pos_int(raw.get("rpd"), f"{where}.rpd", optional=True),
+        queue_timeout_s=_seconds(raw.get("queue_timeout_s"), f"{where}.queue_timeout_s"),
     )
 
 
 OPTIONAL_PRICES = ("cached_input_per_mtok", "cache_write_per_mtok")
 _MODEL_KEYS = {"deployments", "context_window", "max_output_tokens", "pricing", "tokenizer",
-               "category", "owned_by", "fallbacks", "priority"}
+               "category", "owned_by", "fallbacks", "priority", "queue_timeout_s"}
 # Per-provider HTTP timeouts (seconds): connect, read (between two bytes, also the stream's idle
 # timeout; `timeout_s` is its older name) and total (the whole upstream call, stream included).
 TIMEOUT_KEYS = ("connect_timeout_s", "timeout_s", "read_timeout_s", "total_timeout_s")
@@ -162,6 +181,7 @@ def _model(alias: str, raw: Any, providers: dict[str, dict]) -> ModelEntry:
         max_output_tokens=max_output or 0, pricing=pricing, tokenizer=tokenizer,
         category=category, owned_by=raw.get("owned_by"), fallbacks=tuple(fallbacks),
         extra={k: v for k, v in raw.items() if k not in _MODEL_KEYS}, priority=priority or 1,
+        queue_timeout_s=_seconds(raw.get("queue_timeout_s"), f"{where}.queue_timeout_s") or 0.0,
     )
 
 

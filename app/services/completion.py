@@ -28,13 +28,14 @@ from dataclasses import replace
 from inspect import GEN_CREATED, getgeneratorstate
 from typing import Any, Callable, Generator, Iterator, Optional
 
-from app.errors import APIError, ModelNotFound, PermissionDenied, api_error_for, limit_error
+from app.errors import APIError, ClientGone, ModelNotFound, PermissionDenied, api_error_for, limit_error
 from app.providers.base import (Completion, Provider, ProviderError, ProviderUnavailable, StreamPiece,
                                 not_configured)
 from app.providers.catalog import Deployment, ModelEntry
 from app.services.rate_limit_service import LimiterUnavailable, deployment_quota, key_limits, to_nano
-from app.services.router import Candidate, ContextTooLong, RequestSize
+from app.services.router import Candidate, ContextTooLong, NoDeploymentAvailable, RequestSize
 from app.services.settlement_service import CompletionTrace
+from app.utils import client_connection
 from app.utils.streaming import with_heartbeat
 from app.utils.token_counter import IMAGE_TOKENS_HIGH, count_prompt, image_parts
 
@@ -237,9 +238,12 @@ class CompletionRun:
             router = self.rt.router
             cand, result = router.dispatch(router.candidates(self.models), self._attempt(call),
                                            started=self.trace.started, reserve=self._reserve,
-                                           release=self._release_quota)
+                                           release=self._release_quota, wait=self._wait_for_quota)
             self._candidate = cand
             return result
+        except ClientGone:
+            self._finish(*_DISCONNECTED)
+            raise
         except BaseException as exc:
             kind = exc.kind if isinstance(exc, ProviderError) else "internal"
             self._finish("error", kind)
@@ -282,6 +286,30 @@ class CompletionRun:
             return False
         trace.quota, trace.quota_tokens = quota, tokens
         return True
+
+    def _wait_for_quota(self, at_quota: list[Candidate]) -> Candidate:
+        """Every deployment was at its quota: wait in the queue of the first one (routing
+        order) that declares a `queue_timeout_s`. Raises NoDeploymentAvailable (429 with
+        Retry-After) when none does or no slot came in time, ClientGone when the client hung
+        up while waiting. The key's admission (its concurrency slot) is held meanwhile."""
+        for cand in at_quota:
+            timeout = cand.entry.queue_timeout_for(cand.deployment)
+            quota = deployment_quota(cand.deployment)
+            if timeout > 0 and quota is not None:
+                break
+        else:
+            raise NoDeploymentAvailable(len(at_quota), 0, 0.0)
+        trace = self.trace
+        trace.entry, trace.deployment = cand.entry, cand.deployment
+        tokens = self._estimate()[0] if quota.tpm else 0
+        outcome = self.rt.limiter.deployment_wait(quota, tokens, trace.request_id, timeout,
+                                                  client_connection.gone)
+        if outcome.client_gone:
+            raise ClientGone()
+        if not outcome.admitted:
+            raise NoDeploymentAvailable(len(at_quota), 0, outcome.retry_after_s, queued_for_s=timeout)
+        trace.quota, trace.quota_tokens = quota, tokens
+        return cand
 
     def _release_quota(self, cand: Candidate) -> None:
         """The deployment failed and the request moves on: its quota reservation goes back."""

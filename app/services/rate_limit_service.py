@@ -95,6 +95,51 @@ class DeploymentQuota:
     rpd: int = 0
 
 
+@dataclass(frozen=True)
+class QuotaTry:
+    """One attempt at a deployment's quota: admitted, or why not, when this request's slot
+    frees (seconds, 0: unknown), its place in the queue (0 = next) and the queue's length."""
+    admitted: bool
+    reason: str = ""
+    wait_s: float = 0.0
+    position: int = 0
+    queue_length: int = 0
+
+
+@dataclass(frozen=True)
+class QuotaWait:
+    """How a wait in a deployment's queue ended."""
+    admitted: bool
+    retry_after_s: float = 0.0        # timed out: when the slot of its place would have freed
+    client_gone: bool = False
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    length: int = 0
+    oldest_wait_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Headroom:
+    """What a key's limiter counters say right now, read without reserving anything (GET /v1/key).
+
+    `*_left` is how many requests (tokens) could be admitted at this instant (-1: no such
+    limit), `*_reset_ms` how long until that limit is full again. The day and month counters
+    are None when the limiter holds none (a new period, or a Redis that lost them): the caller
+    reads the usage store instead. Counters include reservations of requests still running."""
+    day: int
+    month: str
+    rpm_left: int
+    rpm_reset_ms: int
+    tpm_left: int
+    tpm_reset_ms: int
+    in_flight: int
+    day_tokens: int | None
+    key_spend_nano: int | None
+    tenant_spend_nano: int | None
+
+
 def deployment_quota(deployment: Any) -> DeploymentQuota | None:
     """The provider quota of a models.json deployment (its rpm/tpm/rpd), if it has one."""
     if not (deployment.rpm or deployment.tpm or deployment.rpd):
@@ -125,7 +170,11 @@ class Limiter(Protocol):
     def peek(self, limits: KeyLimits) -> Admission | None: ...
     def settle(self, adm: Admission, actual_tokens: int, actual_cost_nano: int) -> None: ...
     def deployment_admit(self, quota: DeploymentQuota, tokens: int) -> bool: ...
+    def deployment_try(self, quota: DeploymentQuota, tokens: int, ticket: str) -> QuotaTry: ...
+    def deployment_leave(self, quota: DeploymentQuota, ticket: str) -> None: ...
+    def deployment_queue(self, quota: DeploymentQuota) -> QueueStats: ...
     def deployment_settle(self, quota: DeploymentQuota, refund_tokens: int) -> None: ...
+    def headroom(self, limits: KeyLimits) -> Headroom: ...
 
 
 def format_reset(ms: int) -> str:
@@ -151,15 +200,27 @@ def _headers(limits: KeyLimits, rpm_left: int, rpm_reset_ms: int, tpm_left: int,
     return headers
 
 
+# A queued request that stops polling (its worker died) leaves the queue after this long;
+# waiters poll at least every QUEUE_POLL_MAX_S, well within it.
+QUEUE_LIVENESS_US = 5_000_000
+QUEUE_POLL_MAX_S = 0.25
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 # --- Redis ----------------------------------------------------------------------------------
 
 class RedisLimiter:
     def __init__(self, client: redis.Redis, lease_ms: int, max_connections: int = 64,
-                 pool_bypass: bool = True) -> None:
+                 pool_bypass: bool = True, quota_window_s: float = 60.0) -> None:
         """`pool_bypass`: commands go through app/overrides.py `RedisFreeList` (our own free
-        list of connections, straight on the wire) instead of redis-py's pipeline and pool."""
+        list of connections, straight on the wire) instead of redis-py's pipeline and pool.
+        `quota_window_s`: the window of deployment quotas' rpm/tpm (60; shorter in tests)."""
         self.client = client
         self.lease_ms = lease_ms
+        self.window_us = int(quota_window_s * 1_000_000)
         # A Redis Cluster client has one pool per node: its commands go through its slot routing.
         cluster = isinstance(client, RedisCluster)
         self._free_list = (RedisFreeList(client.connection_pool, max_connections, LimiterUnavailable)
@@ -180,7 +241,7 @@ class RedisLimiter:
     @staticmethod
     def deployment_keys(quota: DeploymentQuota) -> list[str]:
         d = f"gw:{{d:{quota.name}}}"
-        return [f"{d}:rpm", f"{d}:tpm", f"{d}:rpd"]
+        return [f"{d}:rpmlog", f"{d}:tpm", f"{d}:rpd", f"{d}:queue", f"{d}:alive"]
 
     def _call(self, keys: list[str], args: list[Any]) -> Any:
         result = self._call_many([(keys, args)])[0]
@@ -287,38 +348,75 @@ class RedisLimiter:
                 log.error("settlement script failed: %s", result)
 
     def deployment_admit(self, quota: DeploymentQuota, tokens: int) -> bool:
-        res = self._call(self.deployment_keys(quota), ["deploy_admit", quota.rpm, quota.tpm, quota.rpd, tokens])
-        return int(res[0]) == 1
+        return self.deployment_try(quota, tokens, "").admitted
+
+    def deployment_try(self, quota: DeploymentQuota, tokens: int, ticket: str) -> QuotaTry:
+        """Take a slot of the quota; refused with a `ticket`, the request joins (or keeps its
+        place in) the deployment's queue until `deployment_leave` or QUEUE_LIVENESS_US."""
+        res = self._call(self.deployment_keys(quota), ["deploy_admit", quota.rpm, quota.tpm, quota.rpd, tokens,
+                                                       self.window_us, ticket, QUEUE_LIVENESS_US])
+        if int(res[0]) == 1:
+            return QuotaTry(True)
+        return QuotaTry(False, _text(res[1]), int(_text(res[2])) / 1e6, int(res[3]), int(res[4]))
+
+    def deployment_leave(self, quota: DeploymentQuota, ticket: str) -> None:
+        self._call(self.deployment_keys(quota), ["deploy_leave", 0, 0, 0, 0, 0, ticket])
+
+    def deployment_queue(self, quota: DeploymentQuota) -> QueueStats:
+        res = self._call(self.deployment_keys(quota), ["deploy_queue"])
+        return QueueStats(int(res[0]), int(_text(res[1])) / 1e6)
 
     def deployment_settle(self, quota: DeploymentQuota, refund_tokens: int) -> None:
         if quota.tpm and refund_tokens:
-            self._call(self.deployment_keys(quota), ["deploy_settle", quota.tpm, refund_tokens])
+            self._call(self.deployment_keys(quota), ["deploy_settle", quota.tpm, refund_tokens, self.window_us])
+
+    def headroom(self, limits: KeyLimits) -> Headroom:
+        res = self._call(self.key_names(limits), ["headroom", limits.rpm, limits.tpm])
+
+        def counter(value: Any) -> int | None:
+            return int(value) if value not in (b"", "", None) else None
+        month = res[1].decode() if isinstance(res[1], bytes) else res[1]
+        return Headroom(day=int(res[0]), month=month, rpm_left=int(res[2]), rpm_reset_ms=int(res[3]),
+                        tpm_left=int(res[4]), tpm_reset_ms=int(res[5]), in_flight=int(res[6]),
+                        day_tokens=counter(res[7]), key_spend_nano=counter(res[8]),
+                        tenant_spend_nano=counter(res[9]))
 
 
 # --- in-process (embedded mode) ---------------------------------------------------------------
 
+def day_and_month(now_us: int) -> tuple[int, str]:
+    """(days since 1970-01-01, "YYYYMM") of a UTC time in microseconds, as the Lua script names them."""
+    days = now_us // 86_400_000_000
+    d = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(days=days)
+    return days, f"{d.year:04d}{d.month:02d}"
+
+
 class LocalLimiter:
     """The Lua script's rules in Python, for one process (embedded mode, no Redis)."""
 
-    def __init__(self, lease_ms: int, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, lease_ms: int, clock: Callable[[], float] = time.time, quota_window_s: float = 60.0) -> None:
         self.lease_ms = lease_ms
         self.clock = clock
+        self.window_us = int(quota_window_s * 1_000_000)
         self._lock = threading.Lock()
         self._tat: dict[str, float] = {}
         self._counters: dict[str, int] = {}
         self._leases: dict[str, dict[str, int]] = {}
+        self._logs: dict[str, deque[int]] = {}                # deployment -> admission times (us)
+        self._queues: dict[str, dict[str, tuple[int, int]]] = {}  # deployment -> ticket -> (since, expiry)
 
     def _now_us(self) -> int:
         return int(self.clock() * 1_000_000)
 
-    def _gcra(self, key: str, limit: int, cost: int, now: int) -> tuple[bool, float, int, int, int]:
-        interval = PERIOD_US / limit
+    def _gcra(self, key: str, limit: int, cost: int, now: int,
+              period: int = PERIOD_US) -> tuple[bool, float, int, int, int]:
+        interval = period / limit
         tat = max(self._tat.get(key, 0), now)
         new_tat = math.ceil(tat + cost * interval)
         used = new_tat - now
-        if used > PERIOD_US:
-            return False, tat, int(used - PERIOD_US), max(0, int((PERIOD_US - (tat - now)) // interval)), int(tat - now)
-        return True, new_tat, 0, int((PERIOD_US - used) // interval), int(used)
+        if used > period:
+            return False, tat, int(used - period), max(0, int((period - (tat - now)) // interval)), int(tat - now)
+        return True, new_tat, 0, int((period - used) // interval), int(used)
 
     def admit(self, limits: KeyLimits, request_id: str, tokens: int, cost_nano: int,
               seeds: dict[str, int] | None) -> Admission:
@@ -328,9 +426,7 @@ class LocalLimiter:
     def _admit(self, limits: KeyLimits, rid: str, tokens: int, cost: int, seeds: dict[str, int]) -> Admission:
         now = self._now_us()
         now_ms = now // 1000
-        days = now // 86_400_000_000
-        d = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(days=days)
-        month = f"{d.year:04d}{d.month:02d}"
+        days, month = day_and_month(now)
         k = f"k:{limits.key_id}"
         day_key, kspend, tspend = f"{k}:tpd:{days}", f"{k}:spend:{month}", f"t:{limits.tenant_id}:spend:{month}"
         until_midnight = (days + 1) * 86_400_000 - now_ms
@@ -427,32 +523,92 @@ class LocalLimiter:
             self._leases.get(k, {}).pop(adm.request_id, None)
 
     def deployment_admit(self, quota: DeploymentQuota, tokens: int) -> bool:
+        return self.deployment_try(quota, tokens, "").admitted
+
+    def deployment_try(self, quota: DeploymentQuota, tokens: int, ticket: str) -> QuotaTry:
+        """The Lua script's `deploy_admit` (same rules, see there)."""
         with self._lock:
-            now = self._now_us()
+            now, window = self._now_us(), self.window_us
             d = f"d:{quota.name}"
+            queue = self._live_queue(quota.name, now)
+            order = sorted(queue, key=lambda t: (queue[t][0], t))
+            rank = order.index(ticket) if ticket in queue else len(order)
             day_key = f"{d}:rpd:{now // 86_400_000_000}"
-            r_ok = t_ok = True
-            r_tat = t_tat = 0.0
+            reason, wait, t_tat = "", 0, 0.0
+            log_ = self._logs.setdefault(quota.name, deque())
             if quota.rpm:
-                r_ok, r_tat, *_ = self._gcra(f"{d}:rpm", quota.rpm, 1, now)
-            if r_ok and quota.tpm:
-                t_ok, t_tat, *_ = self._gcra(f"{d}:tpm", quota.tpm, min(tokens, quota.tpm), now)
-            if not (r_ok and t_ok) or (quota.rpd and self._counters.get(day_key, 0) >= quota.rpd):
-                return False
+                while log_ and log_[0] <= now - window:
+                    log_.popleft()
+                free = quota.rpm - len(log_)
+                if rank >= free:
+                    i = rank - free
+                    reason, wait = "rpm", (log_[i] + window - now) if i < len(log_) else window
+            if not reason and quota.rpd:
+                if rank >= quota.rpd - self._counters.get(day_key, 0):
+                    reason, wait = "rpd", (now // 86_400_000_000 + 1) * 86_400_000_000 - now
+            if not reason and quota.tpm:
+                ok, t_tat, retry, *_ = self._gcra(f"{d}:tpm", quota.tpm, min(tokens, quota.tpm), now, window)
+                if not ok:
+                    reason, wait = "tpm", retry
+                elif not (quota.rpm or quota.rpd) and rank > 0:
+                    reason = "queued"
+            if reason:
+                if ticket:
+                    since = queue[ticket][0] if ticket in queue else now
+                    queue[ticket] = (since, now + QUEUE_LIVENESS_US)
+                return QuotaTry(False, reason, wait / 1e6, rank, len(queue))
             if quota.rpm:
-                self._tat[f"{d}:rpm"] = r_tat
+                log_.append(now)
             if quota.tpm:
                 self._tat[f"{d}:tpm"] = t_tat
             if quota.rpd:
                 self._counters[day_key] = self._counters.get(day_key, 0) + 1
-            return True
+            queue.pop(ticket, None)
+            return QuotaTry(True)
+
+    def _live_queue(self, name: str, now: int) -> dict[str, tuple[int, int]]:
+        queue = self._queues.setdefault(name, {})
+        for ticket in [t for t, (_, expiry) in queue.items() if expiry <= now]:
+            del queue[ticket]
+        return queue
+
+    def deployment_leave(self, quota: DeploymentQuota, ticket: str) -> None:
+        with self._lock:
+            self._queues.get(quota.name, {}).pop(ticket, None)
+
+    def deployment_queue(self, quota: DeploymentQuota) -> QueueStats:
+        with self._lock:
+            now = self._now_us()
+            queue = self._live_queue(quota.name, now)
+            oldest = min((since for since, _ in queue.values()), default=now)
+            return QueueStats(len(queue), (now - oldest) / 1e6)
+
+    def headroom(self, limits: KeyLimits) -> Headroom:
+        with self._lock:
+            now = self._now_us()
+            days, month = day_and_month(now)
+            k = f"k:{limits.key_id}"
+
+            def room(name: str, limit: int) -> tuple[int, int]:
+                if not limit:
+                    return -1, 0
+                _, _, _, left, reset_us = self._gcra(f"{k}:{name}", limit, 0, now)  # cost 0: a pure read
+                return left, -(-reset_us // 1000)
+            rpm_left, rpm_reset = room("rpm", limits.rpm)
+            tpm_left, tpm_reset = room("tpm", limits.tpm)
+            in_flight = sum(1 for expiry in self._leases.get(k, {}).values() if expiry > now // 1000)
+            return Headroom(day=days, month=month, rpm_left=rpm_left, rpm_reset_ms=rpm_reset,
+                            tpm_left=tpm_left, tpm_reset_ms=tpm_reset, in_flight=in_flight,
+                            day_tokens=self._counters.get(f"{k}:tpd:{days}"),
+                            key_spend_nano=self._counters.get(f"{k}:spend:{month}"),
+                            tenant_spend_nano=self._counters.get(f"t:{limits.tenant_id}:spend:{month}"))
 
     def deployment_settle(self, quota: DeploymentQuota, refund_tokens: int) -> None:
         if quota.tpm and refund_tokens:
             with self._lock:
                 key = f"d:{quota.name}:tpm"
                 if key in self._tat:
-                    self._tat[key] -= min(refund_tokens, quota.tpm) * PERIOD_US / quota.tpm
+                    self._tat[key] -= min(refund_tokens, quota.tpm) * self.window_us / quota.tpm
 
 
 # --- the service the request path calls -------------------------------------------------------
@@ -580,11 +736,66 @@ class RateLimitService:
                 raise
             return True
 
+    def deployment_wait(self, quota: DeploymentQuota, tokens: int, ticket: str, timeout_s: float,
+                        client_gone: Callable[[], bool], clock: Callable[[], float] = time.monotonic,
+                        sleep: Callable[[float], None] = time.sleep) -> QuotaWait:
+        """Wait in the deployment's queue (arrival order, shared by every worker and replica
+        through the backend) until a slot is ours, `timeout_s` passes or the client hangs up.
+
+        Each poll asks the backend once and sleeps until this request's slot should free (the
+        backend computes it), at most QUEUE_POLL_MAX_S: under gevent a sleeping request is a
+        parked greenlet, no thread and no CPU. Leaving (any way but admission) removes the
+        ticket from the queue at once, so the next waiter moves up."""
+        deadline = clock() + timeout_s
+        admitted, backoff = False, 0.02
+        try:
+            while True:
+                try:
+                    attempt = self.backend.deployment_try(quota, tokens, ticket)
+                except LimiterUnavailable:
+                    if not self.fail_open:
+                        raise
+                    admitted = True
+                    return QuotaWait(True)
+                if attempt.admitted:
+                    admitted = True
+                    return QuotaWait(True)
+                left = deadline - clock()
+                if left <= 0:
+                    return QuotaWait(False, retry_after_s=attempt.wait_s)
+                if client_gone():
+                    return QuotaWait(False, client_gone=True)
+                # the backend's estimate of this place's slot; without one (a tpm-only quota
+                # behind other waiters) a backoff from 20 ms up to the poll cap
+                pause = attempt.wait_s if attempt.wait_s > 0 else backoff
+                backoff = min(backoff * 2, QUEUE_POLL_MAX_S)
+                sleep(min(max(pause, 0.005), QUEUE_POLL_MAX_S, left))
+        finally:
+            if not admitted:
+                try:
+                    self.backend.deployment_leave(quota, ticket)
+                except LimiterUnavailable:
+                    pass  # its liveness expires within QUEUE_LIVENESS_US
+
+    def deployment_queue(self, quota: DeploymentQuota) -> QueueStats | None:
+        """The deployment's queue (None when the store cannot be reached)."""
+        try:
+            return self.backend.deployment_queue(quota)
+        except LimiterUnavailable:
+            return None
+
     def deployment_settle(self, quota: DeploymentQuota, refund_tokens: int) -> None:
         try:
             self.backend.deployment_settle(quota, refund_tokens)
         except LimiterUnavailable:
             self._warn("limiter store unavailable: a deployment reservation was not settled")
+
+    def headroom(self, limits: KeyLimits) -> Headroom | None:
+        """The key's counters as they stand, reserving nothing; None when the store is down."""
+        try:
+            return self.backend.headroom(limits)
+        except LimiterUnavailable:
+            return None
 
     def _warn(self, message: str) -> None:
         now = time.monotonic()

@@ -58,11 +58,12 @@ class NoDeploymentAvailable(Exception):
     provider not configured (`not_configured`: one sentence per such provider)."""
 
     def __init__(self, quota_full: int, circuits_open: int, retry_in_s: float,
-                 not_configured: list[str] | None = None) -> None:
+                 not_configured: list[str] | None = None, queued_for_s: float = 0.0) -> None:
         super().__init__(f"{quota_full} at quota, {circuits_open} with an open circuit, "
                          f"{len(not_configured or ())} providers not configured")
         self.quota_full, self.circuits_open, self.retry_in_s = quota_full, circuits_open, retry_in_s
         self.not_configured = not_configured or []
+        self.queued_for_s = queued_for_s  # > 0: waited this long in a deployment's queue
 
 
 class RequestSize:
@@ -207,11 +208,16 @@ class Router:
     def dispatch(self, candidates: Iterator[Candidate], call: Callable[[Candidate], T], *,
                  started: float, reserve: Callable[[Candidate], bool] | None = None,
                  release: Callable[[Candidate], None] | None = None,
-                 on_attempt: Callable[[Candidate], None] | None = None) -> tuple[Candidate, T]:
+                 on_attempt: Callable[[Candidate], None] | None = None,
+                 wait: Callable[[list[Candidate]], Candidate] | None = None) -> tuple[Candidate, T]:
         """Call candidates in order until one answers; returns it and its answer.
 
         `reserve(c)` takes the deployment's provider quota (False: at quota, skip it) and
         `release(c)` gives it back when the deployment failed and the request moves on.
+        `wait(at_quota)`: when nothing could be attempted because deployments were at their
+        quota, it waits for a slot of one of them (the candidates skipped for their quota, in
+        order) and returns the candidate whose quota it reserved, which is then attempted; it
+        raises NoDeploymentAvailable itself when no slot came in time.
         A deployment whose provider is not configured is never called (and its breaker never
         hears of it). Raises the last ProviderError when every attempt failed,
         NoDeploymentAvailable when nothing could be attempted."""
@@ -221,6 +227,7 @@ class Router:
         retry_in = 0.0
         last_error: ProviderError | None = None
         not_configured: list[str] = []
+        at_quota: list[Candidate] = []
         for cand in candidates:
             if attempts >= policy.max_attempts or (attempts and clock() - started >= policy.deadline_s):
                 break
@@ -237,6 +244,7 @@ class Router:
                 continue
             if reserve is not None and not reserve(cand):
                 quota_full += 1
+                at_quota.append(cand)
                 self._unclaim_probe(rec)
                 continue
             self._model_used[cand.entry.alias] = clock()
@@ -274,6 +282,9 @@ class Router:
                 release(cand)
         if last_error is not None:
             raise last_error
+        if wait is not None and at_quota and not attempts:
+            chosen = wait(at_quota)  # its quota is reserved: attempt it without reserving again
+            return self.dispatch(iter([chosen]), call, started=started, release=release, on_attempt=on_attempt)
         raise NoDeploymentAvailable(quota_full, circuits_open, retry_in, not_configured)
 
     @staticmethod

@@ -7,7 +7,8 @@
 -- All keys of one call share one hash tag (the tenant's, or the deployment's), so the script
 -- also runs on Redis Cluster. Day/month counters are named from the declared key prefixes.
 --
--- ARGV[1] is the operation: admit | peek | settle | deploy_admit | deploy_settle.
+-- ARGV[1] is the operation: admit | peek | settle | deploy_admit | deploy_leave | deploy_queue |
+-- deploy_settle | headroom (read only).
 
 local PERIOD = 60000000 -- one minute in microseconds
 
@@ -33,7 +34,8 @@ local function civil(days)
 end
 
 -- GCRA check: returns allowed, new_tat, retry_after_us, remaining, reset_us
-local function gcra(key, limit, cost, now)
+local function gcra(key, limit, cost, now, period)
+  local PERIOD = period or PERIOD
   local interval = PERIOD / limit
   local tat = tonumber(redis.call('GET', key) or '0')
   if tat < now then tat = now end
@@ -49,11 +51,11 @@ local function store_tat(key, tat, now)
   redis.call('SET', key, fmt(tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
 end
 
-local function refund_tat(key, limit, tokens, now)
+local function refund_tat(key, limit, tokens, now, period)
   -- tokens > 0 gives capacity back, < 0 consumes more (the answer was longer than reserved)
   local tat = tonumber(redis.call('GET', key) or '0')
   if tat == 0 then return end
-  local new_tat = math.ceil(tat - tokens * PERIOD / limit)
+  local new_tat = math.ceil(tat - tokens * (period or PERIOD) / limit)
   if new_tat <= now then
     redis.call('DEL', key)
   else
@@ -66,6 +68,13 @@ local function counter(key, seed)
   if v then return tonumber(v), true end
   if seed ~= '' then return tonumber(seed), false end
   return nil, false
+end
+
+-- Waiters whose liveness expired (their worker died without leaving) leave the queue.
+local function purge_queue(qkey, akey, now)
+  local dead = redis.call('ZRANGEBYSCORE', akey, '-inf', now)
+  for _, m in ipairs(dead) do redis.call('ZREM', qkey, m) end
+  if #dead > 0 then redis.call('ZREMRANGEBYSCORE', akey, '-inf', now) end
 end
 
 local op = ARGV[1]
@@ -181,35 +190,118 @@ elseif op == 'settle' then
   return 1
 
 elseif op == 'deploy_admit' then
-  -- A provider quota of one deployment. KEYS: 1 rpm tat, 2 tpm tat, 3 day-requests prefix.
-  -- ARGV: 2 rpm, 3 tpm, 4 rpd, 5 tokens
+  -- A provider quota of one deployment, with its fair queue of waiting requests.
+  -- KEYS: 1 request log (zset of admission times: a sliding window, so no window of
+  -- `window` microseconds ever holds more than rpm requests), 2 tpm tat, 3 day-requests prefix,
+  -- 4 queue (zset ticket -> enqueue time), 5 queue liveness (zset ticket -> expiry).
+  -- ARGV: 2 rpm, 3 tpm, 4 rpd, 5 tokens, 6 window us, 7 ticket ('' = a newcomer that does not
+  -- queue), 8 liveness us of a queued ticket.
+  -- Waiters are served in enqueue order: a request ranked r (r waiters before it; a newcomer
+  -- ranks behind all of them) may take a slot only while more than r slots are free.
+  -- Returns {1, ''} or {0, reason, wait us until this rank's slot frees, rank, queue length}.
   local now = now_us()
   local rpm, tpm, rpd, tokens = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+  local window, ticket = tonumber(ARGV[6]), ARGV[7]
+  purge_queue(KEYS[4], KEYS[5], now)
+  local qlen = redis.call('ZCARD', KEYS[4])
+  local rank, queued = qlen, false
+  if ticket ~= '' then
+    local r = redis.call('ZRANK', KEYS[4], ticket)
+    if r then rank, queued = r, true end
+  end
   local days = math.floor(now / 86400000000)
   local day_key = KEYS[3] .. ':' .. days
-  local r_ok, r_tat, t_ok, t_tat
+  local reason, wait, t_tat = nil, 0, 0
   if rpm > 0 then
-    r_ok, r_tat = gcra(KEYS[1], rpm, 1, now)
-    if not r_ok then return {0, 'rpm'} end
+    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+    local free = rpm - redis.call('ZCARD', KEYS[1])
+    if rank >= free then
+      reason = 'rpm'
+      local e = redis.call('ZRANGE', KEYS[1], rank - free, rank - free, 'WITHSCORES')
+      wait = e[2] and (tonumber(e[2]) + window - now) or window
+    end
   end
-  if tpm > 0 then
-    t_ok, t_tat = gcra(KEYS[2], tpm, math.min(tokens, tpm), now)
-    if not t_ok then return {0, 'tpm'} end
+  if not reason and rpd > 0 then
+    local free = rpd - tonumber(redis.call('GET', day_key) or '0')
+    if rank >= free then reason, wait = 'rpd', (days + 1) * 86400000000 - now end
   end
-  if rpd > 0 and tonumber(redis.call('GET', day_key) or '0') >= rpd then return {0, 'rpd'} end
-  if rpm > 0 then store_tat(KEYS[1], r_tat, now) end
+  if not reason and tpm > 0 then
+    local ok, new_tat, retry = gcra(KEYS[2], tpm, math.min(tokens, tpm), now, window)
+    if not ok then reason, wait = 'tpm', retry
+    elseif rpm == 0 and rpd == 0 and rank > 0 then reason, wait = 'queued', 0
+    else t_tat = new_tat end
+  end
+  if reason then
+    if ticket ~= '' then
+      if not queued then
+        redis.call('ZADD', KEYS[4], now, ticket)
+        qlen = qlen + 1
+      end
+      redis.call('ZADD', KEYS[5], now + tonumber(ARGV[8]), ticket)
+      redis.call('PEXPIRE', KEYS[4], 86400000)
+      redis.call('PEXPIRE', KEYS[5], 86400000)
+    end
+    return {0, reason, fmt(wait), rank, qlen}
+  end
+  if rpm > 0 then
+    local seq = redis.call('INCR', KEYS[1] .. ':seq')
+    redis.call('ZADD', KEYS[1], now, fmt(now) .. ':' .. seq)
+    redis.call('PEXPIRE', KEYS[1], math.ceil(window / 1000) + 1000)
+  end
   if tpm > 0 then store_tat(KEYS[2], t_tat, now) end
   if rpd > 0 then
     redis.call('INCR', day_key)
     redis.call('PEXPIRE', day_key, 2 * 86400000)
   end
+  if queued then
+    redis.call('ZREM', KEYS[4], ticket)
+    redis.call('ZREM', KEYS[5], ticket)
+  end
   return {1, ''}
 
-elseif op == 'deploy_settle' then
-  -- KEYS: 2 tpm tat of the deployment. ARGV: 2 tpm, 3 token refund
-  local tpm, refund = tonumber(ARGV[2]), tonumber(ARGV[3])
-  if tpm > 0 and refund ~= 0 then refund_tat(KEYS[2], tpm, math.min(refund, tpm), now_us()) end
+elseif op == 'deploy_leave' then
+  -- A waiter gives up (timeout, client gone). KEYS: 4 queue, 5 liveness. ARGV: 7 ticket
+  redis.call('ZREM', KEYS[4], ARGV[7])
+  redis.call('ZREM', KEYS[5], ARGV[7])
   return 1
+
+elseif op == 'deploy_queue' then
+  -- The queue's length and its oldest waiter's wait in us. KEYS: 4 queue, 5 liveness
+  local now = now_us()
+  purge_queue(KEYS[4], KEYS[5], now)
+  local head = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+  local oldest = head[2] and fmt(now - tonumber(head[2])) or '0'
+  return {redis.call('ZCARD', KEYS[4]), oldest}
+
+elseif op == 'deploy_settle' then
+  -- KEYS: 2 tpm tat of the deployment. ARGV: 2 tpm, 3 token refund, 4 window us
+  local tpm, refund = tonumber(ARGV[2]), tonumber(ARGV[3])
+  if tpm > 0 and refund ~= 0 then
+    refund_tat(KEYS[2], tpm, math.min(refund, tpm), now_us(), tonumber(ARGV[4]))
+  end
+  return 1
+elseif op == 'headroom' then
+  -- Read-only view of a key's counters (GET /v1/key): nothing is reserved or written.
+  -- KEYS as for admit. ARGV: 2 rpm, 3 tpm.
+  -- Returns: days, month, rpm_left, rpm_reset_ms, tpm_left, tpm_reset_ms, in_flight,
+  --          day tokens, key spend, tenant spend (counters: '' when Redis has none).
+  local now = now_us()
+  local now_ms = math.floor(now / 1000)
+  local days = math.floor(now / 86400000000)
+  local y, m = civil(days)
+  local month = string.format('%04d%02d', y, m)
+  local function headroom(key, limit)
+    if limit <= 0 then return -1, 0 end
+    local _, _, _, left, reset_us = gcra(key, limit, 0, now)  -- a request of cost 0: a pure read
+    return left, math.ceil(reset_us / 1000)
+  end
+  local rpm_left, rpm_reset = headroom(KEYS[1], tonumber(ARGV[2]))
+  local tpm_left, tpm_reset = headroom(KEYS[2], tonumber(ARGV[3]))
+  local in_flight = redis.call('ZCOUNT', KEYS[4], '(' .. now_ms, '+inf')
+  return {days, month, rpm_left, rpm_reset, tpm_left, tpm_reset, in_flight,
+          redis.call('GET', KEYS[3] .. ':' .. days) or '',
+          redis.call('GET', KEYS[5] .. ':' .. month) or '',
+          redis.call('GET', KEYS[6] .. ':' .. month) or ''}
 end
 
 return redis.error_reply('unknown limiter operation ' .. tostring(op))
