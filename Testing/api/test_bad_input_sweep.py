@@ -70,13 +70,14 @@ def ctx(client, mint):
 
 
 def _path(rule: str, key_id: int, tenant_ref: str = "sweep-tenant", model: str = "demo") -> str:
-    return re.sub(r"<path:\w+>", model, rule.replace("<int:key_id>", str(key_id)).replace("<tenant_ref>", tenant_ref)).replace("<response_id>", "resp_unknown")
+    return re.sub(r"<path:\w+>", model, rule.replace("<int:key_id>", str(key_id)).replace("<tenant_ref>", tenant_ref)
+                  .replace("<response_id>", "resp_unknown"))
 
 
 def _headers(ctx, rule: str) -> dict[str, str]:
     key_routes = ("/v1/chat/completions", "/chat/completions", "/v1/models", "/v1/uptime/<path:model_id>",
                   "/api/chat", *ANTHROPIC_ROUTES)
-    return ctx["key_headers"] if rule in key_routes else ctx["headers"].replace("<response_id>", "resp_unknown")
+    return ctx["key_headers"] if rule in key_routes or "/responses" in rule else ctx["headers"]
 
 
 def _assert_400(resp, param) -> None:
