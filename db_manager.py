@@ -12,6 +12,7 @@
 A TENANT is a name or an id (digits only mean an id). Key and tenant commands are the admin
 API's use cases: same checks, same audit rows (actor `cli:<os user>`), same key events.
     python db_manager.py create-partitions [--months-ahead N] | flush-usage | prune-usage --older-than 90d
+    python db_manager.py prune-responses [--older-than 30d]
 
 The database is `DATABASE_URL` (or `--database-url`). When it cannot be reached, one line
 on stderr and exit status 2; never a traceback.
@@ -469,6 +470,25 @@ def cmd_prune_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune_responses(args: argparse.Namespace) -> int:
+    from app.services.response_store import ResponseStore
+
+    cutoff = args.older_than
+    if cutoff is None:
+        days = Settings.from_env().RESPONSES_RETENTION_DAYS
+        if days <= 0:
+            print("RESPONSES_RETENTION_DAYS is 0: stored responses are kept (give --older-than to prune)")
+            return 0
+        cutoff = _older_than(str(days))
+    engine = engine_for(args.url)
+    try:
+        deleted = ResponseStore(engine).prune(cutoff)
+    finally:
+        engine.dispose()
+    print(f"stored responses before {cutoff:%Y-%m-%d} pruned: {deleted} deleted")
+    return 0
+
+
 def _period(value: str) -> float:
     """`90s`, `30m`, `6h`, `1d` or plain seconds."""
     raw = value.strip().lower()
@@ -500,7 +520,7 @@ def cmd_maintain(args: argparse.Namespace) -> int:
         engine = engine_for(args.url)
         try:
             run = run_once(engine, client, period, settings.USAGE_PARTITIONS_AHEAD,
-                           settings.USAGE_RETENTION_DAYS)
+                           settings.USAGE_RETENTION_DAYS, settings.RESPONSES_RETENTION_DAYS)
             print(run.summary(), flush=True)
         except (OperationalError, OSError, RedisError) as exc:
             if not args.every and not isinstance(exc, RedisError):
@@ -609,6 +629,9 @@ def add_usage_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     prune_.add_argument("--older-than", type=_older_than,
                         help="days (90d) or a date (2026-01-01); default USAGE_RETENTION_DAYS")
     prune_.add_argument("--keep-rollup", action="store_true", help="keep the daily totals before the cutoff")
+    responses = add("prune-responses", cmd_prune_responses, "delete stored Responses API answers older than a cutoff")
+    responses.add_argument("--older-than", type=_older_than,
+                           help="days (30d) or a date (2026-01-01); default RESPONSES_RETENTION_DAYS")
     maintain = add("maintain", cmd_maintain, "partitions ahead + retention, once per period across replicas")
     maintain.add_argument("--period", type=_period, default=3600.0,
                           help="the Redis lock's period: one run per period across every scheduler (default 1h)")

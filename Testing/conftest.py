@@ -19,7 +19,7 @@ from Testing.support import (KEY_EVENTS_CHANNEL, REDIS_URL, SYSTEM_SECRET, UPSTR
                              write_models_file)
 
 os.environ["TEST_UPSTREAM_KEY"] = UPSTREAM_KEY
-TABLES = ("usage_records", "usage_daily", "api_keys", "tenants", "audit_log")
+TABLES = ("usage_records", "usage_daily", "api_keys", "tenants", "audit_log", "responses")
 # Usage spool files of the test apps (only written while PostgreSQL and Redis are both down).
 SPOOL_DIR = tempfile.mkdtemp(prefix="gw-usage-spool-")
 OUTBOX_NAME = "usage-test-" + os.urandom(4).hex()  # the Redis outbox list of this run's gateways

@@ -128,6 +128,9 @@ class Settings:
     USAGE_PARTITIONS_AHEAD: int = 2
     # Default of `db_manager prune-usage` when --older-than is not given (days; 0 = keep all).
     USAGE_RETENTION_DAYS: int = 0
+    # Stored Responses API answers (`store: true`) older than this many days are deleted by
+    # `db_manager maintain` and `db_manager prune-responses` (0 = keep all).
+    RESPONSES_RETENTION_DAYS: int = 30
     # Hostile and careless clients (docs/security.md). Reading a request body: it must be
     # complete within REQUEST_BODY_TIMEOUT_S plus one second per REQUEST_BODY_MIN_RATE bytes
     # received (else 408 and the connection is closed), like Apache's mod_reqtimeout.

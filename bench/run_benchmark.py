@@ -8,7 +8,8 @@ One command (from the repo root)::
 
 Modes `messages` and `messages-stream` send the same prompt to the gateway's Anthropic
 Messages endpoint (`/v1/messages`, translated to the same chat request upstream), so that the
-translation's CPU cost shows against `nonstream` / `stream` of the same size.
+translation's CPU cost shows against `nonstream` / `stream` of the same size. Modes `responses`
+and `responses-stream` do the same through the Responses API (`/v1/responses`, `store: false`).
 
 It starts the fake upstream and the gateway (gunicorn) as child processes, drives both with
 wrk in the same run, prints a comparison table and writes ``bench/results/latest.json``.
@@ -47,9 +48,11 @@ BENCH_DB = os.environ.get("BENCH_DB") or "gateway_bench"  # another name lets tw
 UPSTREAM_KEY = "sk-bench-upstream"  # the gateway's key for the fake upstream
 CHAT_PATH = "/v1/chat/completions"
 MESSAGES_PATH = "/v1/messages"
+RESPONSES_PATH = "/v1/responses"
 # mode -> (streamed, gateway path); the upstream is always called with the chat request.
 MODES = {"nonstream": (False, CHAT_PATH), "stream": (True, CHAT_PATH),
-         "messages": (False, MESSAGES_PATH), "messages-stream": (True, MESSAGES_PATH)}
+         "messages": (False, MESSAGES_PATH), "messages-stream": (True, MESSAGES_PATH),
+         "responses": (False, RESPONSES_PATH), "responses-stream": (True, RESPONSES_PATH)}
 PROMPT = "Say hello to the benchmark"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 T = TypeVar("T")
@@ -128,8 +131,19 @@ def messages_body(stream: bool) -> dict[str, Any]:
     return body
 
 
+def responses_body(stream: bool) -> dict[str, Any]:
+    """The Responses API request of the same size as `request_body` (not stored: the
+    translation is measured, not the stored-response insert)."""
+    body: dict[str, Any] = {"model": "bench", "input": PROMPT, "max_output_tokens": 64, "store": False}
+    if stream:
+        body["stream"] = True
+    return body
+
+
 def gateway_body(mode: str) -> dict[str, Any]:
     stream, path = MODES[mode]
+    if path == RESPONSES_PATH:
+        return responses_body(stream)
     return messages_body(stream) if path == MESSAGES_PATH else request_body(stream)
 
 
@@ -531,7 +545,8 @@ def smoke_check(name: str, url: str, key: str, stream: bool, request: dict[str, 
     if status != 200:
         raise BenchError(f"{name}: {'stream' if stream else 'non-stream'} request answered "
                          f"{status}: {body[:500]!r}")
-    end = b"event: message_stop" if url.endswith(MESSAGES_PATH) else b"data: [DONE]"
+    end = (b"event: message_stop" if url.endswith(MESSAGES_PATH) else
+           b"event: response.completed" if url.endswith(RESPONSES_PATH) else b"data: [DONE]")
     if stream and end not in body:
         raise BenchError(f"{name}: stream did not end with {end.decode()}: {body[-500:]!r}")
     if not stream and b'"usage"' not in body:
@@ -596,10 +611,11 @@ def print_usage(usage: dict[str, Any], rows: list[Row]) -> None:
 
 
 def translation_overhead(rows: list[Row]) -> Iterator[str]:
-    """Gateway CPU per request of each Messages mode minus its chat mode of the same size."""
+    """Gateway CPU per request of each Messages or Responses mode minus its chat mode of the same size."""
     cpu = {(r.mode, r.concurrency): r.gateway.cpu_ms_per_req for r in rows
            if r.gateway and r.gateway.cpu_ms_per_req is not None}
-    for translated, chat in (("messages", "nonstream"), ("messages-stream", "stream")):
+    for translated, chat in (("messages", "nonstream"), ("messages-stream", "stream"),
+                             ("responses", "nonstream"), ("responses-stream", "stream")):
         for (mode, c), value in cpu.items():
             if mode == translated and (chat, c) in cpu:
                 yield (f"{translated} vs {chat} c={c}: gateway CPU {value:.3f} vs {cpu[(chat, c)]:.3f} "

@@ -32,6 +32,10 @@ ROUTES = {
     ("GET", "/ping"),
     ("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens"),
     ("POST", "/v1/admin/reload"),
+    ("POST", "/v1/responses"), ("POST", "/responses"),
+    ("GET", "/v1/responses/<response_id>"), ("GET", "/responses/<response_id>"),
+    ("DELETE", "/v1/responses/<response_id>"), ("DELETE", "/responses/<response_id>"),
+    ("GET", "/v1/responses/<response_id>/input_items"), ("GET", "/responses/<response_id>/input_items"),
     ("POST", "/api/chat"), ("GET", "/api/health"),
     ("GET", "/v1/key"), ("GET", "/v1/requests"),
     # the web console: its HTML shell and its static files
@@ -46,10 +50,12 @@ CHAT_BODY = ({"model": "demo", "messages": [{"role": "user", "content": "hi", "n
              "messages[0].name")
 EMBED_BODY = ({"model": "demo-embed", "input": ["fine", "a\u0000b"]}, "input[1]")
 IMAGE_BODY = ({"model": "demo-image", "prompt": "a\u0000b"}, "prompt")
+RESPONSES_BODY = ({"model": "demo", "input": "hi", "instructions": "a\u0000b"}, "instructions")
 BODIES = {
     "/v1/chat/completions": CHAT_BODY, "/chat/completions": CHAT_BODY,
     "/v1/embeddings": EMBED_BODY, "/embeddings": EMBED_BODY,
     "/v1/images/generations": IMAGE_BODY, "/images/generations": IMAGE_BODY, "/image": IMAGE_BODY,
+    "/v1/responses": RESPONSES_BODY, "/responses": RESPONSES_BODY,
     "/v1/usage": ({"model": "x\u0000"}, "model"),
     "/v1/api-keys": NAME_BODY, "/v1/api-keys/<int:key_id>": NAME_BODY,
     "/v1/api-keys/<int:key_id>/rotate": ({"grace_period_s": 1, "note\u0000": 1}, "note\\x00"),
@@ -73,7 +79,8 @@ def ctx(client, mint):
 
 
 def _path(rule: str, key_id: int, tenant_ref: str = "sweep-tenant", model: str = "demo") -> str:
-    return re.sub(r"<path:\w+>", model, rule.replace("<int:key_id>", str(key_id)).replace("<tenant_ref>", tenant_ref))
+    return re.sub(r"<path:\w+>", model, rule.replace("<int:key_id>", str(key_id)).replace("<tenant_ref>", tenant_ref)
+                  .replace("<response_id>", "resp_unknown"))
 
 
 def _headers(ctx, rule: str) -> dict[str, str]:
@@ -81,7 +88,7 @@ def _headers(ctx, rule: str) -> dict[str, str]:
                   "/v1/embeddings", "/embeddings", "/v1/images/generations", "/images/generations", "/image",
                   "/models", "/v1/models/<path:model_id>", "/models/<path:model_id>",
                   "/api/chat", *ANTHROPIC_ROUTES)
-    return ctx["key_headers"] if rule in key_routes else ctx["headers"]
+    return ctx["key_headers"] if rule in key_routes or "/responses" in rule else ctx["headers"]
 
 
 def _assert_400(resp, param) -> None:

@@ -34,7 +34,24 @@ between stream events / before a JSON answer), ``no-usage`` (never any ``usage``
 (a ``tool_calls`` answer, arguments streamed in several deltas), ``chunks-N`` (exactly N
 content pieces), ``ra-S`` with ``fail-429`` (``Retry-After: S`` instead of 1, S a decimal
 number of seconds), ``flaky-N`` (the first N requests naming this exact model fail with 500,
-the next ones are answered; counters are forgotten by ``POST /_reset``).
+the next ones are answered; counters are forgotten by ``POST /_reset``), ``cached-N``
+(``prompt_tokens_details.cached_tokens`` = N), ``reasoning-N`` (N more completion tokens,
+reported as ``completion_tokens_details.reasoning_tokens``). A ``tool`` model whose last
+message is a tool result answers text instead: ``"Tool said:"`` and the words of that result.
+A request with ``response_format`` ``json_schema`` is answered with a JSON object that fits the
+schema (:func:`schema_example`), streamed in pieces.
+
+Responses API (``POST /v1/responses``, streamed or not)
+-------------------------------------------------------
+The same answers in the Responses wire format, as OpenAI documents it: ``input`` a string or
+items (message, function_call, function_call_output), ``instructions``; the ``response``
+object (message item with an ``output_text`` part, or a ``function_call`` item for ``tool``
+models), ``usage`` with ``input_tokens`` / ``output_tokens`` and their details; with
+``stream: true`` the event sequence response.created, response.in_progress,
+response.output_item.added, response.content_part.added, response.output_text.delta...,
+response.output_text.done, response.content_part.done, response.output_item.done (or the
+function_call_arguments events), response.completed, each with its ``sequence_number``. The
+scripted failures above apply; ``die-mid-stream`` cuts the stream after 5 events.
 
 Embeddings and images (``POST /v1/embeddings``, ``POST /v1/images/generations``): literal vectors,
 images and usage described in ``Testing/fakes/fake_media.py``; the scripted failures apply.
@@ -128,14 +145,58 @@ def tool_argument_pieces(messages: list[Any]) -> list[str]:
     return [args[i:i + size] for i in range(0, len(args), size)]
 
 
-def usage_object(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    """An OpenAI ``usage`` object, details included as the real API sends them."""
+_CACHED_RE = re.compile(r"cached-(\d+)")
+_REASONING_RE = re.compile(r"reasoning-(\d+)")
+
+
+def scripted_detail(model: str, pattern: re.Pattern) -> int:
+    """N of a ``cached-N`` / ``reasoning-N`` model name, else 0."""
+    m = pattern.search(model.lower())
+    return int(m.group(1)) if m else 0
+
+
+def tool_result_text(messages: list[Any]) -> str | None:
+    """The content of the last message when it is a tool result, else None."""
+    last = messages[-1] if messages else None
+    if isinstance(last, dict) and last.get("role") == "tool":
+        return message_text(last)
+    return None
+
+
+def schema_example(schema: Any) -> Any:
+    """A value fitting a JSON schema: objects with every property, "echo" for strings, 1 for
+    integers, 1.5 for numbers, true, one-item arrays, the first enum value."""
+    if not isinstance(schema, dict):
+        return None
+    if schema.get("enum"):
+        return schema["enum"][0]
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or "properties" in schema:
+        return {k: schema_example(v) for k, v in (schema.get("properties") or {}).items()}
+    if kind == "array":
+        return [schema_example(schema.get("items"))]
+    return {"string": "echo", "integer": 1, "number": 1.5, "boolean": True}.get(kind)
+
+
+def _json_schema(body: dict[str, Any]) -> dict[str, Any] | None:
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        return (fmt.get("json_schema") or {}).get("schema") or {}
+    return None
+
+
+def usage_object(prompt_tokens: int, completion_tokens: int, cached: int = 0,
+                 reasoning: int = 0) -> dict[str, Any]:
+    """An OpenAI ``usage`` object, details included as the real API sends them
+    (``completion_tokens`` includes the reasoning tokens)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+        "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": reasoning, "audio_tokens": 0,
                                       "accepted_prediction_tokens": 0,
                                       "rejected_prediction_tokens": 0},
     }
@@ -180,7 +241,7 @@ class ChatPlan:
     """Everything needed to answer one valid chat request, decided from its body."""
 
     __slots__ = ("model", "messages", "stream", "include_usage", "usage", "slow", "die",
-                 "tool", "tool_name", "pieces", "finish_reason", "prompt_tokens", "cid",
+                 "tool", "tool_result", "tool_name", "pieces", "finish_reason", "prompt_tokens", "cid",
                  "created")
 
     def __init__(self, body: dict[str, Any], cid: str) -> None:
@@ -195,7 +256,8 @@ class ChatPlan:
                               and opts.get("include_usage") is True)
         self.slow = "slow" in low
         self.die = "die-mid-stream" in low
-        self.tool = "tool" in low
+        self.tool_result = tool_result_text(self.messages) if "tool" in low else None
+        self.tool = "tool" in low and self.tool_result is None
         self.tool_name = _first_tool_name(body.get("tools"))
         self.cid = cid
         self.created = int(time.time())
@@ -206,6 +268,12 @@ class ChatPlan:
         m = _CHUNKS_RE.search(low)
         if self.tool:
             pieces = tool_argument_pieces(self.messages)
+        elif self.tool_result is not None:
+            words = ["Tool", "said:"] + self.tool_result.split()
+            pieces = [(" " if i else "") + w for i, w in enumerate(words)]
+        elif _json_schema(body) is not None:
+            text = _dumps(schema_example(_json_schema(body)))
+            pieces = [text[i:i + 8] for i in range(0, len(text), 8)]
         else:
             pieces = content_pieces(self.messages, int(m.group(1)) if m else DEFAULT_CHUNKS)
         cap = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -216,7 +284,9 @@ class ChatPlan:
         self.finish_reason = finish
 
     def usage_dict(self) -> dict[str, Any]:
-        return usage_object(self.prompt_tokens, len(self.pieces))
+        reasoning = scripted_detail(self.model, _REASONING_RE)
+        return usage_object(self.prompt_tokens, len(self.pieces) + reasoning,
+                            scripted_detail(self.model, _CACHED_RE), reasoning)
 
     def completion_body(self) -> bytes:
         """The non-streaming ``chat.completion`` JSON."""
@@ -296,6 +366,129 @@ def validate_chat(body: Any) -> bytes | None:
         return error_body("Missing required parameter: 'messages'.", "invalid_request_error",
                           "messages", "missing_required_parameter")
     return None
+
+
+# --------------------------------------------------------------------------- Responses API
+
+
+def responses_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The Responses ``instructions`` and ``input`` as chat-like messages (for the echo and the
+    token count): text parts joined, function_call_output items as tool messages."""
+    messages: list[dict[str, Any]] = []
+    if isinstance(body.get("instructions"), str):
+        messages.append({"role": "system", "content": body["instructions"]})
+    items = body.get("input")
+    if isinstance(items, str):
+        return messages + [{"role": "user", "content": items}]
+    for item in items or ():
+        kind = item.get("type", "message")
+        if kind == "message":
+            content = item.get("content")
+            if isinstance(content, list):
+                content = " ".join(p.get("text", "") for p in content if isinstance(p, dict)
+                                   and isinstance(p.get("text"), str))
+            messages.append({"role": item.get("role"), "content": content or ""})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            messages.append({"role": "tool", "content": output if isinstance(output, str) else ""})
+    return messages
+
+
+def validate_responses(body: Any) -> bytes | None:
+    if not isinstance(body, dict):
+        return error_body("We could not parse the JSON body of your request.", "invalid_request_error")
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        return error_body("Missing required parameter: 'model'.", "invalid_request_error", "model",
+                          "missing_required_parameter")
+    if not isinstance(body.get("input"), (str, list)):
+        return error_body("Missing required parameter: 'input'.", "invalid_request_error", "input",
+                          "missing_required_parameter")
+    if body.get("previous_response_id") is not None:
+        return error_body(f"Previous response with id '{body['previous_response_id']}' not found.",
+                          "invalid_request_error", "previous_response_id", "previous_response_not_found")
+    return None
+
+
+class ResponsesPlan:
+    """One Responses request answered with the chat answer of the same conversation."""
+
+    def __init__(self, body: dict[str, Any], rid: str) -> None:
+        self.body = body
+        self.rid = rid
+        chat = {"model": body["model"], "messages": responses_messages(body), "stream": body.get("stream"),
+                "tools": [{"type": "function", "function": t} for t in body.get("tools") or ()
+                          if isinstance(t, dict)]}
+        if isinstance(body.get("max_output_tokens"), int):
+            chat["max_completion_tokens"] = body["max_output_tokens"]
+        fmt = (body.get("text") or {}).get("format") or {}
+        if fmt.get("type") == "json_schema":
+            chat["response_format"] = {"type": "json_schema", "json_schema": {"schema": fmt.get("schema")}}
+        self.chat = ChatPlan(chat, rid)
+        self.item_id = ("fc_" if self.chat.tool else "msg_") + rid[len("resp_"):]
+        self.seq = -1
+
+    def usage(self) -> dict[str, Any]:
+        u = self.chat.usage_dict()
+        return {"input_tokens": u["prompt_tokens"],
+                "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"],
+                                         "cache_write_tokens": 0},
+                "output_tokens": u["completion_tokens"],
+                "output_tokens_details": {"reasoning_tokens": u["completion_tokens_details"]["reasoning_tokens"]},
+                "total_tokens": u["total_tokens"]}
+
+    def item(self, status: str) -> dict[str, Any]:
+        done = status == "completed"
+        if self.chat.tool:
+            return {"id": self.item_id, "type": "function_call", "status": status,
+                    "arguments": "".join(self.chat.pieces) if done else "",
+                    "call_id": "call_" + self.rid[-8:], "name": self.chat.tool_name}
+        return {"id": self.item_id, "type": "message", "status": status, "role": "assistant",
+                "content": [self.part()] if done else []}
+
+    def part(self, text: str | None = None) -> dict[str, Any]:
+        return {"type": "output_text", "annotations": [], "logprobs": [],
+                "text": "".join(self.chat.pieces) if text is None else text}
+
+    def response(self, status: str) -> dict[str, Any]:
+        done = status == "completed"
+        cut = done and self.chat.finish_reason == "length"
+        return {"id": self.rid, "object": "response", "created_at": self.chat.created,
+                "status": "incomplete" if cut else status, "error": None,
+                "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+                "instructions": self.body.get("instructions"), "max_output_tokens": self.body.get("max_output_tokens"),
+                "model": self.body["model"], "output": [self.item("completed")] if done else [],
+                "parallel_tool_calls": True, "previous_response_id": None, "store": self.body.get("store", True),
+                "temperature": 1.0, "text": {"format": {"type": "text"}}, "tool_choice": "auto",
+                "tools": self.body.get("tools") or [], "top_p": 1.0, "truncation": "disabled",
+                "usage": self.usage() if done and self.chat.usage else None, "user": None, "metadata": {}}
+
+    def event(self, kind: str, **fields: Any) -> bytes:
+        self.seq += 1
+        return ("event: %s\ndata: %s\n\n" % (kind, _dumps({"type": kind, "sequence_number": self.seq,
+                                                            **fields}))).encode()
+
+    def stream_events(self) -> list[bytes]:
+        at = {"output_index": 0, "item_id": self.item_id}
+        events = [self.event("response.created", response=self.response("in_progress")),
+                  self.event("response.in_progress", response=self.response("in_progress")),
+                  self.event("response.output_item.added", output_index=0, item=self.item("in_progress"))]
+        if self.chat.tool:
+            events += [self.event("response.function_call_arguments.delta", delta=p, **at)
+                       for p in self.chat.pieces]
+            events.append(self.event("response.function_call_arguments.done",
+                                     arguments="".join(self.chat.pieces), **at))
+        else:
+            events.append(self.event("response.content_part.added", content_index=0, part=self.part(""), **at))
+            events += [self.event("response.output_text.delta", content_index=0, delta=p, logprobs=[], **at)
+                       for p in self.chat.pieces]
+            events.append(self.event("response.output_text.done", content_index=0,
+                                     text="".join(self.chat.pieces), logprobs=[], **at))
+            events.append(self.event("response.content_part.done", content_index=0, part=self.part(), **at))
+        events.append(self.event("response.output_item.done", output_index=0, item=self.item("completed")))
+        final = self.response("completed")
+        kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
+        events.append(self.event(kind, response=final))
+        return events
 
 
 # --------------------------------------------------------------------------- server state
@@ -506,6 +699,10 @@ class HttpConnection(asyncio.Protocol):
             return self._chat(req)
         if path in ("/v1/embeddings", "/v1/images/generations") and method == "POST":
             return self._media(req)
+        if path in ("/v1/responses", "/responses"):
+            if method != "POST":
+                return self._method_not_allowed(req)
+            return self._responses(req)
         if not path.startswith("/_"):
             self._record(req, None)
         if path in ("/v1/models", "/models"):
@@ -540,13 +737,18 @@ class HttpConnection(asyncio.Protocol):
         self.state.record({"method": req.method, "path": req.path, "query": req.query,
                            "headers": req.headers, "body": body, "time": time.time()})
 
-    # -- chat completions
-    def _chat(self, req: Request) -> None:
+    def _recorded_json(self, req: Request) -> Any:
+        """The request's JSON body (None when it is not JSON), the request recorded."""
         try:
             body: Any = json.loads(req.raw_body) if req.raw_body else None
         except ValueError:
             body = None
         self._record(req, body)
+        return body
+
+    # -- chat completions
+    def _chat(self, req: Request) -> None:
+        body = self._recorded_json(req)
         problem = validate_chat(body)
         if problem is not None:
             return self.respond(req, 400, problem)
@@ -585,6 +787,34 @@ class HttpConnection(asyncio.Protocol):
         else:
             status, answer = fake_media.openai_images(body, self.state.next_id())
         self.respond(req, status, _dumps(answer).encode())
+    # -- Responses API
+    def _responses(self, req: Request) -> None:
+        body = self._recorded_json(req)
+        problem = validate_responses(body)
+        if problem is not None:
+            return self.respond(req, 400, problem)
+        plan = ResponsesPlan(body, "resp_fake%08d" % int(self.state.next_id()[-8:]))
+        failure = scripted_error(body["model"].lower(), plan.chat.messages)
+        if failure is not None:
+            return self.respond(req, failure[0], failure[1], failure[2])
+        if "hang" in body["model"].lower():
+            self.busy = True
+            return None
+        if not plan.chat.stream:
+            if plan.chat.die:
+                return self.close()
+            return self.respond(req, 200, _dumps(plan.response("completed")).encode())
+        events = plan.stream_events()
+        if plan.chat.die:
+            events = events[:DIE_AFTER_EVENTS]
+        head = STREAM_HEADERS + (b"" if req.keep_alive else b"Connection: close\r\n")
+        frames = [head + b"\r\n" + chunk_frame(events[0])] + [chunk_frame(e) for e in events[1:]]
+        if not plan.chat.die:
+            frames[-1] += LAST_CHUNK
+        for frame in frames:
+            self.write(frame)
+        if plan.chat.die or not req.keep_alive:
+            self.close()
 
     def _stream_frames(self, req: Request, plan: ChatPlan) -> list[bytes]:
         """Header block + one chunk frame per SSE event (+ terminator unless dying)."""
@@ -760,6 +990,10 @@ class FakeOpenAI:
     def chat_requests(self) -> list[dict[str, Any]]:
         """Only the chat completion requests."""
         return [r for r in self.requests() if r["path"].endswith("/chat/completions")]
+
+    def responses_requests(self) -> list[dict[str, Any]]:
+        """Only the Responses API requests."""
+        return [r for r in self.requests() if r["path"].endswith("/responses")]
 
     def reset(self) -> None:
         """Forget the recorded requests."""

@@ -13,7 +13,7 @@ from Testing.support import create_database, database_url, drop_database, head_r
 
 pytestmark = pytest.mark.timeout(60)
 
-TABLES = {"tenants", "api_keys", "usage_records", "usage_daily", "audit_log", "conversations"}
+TABLES = {"tenants", "api_keys", "usage_records", "usage_daily", "audit_log", "conversations", "responses"}
 HEAD = head_revision()
 COLUMNS = {
     "tenants": {"id", "name", "status", "budget_usd", "created_at", "rpm_limit", "tpm_limit",
@@ -31,12 +31,15 @@ COLUMNS = {
                       "reasoning_tokens", "usage_estimated"},
     "usage_daily": {"day", "tenant_id", "api_key_id", "model", "endpoint", "requests", "prompt_tokens",
                     "completion_tokens", "total_tokens", "cost_usd"},
+    "responses": {"id", "tenant_id", "api_key_id", "model", "status", "previous_response_id", "history",
+                  "input_items", "body", "created_at"},
 }
 MONEY = [("tenants", "budget_usd"), ("api_keys", "budget_usd"), ("usage_records", "cost_usd")]
 INDEXES = {"ix_usage_key_time": ("usage_records", ["api_key_id", "created_at"]),
            "ix_usage_tenant_time": ("usage_records", ["tenant_id", "created_at"]),
            "ix_api_keys_previous_key_hash": ("api_keys", ["previous_key_hash"]),
-           "ix_audit_tenant_id": ("audit_log", ["tenant_id", "id"])}
+           "ix_audit_tenant_id": ("audit_log", ["tenant_id", "id"]),
+           "ix_responses_created_at": ("responses", ["created_at"])}
 
 
 @pytest.fixture

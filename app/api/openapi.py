@@ -63,6 +63,7 @@ ANTHROPIC_ERROR = {
 HTML = {"text/html": {"type": "string"}}
 ANY_FILE = {"*/*": {"type": "string"}}
 REDIRECTS = (301, 302, 308)
+RESPONSE_ID = {"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}
 PAGE = {"name": "page", "in": "path", "required": True, "schema": {"type": "string"}}
 FILENAME = {"name": "filename", "in": "path", "required": True, "schema": {"type": "string"}}
 AUTH = {"none": [], "key": [{"bearerKey": []}], "admin": [{"systemSecret": []}, {"bearerKey": []}],
@@ -109,6 +110,15 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("/api/chat", "post", "Chat in Ollama's wire format (NDJSON stream or one object)", "key",
               response={"application/json": OBJECT, "application/x-ndjson": {"type": "string"}},
               body=schemas.ApiChatSchema, errors=KEY_ERRORS + (502, 504)),
+    *(Operation(f"{prefix}/responses", "post", "Create a response (OpenAI Responses wire format)", "key",
+                response={"application/json": OBJECT, "text/event-stream": {"type": "string"}}, body_schema=OBJECT,
+                errors=KEY_ERRORS + (409, 502, 504)) for prefix in ("/v1", "")),
+    *(Operation(f"{prefix}/responses/{{response_id}}", method, summary, "key", params=(RESPONSE_ID,),
+                errors=KEY_ERRORS + (409,)) for prefix in ("/v1", "")
+      for method, summary in (("get", "A stored response"), ("delete", "Delete a stored response"))),
+    *(Operation(f"{prefix}/responses/{{response_id}}/input_items", "get", "The input items of a stored response",
+                "key", params=(RESPONSE_ID,), response={"application/json": LIST}, errors=KEY_ERRORS)
+      for prefix in ("/v1", "")),
     Operation("/api/health", "get", "Liveness and dependencies of this worker (same as /health)", "none"),
     Operation("/ping", "get", "Liveness only", "none", response={"application/json": OBJECT, "text/plain": {"type": "string"}}),
     Operation("/v1/usage", "get", "Usage totals and groupings (JSON or CSV)", "any", query=schemas.UsageQuerySchema,

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from flask import Blueprint, request
 
-from app.api import (api_chat_controller, audit_controller, chat_controller, embeddings_controller, health_controller,
-                     images_controller, key_controller, messages_controller, models_controller, my_key_controller,
-                     openapi_controller, reload_controller, requests_controller, status_controller, tenant_controller,
-                     usage_controller)
+from app.api import (api_chat_controller, audit_controller, chat_controller, embeddings_controller,
+                     health_controller, images_controller, key_controller, messages_controller,
+                     models_controller, my_key_controller, openapi_controller, reload_controller, requests_controller,
+                     responses_controller, status_controller, tenant_controller, usage_controller)
 from app.api.common import reject_unstorable_url_values
 from app.errors import ANTHROPIC_PREFIX, anthropic_envelope, register_error_handlers
 from app.utils import client_connection
@@ -35,6 +35,14 @@ for prefix in ("/v1", ""):
                      view_func=images_controller.generate_images, methods=["POST"])
     api.add_url_rule(f"{prefix}/models/<path:model_id>", endpoint=f"model{prefix}",
                      view_func=models_controller.retrieve_model, methods=["GET"])
+    api.add_url_rule(f"{prefix}/responses", endpoint=f"responses{prefix}",
+                     view_func=responses_controller.create_response, methods=["POST"])
+    api.add_url_rule(f"{prefix}/responses/<response_id>", endpoint=f"response_get{prefix}",
+                     view_func=responses_controller.get_response, methods=["GET"])
+    api.add_url_rule(f"{prefix}/responses/<response_id>", endpoint=f"response_delete{prefix}",
+                     view_func=responses_controller.delete_response, methods=["DELETE"])
+    api.add_url_rule(f"{prefix}/responses/<response_id>/input_items", endpoint=f"response_items{prefix}",
+                     view_func=responses_controller.list_input_items, methods=["GET"])
 api.add_url_rule("/image", endpoint="image", view_func=images_controller.generate_images, methods=["POST"])
 api.add_url_rule("/v1/models", view_func=models_controller.list_models, methods=["GET", "POST"])
 api.add_url_rule("/models", endpoint="models", view_func=models_controller.list_models, methods=["GET", "POST"])

@@ -1,5 +1,10 @@
 """OpenAI-compatible upstreams (OpenAI, Groq, OpenRouter, DeepSeek, vLLM, ...).
 
+A provider entry with `"responses": true` also speaks OpenAI's Responses API (`POST
+/responses`): the gateway's `/v1/responses` then calls it with the Responses body as it is
+(`responses()` / `responses_stream()`) instead of translating to chat completions; its usage is
+normalised to the chat usage the completion run bills.
+
 HTTP goes through `http_pool.HTTPPool` (http.client keep-alive connections): the cheapest
 client measured under gevent, see that module.
 """
@@ -16,7 +21,11 @@ from app.providers.base import (Completion, Provider, ProviderError, ProviderTim
                                 register_secret_env)
 from app.providers.http_pool import (HTTPPool, PooledResponse, UpstreamConnectError, http_timeouts,
                                      UpstreamTimeoutError)
+from app.translate.responses_usage import chat_usage
 from app.utils.streaming import DONE, iter_sse_batches
+
+# Responses stream events after which the upstream sends nothing more.
+RESPONSES_TERMINAL = frozenset({"response.completed", "response.incomplete"})
 
 
 def upstream_error(status: int, body: bytes, headers: Any) -> ProviderError:
@@ -114,6 +123,13 @@ class OpenAICompatibleProvider(Provider):
             raise ValueError(f"providers.{name}.base_url: must be an http(s) URL (or ${{VAR}})")
         if "headers" in settings and not isinstance(settings["headers"], dict):
             raise ValueError(f"providers.{name}.headers: must be an object")
+        if "responses" in settings and not isinstance(settings["responses"], bool):
+            raise ValueError(f"providers.{name}.responses: must be true or false")
+
+    @property
+    def speaks_responses(self) -> bool:
+        """True when this upstream serves the Responses API natively (`"responses": true`)."""
+        return self.settings.get("responses") is True
 
     def headers(self) -> dict[str, str]:
         headers = dict(self.static_headers)
@@ -138,17 +154,19 @@ class OpenAICompatibleProvider(Provider):
             headers["Accept"] = "text/event-stream"
         return post_checked(self.pool, path, body, headers, self.name, upstream_error)
 
-    def _answer(self, payload: dict[str, Any], path: str, field: str) -> tuple[bytes, dict[str, Any]]:
-        """POST `payload` to `path`; the answer's bytes and JSON object, which must have `field`."""
-        resp = self._post(payload, stream=False, path=path)
+    def _json_answer(self, resp: PooledResponse) -> tuple[bytes, Any]:
         try:
             data = resp.read()
         except OSError as exc:
             raise transport_error(exc, self.name) from None
         try:
-            body = json.loads(data)
+            return data, json.loads(data)
         except ValueError:
             raise ProviderUnavailable(f"provider {self.name!r} sent a body that is not JSON") from None
+
+    def _answer(self, payload: dict[str, Any], path: str, field: str) -> tuple[bytes, dict[str, Any]]:
+        """POST `payload` to `path`; the answer's bytes and JSON object, which must have `field`."""
+        data, body = self._json_answer(self._post(payload, stream=False, path=path))
         if not isinstance(body, dict) or field not in body:
             raise ProviderUnavailable(f"provider {self.name!r} sent no {field}")
         return data, body
@@ -175,6 +193,38 @@ class OpenAICompatibleProvider(Provider):
                      "total_tokens": int(usage.get("total_tokens") or 0)}
         return Completion(body=body, usage=usage if isinstance(usage, dict) else None)
 
+    def responses(self, request: dict[str, Any]) -> Completion:
+        """A Responses API call (`POST /responses`, not streamed): the `response` object in
+        `body`, its usage as chat usage in `usage`."""
+        data, body = self._json_answer(self._post({**request, "stream": False}, stream=False, path="/responses"))
+        if not isinstance(body, dict) or not isinstance(body.get("output"), list):
+            raise ProviderUnavailable(f"provider {self.name!r} sent no response output")
+        if body.get("status") == "failed":
+            raise ProviderUnavailable(redact(str((body.get("error") or {}).get("message") or "response failed")))
+        return Completion(body=body, raw=data, usage=chat_usage(body.get("usage")))
+
+    def responses_stream(self, request: dict[str, Any]) -> HTTPStream:
+        """A streamed Responses API call: one StreamPiece per event (`chunk` = the parsed event);
+        the terminal event's piece carries the usage. An `error` or `response.failed` event
+        raises ProviderUnavailable, like a broken stream."""
+        resp = self._post({**request, "stream": True}, stream=True, path="/responses")
+        return HTTPStream(resp, self._sse_pieces(resp, self._response_event,
+                                                 "ended the stream before response.completed"))
+
+    def _response_event(self, data: bytes) -> tuple[StreamPiece | None, bool]:
+        if data == DONE:
+            return None, True
+        event = self._event_json(data)
+        kind = event.get("type") if isinstance(event, dict) else None
+        if kind in ("error", "response.failed"):
+            error = event.get("error") or (event.get("response") or {}).get("error") or event
+            raise ProviderUnavailable(redact(str(error.get("message") or "response failed")))
+        piece = StreamPiece(raw=data, chunk=event)
+        if kind in RESPONSES_TERMINAL:
+            piece.usage = chat_usage((event.get("response") or {}).get("usage"))
+            return piece, True
+        return piece, False
+
     def stream(self, request: dict[str, Any]) -> HTTPStream:
         payload = dict(request)
         payload["stream"] = True
@@ -182,24 +232,33 @@ class OpenAICompatibleProvider(Provider):
         # it only when the client asked for it.
         payload["stream_options"] = {**(request.get("stream_options") or {}), "include_usage": True}
         resp = self._post(payload, stream=True)
-        return HTTPStream(resp, self._pieces(resp))
+        return HTTPStream(resp, self._sse_pieces(resp, self._chunk, "ended the stream without [DONE]"))
 
-    def _pieces(self, resp: PooledResponse) -> Iterator[StreamPiece]:
+    def _chunk(self, data: bytes) -> tuple[StreamPiece | None, bool]:
+        if data == DONE:
+            return None, True
+        return (self._parsed_piece(data) if _needs_parsing(data) else StreamPiece(raw=data)), False
+
+    def _sse_pieces(self, resp: PooledResponse, parse: Callable[[bytes], tuple[StreamPiece | None, bool]],
+                    unfinished: str) -> Iterator[StreamPiece]:
+        """The pieces of an SSE body, `parse(data)` giving each event's piece (or None) and
+        whether it is the last; `flush` is False while more events of the same read follow. A
+        body that ends before its last event is ProviderUnavailable(`unfinished`)."""
         finished = False
         try:
             for batch in iter_sse_batches(self._read(resp)):
                 last = len(batch) - 1
                 for i, data in enumerate(batch):
-                    if data == DONE:
-                        finished = True
+                    piece, finished = parse(data)
+                    if piece is not None:
+                        piece.flush = finished or i == last
+                        yield piece
+                    if finished:
                         return
-                    piece = self._parsed_piece(data) if _needs_parsing(data) else StreamPiece(raw=data)
-                    piece.flush = i == last
-                    yield piece
-            raise ProviderUnavailable(f"provider {self.name!r} ended the stream without [DONE]")
+            raise ProviderUnavailable(f"provider {self.name!r} {unfinished}")
         finally:
             if finished:
-                resp.drain()  # past [DONE] to the end of the body: the connection is reused
+                resp.drain()  # past the last event to the end of the body: the connection is reused
             else:
                 resp.close()  # aborted or broken mid-body: never reuse this connection
 
@@ -209,11 +268,14 @@ class OpenAICompatibleProvider(Provider):
         except OSError as exc:
             raise transport_error(exc, self.name) from None
 
-    def _parsed_piece(self, data: bytes) -> StreamPiece:
+    def _event_json(self, data: bytes) -> Any:
         try:
-            chunk = json.loads(data)
+            return json.loads(data)
         except ValueError:
             raise ProviderUnavailable(f"provider {self.name!r} sent an event that is not JSON") from None
+
+    def _parsed_piece(self, data: bytes) -> StreamPiece:
+        chunk = self._event_json(data)
         if isinstance(chunk.get("error"), (dict, str)):
             err = chunk["error"]
             message = err.get("message", "stream error") if isinstance(err, dict) else err

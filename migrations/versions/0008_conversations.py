@@ -1,7 +1,7 @@
 """conversations of POST /api/chat
 
 Revision ID: 0008_conversations
-Revises: 0005_usage_endpoint
+Revises: 0007_usage_estimated
 Create Date: 2026-12-01
 
 One row per conversation: its id (`conv_` + 32 hex digits, given to the client), the tenant it
@@ -11,7 +11,7 @@ from alembic import op
 import sqlalchemy as sa
 
 revision = "0008_conversations"
-down_revision = "0005_usage_endpoint"
+down_revision = "0007_usage_estimated"
 branch_labels = None
 depends_on = None
 

@@ -1,7 +1,7 @@
 """usage rows say when their tokens were counted by the gateway instead of reported by the provider
 
-Revision ID: 0009_usage_estimated
-Revises: 0008_conversations
+Revision ID: 0007_usage_estimated
+Revises: 0006_responses
 Create Date: 2026-12-01
 
 `usage_records.usage_estimated` (boolean, NOT NULL, default false): true when the provider's
@@ -14,8 +14,8 @@ table rewrite.
 from alembic import op
 import sqlalchemy as sa
 
-revision = "0009_usage_estimated"
-down_revision = "0008_conversations"
+revision = "0007_usage_estimated"
+down_revision = "0006_responses"
 branch_labels = None
 depends_on = None
 
