@@ -29,7 +29,8 @@ from Testing.support import ROOT, database_exists, database_url, drop_database, 
 
 pytestmark = pytest.mark.timeout(120)
 
-SCHEMA = ["alembic_version", "api_keys", "audit_log", "conversations", "tenants", "usage_daily", "usage_records"]
+SCHEMA = ["alembic_version", "api_keys", "audit_log", "conversations", "responses", "tenants", "usage_daily",
+          "usage_records"]
 HEAD = head_revision()
 KEY_ARGS = ["create-key", "--name", "N", "--tenant", "T", "--rpm-limit", "5", "--budget-usd", "1.25",
             "--allowed-models", "demo,gpt-4o-mini", "--expires-at", "2030-01-01T00:00:00Z"]
