@@ -117,13 +117,16 @@ _ABSURD_FACTOR = 4
 _ABSURD_FALLBACK = 10_000_000
 
 
-def usable_usage(usage: Any, context_window: int | None) -> tuple[int, int] | None:
+def usable_usage(usage: Any, context_window: int | None, *, has_output: bool = True) -> tuple[int, int] | None:
     """(prompt, completion) tokens of a provider's usage dict when they can be billed: both
     present, integers (not booleans, not strings), not negative, not absurdly large. None:
-    the usage is missing or unusable, and the gateway counts the tokens itself."""
+    the usage is missing or unusable, and the gateway counts the tokens itself. A call that
+    produces no tokens (`has_output` False: embeddings) reports only `prompt_tokens`, as
+    OpenAI's embeddings usage does; its completion is 0."""
     if not isinstance(usage, dict):
         return None
-    prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+    completion_field = usage.get("completion_tokens", None if has_output else 0)
+    prompt, completion = _count(usage.get("prompt_tokens")), _count(completion_field)
     if prompt is None or completion is None:
         return None
     ceiling = _ABSURD_FACTOR * context_window if context_window else _ABSURD_FALLBACK
@@ -149,7 +152,7 @@ def usage_figures(trace: CompletionTrace) -> tuple[int, int, bool]:
     """(prompt, completion, estimated): the provider's figures when they are usable (see
     `usable_usage`), else tiktoken counts of the prompt and of the text the gateway saw
     (estimated=True)."""
-    figures = usable_usage(trace.usage, trace.entry.context_window)
+    figures = usable_usage(trace.usage, trace.entry.context_window, has_output=trace.output_estimate != 0)
     if figures is not None:
         return figures[0], figures[1], False
     produced_nothing = trace.body is None and not trace.chunks and not trace.folded_tokens
