@@ -62,6 +62,8 @@ class CompletionTrace:
     admission: Admission | None = None       # the key's reservation, settled here
     quota: DeploymentQuota | None = None     # the deployment's provider quota, if it has one
     quota_tokens: int = 0                    # tokens reserved on that quota
+    cache: str | None = None                 # response cache: hit | miss | None (not consulted)
+    saved_cost: Decimal | None = None        # on a cache hit: what the answer cost when it was made
 
     def add_piece(self, piece: StreamPiece) -> None:
         """Keep a streamed piece for counting its tokens should the provider's usage be
