@@ -63,8 +63,9 @@ pid {self.dir}/nginx.pid;
 error_log {self.dir}/error.log info;
 events {{ worker_connections 4096; }}
 http {{
-    # Which replica answered each request (a retried one lists both): the tests read it.
-    log_format upstreams '$status $upstream_addr $upstream_status';
+    # Which replica answered each request (a retried one lists every address tried, with a
+    # status each: "a, b" and "502, 200"): the tests read it. `|` separates the three fields.
+    log_format upstreams '$status|$upstream_addr|$upstream_status';
     access_log {self.dir}/access.log upstreams;
     client_body_temp_path {temp}/body;
     proxy_temp_path {temp}/proxy;
@@ -100,12 +101,14 @@ http {{
         return self
 
     def access_log(self) -> list[tuple[int, list[str]]]:
-        """(status, [replica addresses tried]) of every request proxied so far."""
+        """(status, [replica addresses tried, in order]) of every request proxied so far.
+        nginx separates the tries with ", " (and with " : " across upstream groups); "-" when
+        no replica was tried."""
         path = self.dir / "access.log"
         entries = []
         for line in (path.read_text().splitlines() if path.exists() else []):
-            status, _, upstreams = line.partition(" ")
-            addrs = [a.strip() for a in upstreams.rsplit(" ", 1)[0].replace(" : ", ", ").split(",") if a.strip()]
+            status, upstreams, _ = line.split("|")
+            addrs = [a.strip() for a in upstreams.replace(" : ", ", ").split(",") if a.strip() not in ("", "-")]
             entries.append((int(status), addrs))
         return entries
 
