@@ -11,6 +11,8 @@ import multiprocessing
 import os
 
 from dotenv import load_dotenv
+from gunicorn.workers.base import Worker
+from gunicorn.workers.ggevent import GeventWorker
 
 load_dotenv(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env"), override=False)
 
@@ -26,7 +28,28 @@ workers = int(_env("WEB_CONCURRENCY", str(multiprocessing.cpu_count())))
 EMBEDDED_LIMITER_ONE_WORKER = not os.environ.get("REDIS_URL", "").strip() and workers > 1
 if EMBEDDED_LIMITER_ONE_WORKER:
     requested_workers, workers = workers, 1
-worker_class = "gevent"
+
+
+class DrainingGeventWorker(GeventWorker):
+    """gunicorn's gevent worker, except when its master disappears (SIGKILLed, crashed).
+
+    The stock worker then calls sys.exit() from its heartbeat at once: requests it is serving
+    are dropped, and while `worker_exit` closes the runtime the worker still accepts and
+    answers new requests, whose usage rows can reach a writer that has already stopped (answered,
+    never recorded). This one leaves its run loop the way SIGTERM makes it: it stops
+    accepting (nginx sends new connections to another replica), finishes the requests and
+    streams it holds within graceful_timeout, and only then runs `worker_exit`, which stores
+    every row it holds (docs/replicas.md, "Killing a replica: what is lost")."""
+
+    def notify(self):
+        Worker.notify(self)   # the heartbeat, without GeventWorker's sys.exit on a new parent
+        if self.alive and self.ppid != os.getppid():
+            self.log.warning("Worker %s: master %s is gone; no longer accepting, finishing the requests "
+                             "in flight, then exiting", self.pid, self.ppid)
+            self.alive = False
+
+
+worker_class = DrainingGeventWorker
 worker_connections = int(_env("WORKER_CONNECTIONS", "1000"))
 preload_app = False
 # Streams can last minutes: the worker heartbeat is not tied to request time under gevent.
@@ -70,9 +93,9 @@ def post_worker_init(worker):
 
 
 def worker_exit(server, worker):
-    """After in-flight requests finished (or graceful_timeout passed): close the runtime, which
-    sends the settlements and stores the usage rows this worker still holds (in PostgreSQL,
-    else in the outbox)."""
+    """After in-flight requests finished (or graceful_timeout passed), on SIGTERM as when the
+    master is gone (DrainingGeventWorker): close the runtime, which sends the settlements and
+    stores the usage rows this worker still holds (in PostgreSQL, else in the outbox)."""
     runtime = _runtime(worker)
     if runtime is not None:
         runtime.close(timeout=float(_env("GRACEFUL_TIMEOUT", "30")))

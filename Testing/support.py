@@ -173,6 +173,19 @@ def media_models() -> dict[str, Any]:
     }
 
 
+def process_alive(pid: int) -> bool:
+    """Whether the process runs (a zombie, exited but not yet reaped, counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
 class GatewayProcess:
     """The gateway under a real `gunicorn -k gevent` process on a free port."""
 

@@ -1,8 +1,15 @@
 """gunicorn.config.py: what the production server refuses to do silently."""
 from __future__ import annotations
 
-from Testing.conftest import app_config
-from Testing.support import SYSTEM_SECRET, GatewayProcess, http_json
+import http.client
+import json
+import os
+import signal
+
+import pytest
+
+from Testing.conftest import app_config, usage_rows
+from Testing.support import SYSTEM_SECRET, GatewayProcess, http_json, process_alive, wait_until
 
 
 def test_embedded_limiter_runs_one_worker_and_says_why(pg_url, models_file, tmp_path, clean_db):
@@ -21,3 +28,38 @@ def test_embedded_limiter_runs_one_worker_and_says_why(pg_url, models_file, tmp_
                               {"model": "demo", "messages": [{"role": "user", "content": "hi"}]},
                               {"Authorization": f"Bearer {body['key']}"})[0] for _ in range(6)]
         assert statuses == [200, 200, 429, 429, 429, 429]
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_whose_master_is_killed_finishes_its_stream_and_records_it(pg_url, models_file, tmp_path,
+                                                                           clean_db):
+    """The gunicorn master is SIGKILLed while its worker sends a 5-second stream. gunicorn's
+    own gevent worker would exit within a second, cutting the stream (and answer new requests
+    while its runtime closes, recording none of them); the gateway's worker stops accepting,
+    sends the stream to its end, stores its usage row, and only then exits."""
+    env = {k: str(v) for k, v in app_config(pg_url, models_file, LOG_LEVEL="INFO").items()}
+    gw = GatewayProcess(env, workers=1, log_path=tmp_path / "gw.log").start()
+    [worker] = gw.worker_pids()
+    try:
+        status, _, key = http_json("POST", gw.base_url + "/v1/api-keys", {"name": "orphan", "tenant": "orphan"},
+                                   {"X-System-Secret": SYSTEM_SECRET})
+        assert status == 201, key
+        conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=60)
+        body = {"model": "slow-sim", "messages": [{"role": "user", "content": "count"}], "max_tokens": 100,
+                "stream": True}   # 100 tokens at 20 tokens/s
+        conn.request("POST", "/v1/chat/completions", json.dumps(body),
+                     {"Authorization": f"Bearer {key['key']}", "Content-Type": "application/json"})
+        resp = conn.getresponse()   # the headers come with the first event: the stream is running
+        assert resp.status == 200
+        os.kill(gw.proc.pid, signal.SIGKILL)
+        payload = resp.read()
+        assert payload.endswith(b"data: [DONE]\n\n")
+        wait_until(lambda: not process_alive(worker), timeout=60, message="the orphaned worker to exit")
+        rows = usage_rows(clean_db, "api_key_id = :k", {"k": key["id"]})
+        assert [(r["request_id"], r["status"], r["streamed"]) for r in rows] == [
+            (resp.getheader("X-Request-ID"), "ok", True)]
+        assert f"master {gw.proc.pid} is gone" in gw.log_text()
+    finally:
+        if process_alive(worker):
+            os.kill(worker, signal.SIGKILL)
+        gw.stop()

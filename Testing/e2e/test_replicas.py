@@ -2,9 +2,9 @@
 configuration docker-compose.yml ships (deploy/nginx/gateway.conf), on loopback, sharing one
 PostgreSQL and one Redis. Through the load balancer: rate limits, token limits, concurrency and
 budgets hold exactly across both replicas; every completion has exactly one usage row; a
-revocation and a models reload reach all four workers; killing a replica mid-load loses no
-usage row while nginx moves the traffic to the other (only the streams it was sending are cut);
-a rolling restart (SIGTERM, drain, start) completes with zero failed requests."""
+revocation and a models reload reach all four workers; killing a replica's master mid-load loses
+no usage row while nginx moves the traffic to the other (its orphaned workers finish what they
+hold); a rolling restart (SIGTERM, drain, start) completes with zero failed requests."""
 from __future__ import annotations
 
 import http.client
@@ -23,7 +23,7 @@ import pytest
 
 from Testing.conftest import app_config, usage_rows, wait_for_rows
 from Testing.nginx import NginxProcess
-from Testing.support import SYSTEM_SECRET, GatewayProcess, http_json, wait_until
+from Testing.support import SYSTEM_SECRET, GatewayProcess, http_json, process_alive, wait_until
 from Testing.workers import connect_every_worker
 
 pytestmark = pytest.mark.timeout(300)
@@ -248,14 +248,16 @@ def assert_one_row_per_completion(engine, key: dict, results: list) -> None:
     assert {r["request_id"] for r in rows} == set(served)
 
 
-@pytest.mark.xfail(strict=False, reason="known gap: under a full suite run some completed requests of the "
-                   "SIGKILLed replica had no usage row after 30 s (docs/replicas.md); passes alone")
 def test_killing_a_replica_mid_load_loses_no_usage_row(cluster, clean_db):
-    """Replica a's gunicorn master is SIGKILLed under load. Its workers exit as soon as they see
-    their parent gone, writing the usage rows they hold on the way out; a stream they were
-    sending at that instant is cut (its answer had started: nobody can retry it), a request
-    they had not answered yet is passed to b by nginx. Every completed request has exactly
-    one usage row, and from then on b serves everything without a failure."""
+    """Replica a's gunicorn master is SIGKILLed under load. Its workers see their parent gone
+    within a second and drain as on SIGTERM (gunicorn.config.py DrainingGeventWorker): they
+    stop accepting (nginx passes new connections to b), finish the requests and streams they
+    hold, store their usage rows, then exit. Every completed request has exactly one usage
+    row; from then on b serves everything without a failure. (gunicorn's own gevent worker
+    kept answering requests while its runtime closed, and the rows of those that finished
+    after its usage writer stopped were lost: the failure this test caught once in a full
+    run.) A request can still be cut only if it outlasts GRACEFUL_TIMEOUT, at most one per
+    client; nothing here lasts that long."""
     replicas, nginx = cluster
     a, b = replicas
     key = mint(nginx)
@@ -264,37 +266,23 @@ def test_killing_a_replica_mid_load_loses_no_usage_row(cluster, clean_db):
         load.wait_for(100)
         workers_of_a = a.worker_pids()
         os.kill(a.proc.pid, signal.SIGKILL)
-        wait_until(lambda: not any(_alive(pid) for pid in workers_of_a), timeout=40,
+        wait_until(lambda: not any(process_alive(pid) for pid in workers_of_a), timeout=40,
                    message="replica a's workers gone")
-        log_mark, result_mark = len(nginx.access_log()), len(load.results)
+        log_mark = len(nginx.access_log())
         load.wait_for(100)
     finally:
         results = load.finish()
     assert served_by(nginx, log_mark) == {f"127.0.0.1:{b.port}": len(nginx.access_log()) - log_mark}
-    assert [r for r in results[result_mark:] if r[0] != 200] == []
-    cut = [r for r in results if r[0] != 200]
-    assert len(cut) <= load.clients, cut      # at most the requests in flight at the kill
-    served = {rid for status, rid in results if status == 200}
+    assert [r for r in results if r[0] != 200] == []   # nothing cut, before the kill or after it
+    served = {rid for _, rid in results}
+    assert len(served) == len(results) >= 200
     wait_for_rows(clean_db, len(served), "api_key_id = :k", {"k": key["id"]}, timeout=30)
     rows = rows_of(clean_db, key)
     ids = [r["request_id"] for r in rows]
     assert len(ids) == len(set(ids)), "a completion recorded twice"
-    assert served <= set(ids), "a completed request has no usage row"
-    assert len(set(ids) - served) <= len(cut)  # rows only of the cut streams besides
+    assert set(ids) == served, "a completed request without its usage row, or a row of no completion"
     a.proc.wait()
     restart(a)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:   # a zombie is gone for our purpose
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"
-    except OSError:
-        return False
 
 
 def test_rolling_restart_has_zero_failed_requests(cluster, clean_db):

@@ -105,6 +105,22 @@ def test_spool_file_of_a_live_writer_is_left_alone(clean_db, tmp_path):
     assert other.replay_outbox() == {"records": 5, "new_rows": 5}
 
 
+def test_a_row_submitted_after_close_is_stored_before_submit_returns(clean_db):
+    """Once the writer is closed nobody takes rows from the queue: a completion settled after
+    `close()` (a request the server let finish late) is stored by `submit` itself, not left in
+    memory to die with the process."""
+    batcher = UsageBatcher(UsageWriter(clean_db))
+    batcher.start(flusher=False)
+    early, late = events(3), events(2)
+    for event in early:
+        batcher.submit(event)
+    assert batcher.close() is True
+    assert counts(clean_db) == (3, 3, 3)
+    for event in late:
+        batcher.submit(event)
+    assert counts(clean_db) == (5, 5, 5) and batcher.depth == 0
+
+
 def test_database_down_rows_go_to_redis_and_are_replayed_exactly_once(pg_url, clean_db, rclient, pg_proxy, name):
     """PostgreSQL unreachable: submitted rows land in the Redis outbox (none held in memory),
     the batcher stops trying PostgreSQL until a probe answers, then replays them all once."""

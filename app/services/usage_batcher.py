@@ -2,7 +2,8 @@
 
 `submit` (called after the response has gone out) only appends to an in-memory queue. One
 writer thread (a greenlet under gevent) drains it, inserting everything queued so far in one
-statement ("group commit": no timer, batches grow by themselves under load).
+statement ("group commit": no timer, batches grow by themselves under load). Once `close()`
+has begun, `submit` stores the row itself before returning (no writer is left to take it).
 
 When a batch cannot be written for a passing reason (PostgreSQL down or restarting, a
 connection or statement timeout, a deadlock), it goes to the outbox at once: the Redis list
@@ -106,6 +107,13 @@ class UsageBatcher:
     # --- the normal path -------------------------------------------------------------------
 
     def submit(self, event: UsageEvent) -> None:
+        """Queue the row for the writer. After `close()` nobody would take it from the queue:
+        it is stored at once, on the caller's thread (PostgreSQL, else the outbox)."""
+        if self._stop.is_set():
+            log.warning("usage row %s submitted after the writer closed: storing it synchronously",
+                        event.request_id)
+            self._store([event])
+            return
         if len(self._queue) >= self.MAX_QUEUED:
             log.error("usage queue full (%d rows): storing %s synchronously", self.MAX_QUEUED, event.request_id)
             self._store([event])
