@@ -250,9 +250,9 @@ def assert_one_row_per_completion(engine, key: dict, results: list) -> None:
 
 def test_killing_a_replica_mid_load_loses_no_usage_row(cluster, clean_db):
     """Replica a's gunicorn master is SIGKILLed under load. Its workers see their parent gone
-    within a second and drain as on SIGTERM (gunicorn.config.py DrainingGeventWorker): they
-    stop accepting (nginx passes new connections to b), finish the requests and streams they
-    hold, store their usage rows, then exit. Every completed request has exactly one usage
+    at their next heartbeat (every second) and drain as on SIGTERM (gunicorn.config.py,
+    DrainingGeventWorker): they stop accepting (nginx passes new connections to b), finish the
+    requests and streams they hold, store their usage rows, then exit. Every completed request has exactly one usage
     row; from then on b serves everything without a failure. (gunicorn's own gevent worker
     kept answering requests while its runtime closed, and the rows of those that finished
     after its usage writer stopped were lost: the failure this test caught once in a full
