@@ -97,7 +97,7 @@ def ensure_litellm() -> Path | None:
         log(f"LiteLLM could not be installed ({exc}): continuing without it")
         return None
     if out.returncode != 0 or not exe.exists():
-        tail = "\n".join((out.stderr or out.stdout).strip().splitlines()[-5:])
+        tail = "\n".join(line[:300] for line in (out.stderr or out.stdout).strip().splitlines()[-3:])
         log(f"LiteLLM could not be installed (pip exit {out.returncode}; offline?):\n{tail}\n"
             "continuing without it")
         shutil.rmtree(LITELLM_VENV, ignore_errors=True)  # the next run tries again
@@ -158,6 +158,8 @@ class Target:
     key: str
     pid: int | None  # whose process tree's CPU is counted (None: the upstream's own)
     upstream_auth: str | None  # how the upstream tells this target's calls (None: direct)
+    proc: Any = None  # the target's process (stopped when its backlog does not drain)
+    stopped: str = ""  # why it was stopped; its later cells are not run
     saturated_at: dict[str, float] = field(default_factory=dict)  # mode -> rate
 
 
@@ -405,6 +407,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-conns", type=int, default=2000, help="connections per target at most")
     p.add_argument("--gen-procs", type=int, default=2,
                    help="load generator processes (each sends every Nth request of the schedule)")
+    p.add_argument("--drain-limit", type=float, default=120.0,
+                   help="seconds to wait after a cell for the target to stop calling the "
+                        "upstream; a target (LiteLLM) still busy then is stopped")
     p.add_argument("--no-skip", action="store_true",
                    help="run higher rates on a target that could not keep up with a lower one")
     p.add_argument("--workers", type=int, default=2, help="gateway and LiteLLM worker processes")
@@ -445,7 +450,7 @@ def run(args: argparse.Namespace, procs: rb.Processes, tmp: Path) -> int:
             try:
                 url, pid = start_litellm(procs, exe, port, args.workers, tmp)
                 targets.append(Target("litellm", url, LITELLM_MASTER_KEY, pid,
-                                      f"Bearer {LITELLM_UPSTREAM_KEY}"))
+                                      f"Bearer {LITELLM_UPSTREAM_KEY}", procs.procs[-1][1]))
                 log(f"LiteLLM proxy up ({exe.parent.parent.relative_to(rb.REPO)})")
             except rb.BenchError as exc:
                 litellm_note = "not run: LiteLLM did not start"
@@ -468,14 +473,22 @@ def run(args: argparse.Namespace, procs: rb.Processes, tmp: Path) -> int:
             log(f"{mode} at {rate:g} req/s")
             direct: Cell | None = None
             for target in targets:
-                if target.saturated_at.get(mode) is not None and not args.no_skip:
+                if target.stopped:
+                    cell = Cell(mode, rate, target.name, note=target.stopped)
+                elif target.saturated_at.get(mode) is not None and not args.no_skip:
                     cell = Cell(mode, rate, target.name,
                                 note=f"not run: could not keep up at {target.saturated_at[mode]:g}/s")
                 else:
                     cell = run_cell(args, target, mode, rate, upstream.pid, tmp)
                     if saturated(cell):
                         target.saturated_at[mode] = rate
-                    cell.drained_s = wait_drained(port, target.upstream_auth)
+                    cell.drained_s = wait_drained(port, target.upstream_auth, args.drain_limit)
+                    if cell.drained_s is None and target.proc is not None:
+                        # Its backlog would load the machine under every later cell.
+                        target.stopped = (f"not run: stopped, still busy {args.drain_limit:g} s "
+                                          f"after {mode} at {rate:g}/s")
+                        log(f"  stopping {target.name}: {target.stopped}")
+                        rb.stop_group(target.name, target.proc)
                 direct = cell if target.name == "direct" else direct
                 print_cell(cell, direct)
                 cells.append(cell)

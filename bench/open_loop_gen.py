@@ -392,7 +392,17 @@ class OpenLoop:
                 return conn  # type: ignore[return-value]
             waiter: asyncio.Future[Conn | None] = self.loop.create_future()
             self.waiters.append(waiter)
-            got = await waiter
+            try:
+                got = await waiter
+            except asyncio.CancelledError:
+                # timed out just as a connection was handed over: pass it on, do not leak it
+                if waiter.done() and not waiter.cancelled():
+                    handed = waiter.result()
+                    if handed is not None:
+                        self._release(handed)
+                    else:
+                        self._wake()
+                raise
             if got is not None and not got.closed:
                 return got
 

@@ -97,6 +97,79 @@ def test_warmup_and_failures_are_kept_out_of_the_quantiles() -> None:
     assert summary["ttft_ms"]["p50"] == 500.0
 
 
+class _Transport:
+    """Stands in for a socket: the request bytes are kept, nothing is sent."""
+
+    def __init__(self) -> None:
+        self.written = b""
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def abort(self) -> None:
+        pass
+
+
+def _feed_byte_by_byte(answer: bytes, stream: bool) -> tuple[float, float, int, str]:
+    """One answer fed to a client connection one byte per read; the clock reads the index of
+    the byte being fed. Returns (first, done, status, error) of the request."""
+    run = gen.OpenLoop("http://127.0.0.1:9/v1/chat/completions", b"{}", [], stream, 1.0, 1, 0.0)
+    run.loop = asyncio.new_event_loop()
+    try:
+        tick = [0.0]
+        run.clock = lambda: tick[0]
+        conn = gen.Conn(run)
+        conn.connection_made(_Transport())
+        k = run.samples.add(0.0)
+        waiter = conn.send(k, run.request, stream)
+        for i in range(len(answer)):
+            tick[0] = float(i)
+            conn.data_received(answer[i:i + 1])
+        assert waiter.done()
+        s = run.samples
+        return s.first[k], s.done[k], s.status[k], s.error[k]
+    finally:
+        run.loop.close()
+
+
+def _chunk(payload: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
+STREAM_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n")
+ROLE_EVENT = b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\n'
+TEXT_EVENT = b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n'
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
+def test_first_token_is_the_first_event_with_text_even_when_cut_between_reads() -> None:
+    """A stream's first token is the read that completes `"content":"` + a character (the role
+    chunk's empty content does not count), found even when every read is one byte; the answer
+    is complete at the chunked terminator's last byte."""
+    answer = (STREAM_HEAD + _chunk(ROLE_EVENT) + _chunk(TEXT_EVENT) + _chunk(DONE_EVENT)
+              + b"0\r\n\r\n")
+    assert len(answer) == 229
+    assert _feed_byte_by_byte(answer, True) == (194.0, 228.0, 200, "")
+
+
+def test_a_stream_without_done_is_an_error() -> None:
+    """A stream that ends (terminating chunk) without `data: [DONE]` was cut short upstream."""
+    answer = STREAM_HEAD + _chunk(ROLE_EVENT) + _chunk(TEXT_EVENT) + b"0\r\n\r\n"
+    first, done, status, error = _feed_byte_by_byte(answer, True)
+    assert (first, status, error) == (194.0, 200, "stream-without-done")
+
+
+def test_non_streaming_answer_first_byte_and_content_length() -> None:
+    """Non-streaming: `first` is the first byte of the answer, completion the last byte the
+    Content-Length announced; a non-200 status is an error named after it."""
+    body = b'{"ok":true}'
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n" + body
+    assert _feed_byte_by_byte(ok, False) == (0.0, 49.0, 200, "")
+    bad = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 11\r\n\r\n" + body
+    assert _feed_byte_by_byte(bad, False) == (0.0, 66.0, 503, "status-503")
+
+
 def _run_against_paced(stream: bool, count: int, rate: float, max_conns: int) -> object:
     """The generator and the paced upstream (50 ms to the first byte, 20 ms per chunk) on one
     event loop, on real sockets."""
