@@ -464,6 +464,8 @@ def run(args: argparse.Namespace, procs: rb.Processes, tmp: Path) -> int:
                 if target.name != "litellm":
                     raise
                 log(f"LiteLLM answered wrongly, continuing without it: {exc}")
+                if target.proc is not None:
+                    rb.stop_group(target.name, target.proc)
                 targets.remove(target)
                 litellm_note = "not run: LiteLLM answered wrongly"
                 break

@@ -223,3 +223,24 @@ def test_paced_batches_group_a_stream_by_send_time() -> None:
     frames = [b"H+role", b"c1", b"c2", b"c3", b"finish", b"usage", b"done"]
     assert paced.paced_batches(frames, 3) == [b"H+rolec1", b"c2", b"c3finishusagedone"]
     assert paced.paced_batches(frames[:1] + frames[4:], 0) == [b"H+rolefinishusagedone"]
+
+
+def _cell(ol: ModuleType, target: str, p99_ms: float, errors: int = 0) -> object:
+    quantiles = {"p50": 50.0, "p99": p99_ms, "p99.9": p99_ms}
+    summary = {"achieved_rate": 500.0, "requests": 5000, "ok": 5000 - errors, "errors": errors,
+               "latency_ms": quantiles, "ttft_ms": quantiles}
+    return ol.Cell("nonstream", 500.0, target, summary=summary)
+
+
+def test_the_issue_targets_are_read_at_500_per_second() -> None:
+    """The report's verdict: added p99 at 500 req/s within 1 ms and no errors is "met"; more,
+    or any error, is "NOT met"; the Markdown row shows the target's quantiles and what they add."""
+    ol = _load("open_loop")
+    direct = _cell(ol, "direct", 60.0)
+    assert ol.targets_check([direct, _cell(ol, "gateway", 60.8)]) == [
+        "gateway: added p99 latency, non-streaming at 500 req/s: +0.80 ms (target <= 1 ms): met"]
+    assert ol.targets_check([direct, _cell(ol, "gateway", 61.5)]) == [
+        "gateway: added p99 latency, non-streaming at 500 req/s: +1.50 ms (target <= 1 ms): NOT met"]
+    assert ol.targets_check([direct, _cell(ol, "gateway", 60.5, errors=1)])[0].endswith("NOT met")
+    table = ol.markdown([direct, _cell(ol, "gateway", 61.5)])
+    assert "| 500 | gateway | 500 | 50.0 / 61.5 / 61.5 | +0.0 / +1.5 / +1.5 | 0 | - |" in table
