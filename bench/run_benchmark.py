@@ -372,11 +372,14 @@ def measured_run(wrk: str, url: str, lua: Path, concurrency: int, duration: floa
 # --------------------------------------------------------------------------- upstream
 
 
-def start_fake(procs: Processes, tmp: Path) -> tuple[int, subprocess.Popen[bytes]]:
+def start_fake(procs: Processes, tmp: Path, command: list[str] | None = None) -> \
+        tuple[int, subprocess.Popen[bytes]]:
+    """Start the fake upstream (`command` + ``--port N``; default Testing/fakes/fake_openai.py)
+    on a free port and wait until it answers ``GET /v1/models``."""
     port = free_port()
     log_path = tmp / "fake_openai.log"
     proc = procs.start("fake upstream",
-                       [PYTHON, "-m", "Testing.fakes.fake_openai", "--port", str(port)],
+                       [*(command or [PYTHON, "-m", "Testing.fakes.fake_openai"]), "--port", str(port)],
                        dict(os.environ), log_path)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
