@@ -11,6 +11,10 @@ upstream (which answers at once). For each mode and concurrency, wrk sends:
   missed, sent to the upstream and stored;
 - **hit**: one prompt, stored beforehand, so each request is answered from the cache.
 
+`--slow-upstream` makes the fake upstream wait 50 ms before each answer (and each stream
+chunk), closer to a real model; `--admission` gives the key limits (Redis admission on every
+request).
+
 It prints requests/s, p50/p99 latency and the gateway's CPU per request (utime+stime of the
 gunicorn master and workers, from /proc) for both, the miss/hit ratios, and the upstream
 requests seen during the hit runs (which must be 0). The machinery (processes, wrk, the
@@ -126,6 +130,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     p.add_argument("--admission", action="store_true",
                    help="a key with (unreachable) limits: every request goes through Redis admission")
+    p.add_argument("--slow-upstream", action="store_true",
+                   help="the fake upstream waits 50 ms before answering (and between stream chunks) "
+                        "instead of answering at once")
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -144,6 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     def cached_env(*a: Any, **kw: Any) -> dict[str, str]:
         return {**real_env(*a, **kw), "RESPONSE_CACHE_DEFAULT": "1"}
     rb.gateway_env = cached_env  # the same gateway as run_benchmark's, with the cache on
+    real_models = rb.models_json
+
+    def slow_models(port: int) -> dict[str, Any]:
+        models = real_models(port)
+        models["models"]["bench"]["deployments"][0]["model"] = "bench-slow"  # the fake's 50 ms delay
+        return models
+    if args.slow_upstream:
+        rb.models_json = slow_models
     try:
         wrk = rb.ensure_wrk()
         info = rb.machine_info(wrk)
@@ -154,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(f"Machine: nproc={info['nproc']}  CPU: {info['cpu_model']}  Python {info['python']}  {info['wrk']}")
         print(f"wrk: {args.duration:g}s per run; gateway workers: {args.workers}; "
-              f"admission: {'on' if args.admission else 'off'}\n")
+              f"admission: {'on' if args.admission else 'off'}; upstream: "
+              f"{'50 ms per answer (and per stream chunk)' if args.slow_upstream else 'instant'}\n")
         print(table(pairs))
         print("\nrps x = hit rps / miss rps; p50 x and CPU x = miss / hit; CPU ms = gateway CPU per request.")
         return 0 if all(p.miss.errors == 0 and p.hit.errors == 0 and p.upstream_during_hits == 0
