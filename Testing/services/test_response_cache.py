@@ -12,8 +12,8 @@ import redis
 
 from app.extensions import make_redis
 from app.providers.base import StreamPiece
-from app.services.response_cache import (AnswerBuilder, CacheAsk, CacheUse, Entry, LocalResponseCache,
-                                         RedisResponseCache, complete_answer, decide, replay_body, replay_pieces,
+from app.services.cache_answers import AnswerBuilder, complete_answer, replay_body, replay_pieces
+from app.services.response_cache import (CacheAsk, CacheUse, Entry, LocalResponseCache, RedisResponseCache, decide,
                                          request_digest)
 from Testing.support import REDIS_URL, FakeClock
 

@@ -45,8 +45,8 @@ from app.providers.base import (Completion, Provider, ProviderError, ProviderUna
                                 not_configured)
 from app.providers.catalog import Deployment, ModelEntry
 from app.services.rate_limit_service import LimiterUnavailable, deployment_quota, key_limits, to_nano
-from app.services.response_cache import (CACHE_ERRORS, AnswerBuilder, CacheAsk, Entry, Slot, complete_answer,
-                                         decide, replay_body, replay_pieces, request_digest)
+from app.services.cache_answers import AnswerBuilder, complete_answer, replay_body, replay_pieces
+from app.services.response_cache import CACHE_ERRORS, CacheAsk, Entry, Slot, decide, request_digest
 from app.services.router import Candidate, ContextTooLong, NoDeploymentAvailable, RequestSize
 from app.services.settlement_service import (FOLD_BYTES, CompletionTrace, billed, piece_bytes as _piece_bytes,
                                              usable_usage)
