@@ -124,3 +124,39 @@ def test_embedded_mode_serves_the_console_my_key_and_requests(embedded):
     status, _, second = http_json("GET", base + f"/v1/requests?limit=1&cursor={first['next_cursor']}", headers=auth)
     assert status == 200 and second["data"][0]["request_id"] == rows[1]["request_id"]
     assert second["has_more"] is False
+
+
+def test_embedded_mode_caches_answers_in_the_process(embedded, fake_upstream):
+    """Without Redis the response cache lives in the process: the second identical request of
+    a key with `cache: true` is answered without the upstream (streamed too), its usage row in
+    SQLite says `cached` with the saved cost, and POST /api/clear-cache empties it."""
+    base, db_file, _ = embedded
+    status, _, key = http_json("POST", base + "/v1/api-keys", {"name": "local", "tenant": "me", "cache": True},
+                               headers={"X-System-Secret": SYSTEM_SECRET})
+    assert status == 201 and key["cache"] is True, key
+    auth = {"Authorization": f"Bearer {key['key']}"}
+    messages = [{"role": "user", "content": f"embedded {key['prefix']}"}]
+    body = {"model": "gpt-4o-mini", "messages": messages}
+
+    def upstream_calls() -> int:
+        return sum(1 for r in fake_upstream.chat_requests() if r["body"] and r["body"].get("messages") == messages)
+
+    states = [http_json("POST", base + "/v1/chat/completions", body, headers=auth)[1]["X-Gateway-Cache"]
+              for _ in range(2)]
+    assert states == ["miss", "hit"] and upstream_calls() == 1
+    status, headers, streamed = http_json("POST", base + "/v1/chat/completions", {**body, "stream": True}, headers=auth)
+    assert status == 200 and headers["X-Gateway-Cache"] == "hit" and streamed.rstrip().endswith("data: [DONE]")
+    status, _, cleared = http_json("POST", base + "/api/clear-cache", {"tenant": "me"},
+                                   headers={"X-System-Secret": SYSTEM_SECRET})
+    assert status == 200 and cleared["tenants_cleared"] == 1
+    assert http_json("POST", base + "/v1/chat/completions", body, headers=auth)[1]["X-Gateway-Cache"] == "miss"
+    assert upstream_calls() == 2
+
+    def rows() -> list:
+        with sqlite3.connect(db_file) as conn:
+            return conn.execute("SELECT cached, cost_usd, saved_cost_usd FROM usage_records "
+                                "WHERE model = 'gpt-4o-mini' ORDER BY created_at").fetchall()
+    wait_until(lambda: len(rows()) == 4, timeout=10, message="four usage rows in SQLite")
+    (miss, miss_cost, miss_saved), (hit, hit_cost, saved), (hit2, _, _), (again, _, _) = rows()
+    assert (miss, hit, hit2, again) == (0, 1, 1, 0)
+    assert miss_saved is None and float(hit_cost) == 0 and float(saved) == float(miss_cost) > 0

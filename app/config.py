@@ -149,6 +149,16 @@ class Settings:
     # A key over its requests/min or concurrency limit is refused before its prompt is counted
     # when the body is at least this large (one extra limiter round trip; 0: always).
     ADMISSION_PRECHECK_BYTES: int = 4096
+    # The exact response cache (docs/cache.md). Whether a request uses it when neither the request
+    # (X-Gateway-Cache), its key nor its model (`cache` in data/models.json) says; how long an
+    # answer stays; the temperature above which answers are cached only when the request asks
+    # (absent temperature counts as 1.0); the largest answer stored (bytes of JSON); in embedded
+    # mode (no Redis) the number of answers kept in each process (least recently used dropped).
+    RESPONSE_CACHE_DEFAULT: bool = False
+    RESPONSE_CACHE_TTL_S: float = 3600.0
+    RESPONSE_CACHE_MAX_TEMPERATURE: float = 1.0
+    RESPONSE_CACHE_MAX_ENTRY_BYTES: int = 256 * 1024
+    RESPONSE_CACHE_MEMORY_ENTRIES: int = 1000
     # Content-Security-Policy of HTML responses (a response that sets its own keeps it).
     CONTENT_SECURITY_POLICY: str = ("default-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
                                     "form-action 'self'; object-src 'none'")
@@ -181,6 +191,9 @@ class Settings:
             raise ValueError("ROUTER_MAX_ATTEMPTS and ROUTER_ATTEMPTS_PER_DEPLOYMENT must be at least 1")
         if s.REQUEST_BODY_TIMEOUT_S <= 0 or s.REQUEST_BODY_MIN_RATE < 0:
             raise ValueError("REQUEST_BODY_TIMEOUT_S must be positive and REQUEST_BODY_MIN_RATE not negative")
+        if s.RESPONSE_CACHE_TTL_S <= 0 or s.RESPONSE_CACHE_MAX_ENTRY_BYTES < 0 or s.RESPONSE_CACHE_MEMORY_ENTRIES < 0:
+            raise ValueError("RESPONSE_CACHE_TTL_S must be positive, RESPONSE_CACHE_MAX_ENTRY_BYTES and "
+                             "RESPONSE_CACHE_MEMORY_ENTRIES not negative")
         if s.RATE_LIMIT_FAIL_MODE not in ("closed", "open"):
             raise ValueError(f"RATE_LIMIT_FAIL_MODE must be 'closed' or 'open', got {s.RATE_LIMIT_FAIL_MODE!r}")
         return s

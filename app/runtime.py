@@ -2,7 +2,7 @@
 
 `build_runtime(settings)` makes every object a worker needs (provider manager, key cache and
 its event listener, limiter, usage writer with its outbox, settlement, health board, router,
-uptime checker, Redis client). Building starts nothing. `Runtime.start()` starts the
+uptime checker, response cache, Redis client). Building starts nothing. `Runtime.start()` starts the
 background threads (greenlets under gevent) - the usage writer, the outbox flusher, the
 limiter's settlement sender, the key-event listener and the health publisher - once, however
 many threads call it; `Runtime.close()` stops them, sending what is still queued, and releases
@@ -42,6 +42,7 @@ from app.services.database_check import missing_database
 from app.services.key_events import KeyEvents
 from app.services.provider_health import HealthBoard
 from app.services.rate_limit_service import LimiterUnavailable, LocalLimiter, RateLimitService, RedisLimiter
+from app.services.response_cache import ResponseCache, build_cache
 from app.services.retry_policy import RetryPolicy
 from app.services.router import Router
 from app.services.settlement_service import Settlement
@@ -74,6 +75,7 @@ class Runtime:
     uptime: UptimeChecker
     clock: Clock              # every time-dependent decision reads it (tests move it)
     auth_throttle: AuthThrottle   # failed key / system-secret attempts per client address
+    response_cache: ResponseCache  # exact answers per tenant: Redis, else in this process
     overrides: dict[str, bool] = field(default_factory=dict)   # which guarded overrides are in use
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _state: str = field(default="built", init=False, repr=False)  # built -> started -> closed
@@ -172,6 +174,8 @@ def build_runtime(settings: Settings, engine: Engine | None = None, clock: Clock
         clock=clock,
         auth_throttle=AuthThrottle(settings.AUTH_FAILURE_LIMIT, settings.AUTH_FAILURE_WINDOW_S,
                                    lambda: epoch_seconds(clock), redis_client),
+        response_cache=build_cache(redis_client, settings.RESPONSE_CACHE_TTL_S,
+                                   settings.RESPONSE_CACHE_MEMORY_ENTRIES, clock.monotonic),
         overrides={overrides.REDIS_POOL_BYPASS.name: pool_bypass,
                    overrides.TIKTOKEN_LOADER.name: settings.OVERRIDE_TIKTOKEN_LOADER})
 

@@ -36,7 +36,7 @@ ROUTES = {
     ("GET", "/v1/responses/<response_id>"), ("GET", "/responses/<response_id>"),
     ("DELETE", "/v1/responses/<response_id>"), ("DELETE", "/responses/<response_id>"),
     ("GET", "/v1/responses/<response_id>/input_items"), ("GET", "/responses/<response_id>/input_items"),
-    ("POST", "/api/chat"), ("GET", "/api/health"),
+    ("POST", "/api/chat"), ("GET", "/api/health"), ("POST", "/api/clear-cache"),
     ("GET", "/v1/key"), ("GET", "/v1/requests"),
     # the web console: its HTML shell and its static files
     ("GET", "/"), ("GET", "/ui"), ("GET", "/ui/"), ("GET", "/ui/<path:page>"), ("GET", "/ui/assets/<path:filename>"),
@@ -60,6 +60,7 @@ BODIES = {
     "/v1/api-keys": NAME_BODY, "/v1/api-keys/<int:key_id>": NAME_BODY,
     "/v1/api-keys/<int:key_id>/rotate": ({"grace_period_s": 1, "note\u0000": 1}, "note\\x00"),
     "/api/chat": ({"message": "hi\u0000", "model": "demo"}, "message"),
+    "/api/clear-cache": ({"tenant": "sweep-tenant", "model": "x\u0000"}, "model"),
     "/v1/tenants": NAME_BODY, "/v1/tenants/<tenant_ref>": ({"status": "active", "name": "t\u0000"}, "name"),
     "/v1/messages": ({"model": "demo", "max_tokens": 8, "system": "a\u0000b",
                       "messages": [{"role": "user", "content": "hi"}]}, "system"),

@@ -173,7 +173,8 @@ def test_requests_page_newest_first_with_a_cursor(client, mint, clean_db):
         "object": "request", "request_id": ids[4], "created_at": "2026-10-05T12:04:00.000Z",
         "model": "gpt-4o-mini", "endpoint": "chat.completions", "provider": "openai", "status": "ok",
         "error_type": None, "streamed": True, "prompt_tokens": 14, "completion_tokens": 5,
-        "total_tokens": 19, "cost_usd": "0.0001", "latency_ms": 104, "ttft_ms": 24,
+        "total_tokens": 19, "cost_usd": "0.0001", "latency_ms": 104, "ttft_ms": 24, "cache_hit": False,
+        "saved_cost_usd": None,
         "api_key_id": key["id"], "api_key_name": "pager", "tenant_id": key["tenant_id"], "tenant_name": "acme"}
 
 

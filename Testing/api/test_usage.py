@@ -17,7 +17,7 @@ pytestmark = pytest.mark.timeout(60)
 
 UTC = timezone.utc
 KEYS = {"object", "start", "end", "requests", "prompt_tokens", "completion_tokens", "total_tokens",
-        "cost_usd", "data"}
+        "cost_usd", "cache_hits", "saved_cost_usd", "data"}
 
 
 def at(*args) -> datetime:
@@ -149,9 +149,10 @@ def test_model_filter(client, key, clean_db):
 # --- grouping ---------------------------------------------------------------------------------
 
 def assert_groups_sum_to_totals(body: dict) -> None:
-    for field in ("requests", "prompt_tokens", "completion_tokens", "total_tokens"):
+    for field in ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cache_hits"):
         assert sum(g[field] for g in body["data"]) == body[field], field
-    assert sum(Decimal(g["cost_usd"]) for g in body["data"]) == Decimal(body["cost_usd"])
+    for field in ("cost_usd", "saved_cost_usd"):
+        assert sum(Decimal(g[field]) for g in body["data"]) == Decimal(body[field]), field
 
 
 def test_group_by_model(client, key, clean_db):
@@ -163,11 +164,30 @@ def test_group_by_model(client, key, clean_db):
     body = ok(get_usage(client, key, group_by="model", **JAN))
     assert body["data"] == [
         {"model": "a", "requests": 1, "prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30,
-         "cost_usd": "0.2"},
+         "cost_usd": "0.2", "cache_hits": 0, "saved_cost_usd": "0"},
         {"model": "b", "requests": 2, "prompt_tokens": 101, "completion_tokens": 202, "total_tokens": 303,
-         "cost_usd": "0.4"},
+         "cost_usd": "0.4", "cache_hits": 0, "saved_cost_usd": "0"},
     ]
     assert body["cost_usd"] == "0.6"
+    assert_groups_sum_to_totals(body)
+
+
+def test_cache_hits_and_saved_cost_from_the_rollup_and_the_edges(client, key, clean_db):
+    """Response cache hits (`cached` rows, 0 cost, `saved_cost_usd`) are counted and their
+    saved cost summed, from the rollup for whole days and from raw rows for the partial last
+    day; a replayed row adds nothing (the writer is idempotent on the request id)."""
+    hit = {"cached": True, "prompt": 0, "completion": 0, "cost": "0", "saved_cost_usd": Decimal("0.25")}
+    add_rows(clean_db, key,
+             {"created_at": at(2024, 1, 2), "prompt": 10, "completion": 20, "cost": "0.25"},
+             {"created_at": at(2024, 1, 2, 1), "request_id": "req_hit_1", **hit},
+             {"created_at": at(2024, 1, 3, 12), **hit, "saved_cost_usd": Decimal("0.5")})
+    replay = UsageEvent(request_id="req_hit_1", tenant_id=key["tenant_id"], api_key_id=key["id"], model="gpt-4o-mini",
+                        cached=True, saved_cost_usd=Decimal("0.25"), created_at=at(2024, 1, 2, 1))
+    assert UsageWriter(clean_db).write([replay]) == 0
+    body = ok(get_usage(client, key, group_by="day", start="2024-01-01T00:00:00Z", end="2024-01-03T18:00:00Z"))
+    assert (body["requests"], body["cache_hits"], body["saved_cost_usd"], body["cost_usd"]) == (3, 2, "0.75", "0.25")
+    assert [(d["day"], d["cache_hits"], d["saved_cost_usd"]) for d in body["data"]] == \
+        [("2024-01-02", 1, "0.25"), ("2024-01-03", 1, "0.5")]
     assert_groups_sum_to_totals(body)
 
 
@@ -181,9 +201,9 @@ def test_group_by_endpoint_exact_from_the_rollup_and_the_edges(client, key, clea
     body = ok(get_usage(client, key, group_by="endpoint", start="2024-01-01T00:00:00Z", end="2024-01-03T18:00:00Z"))
     assert body["data"] == [
         {"endpoint": "chat.completions", "requests": 1, "prompt_tokens": 1, "completion_tokens": 2,
-         "total_tokens": 3, "cost_usd": "0.1"},
+         "total_tokens": 3, "cost_usd": "0.1", "cache_hits": 0, "saved_cost_usd": "0"},
         {"endpoint": "uptime", "requests": 2, "prompt_tokens": 110, "completion_tokens": 2, "total_tokens": 112,
-         "cost_usd": "0.5"},
+         "cost_usd": "0.5", "cache_hits": 0, "saved_cost_usd": "0"},
     ]
     csv_text = get_usage(client, key, group_by="endpoint", format="csv", **JAN).get_data(as_text=True)
     assert csv_text.splitlines()[1:] == ["chat.completions,1,1,2,3,0.1", "uptime,2,110,2,112,0.5"]

@@ -170,7 +170,8 @@ def test_usage_rows_equal_upstream_usage_for_many_requests(gateway, key, clean_d
     assert Decimal(report["cost_usd"]) == total_cost
     assert report["data"] == [{"model": "gpt-4o-mini", "requests": n, "prompt_tokens": report["prompt_tokens"],
                                "completion_tokens": report["completion_tokens"],
-                               "total_tokens": report["total_tokens"], "cost_usd": report["cost_usd"]}]
+                               "total_tokens": report["total_tokens"], "cost_usd": report["cost_usd"],
+                               "cache_hits": 0, "saved_cost_usd": "0"}]
 
 
 @pytest.mark.parametrize("model,status,error_type", [

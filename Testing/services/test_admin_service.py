@@ -105,7 +105,7 @@ def test_api_and_cli_write_the_same_audit_rows_and_publish_the_same_events(clien
     api_rows, cli_rows = audit_rows(clean_db, t["id"]), audit_rows(clean_db, cli_tenant)
     assert shape(api_rows) == shape(cli_rows) == [
         ("tenant.create", "tenant", ["budget_usd", "key_limits", "name", "status"]),
-        ("key.create", "api_key", ["allowed_models", "budget_usd", "daily_token_limit", "expires_at",
+        ("key.create", "api_key", ["allowed_models", "budget_usd", "cache", "daily_token_limit", "expires_at",
                                    "max_concurrent", "name", "prefix", "role", "rpm_limit", "tpm_limit"]),
         ("key.update", "api_key", ["name"]),
         ("key.rotate", "api_key", ["grace_period_s", "prefix", "previous_prefix"]),

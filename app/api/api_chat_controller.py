@@ -4,11 +4,13 @@ as /v1/chat/completions; the usage row says endpoint "api.chat"."""
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from typing import Any, Iterator
 
 from flask import Response, request
 
 from app.api.auth import authenticate
+from app.api.cache_controller import cache_ask
 from app.api.common import json_response, new_request_id, read_json_object
 from app.api.schemas import API_CHAT_SCHEMA
 from app.errors import from_provider_error
@@ -35,7 +37,7 @@ def api_chat() -> Response:
         if name in body:
             canonical[name] = body[name]
     run = CompletionRun.begin(rt, key, canonical, "api.chat", request_id=new_request_id(),
-                              body_bytes=request.content_length)
+                              body_bytes=request.content_length, cache=cache_ask())
 
     def remember(reply: str) -> str:
         exchange = [user, {"role": "assistant", "content": reply}]
@@ -51,8 +53,14 @@ def api_chat() -> Response:
 
 
 def _figures(run: CompletionRun) -> dict[str, Any]:
-    """The model that answered, the usage billed and its cost (as the usage row has them)."""
+    """The model that answered, the usage billed and its cost (as the usage row has them). A
+    response cache hit: the answer's usage as it was made, and a cost of 0 (nothing is billed)."""
     trace = run.trace
+    if trace.cache == "hit" and trace.body is not None and isinstance(trace.body.get("usage"), dict):
+        usage = trace.body["usage"]
+        return {"model": trace.entry.alias,
+                "usage": {name: usage.get(name) for name in ("prompt_tokens", "completion_tokens", "total_tokens")},
+                "cost_usd": format_money(Decimal(0))}
     prompt, completion, _estimated = usage_figures(trace)
     return {"model": trace.entry.alias,
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},

@@ -9,6 +9,7 @@ from typing import Iterator
 from flask import Response, request
 
 from app.api.auth import authenticate
+from app.api.cache_controller import cache_ask
 from app.api.common import JSON, new_request_id, read_json_object
 from app.api.schemas import CHAT_SCHEMA
 from app.errors import from_provider_error
@@ -24,7 +25,7 @@ def chat_completions() -> Response:
     body = read_json_object()
     CHAT_SCHEMA.load(body)  # validates; unknown fields stay in `body` and pass through
     run = CompletionRun.begin(rt, key, body, "chat.completions", request_id=new_request_id(),
-                              body_bytes=request.content_length)
+                              body_bytes=request.content_length, cache=cache_ask())
     with run:
         if run.trace.streamed:
             wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))

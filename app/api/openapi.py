@@ -150,6 +150,8 @@ OPERATIONS: tuple[Operation, ...] = (
               params=(MODEL_ID,), errors=KEY_ERRORS + (502, 504)),
     Operation("/v1/providers/status", "get", "Health of every deployment, as the workers see it", "any",
               errors=(401, 403)),
+    Operation("/api/clear-cache", "post", "Empty the response cache (one tenant or every one, optionally one model)",
+              "admin", body=schemas.ClearCacheSchema, body_required=False, errors=ADMIN_ERRORS + (503,)),
     Operation("/v1/admin/reload", "post", "Reload data/models.json in every worker of every replica", "operator",
               errors=ADMIN_ERRORS),
     Operation("/v1/requests", "get", "The latest requests the caller may see, newest first", "any",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Blueprint, request
 
-from app.api import (api_chat_controller, audit_controller, chat_controller, embeddings_controller,
+from app.api import (api_chat_controller, audit_controller, cache_controller, chat_controller, embeddings_controller,
                      health_controller, images_controller, key_controller, messages_controller,
                      models_controller, my_key_controller, openapi_controller, reload_controller, requests_controller,
                      responses_controller, status_controller, tenant_controller, usage_controller)
@@ -26,6 +26,7 @@ api.add_url_rule("/openapi.json", view_func=openapi_controller.openapi_document,
 api.add_url_rule("/ping", view_func=health_controller.ping, methods=["GET"])
 api.add_url_rule("/api/health", endpoint="api_health", view_func=health_controller.health, methods=["GET"])
 api.add_url_rule("/api/chat", view_func=api_chat_controller.api_chat, methods=["POST"])
+api.add_url_rule("/api/clear-cache", view_func=cache_controller.clear_cache, methods=["POST"])
 for prefix in ("/v1", ""):
     api.add_url_rule(f"{prefix}/chat/completions", endpoint=f"chat{prefix}",
                      view_func=chat_controller.chat_completions, methods=["POST"])

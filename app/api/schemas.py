@@ -231,6 +231,7 @@ class ApiKeyUpdateSchema(KeyLimitsFields):
     budget_usd = _budget()
     allowed_models = fields.List(StrictString(validate=validate.Length(min=1)), allow_none=True)
     expires_at = UTCDateTime(allow_none=True)
+    cache = StrictBool(allow_none=True)  # the response cache (null: the model or the default decides)
 
 
 class ApiKeyCreateSchema(ApiKeyUpdateSchema):
@@ -329,6 +330,16 @@ class RequestsQuerySchema(Schema):
     api_key_id = IdField()
 
 
+class ClearCacheSchema(Schema):
+    """`POST /api/clear-cache` (the body is optional): a tenant (id or name) and a model alias."""
+
+    class Meta:
+        unknown = RAISE
+
+    tenant = StrictString(validate=validate.Length(min=1, max=200))
+    model = StrictString(validate=validate.Length(min=1, max=200))
+
+
 CHAT_SCHEMA = ChatCompletionSchema()
 API_CHAT_SCHEMA = ApiChatSchema()
 MESSAGES_SCHEMA = MessagesSchema()
@@ -341,3 +352,4 @@ TENANT_UPDATE_SCHEMA = TenantUpdateSchema()
 AUDIT_QUERY_SCHEMA = AuditQuerySchema()
 USAGE_QUERY_SCHEMA = UsageQuerySchema()
 REQUESTS_QUERY_SCHEMA = RequestsQuerySchema()
+CLEAR_CACHE_SCHEMA = ClearCacheSchema()

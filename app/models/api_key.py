@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import JSON, ForeignKey, Integer, String
+from sqlalchemy import JSON, Boolean, ForeignKey, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.extensions import db
@@ -27,6 +27,8 @@ class ApiKey(db.Model):
     max_concurrent: Mapped[int | None] = mapped_column(Integer, nullable=True)
     budget_usd: Mapped[Decimal | None] = mapped_column(Money, nullable=True)  # per calendar month
     allowed_models: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    # The response cache for this key's requests: True / False, or None (the model or the default decides).
+    cache: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)

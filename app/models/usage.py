@@ -38,7 +38,7 @@ class UsageRecord(db.Model):
     status: Mapped[str] = mapped_column(String(20), nullable=False)  # ok | error | client_disconnected
     error_type: Mapped[str | None] = mapped_column(String(50), nullable=True)
     streamed: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
-    cached: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    cached: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)  # a response cache hit
     latency_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
     ttft_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True, default=utcnow)
@@ -52,6 +52,8 @@ class UsageRecord(db.Model):
     # true: the provider's usage was missing or unusable; the gateway counted the tokens
     usage_estimated: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False,
                                                   server_default=sa_false())
+    # on a response cache hit: what the answer cost when it was made (the hit itself costs 0)
+    saved_cost_usd: Mapped[Decimal | None] = mapped_column(Money, nullable=True)
 
     __table_args__ = (
         Index("ix_usage_key_time", "api_key_id", "created_at"),
@@ -76,6 +78,9 @@ class UsageDaily(db.Model):
     completion_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     total_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     cost_usd: Mapped[Decimal] = mapped_column(Numeric(30, 10, asdecimal=True), nullable=False, default=0)
+    cache_hits: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0, server_default="0")
+    saved_cost_usd: Mapped[Decimal] = mapped_column(Numeric(30, 10, asdecimal=True), nullable=False, default=0,
+                                                    server_default="0")
 
     __table_args__ = (
         PrimaryKeyConstraint("api_key_id", "day", "model", "tenant_id", "endpoint", name="pk_usage_daily"),

@@ -87,6 +87,8 @@ class ModelEntry:
     kind: str = "chat"  # chat | embedding | image: the endpoint that may call it
     # Default `queue_timeout_s` of its deployments (0: no waiting).
     queue_timeout_s: float = 0.0
+    # The response cache for this model (docs/cache.md): True / False, or None (the default decides).
+    cache: bool | None = None
 
     def queue_timeout_for(self, deployment: Deployment) -> float:
         """How long a request may wait for `deployment`'s quota (0: refused at once)."""
@@ -154,7 +156,7 @@ def _deployment(raw: Any, where: str, providers: dict[str, dict]) -> Deployment:
 
 OPTIONAL_PRICES = ("cached_input_per_mtok", "cache_write_per_mtok")
 _MODEL_KEYS = {"deployments", "context_window", "max_output_tokens", "pricing", "tokenizer",
-               "category", "owned_by", "fallbacks", "priority", "queue_timeout_s", "kind"}
+               "category", "owned_by", "fallbacks", "priority", "queue_timeout_s", "kind", "cache"}
 # Per-provider HTTP timeouts (seconds): connect, read (between two bytes, also the stream's idle
 # timeout; `timeout_s` is its older name) and total (the whole upstream call, stream included).
 TIMEOUT_KEYS = ("connect_timeout_s", "timeout_s", "read_timeout_s", "total_timeout_s")
@@ -188,6 +190,11 @@ def _model(alias: str, raw: Any, providers: dict[str, dict]) -> ModelEntry:
     fallbacks = raw.get("fallbacks", [])
     if not isinstance(fallbacks, list) or not all(isinstance(f, str) for f in fallbacks):
         raise CatalogError(f"{where}.fallbacks: must be a list of model aliases")
+    cache = raw.get("cache")
+    if cache is not None and not isinstance(cache, bool):
+        raise CatalogError(f"{where}.cache: must be true or false, got {cache!r}")
+    if cache and kind != "chat":
+        raise CatalogError(f"{where}.cache: only chat models' answers are cached (this one is {kind!r})")
     context_window = _pos_int(raw.get("context_window", 8192), f"{where}.context_window")
     max_output = _pos_int(raw.get("max_output_tokens", 4096), f"{where}.max_output_tokens")
     priority = _pos_int(raw.get("priority", min(d.priority for d in deployments)), f"{where}.priority")
@@ -197,6 +204,7 @@ def _model(alias: str, raw: Any, providers: dict[str, dict]) -> ModelEntry:
         category=category, owned_by=raw.get("owned_by"), fallbacks=tuple(fallbacks),
         extra={k: v for k, v in raw.items() if k not in _MODEL_KEYS}, priority=priority or 1,
         queue_timeout_s=_seconds(raw.get("queue_timeout_s"), f"{where}.queue_timeout_s") or 0.0, kind=kind,
+        cache=cache,
     )
 
 

@@ -30,7 +30,7 @@ from app.utils.clock import SYSTEM_CLOCK, Clock
 
 # The fields of a new key its audit row records (never the secret or its hash).
 AUDITED_KEY_FIELDS = ("name", "prefix", "role", *api_key_service.LIMIT_FIELDS, "budget_usd",
-                      "allowed_models", "expires_at")
+                      "allowed_models", "expires_at", "cache")
 
 
 def known_models(catalog: Catalog) -> frozenset[str]:

@@ -57,6 +57,7 @@ class KeyInfo:
     revoked_at: datetime | None
     # Set when the secret presented is the previous one of a rotated key: its grace period end.
     secret_expires_at: datetime | None = None
+    cache: bool | None = None  # the response cache for this key (None: the model or the default decides)
 
     def usable(self, now: datetime | None = None) -> tuple[bool, str]:
         """(True, "") or (False, the reason a 401 gives)."""
@@ -83,7 +84,7 @@ def key_info(key: ApiKey, secret_expires_at: datetime | None = None) -> KeyInfo:
         tenant_budget_usd=key.tenant.budget_usd,
         allowed_models=frozenset(key.allowed_models) if key.allowed_models is not None else None,
         expires_at=as_utc(key.expires_at), revoked_at=as_utc(key.revoked_at),
-        secret_expires_at=as_utc(secret_expires_at))
+        secret_expires_at=as_utc(secret_expires_at), cache=key.cache)
 
 
 def key_to_dict(key: ApiKey, now: datetime | None = None) -> dict[str, Any]:
@@ -94,7 +95,7 @@ def key_to_dict(key: ApiKey, now: datetime | None = None) -> dict[str, Any]:
         "tenant": key.tenant.name, "tenant_id": key.tenant_id, "role": key.role,
         **{f: getattr(key, f) for f in LIMIT_FIELDS},
         "budget_usd": format_money(key.budget_usd) if key.budget_usd is not None else None,
-        "allowed_models": key.allowed_models,
+        "allowed_models": key.allowed_models, "cache": key.cache,
         "expires_at": _iso(key.expires_at), "revoked_at": _iso(key.revoked_at),
         "created_at": _iso(key.created_at), "last_used_at": _iso(key.last_used_at),
         "rotated_at": _iso(key.rotated_at),
@@ -121,14 +122,15 @@ def new_key(session: Session, *, name: str, tenant: Tenant, role: str = "member"
             rpm_limit: int | None = None, tpm_limit: int | None = None,
             daily_token_limit: int | None = None, max_concurrent: int | None = None,
             budget_usd: Decimal | None = None, allowed_models: list[str] | None = None,
-            expires_at: datetime | None = None, created_at: datetime | None = None) -> tuple[ApiKey, str]:
+            expires_at: datetime | None = None, created_at: datetime | None = None,
+            cache: bool | None = None) -> tuple[ApiKey, str]:
     """Add a key to the session (flushed, not committed: `admin_service.Admin.mint_key` is the
     use case) and return it with its plaintext, which exists only in this return value."""
     plaintext = generate_key()
     key = ApiKey(tenant_id=tenant.id, name=name, prefix=plaintext[:DISPLAY_PREFIX_LEN],
                  key_hash=hash_key(plaintext), role=role, rpm_limit=rpm_limit, tpm_limit=tpm_limit,
                  daily_token_limit=daily_token_limit, max_concurrent=max_concurrent,
-                 budget_usd=budget_usd, allowed_models=allowed_models, expires_at=expires_at,
+                 budget_usd=budget_usd, allowed_models=allowed_models, expires_at=expires_at, cache=cache,
                  created_at=created_at or utcnow())
     key.tenant = tenant
     session.add(key)
@@ -152,7 +154,7 @@ def revoke_key(key: ApiKey, now: datetime) -> bool:
     return True
 
 
-UPDATABLE_FIELDS = ("name", *LIMIT_FIELDS, "budget_usd", "allowed_models", "expires_at")
+UPDATABLE_FIELDS = ("name", *LIMIT_FIELDS, "budget_usd", "allowed_models", "expires_at", "cache")
 
 
 def update_key(key: ApiKey, changes: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,14 @@ answer or its pieces. The run settles exactly once, in `_finish`, whichever way 
   an exception of ours), or in `close` when the client left before the iterator started;
 - a controller exception between `begin` and `respond`: in `__exit__` of `with run:`.
 
+The response cache (app/services/response_cache.py, docs/cache.md): a caller that passes
+`cache=CacheAsk(...)` to `begin` (the endpoints whose answer is the canonical chat answer: chat
+completions, /api/chat) has the cache looked up before admission. A hit is admitted on
+requests/min and concurrency only, answered from the cache by `complete` / `stream` without a
+provider, and settled with no tokens and no cost (its usage row says `cached` and the cost it
+saved); a miss stores a complete answer: a whole one before it is returned, a stream in
+`_finish` when it ended ok (before the client's last event).
+
 `_finish` takes the settlement out of the run before using it, so whichever of these comes
 second finds nothing to settle. Threads: a run is driven by one request (one thread or one
 greenlet); it is not shared.
@@ -23,6 +31,7 @@ greenlet); it is not shared.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
@@ -36,12 +45,16 @@ from app.providers.base import (Completion, Provider, ProviderError, ProviderUna
                                 not_configured)
 from app.providers.catalog import Deployment, ModelEntry
 from app.services.rate_limit_service import LimiterUnavailable, deployment_quota, key_limits, to_nano
+from app.services.cache_answers import AnswerBuilder, complete_answer, replay_body, replay_pieces
+from app.services.response_cache import CACHE_ERRORS, CacheAsk, Entry, Slot, decide, request_digest
 from app.services.router import Candidate, ContextTooLong, NoDeploymentAvailable, RequestSize
-from app.services.settlement_service import FOLD_BYTES, CompletionTrace, piece_bytes as _piece_bytes, usable_usage
+from app.services.settlement_service import (FOLD_BYTES, CompletionTrace, billed, piece_bytes as _piece_bytes,
+                                             usable_usage)
 from app.utils import client_connection
 from app.utils.streaming import with_heartbeat
 from app.utils.token_counter import IMAGE_TOKENS_HIGH, count_prompt, image_parts
 
+log = logging.getLogger("gateway.completion")
 Invoke = Callable[[Provider, Deployment], Any]
 Pieces = Iterator[Optional[StreamPiece]]
 
@@ -54,7 +67,8 @@ class CompletionRun:
     """One completion of one key (see the module docstring for its life)."""
 
     __slots__ = ("rt", "trace", "models", "_pinned", "_settlement", "_attempted", "_pieces",
-                 "_upstream", "_answered", "_closing_outcome", "_candidate")
+                 "_upstream", "_answered", "_closing_outcome", "_candidate", "_hit", "_slot", "_answer",
+                 "_builder")
 
     def __init__(self, rt: Any, trace: CompletionTrace, models: list[ModelEntry],
                  pinned: Deployment | None = None) -> None:
@@ -69,6 +83,10 @@ class CompletionRun:
         self._answered = False
         self._closing_outcome = _DISCONNECTED
         self._candidate: Candidate | None = None
+        self._hit: Entry | None = None              # the cached answer this run replays
+        self._slot: Slot | None = None              # where this run's answer is to be cached
+        self._answer: Completion | None = None      # the whole answer to cache (not streamed)
+        self._builder: AnswerBuilder | None = None  # the streamed answer to cache, assembled
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -77,7 +95,7 @@ class CompletionRun:
               request_id: str | None = None, body_bytes: int | None = None,
               deployment: Deployment | None = None, hold_slot: bool = True,
               prompt_tokens: int | None = None, output_tokens: int | None = None,
-              flat_cost: Decimal | None = None) -> "CompletionRun":
+              flat_cost: Decimal | None = None, cache: CacheAsk | None = None) -> "CompletionRun":
         """Resolve `body["model"]`, check the key may use it and that the request fits a model,
         and reserve the key's limits. Raises APIError (nothing is held then).
 
@@ -92,7 +110,10 @@ class CompletionRun:
         token price: images' per-image price; the caller may change `run.trace.flat_cost`
         once it knows what was produced; billed only when the run ends ok). The model's
         `kind` must be the endpoint's (embedding for "embeddings", image for "images", chat
-        for the others): else 400."""
+        for the others): else 400.
+
+        `cache`: what the request asked of the response cache (only for callers that answer
+        with the canonical chat answer and call no `invoke`); looked up before admission."""
         alias = body["model"]
         router = rt.router
         entry = rt.providers.catalog.get(alias)
@@ -127,12 +148,42 @@ class CompletionRun:
         trace.prompt_estimate = prompt if prompt_tokens is None else prompt_tokens
         trace.output_estimate, trace.flat_cost = output_tokens, flat_cost
         run = cls(rt, trace, models, deployment)
+        if cache is not None and deployment is None:
+            run._consult_cache(cache, alias)
         run._admit(hold_slot)
         return run
+
+    def _consult_cache(self, ask: CacheAsk, alias: str) -> None:
+        """Decide whether this request uses the response cache and look it up: a hit is kept
+        for `complete` / `stream`, a miss remembers where to store the answer. The cache
+        unreachable: the request goes on without it (logged)."""
+        rt, trace = self.rt, self.trace
+        settings = rt.settings
+        model = rt.providers.catalog.get(alias) or self.models[0]
+        use = decide(ask, trace.key.cache, model.cache, settings.RESPONSE_CACHE_DEFAULT, trace.request,
+                     settings.RESPONSE_CACHE_MAX_TEMPERATURE)
+        if use is None:
+            return
+        try:
+            slot, found = rt.response_cache.lookup(trace.key.tenant_id, alias, request_digest(trace.request),
+                                                   use.read)
+        except CACHE_ERRORS as exc:
+            log.warning("response cache unavailable (%s): request %s answered without it",
+                        type(exc).__name__, trace.request_id)
+            return
+        if found is not None:
+            trace.cache, trace.saved_cost = "hit", found.cost
+            trace.entry = rt.providers.catalog.get(found.model) or trace.entry
+            self._hit = found
+        else:
+            trace.cache = "miss"
+            self._slot = slot
 
     def _admit(self, hold_slot: bool) -> None:
         """Reserve every limit of the key in one round trip (nothing when the key has none)."""
         limits = key_limits(self.trace.key)
+        if self._hit is not None:  # a cached answer: requests/min and concurrency only
+            limits = replace(limits, tpm=0, daily_tokens=0, key_budget_nano=-1, tenant_budget_nano=-1)
         if not limits.any:
             return
         if not hold_slot and limits.max_concurrent:
@@ -184,11 +235,24 @@ class CompletionRun:
         """The whole answer. `invoke(provider, deployment)` replaces the provider call (native
         passthrough); it returns a Completion whose `usage` is OpenAI-shaped. Raises APIError
         (the run is settled then)."""
+        if self._hit is not None:
+            body = self._replayed_body()
+            self._answered = True
+            return Completion(body=body, usage=body.get("usage"))
         call = invoke or self._provider_complete
         completion = self._dispatch(call)
         self.trace.first_byte()
         self.trace.usage, self.trace.body = completion.usage, completion.body
         self._answered = True
+        if self._slot is not None:
+            # before the answer goes out: the client's next identical request finds it
+            self._answer = completion
+            try:
+                prompt, completion_tokens, _estimated, _details, cost = billed(self.trace)
+            except Exception:  # settlement will say it too; the client gets its answer
+                log.exception("cost of %s not worked out: its answer is not cached", self.trace.request_id)
+            else:
+                self._store(cost, prompt, completion_tokens)
         return completion
 
     def stream(self, invoke: Invoke | None = None) -> Pieces:
@@ -196,6 +260,11 @@ class CompletionRun:
         Waits for the first piece, so that a failure before it still falls back or raises
         APIError (settled). After it, an upstream failure is raised from the iterator as
         ProviderError. The run settles when the iterator ends, raises or is closed."""
+        if self._hit is not None:
+            self._pieces = self._replay(replay_pieces(self._replayed_body()))
+            return self._pieces
+        if self._slot is not None:
+            self._builder = AnswerBuilder(self.rt.settings.RESPONSE_CACHE_MAX_ENTRY_BYTES)
         call = invoke or self._provider_stream
 
         def open_stream(provider: Provider, deployment: Deployment) -> tuple[Any, StreamPiece]:
@@ -217,6 +286,8 @@ class CompletionRun:
         if adm is not None:
             for name, value in adm.headers.items():
                 response.headers[name] = value
+        if self.trace.cache is not None:
+            response.headers[CACHE_HEADER] = self.trace.cache
         if self._pieces is not None:
             response.headers["Cache-Control"] = "no-cache"
             response.headers["X-Accel-Buffering"] = "no"
@@ -342,6 +413,54 @@ class CompletionRun:
             self.rt.limiter.deployment_settle(trace.quota, trace.quota_tokens)
         trace.quota, trace.quota_tokens = None, 0
 
+    # -- the response cache ------------------------------------------------------------------------
+
+    def _replayed_body(self) -> dict[str, Any]:
+        """The cached answer as a new chat.completion (the run's answer from now on)."""
+        assert self._hit is not None
+        body = replay_body(self._hit, int(self.rt.clock.now().timestamp()))
+        self.trace.first_byte()
+        self.trace.body = body
+        return body
+
+    def _replay(self, pieces: Iterator[Optional[StreamPiece]]) -> Generator[Optional[StreamPiece], None, None]:
+        """A cached answer's chunks; settles like an upstream stream (`_iterate`)."""
+        outcome = _DISCONNECTED
+        try:
+            yield from pieces
+            outcome = _OK
+        except GeneratorExit:
+            outcome = self._closing_outcome
+            raise
+        except Exception:
+            outcome = _INTERNAL
+            raise
+        finally:
+            self._finish(*outcome)
+
+    def _store(self, cost: Decimal, prompt: int, completion: int) -> None:
+        """After a run that ended ok: its answer into the cache when it is complete and not
+        larger than RESPONSE_CACHE_MAX_ENTRY_BYTES. Never raises (the client has its answer)."""
+        slot, settings = self._slot, self.rt.settings
+        assert slot is not None
+        try:
+            if self._builder is not None:
+                body = self._builder.answer({"prompt_tokens": prompt, "completion_tokens": completion,
+                                             "total_tokens": prompt + completion})
+            elif self._answer is not None:
+                answer = self._answer
+                body = answer.body if answer.body is not None else json.loads(answer.raw or b"null")
+                body = body if complete_answer(body) else None
+            else:
+                return
+            if body is None:
+                return
+            raw = Entry(body, cost, self.trace.entry.alias).encode()
+            if len(raw) <= settings.RESPONSE_CACHE_MAX_ENTRY_BYTES:
+                self.rt.response_cache.store(slot, raw)
+        except CACHE_ERRORS as exc:
+            log.warning("answer of %s not cached (%s)", self.trace.request_id, type(exc).__name__)
+
     # -- streaming ---------------------------------------------------------------------------------
 
     def _iterate(self, upstream: Any, first: StreamPiece) -> Generator[Optional[StreamPiece], None, None]:
@@ -354,9 +473,12 @@ class CompletionRun:
         try:
             trace.first_byte()
             piece: Optional[StreamPiece] = first
+            builder = self._builder
             while True:
                 if piece is not None:
                     trace.add_piece(piece)
+                    if builder is not None:
+                        builder.feed(piece)
                 yield piece
                 try:
                     piece = next(source)
@@ -441,8 +563,14 @@ class CompletionRun:
         trace = self.trace
         if status != "ok":
             trace.status, trace.error_type = status, error_type
-        settlement.settle(trace, record=self._attempted)
+        event = settlement.settle(trace, record=self._attempted or self._hit is not None)
+        if status == "ok" and self._builder is not None and event is not None:
+            # a stream: stored before its end ([DONE]) reaches the client
+            self._store(event.cost_usd, event.prompt_tokens, event.completion_tokens)
 
+
+# The response header that says whether the response cache answered (hit) or not (miss).
+CACHE_HEADER = "X-Gateway-Cache"
 
 # The model kind each endpoint calls (models.json `kind`); every other endpoint calls chat models.
 ENDPOINT_KINDS = {"embeddings": "embedding", "images": "image"}

@@ -61,7 +61,7 @@ def _matching(q: RequestQuery, sqlite: bool, tenant_id: Any = None) -> Any:
     r = UsageRecord
     columns = [r.request_id, r.created_at, r.api_key_id, r.tenant_id, r.model, r.endpoint, r.provider, r.status,
                r.error_type, r.streamed, r.prompt_tokens, r.completion_tokens, r.total_tokens, r.cost_usd,
-               r.latency_ms, r.ttft_ms]
+               r.latency_ms, r.ttft_ms, r.cached, r.saved_cost_usd]
     stmt = select(*columns).order_by(r.created_at.desc(), r.request_id.desc()).limit(q.limit + 1)
     for column, value in ((r.api_key_id, q.api_key_id), (r.tenant_id, q.tenant_id if tenant_id is None else tenant_id),
                           (r.model, q.model), (r.endpoint, q.endpoint), (r.status, q.status),
@@ -120,7 +120,8 @@ def _row(row: Any) -> dict[str, Any]:
         "status": row.status, "error_type": row.error_type, "streamed": row.streamed,
         "prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens,
         "total_tokens": row.total_tokens, "cost_usd": format_money(row.cost_usd),
-        "latency_ms": row.latency_ms, "ttft_ms": row.ttft_ms,
+        "latency_ms": row.latency_ms, "ttft_ms": row.ttft_ms, "cache_hit": bool(row.cached),
+        "saved_cost_usd": format_money(row.saved_cost_usd) if row.saved_cost_usd is not None else None,
         "api_key_id": row.api_key_id, "api_key_name": row.api_key_name,
         "tenant_id": row.tenant_id, "tenant_name": row.tenant_name,
     }

@@ -171,6 +171,16 @@ def flat_cost(trace: CompletionTrace) -> Decimal:
     return trace.flat_cost if trace.flat_cost is not None and trace.status == "ok" else Decimal(0)
 
 
+def billed(trace: CompletionTrace) -> tuple[int, int, bool, tuple[int | None, int | None, int | None], Decimal]:
+    """(prompt, completion, estimated, (cached, cache-write, reasoning) tokens, cost) of a run
+    that called a provider: what its usage row says."""
+    prompt, completion, estimated = usage_figures(trace)
+    details = usage_details(trace.usage) if not estimated else (None, None, None)
+    cost = trace.entry.pricing.cost(prompt, completion, cached_tokens=details[0] or 0,
+                                    cache_write_tokens=details[1] or 0) + flat_cost(trace)
+    return prompt, completion, estimated, details, cost
+
+
 class Settlement:
     def __init__(self, writer: UsageBatcher, engine: Engine, last_used: LastUsedTracker,
                  limiter: RateLimitService) -> None:
@@ -180,8 +190,15 @@ class Settlement:
         self.limiter = limiter
 
     def event(self, trace: CompletionTrace) -> UsageEvent:
-        prompt, completion, estimated = usage_figures(trace)
-        cached, cache_write, reasoning = usage_details(trace.usage) if not estimated else (None, None, None)
+        """The usage row of the run. A response cache hit used no tokens and costs nothing: its
+        row has zeros, `cached` true and the cost the answer had when it was made."""
+        hit = trace.cache == "hit"
+        if hit:
+            prompt, completion, estimated = 0, 0, False
+            cached, cache_write, reasoning = None, None, None
+            cost = Decimal(0)
+        else:
+            prompt, completion, estimated, (cached, cache_write, reasoning), cost = billed(trace)
         now = time.perf_counter()
         return UsageEvent(
             request_id=trace.request_id, tenant_id=trace.key.tenant_id, api_key_id=trace.key.id,
@@ -189,17 +206,17 @@ class Settlement:
             provider=trace.deployment.provider if trace.deployment else None,
             upstream_model=trace.deployment.model if trace.deployment else None,
             prompt_tokens=prompt, completion_tokens=completion,
-            cost_usd=trace.entry.pricing.cost(prompt, completion, cached_tokens=cached or 0,
-                                              cache_write_tokens=cache_write or 0) + flat_cost(trace),
-            status=trace.status, error_type=trace.error_type, streamed=trace.streamed,
+            cost_usd=cost, status=trace.status, error_type=trace.error_type, streamed=trace.streamed,
+            cached=hit, saved_cost_usd=trace.saved_cost if hit else None,
             latency_ms=int((now - trace.started) * 1000),
             ttft_ms=int((trace.first_byte_at - trace.started) * 1000) if trace.first_byte_at else None,
             created_at=trace.created_at, endpoint=trace.endpoint, cached_tokens=cached,
             cache_write_tokens=cache_write, reasoning_tokens=reasoning, usage_estimated=estimated,
         )
 
-    def settle(self, trace: CompletionTrace, record: bool = True) -> None:
-        """Release the reservation with the actual usage and record the completion.
+    def settle(self, trace: CompletionTrace, record: bool = True) -> UsageEvent | None:
+        """Release the reservation with the actual usage and record the completion; returns
+        the usage event (None when it could not be worked out).
         Never raises: it runs where nobody could handle an error. `record=False` only
         releases (the request never reached a provider). Its one caller, the completion run,
         calls it once per completion."""
@@ -219,6 +236,7 @@ class Settlement:
             log.exception("usage record %s could not be settled", trace.request_id)
         if record:
             self._touch(trace.key.id)
+        return event
 
     def _release(self, trace: CompletionTrace, tokens: int, cost_nano: int) -> None:
         if trace.admission is not None:

@@ -14,7 +14,7 @@ from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Date, cast, func, literal, select, union_all
+from sqlalchemy import Date, case, cast, func, literal, select, union_all
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
@@ -58,6 +58,7 @@ class UsageEvent:
     cache_write_tokens: int | None = None    # prompt tokens written to it (Anthropic)
     reasoning_tokens: int | None = None      # completion tokens spent reasoning
     usage_estimated: bool = False            # tokens counted by the gateway (no usable provider usage)
+    saved_cost_usd: Decimal | None = None    # a response cache hit (`cached`): what the answer cost when made
 
     def row(self) -> dict[str, Any]:
         return {
@@ -69,15 +70,15 @@ class UsageEvent:
             "cached": self.cached, "latency_ms": self.latency_ms, "ttft_ms": self.ttft_ms,
             "created_at": self.created_at, "endpoint": self.endpoint, "cached_tokens": self.cached_tokens,
             "cache_write_tokens": self.cache_write_tokens, "reasoning_tokens": self.reasoning_tokens,
-            "usage_estimated": self.usage_estimated,
+            "usage_estimated": self.usage_estimated, "saved_cost_usd": self.saved_cost_usd,
         }
 
     def to_json(self) -> bytes:
         """One outbox line (no newline inside). Version 2 added `endpoint` and the token
-        details, version 3 `usage_estimated`; `from_json` reads older lines with their defaults."""
+        details, version 3 `usage_estimated`, version 4 `saved_cost_usd`; `from_json` reads older lines with their defaults."""
         created = self.created_at if self.created_at.tzinfo else self.created_at.replace(tzinfo=timezone.utc)
         return json.dumps({
-            "v": 3, "request_id": self.request_id, "tenant_id": self.tenant_id,
+            "v": 4, "request_id": self.request_id, "tenant_id": self.tenant_id,
             "api_key_id": self.api_key_id, "model": self.model, "provider": self.provider,
             "upstream_model": self.upstream_model, "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens, "cost_usd": str(self.cost_usd),
@@ -87,6 +88,7 @@ class UsageEvent:
             "endpoint": self.endpoint, "cached_tokens": self.cached_tokens,
             "cache_write_tokens": self.cache_write_tokens, "reasoning_tokens": self.reasoning_tokens,
             "usage_estimated": self.usage_estimated,
+            "saved_cost_usd": str(self.saved_cost_usd) if self.saved_cost_usd is not None else None,
         }, separators=(",", ":")).encode()
 
     @classmethod
@@ -95,6 +97,8 @@ class UsageEvent:
         data.pop("v", None)
         data["cost_usd"] = Decimal(data["cost_usd"])
         data["created_at"] = datetime.fromisoformat(data["created_at"])
+        if data.get("saved_cost_usd") is not None:
+            data["saved_cost_usd"] = Decimal(data["saved_cost_usd"])
         return cls(**data)
 
 
@@ -107,8 +111,8 @@ _COLUMNS = [("request_id", "varchar"), ("tenant_id", "bigint"), ("api_key_id", "
             ("streamed", "boolean"), ("cached", "boolean"), ("latency_ms", "integer"),
             ("ttft_ms", "integer"), ("created_at", "timestamptz"), ("endpoint", "text"),
             ("cached_tokens", "integer"), ("cache_write_tokens", "integer"), ("reasoning_tokens", "integer"),
-            ("usage_estimated", "boolean")]
-_SUMS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd")
+            ("usage_estimated", "boolean"), ("saved_cost_usd", "numeric")]
+_SUMS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd", "cache_hits", "saved_cost_usd")
 
 # One statement, one round trip, fixed text (psycopg prepares it once): insert the batch as
 # arrays, skip rows already stored, and add to the daily rollup exactly the rows that were
@@ -120,19 +124,22 @@ WITH ins AS (
   SELECT * FROM unnest({", ".join(f"%({c})s::{t}[]" for c, t in _COLUMNS)})
   ON CONFLICT (request_id, created_at) DO NOTHING
   RETURNING created_at, tenant_id, api_key_id, model, endpoint, prompt_tokens, completion_tokens,
-            total_tokens, cost_usd
+            total_tokens, cost_usd, cached, saved_cost_usd
 ), up AS (
 INSERT INTO usage_daily AS d (day, tenant_id, api_key_id, model, endpoint, requests, prompt_tokens,
-                              completion_tokens, total_tokens, cost_usd)
+                              completion_tokens, total_tokens, cost_usd, cache_hits, saved_cost_usd)
 SELECT (created_at AT TIME ZONE 'UTC')::date, tenant_id, api_key_id, model, endpoint, count(*),
-       sum(prompt_tokens), sum(completion_tokens), sum(total_tokens), sum(cost_usd)
+       sum(prompt_tokens), sum(completion_tokens), sum(total_tokens), sum(cost_usd),
+       count(*) FILTER (WHERE cached), coalesce(sum(saved_cost_usd), 0)
 FROM ins GROUP BY 1, 2, 3, 4, 5 ORDER BY 3, 1, 4, 2, 5
 ON CONFLICT (api_key_id, day, model, tenant_id, endpoint) DO UPDATE SET
   requests = d.requests + EXCLUDED.requests,
   prompt_tokens = d.prompt_tokens + EXCLUDED.prompt_tokens,
   completion_tokens = d.completion_tokens + EXCLUDED.completion_tokens,
   total_tokens = d.total_tokens + EXCLUDED.total_tokens,
-  cost_usd = d.cost_usd + EXCLUDED.cost_usd
+  cost_usd = d.cost_usd + EXCLUDED.cost_usd,
+  cache_hits = d.cache_hits + EXCLUDED.cache_hits,
+  saved_cost_usd = d.saved_cost_usd + EXCLUDED.saved_cost_usd
 )
 SELECT count(*) AS new_rows FROM ins
 """
@@ -187,9 +194,10 @@ class UsageWriter:
                     continue
                 day = e.created_at.astimezone(timezone.utc).date() if e.created_at.tzinfo else e.created_at.date()
                 sums = groups.setdefault((day, e.tenant_id, e.api_key_id, e.model, e.endpoint),
-                                         [0, 0, 0, 0, Decimal(0)])
+                                         [0, 0, 0, 0, Decimal(0), 0, Decimal(0)])
                 for i, v in enumerate((1, e.prompt_tokens, e.completion_tokens,
-                                       e.prompt_tokens + e.completion_tokens, e.cost_usd)):
+                                       e.prompt_tokens + e.completion_tokens, e.cost_usd,
+                                       int(e.cached), e.saved_cost_usd or Decimal(0))):
                     sums[i] += v
             for (day, tenant, key, model, endpoint), sums in sorted(groups.items()):
                 values = dict(zip(_SUMS, sums))
@@ -267,7 +275,10 @@ def _aggregates(table: Any, rows: Any) -> list[Any]:
             func.coalesce(func.sum(table.prompt_tokens), 0).label("prompt_tokens"),
             func.coalesce(func.sum(table.completion_tokens), 0).label("completion_tokens"),
             func.coalesce(func.sum(table.total_tokens), 0).label("total_tokens"),
-            func.coalesce(func.sum(table.cost_usd), 0).label("cost_usd")]
+            func.coalesce(func.sum(table.cost_usd), 0).label("cost_usd"),
+            (func.coalesce(func.sum(table.cache_hits), 0) if table is UsageDaily else
+             func.coalesce(func.sum(case((table.cached, 1), else_=0)), 0)).label("cache_hits"),
+            func.coalesce(func.sum(table.saved_cost_usd), 0).label("saved_cost_usd")]
 
 
 def _filters(table: Any, q: UsageQuery) -> list[Any]:
@@ -299,7 +310,7 @@ def _grouped_sums(conn: Connection, q: UsageQuery) -> dict[Any, list]:
             UsageRecord.created_at >= _db_time(engine, lo), UsageRecord.created_at < _db_time(engine, hi),
             *_filters(UsageRecord, q))
         parts.append(stmt.group_by(raw_group) if q.group_by else stmt)
-    sums: dict[Any, list] = defaultdict(lambda: [0, 0, 0, 0, Decimal(0)])
+    sums: dict[Any, list] = defaultdict(lambda: [0, 0, 0, 0, Decimal(0), 0, Decimal(0)])
     for row in conn.execute(union_all(*parts) if len(parts) > 1 else parts[0]):
         if not row.requests:
             continue
@@ -309,18 +320,21 @@ def _grouped_sums(conn: Connection, q: UsageQuery) -> dict[Any, list]:
         acc[2] += int(row.completion_tokens)
         acc[3] += int(row.total_tokens)
         acc[4] += Decimal(row.cost_usd or 0)
+        acc[5] += int(row.cache_hits or 0)
+        acc[6] += Decimal(row.saved_cost_usd or 0)
     return sums
 
 
 def _totals(sums: list) -> dict[str, Any]:
     return {"requests": sums[0], "prompt_tokens": sums[1], "completion_tokens": sums[2],
-            "total_tokens": sums[3], "cost_usd": format_money(sums[4])}
+            "total_tokens": sums[3], "cost_usd": format_money(sums[4]),
+            "cache_hits": sums[5], "saved_cost_usd": format_money(sums[6])}
 
 
 def query_usage(engine: Engine, q: UsageQuery) -> dict[str, Any]:
     with engine.connect() as conn:
         groups = _grouped_sums(conn, q)
-    total = [0, 0, 0, 0, Decimal(0)]
+    total = [0, 0, 0, 0, Decimal(0), 0, Decimal(0)]
     for sums in groups.values():
         total = [a + b for a, b in zip(total, sums)]
     data: list[dict[str, Any]] = []
