@@ -49,7 +49,6 @@ MP_DIR = tempfile.mkdtemp(prefix="gw-metrics-bench-")
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = MP_DIR
 LOG_DIRS: list[Path] = []
 
-from app.providers.catalog import Deployment  # noqa: E402
 from app.services.api_key_service import KeyInfo  # noqa: E402
 from app.services.metrics import GatewayMetrics  # noqa: E402
 from app.services.request_lines import JsonFormatter, RequestLog  # noqa: E402
@@ -90,9 +89,8 @@ def _trace_and_event(entry) -> tuple[CompletionTrace, UsageEvent]:
 
 
 def observation_alone(iterations: int, rounds: int) -> None:
-    from app.providers.catalog import ModelEntry
     log_path = _log_to_file()
-    entry = _bench_entry(ModelEntry)
+    entry = _bench_entry()
     metrics = GatewayMetrics(enabled=True)
     lines = RequestLog(enabled=True, json_format=True)
     trace, event = _trace_and_event(entry)
@@ -138,7 +136,7 @@ def observation_alone(iterations: int, rounds: int) -> None:
           f"{sum(p.stat().st_size for p in Path(MP_DIR).glob('*.db')) // 1024} KiB")
 
 
-def _bench_entry(model_entry_cls):
+def _bench_entry():
     from app.providers.catalog import load_catalog
     path = Path(tempfile.mkdtemp()) / "models.json"
     path.write_text(json.dumps(_models("http://127.0.0.1:9/v1")))

@@ -15,13 +15,14 @@ def test_label_values_are_bounded_in_number():
 
 
 def test_unsafe_or_long_label_values_are_invalid():
-    """A value with spaces, quotes, newlines, braces or non-ASCII text, or longer than
+    """A value with quotes, newlines, tabs, braces, commas or non-ASCII text, or longer than
     MAX_LABEL_LENGTH, is "invalid" (and takes no place among the distinct values)."""
-    bound = LabelBound(limit=2)
-    for bad in ("with space", 'quo"te', "new\nline", "br{ace}", "\u00e9t\u00e9", "x" * (MAX_LABEL_LENGTH + 1)):
+    bound = LabelBound(limit=3)
+    for bad in ("tab\there", "a,b", 'quo"te', "new\nline", "br{ace}", "\u00e9t\u00e9", "x" * (MAX_LABEL_LENGTH + 1)):
         assert bound(bad) == "invalid"
     assert bound("openai/gpt-4o-mini") == "openai/gpt-4o-mini"
     assert bound("demo-model_v1.2:latest") == "demo-model_v1.2:latest"
+    assert bound("gpt4all/Llama 3 8B Instruct") == "gpt4all/Llama 3 8B Instruct"
     assert bound(None) == "" and bound("") == ""
 
 

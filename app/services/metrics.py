@@ -21,7 +21,9 @@ only adds to a per-process dict of pending amounts (a dict update, not a locked 
 multiprocess file per value); `flush()` moves them into prometheus_client's values, every
 FLUSH_S by the ticker, before this process's figures are read, and when the runtime closes.
 A worker killed with SIGKILL loses at most its last FLUSH_S of counts (as it loses the usage
-rows still in its memory). Label values are bounded (`LabelBound`): only names from the code or
+rows still in its memory). The pending amounts are keyed by prometheus_client's value objects
+(`_value` of a counter child, `_sum` / `_buckets` / `_upper_bounds` of a histogram child) of
+the pinned version (requirements.txt); Testing/services/test_metrics.py checks what they give. Label values are bounded (`LabelBound`): only names from the code or
 the catalogue, never client input, never a key's secret, tenants and keys by numeric id only
 when a setting asks for it.
 """
@@ -33,7 +35,6 @@ import re
 import threading
 import time
 from bisect import bisect_left
-from decimal import Decimal
 from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -59,7 +60,7 @@ MAX_LABEL_LENGTH = 100
 FLUSH_S = 1.0                  # pending amounts reach the (multiprocess) values at least this often
 TICK_S = 5.0                   # the ticker: gauges of this worker, key-cache counts, history
 HISTORY_S = 3600.0             # /api/metrics rates look back this far at most
-_SAFE = re.compile(r"^[A-Za-z0-9_.:/@+\-]+$")
+_SAFE = re.compile(r"^[A-Za-z0-9_.:/@+ \-]+$")
 
 
 def multiprocess_dir() -> str | None:
@@ -69,8 +70,8 @@ def multiprocess_dir() -> str | None:
 
 class LabelBound:
     """One label's values, bounded: a value longer than MAX_LABEL_LENGTH or with characters
-    outside [A-Za-z0-9_.:/@+-] is "invalid"; past `limit` distinct values, new ones are
-    "other". Values come from the code or the catalogue; this is the safety net that keeps a
+    outside [A-Za-z0-9_.:/@+ -] (a catalogue's upstream model ids may hold spaces) is
+    "invalid"; past `limit` distinct values, new ones are "other". Values come from the code or the catalogue; this is the safety net that keeps a
     mistake (or a catalogue of thousands of aliases) from exploding the series count."""
 
     __slots__ = ("limit", "seen")
@@ -131,7 +132,8 @@ class GatewayMetrics:
                                   buckets=DURATION_BUCKETS, registry=reg)
         self.ttft = Histogram("gen_ai_server_time_to_first_token_seconds",
                               "Streamed answers: time from the request's arrival to the first piece "
-                              "(OpenTelemetry gen_ai.server.time_to_first_token)", gen_ai, buckets=TTFT_BUCKETS, registry=reg)
+                              "(OpenTelemetry gen_ai.server.time_to_first_token)", gen_ai, buckets=TTFT_BUCKETS,
+                              registry=reg)
         self.token_usage = Histogram("gen_ai_client_token_usage", "Tokens per completion, input and output "
                                      "(OpenTelemetry gen_ai.client.token.usage)", gen_ai + ["gen_ai_token_type"],
                                      buckets=TOKEN_BUCKETS, registry=reg)
@@ -398,10 +400,6 @@ class ScrapeCollector:
         from app.services.metrics_summary import started_at
         yield GaugeMetricFamily("gateway_metrics_start_time_seconds", "When this gateway instance's figures "
                                 "started (unix time; its counters count from then)", value=started_at(self.metrics))
-
-
-def as_float(value: Decimal | int | float | None) -> float:
-    return float(value) if value is not None else 0.0
 
 
 def _histogram(child: Any) -> tuple:

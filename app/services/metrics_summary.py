@@ -164,10 +164,12 @@ def summary(metrics: Any, extra: dict[str, Any] | None = None, now: float | None
     started = started_at(metrics)
     return {
         "object": "metrics.summary",
-        "source": "prometheus multiprocess registry (all workers)" if metrics.mp_dir else "prometheus registry (this process)",
+        "source": ("prometheus multiprocess registry (all workers)" if metrics.mp_dir
+                   else "prometheus registry (this process)"),
         "since": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "totals": {**_figures(current["all"]), "refusals": {k: int(v) for k, v in sorted(current["refusals"].items())},
-                   "cache": {"hits": int(current["cache"].get("hit", 0)), "misses": int(current["cache"].get("miss", 0)),
+                   "cache": {"hits": int(current["cache"].get("hit", 0)),
+                             "misses": int(current["cache"].get("miss", 0)),
                              "saved_usd": _money(current["cache"]["saved_usd"])}},
         **rates(lambda sample: sample["all"]),
         "models": per("models"),

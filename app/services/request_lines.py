@@ -96,7 +96,8 @@ class RequestLog:
         log.handle(record)
 
 
-_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode  # built once: json.dumps(**kw) builds one per call
+# Built once: json.dumps with arguments builds an encoder per call.
+_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
 class JsonFormatter(logging.Formatter):
