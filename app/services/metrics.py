@@ -64,8 +64,16 @@ _SAFE = re.compile(r"^[A-Za-z0-9_.:/@+ \-]+$")
 
 
 def multiprocess_dir() -> str | None:
-    """The multiprocess directory prometheus_client writes to, when there is one."""
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir") or None
+    """The multiprocess directory prometheus_client writes to, when it is in that mode. It
+    chose its mode when first imported (by this module): a PROMETHEUS_MULTIPROC_DIR set later
+    (from .env by run.py) does not count, the values being in this process's memory."""
+    from prometheus_client import values
+    if values.ValueClass.__name__ != "MmapedValue":
+        return None
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir") or None
+    if path:
+        os.makedirs(path, exist_ok=True)
+    return path
 
 
 class LabelBound:
