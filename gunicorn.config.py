@@ -70,7 +70,39 @@ else:
     control_socket_disable = True
 
 
+# Metrics (docs/metrics.md): prometheus_client's multiprocess mode. Each worker writes its
+# figures to files of PROMETHEUS_MULTIPROC_DIR; any worker's /metrics sums them all. The master
+# empties the directory when it starts (figures of a previous run are not this run's), or makes
+# a private temporary one when none is given; a dead worker's live gauges are dropped
+# (`mark_process_dead`), its counters kept (they were counted). The variable is set before any
+# worker starts: prometheus_client chooses its mode when a worker first imports it.
+METRICS_ENABLED = _env("METRICS_ENABLED", "1").strip().lower() in ("1", "true", "yes", "on")
+METRICS_STARTED_FILE = "gateway-started"  # read by app/services/metrics_summary.py
+_metrics_tempdir = None
+
+
+def _prepare_metrics_dir(server):
+    global _metrics_tempdir
+    import tempfile
+    import time
+
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip()
+    if path:
+        os.makedirs(path, exist_ok=True)
+        for name in os.listdir(path):
+            if name.endswith(".db") or name == METRICS_STARTED_FILE:
+                os.remove(os.path.join(path, name))
+    else:
+        path = _metrics_tempdir = tempfile.mkdtemp(prefix="gateway-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    with open(os.path.join(path, METRICS_STARTED_FILE), "w") as f:
+        f.write(f"{time.time():.3f}\n")
+    server.log.info("metrics: multiprocess directory %s", path)
+
+
 def on_starting(server):
+    if METRICS_ENABLED:
+        _prepare_metrics_dir(server)
     if EMBEDDED_LIMITER_ONE_WORKER:
         server.log.warning("REDIS_URL is not set: the rate limiter is embedded in each worker's memory, "
                            "so %d workers would each admit every key's full limits; starting 1 worker "
@@ -99,6 +131,23 @@ def worker_exit(server, worker):
     runtime = _runtime(worker)
     if runtime is not None:
         runtime.close(timeout=float(_env("GRACEFUL_TIMEOUT", "30")))
+
+
+def child_exit(server, worker):
+    """A worker is gone (exited, killed, replaced): its live gauges (rows queued, write lag) no
+    longer count; its counters and histograms stay in the sums."""
+    if METRICS_ENABLED and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    """The temporary metrics directory the master made goes with it."""
+    if _metrics_tempdir:
+        import shutil
+
+        shutil.rmtree(_metrics_tempdir, ignore_errors=True)
 
 
 def when_ready(server):

@@ -17,7 +17,8 @@ from Testing.test_documentation import env_example_names, provider_variables
 
 # What the compose file itself sets in the gateway containers (the addresses of its services and
 # the paths inside the image); everything else comes from .env through env_file.
-COMPOSE_OWNED = {"DATABASE_URL", "REDIS_URL", "SYSTEM_SECRET", "MODELS_FILE", "USAGE_SPOOL_DIR", "HOST", "PORT"}
+COMPOSE_OWNED = {"DATABASE_URL", "REDIS_URL", "SYSTEM_SECRET", "MODELS_FILE", "USAGE_SPOOL_DIR", "HOST", "PORT",
+                 "PROMETHEUS_MULTIPROC_DIR"}
 APP_SERVICES = ("migrate", "gateway", "maintenance")   # run the gateway image with its settings
 
 
@@ -177,3 +178,12 @@ def test_shipped_nginx_config_passes_nginx_t():
     finally:
         nginx.stop()
     assert result.returncode == 0, result.stderr
+
+
+def test_each_replica_keeps_its_metrics_files_in_memory(services):
+    """The metrics' multiprocess directory of a replica is its own tmpfs: replicas never sum
+    each other's files (Prometheus scrapes each one, or nginx's one at a time), and the
+    gunicorn master empties it at start."""
+    gateway = services["gateway"]
+    assert gateway["environment"]["PROMETHEUS_MULTIPROC_DIR"] == "/tmp/gateway-metrics"
+    assert gateway["tmpfs"] == ["/tmp/gateway-metrics"]

@@ -6,6 +6,7 @@ from typing import Any, Mapping
 
 from flask import Flask, Response, current_app, g, request
 
+from app.api.common import assign_request_id
 from app.api.request_guard import RequestGuard
 from app.api.stream_deadline import with_send_deadline
 from app.config import Settings, load_dotenv_once
@@ -13,6 +14,7 @@ from app.errors import register_error_handlers
 from app.extensions import cors, db
 from app.runtime import Runtime, build_runtime
 from app.services import catalog_reload
+from app.services.request_lines import use_json_format
 from app.utils.clock import SYSTEM_CLOCK, Clock
 from app.utils.redaction import install_log_redaction
 
@@ -32,6 +34,8 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, clock: Clock 
             setattr(settings, name, value)
         settings.DATABASE_URL = Settings.from_env({"DATABASE_URL": settings.DATABASE_URL}).DATABASE_URL
     _configure_logging(settings.LOG_LEVEL)
+    if settings.LOG_FORMAT == "json":
+        use_json_format()
     install_log_redaction()
 
     app = Flask(__name__)
@@ -41,8 +45,9 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, clock: Clock 
         DEFAULT_SQLITE_PATH.parent.mkdir(parents=True, exist_ok=True)
     db.init_app(app)
     cors.init_app(app, origins=[o.strip() for o in settings.CORS_ORIGINS.split(",") if o.strip()],
-                  expose_headers=["X-Request-ID", "Retry-After", "x-ratelimit-limit-requests",
-                                  "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
+                  expose_headers=["X-Request-ID", "X-Gateway-Request-ID", "Retry-After",
+                                  "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
+                                  "x-ratelimit-reset-requests",
                                   "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens",
                                   "x-ratelimit-reset-tokens"])
 
@@ -59,6 +64,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, clock: Clock 
     app.register_blueprint(messages_api)
     app.register_blueprint(console)
     register_error_handlers(app)
+    app.before_request(_assign_request_id)
     app.after_request(_request_id_header)
     app.after_request(_stream_idle_deadline)
     # Client address, connections per address, the body read with a deadline, security headers.
@@ -67,11 +73,20 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, clock: Clock 
     return app
 
 
+def _assign_request_id() -> None:
+    assign_request_id()  # (a before_request function that returned a value would be the response)
+
+
 def _request_id_header(resp: Response) -> Response:
+    """The request's public id (the client's X-Request-ID when valid, else the gateway's),
+    and the gateway's own id of the usage row when the client named the request itself."""
     rid = g.get("request_id")
     if rid:
         resp.headers["X-Request-ID"] = rid
         resp.headers["request-id"] = rid  # the name Anthropic's SDKs read (`message._request_id`)
+    own = g.get("gateway_request_id")
+    if own:
+        resp.headers["X-Gateway-Request-ID"] = own
     return resp
 
 

@@ -163,6 +163,19 @@ class Settings:
     CONTENT_SECURITY_POLICY: str = ("default-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
                                     "form-action 'self'; object-src 'none'")
     REFERRER_POLICY: str = "no-referrer"
+    # Observability (docs/metrics.md). GET /metrics (Prometheus) and GET /api/metrics (JSON):
+    # 0 turns the figures off (nothing observed, both answer 404).
+    METRICS_ENABLED: bool = True
+    # Empty: anyone may read /metrics and /api/metrics. Set: `Authorization: Bearer <token>`
+    # (or the system secret in X-System-Secret) is required.
+    METRICS_TOKEN: str = ""
+    # Token and cost counters labelled by tenant id / by key id too (one series per tenant or key).
+    METRICS_TENANT_LABELS: bool = False
+    METRICS_KEY_LABELS: bool = False
+    # Log lines as text (a terminal) or one JSON object per line (log collectors).
+    LOG_FORMAT: str = "text"
+    # One log line per model request (completion, refusal) and per error answer, logger gateway.requests.
+    REQUEST_LOG: bool = True
     # Overrides of third-party internals (app/overrides.py, docs/overrides.md). Each is used only
     # when the installed library is the version it was written for; 0 switches it off.
     OVERRIDE_TIKTOKEN_LOADER: bool = True      # tiktoken encodings from data/tokenizers/
@@ -194,6 +207,8 @@ class Settings:
         if s.RESPONSE_CACHE_TTL_S <= 0 or s.RESPONSE_CACHE_MAX_ENTRY_BYTES < 0 or s.RESPONSE_CACHE_MEMORY_ENTRIES < 0:
             raise ValueError("RESPONSE_CACHE_TTL_S must be positive, RESPONSE_CACHE_MAX_ENTRY_BYTES and "
                              "RESPONSE_CACHE_MEMORY_ENTRIES not negative")
+        if s.LOG_FORMAT not in ("text", "json"):
+            raise ValueError(f"LOG_FORMAT must be 'text' or 'json', got {s.LOG_FORMAT!r}")
         if s.RATE_LIMIT_FAIL_MODE not in ("closed", "open"):
             raise ValueError(f"RATE_LIMIT_FAIL_MODE must be 'closed' or 'open', got {s.RATE_LIMIT_FAIL_MODE!r}")
         return s

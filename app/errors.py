@@ -11,12 +11,13 @@ import logging
 import math
 from typing import Any, Callable
 
-from flask import Blueprint, Flask, Response, current_app
+from flask import Blueprint, Flask, Response, current_app, g, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
 from app.providers.base import ProviderError
 from app.services.rate_limit_service import LimiterUnavailable
+from app.services.request_lines import route_endpoint
 from app.services.router import ContextTooLong, NoDeploymentAvailable
 from app.utils import db_errors
 
@@ -27,6 +28,12 @@ class APIError(Exception):
     status = 500
     type = "api_error"
     code: str | None = None
+    # For the metrics and the request log (app/services/metrics.py, request_lines.py): which
+    # limit, quota or breaker refused the request (None: not a refusal), the endpoint it was
+    # refused on, and whether a completion run already counted and logged it.
+    refusal: str | None = None
+    endpoint: str | None = None
+    observed: bool = False
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
                  status: int | None = None, headers: dict[str, str] | None = None) -> None:
@@ -177,8 +184,9 @@ def api_error_for(exc: BaseException, *, model: str | None = None) -> APIError |
     if isinstance(exc, ProviderError):
         return from_provider_error(exc)
     if isinstance(exc, LimiterUnavailable):
-        return ServiceUnavailable("Rate limits cannot be checked right now (the limiter's store is "
-                                  "unreachable); try again shortly.", code="rate_limiter_unavailable")
+        return _refused(ServiceUnavailable("Rate limits cannot be checked right now (the limiter's store is "
+                                           "unreachable); try again shortly.", code="rate_limiter_unavailable"),
+                        "limiter_unavailable")
     if isinstance(exc, NoDeploymentAvailable):
         return _no_deployment(exc, model)
     if isinstance(exc, ContextTooLong):
@@ -196,22 +204,29 @@ def api_error_for(exc: BaseException, *, model: str | None = None) -> APIError |
     return None
 
 
+def _refused(err: APIError, reason: str) -> APIError:
+    err.refusal = reason
+    return err
+
+
 def _no_deployment(exc: NoDeploymentAvailable, model: str | None) -> APIError:
     if exc.not_configured and not (exc.quota_full or exc.circuits_open):
-        return ServiceUnavailable(f"No deployment of '{model}' can be used: "
-                                  f"{'; '.join(exc.not_configured)}.", code="provider_not_configured")
+        return _refused(ServiceUnavailable(f"No deployment of '{model}' can be used: "
+                                           f"{'; '.join(exc.not_configured)}.", code="provider_not_configured"),
+                        "not_configured")
     if exc.quota_full:
         retry = str(max(1, math.ceil(exc.retry_in_s)))
         if exc.queued_for_s:
-            return RateLimited(f"Every deployment of '{model}' is at its provider quota and no slot came "
-                               f"within the {exc.queued_for_s:g}s queue timeout; retry in {retry}s.",
-                               code="rate_limit_exceeded", headers={"Retry-After": retry})
-        return RateLimited(f"Every deployment of '{model}' is at its provider quota; retry shortly.",
-                           code="rate_limit_exceeded", headers={"Retry-After": retry})
+            return _refused(RateLimited(f"Every deployment of '{model}' is at its provider quota and no slot "
+                                        f"came within the {exc.queued_for_s:g}s queue timeout; retry in {retry}s.",
+                                        code="rate_limit_exceeded", headers={"Retry-After": retry}),
+                            "provider_queue_timeout")
+        return _refused(RateLimited(f"Every deployment of '{model}' is at its provider quota; retry shortly.",
+                                    code="rate_limit_exceeded", headers={"Retry-After": retry}), "provider_quota")
     retry = max(1, math.ceil(exc.retry_in_s))
-    return ServiceUnavailable(f"Every deployment of '{model}' is failing (circuit open after repeated "
-                              f"upstream errors); retry in {retry}s.", code="deployments_unavailable",
-                              headers={"Retry-After": str(retry)})
+    return _refused(ServiceUnavailable(f"Every deployment of '{model}' is failing (circuit open after repeated "
+                                       f"upstream errors); retry in {retry}s.", code="deployments_unavailable",
+                                       headers={"Retry-After": str(retry)}), "circuit_open")
 
 
 _LIMIT_MESSAGES = {
@@ -228,17 +243,18 @@ def limit_error(reason: str, retry_after_ms: int, headers: dict[str, str], *, to
     values = dict(rpm=rpm, tpm=tpm, daily=daily, concurrent=concurrent, tokens=tokens)
     if reason in ("key_budget", "tenant_budget"):
         whose = "this API key" if reason == "key_budget" else "this key's tenant"
-        return InsufficientQuota(f"The monthly budget of {whose} is exhausted (or too small for this "
-                                 "request's reserved cost). Raise the budget or wait for next month.")
+        return _refused(InsufficientQuota(f"The monthly budget of {whose} is exhausted (or too small for this "
+                                          "request's reserved cost). Raise the budget or wait for next month."),
+                        reason)
     if reason in ("tpm_too_large", "daily_too_large"):
         limit = "tokens-per-minute" if reason == "tpm_too_large" else "daily token"
-        return InvalidRequest(f"This request reserves {tokens} tokens (prompt + max_tokens), more than "
-                              f"the key's {limit} limit of {tpm if reason == 'tpm_too_large' else daily}: "
-                              "it can never be admitted. Lower max_tokens or the prompt.",
-                              code="request_too_large_for_limit", param="max_tokens")
+        return _refused(InvalidRequest(f"This request reserves {tokens} tokens (prompt + max_tokens), more than "
+                                       f"the key's {limit} limit of {tpm if reason == 'tpm_too_large' else daily}: "
+                                       "it can never be admitted. Lower max_tokens or the prompt.",
+                                       code="request_too_large_for_limit", param="max_tokens"), reason)
     retry_s = max(1, -(-retry_after_ms // 1000))
-    return RateLimited(_LIMIT_MESSAGES[reason].format(**values) + f" Retry after {retry_s}s.",
-                       headers={**headers, "Retry-After": str(retry_s)})
+    return _refused(RateLimited(_LIMIT_MESSAGES[reason].format(**values) + f" Retry after {retry_s}s.",
+                                headers={**headers, "Retry-After": str(retry_s)}), reason)
 
 
 _HTTP_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error",
@@ -337,22 +353,38 @@ def register_error_handlers(target: Flask | Blueprint, envelope: Envelope = open
     to an APIError, encoded by `envelope`."""
     @target.errorhandler(APIError)
     def _api_error(err: APIError) -> Response:
-        return error_response(err, envelope)
+        return _answer(err, envelope)
 
     @target.errorhandler(ValidationError)
     def _validation(err: ValidationError) -> Response:
-        return error_response(validation_error(err), envelope)
+        return _answer(validation_error(err), envelope)
 
     @target.errorhandler(HTTPException)
     def _http(err: HTTPException) -> Response:
-        return error_response(http_error(err), envelope)
+        return _answer(http_error(err), envelope)
 
     @target.errorhandler(Exception)
     def _unexpected(err: Exception) -> Response:
         refusal = api_error_for(err)
         if refusal is not None:  # e.g. the database down under a controller
             log.error("request refused: %s (%s)", refusal.code, type(err).__name__)
-            return error_response(refusal, envelope)
+            return _answer(refusal, envelope)
         log.exception("unhandled error: %s", type(err).__name__)
-        return error_response(APIError("The gateway had an internal error. It has been logged.",
-                                       code="internal_error"), envelope)
+        return _answer(APIError("The gateway had an internal error. It has been logged.",
+                                code="internal_error"), envelope)
+
+
+def _answer(err: APIError, envelope: Envelope) -> Response:
+    """The error's response, after its one observation (the refusal path of the metrics and
+    the request log): counted when a limit refused it, logged unless a completion run did."""
+    if not err.observed:
+        err.observed = True
+        rt = current_app.extensions.get("gateway")
+        if rt is not None:
+            try:
+                rule = request.url_rule.rule if request.url_rule is not None else None
+                rt.observe_error(err, envelope(err)[0], endpoint=err.endpoint or route_endpoint(rule),
+                                 request_id=g.get("request_id"), key=g.get("api_key"))
+            except Exception:  # noqa: BLE001 - the answer goes out whatever happens here
+                log.exception("error answer not observed")
+    return error_response(err, envelope)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import redis
 from flask import current_app
@@ -40,11 +40,14 @@ from app.services.auth_throttle import AuthThrottle
 from app.services.circuit_breaker import BreakerConfig
 from app.services.database_check import missing_database
 from app.services.key_events import KeyEvents
-from app.services.provider_health import HealthBoard
-from app.services.rate_limit_service import LimiterUnavailable, LocalLimiter, RateLimitService, RedisLimiter
+from app.services.metrics import GatewayMetrics
+from app.services.provider_health import HealthBoard, merge_snapshots
+from app.services.rate_limit_service import (LimiterUnavailable, LocalLimiter, RateLimitService, RedisLimiter,
+                                             deployment_quota)
+from app.services.request_lines import RequestLog
 from app.services.response_cache import ResponseCache, build_cache
 from app.services.retry_policy import RetryPolicy
-from app.services.router import Router
+from app.services.router import Router, deployment_name
 from app.services.settlement_service import Settlement
 from app.services.uptime_service import UptimeChecker
 from app.services.usage_batcher import UsageBatcher, dedicated_engine
@@ -76,6 +79,8 @@ class Runtime:
     clock: Clock              # every time-dependent decision reads it (tests move it)
     auth_throttle: AuthThrottle   # failed key / system-secret attempts per client address
     response_cache: ResponseCache  # exact answers per tenant: Redis, else in this process
+    metrics: GatewayMetrics = field(default_factory=lambda: GatewayMetrics(enabled=False))
+    request_log: RequestLog = field(default_factory=lambda: RequestLog(enabled=False))
     overrides: dict[str, bool] = field(default_factory=dict)   # which guarded overrides are in use
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _state: str = field(default="built", init=False, repr=False)  # built -> started -> closed
@@ -97,7 +102,17 @@ class Runtime:
             self.limiter.start()         # the settlement sender
             self.key_events.start()      # the key-event listener (with Redis)
             self.health.start()          # the health publisher (with Redis)
+            self.metrics.start()         # the metrics ticker (this worker's gauges, history)
         return self
+
+    def observe_error(self, err: Any, http_status: int, *, endpoint: str, request_id: str | None,
+                      key: Any = None) -> None:
+        """An error answer no completion run observed (app/errors.py): a limit's refusal is
+        counted, and the request gets its log line."""
+        if err.refusal:
+            self.metrics.observe_refusal(endpoint, err.refusal)
+        self.request_log.error(request_id=request_id, endpoint=endpoint, http_status=http_status,
+                               code=err.code, refusal=err.refusal, key=key)
 
     def _check_database(self) -> None:
         """One clear error line when DATABASE_URL names a database the server does not have
@@ -119,6 +134,7 @@ class Runtime:
             self._state = "closed"
         self.key_events.stop()
         self.health.stop()
+        self.metrics.stop()
         settled = self.limiter.close(timeout=min(timeout, 5.0))
         stored = self.usage_batcher.close(timeout=timeout)
         self.providers.close()
@@ -157,9 +173,14 @@ def build_runtime(settings: Settings, engine: Engine | None = None, clock: Clock
         cooldown_s=settings.BREAKER_COOLDOWN_S),
         redis_client=redis_client, publish_interval_s=settings.HEALTH_PUBLISH_INTERVAL_S,
         clock=clock.monotonic)
-    return Runtime(
+    metrics = GatewayMetrics(enabled=settings.METRICS_ENABLED, tenant_labels=settings.METRICS_TENANT_LABELS,
+                             key_labels=settings.METRICS_KEY_LABELS)
+    request_log = RequestLog(enabled=settings.REQUEST_LOG, json_format=settings.LOG_FORMAT == "json")
+    observers = tuple(o for o, on in ((metrics.observe_run, metrics.enabled),
+                                      (request_log.run, request_log.enabled)) if on)
+    rt = Runtime(
         settings=settings, providers=providers, key_cache=key_cache, last_used=last_used,
-        usage_batcher=batcher, settlement=Settlement(batcher, engine, last_used, limiter),
+        usage_batcher=batcher, settlement=Settlement(batcher, engine, last_used, limiter, observers),
         limiter=limiter, engine=engine, redis=redis_client,
         key_events=KeyEvents(key_cache, settings.REDIS_URL, settings.KEY_EVENTS_CHANNEL,
                              publisher=redis_client),
@@ -176,8 +197,39 @@ def build_runtime(settings: Settings, engine: Engine | None = None, clock: Clock
                                    lambda: epoch_seconds(clock), redis_client),
         response_cache=build_cache(redis_client, settings.RESPONSE_CACHE_TTL_S,
                                    settings.RESPONSE_CACHE_MEMORY_ENTRIES, clock.monotonic),
+        metrics=metrics, request_log=request_log,
         overrides={overrides.REDIS_POOL_BYPASS.name: pool_bypass,
                    overrides.TIKTOKEN_LOADER.name: settings.OVERRIDE_TIKTOKEN_LOADER})
+    wire_metric_sources(rt)
+    return rt
+
+
+def wire_metric_sources(rt: Runtime) -> None:
+    """What the metrics read off the request path: this worker's usage writer and key cache,
+    the outbox, and each deployment's circuit (worst over the workers) and provider queue."""
+    m = rt.metrics
+    m.sources["usage_batcher"] = lambda: rt.usage_batcher
+    m.sources["key_cache"] = lambda: rt.key_cache
+    m.sources["outbox"] = rt.usage_batcher.outbox_depth
+    m.sources["deployments"] = lambda: deployment_states(rt)
+
+
+def deployment_states(rt: Runtime) -> list[tuple[str, str, Any]]:
+    """(deployment name, worst circuit state over the workers, provider queue stats or None)
+    for every deployment of the catalogue, once each."""
+    interval = rt.settings.HEALTH_PUBLISH_INTERVAL_S
+    snapshots = rt.health.fleet_snapshots(max_age_s=max(30.0, interval * 10))
+    result, seen = [], set()
+    for entry in list(rt.providers.catalog.models.values()):
+        for dep in entry.deployments:
+            name = deployment_name(dep)
+            if name in seen:
+                continue
+            seen.add(name)
+            quota = deployment_quota(dep)
+            queue = rt.limiter.deployment_queue(quota) if quota is not None else None
+            result.append((name, merge_snapshots(name, snapshots)["circuit"], queue))
+    return result
 
 
 def _usage_batcher(settings: Settings, engine: Engine, redis_client: Optional[redis.Redis]) -> UsageBatcher:

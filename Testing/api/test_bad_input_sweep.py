@@ -38,6 +38,7 @@ ROUTES = {
     ("GET", "/v1/responses/<response_id>/input_items"), ("GET", "/responses/<response_id>/input_items"),
     ("POST", "/api/chat"), ("GET", "/api/health"), ("POST", "/api/clear-cache"),
     ("GET", "/v1/key"), ("GET", "/v1/requests"),
+    ("GET", "/metrics"), ("GET", "/api/metrics"),
     # the web console: its HTML shell and its static files
     ("GET", "/"), ("GET", "/ui"), ("GET", "/ui/"), ("GET", "/ui/<path:page>"), ("GET", "/ui/assets/<path:filename>"),
     ("GET", "/playground"), ("GET", "/console"), ("GET", "/dashboard"),

@@ -29,7 +29,7 @@ def test_every_operation_names_its_auth_and_errors(client):
     """Operations say who may call them and answer their errors with the one envelope."""
     document = _described(client)
     assert document["openapi"] == "3.1.0"
-    assert set(document["components"]["securitySchemes"]) == {"bearerKey", "systemSecret", "anthropicKey"}
+    assert set(document["components"]["securitySchemes"]) == {"bearerKey", "systemSecret", "anthropicKey", "metricsToken"}
     for path, ops in document["paths"].items():
         for method, op in ops.items():
             assert "security" in op, (path, method)

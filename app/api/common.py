@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any
 
 from flask import Response, g, request
 
 from app.errors import InvalidRequest
+from app.utils import request_context
 
 JSON = "application/json"
 
@@ -101,7 +103,38 @@ def _printable(name: str) -> str:
         name.encode("unicode_escape", "backslashreplace").decode("ascii")
 
 
-def new_request_id() -> str:
-    rid = "req_" + uuid.uuid4().hex
+# A client's X-Request-ID is taken when it is 1-128 of these characters; otherwise one is made.
+_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@+=/\-]{1,128}$")
+
+
+def accepted_request_id(value: str | None) -> str | None:
+    """The client's X-Request-ID when it is safe to echo and log (bounded, safe characters)."""
+    if value and _CLIENT_REQUEST_ID.match(value):
+        return value
+    return None
+
+
+def assign_request_id() -> str:
+    """The request's public id (the X-Request-ID and `request-id` response headers, the request
+    log's `request_id`): the client's X-Request-ID when it sent a valid one, else a new
+    `req_<hex>`. Set before every request (app/__init__.py)."""
+    client = accepted_request_id(request.headers.get("X-Request-ID"))
+    g.request_id_from_client = client is not None
+    rid = client or "req_" + uuid.uuid4().hex
     g.request_id = rid
+    request_context.set_public_request_id(rid)
+    return rid
+
+
+def new_request_id() -> str:
+    """The id of the usage row of the completion run about to begin (its idempotency key).
+    It is the request's public id when the gateway made that id, and a new one when the client
+    named the request: a client's id never keys a usage row, so that two requests sending the
+    same X-Request-ID cannot collide on one row (the second would be dropped as a replay). The
+    gateway's id then goes back in the X-Gateway-Request-ID header."""
+    public = g.get("request_id") or assign_request_id()
+    if not g.get("request_id_from_client"):
+        return public
+    rid = "req_" + uuid.uuid4().hex
+    g.gateway_request_id = rid
     return rid

@@ -66,6 +66,8 @@ REDIRECTS = (301, 302, 308)
 RESPONSE_ID = {"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}
 PAGE = {"name": "page", "in": "path", "required": True, "schema": {"type": "string"}}
 FILENAME = {"name": "filename", "in": "path", "required": True, "schema": {"type": "string"}}
+# /metrics and /api/metrics: open when METRICS_TOKEN is empty, else the token or the system secret.
+METRICS_SECURITY: list[dict[str, list]] = [{}, {"metricsToken": []}, {"systemSecret": []}]
 AUTH = {"none": [], "key": [{"bearerKey": []}], "admin": [{"systemSecret": []}, {"bearerKey": []}],
         "operator": [{"systemSecret": []}], "any": [{"systemSecret": []}, {"bearerKey": []}]}
 
@@ -152,6 +154,10 @@ OPERATIONS: tuple[Operation, ...] = (
               errors=(401, 403)),
     Operation("/api/clear-cache", "post", "Empty the response cache (one tenant or every one, optionally one model)",
               "admin", body=schemas.ClearCacheSchema, body_required=False, errors=ADMIN_ERRORS + (503,)),
+    Operation("/metrics", "get", "The gateway's metrics, Prometheus text format (every worker's)", "any",
+              response={"text/plain": {"type": "string"}}, errors=(401, 404), security=METRICS_SECURITY),
+    Operation("/api/metrics", "get", "A JSON summary of the metrics: totals, last minute and hour, per model "
+              "and provider", "any", errors=(401, 404), security=METRICS_SECURITY),
     Operation("/v1/admin/reload", "post", "Reload data/models.json in every worker of every replica", "operator",
               errors=ADMIN_ERRORS),
     Operation("/v1/requests", "get", "The latest requests the caller may see, newest first", "any",
@@ -214,6 +220,8 @@ def build_spec() -> dict[str, Any]:
                                                       "description": "A gateway API key, Anthropic's header"})
     spec.components.security_scheme("bearerKey", {"type": "http", "scheme": "bearer",
                                                    "description": "A gateway API key (sk-gw-...)"})
+    spec.components.security_scheme("metricsToken", {"type": "http", "scheme": "bearer",
+                                                      "description": "METRICS_TOKEN (when the operator set one)"})
     spec.components.security_scheme("systemSecret", {"type": "apiKey", "in": "header", "name": "X-System-Secret",
                                                       "description": "The operator's admin secret"})
     by_path: dict[str, dict[str, Any]] = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 from flask import Blueprint, request
 
 from app.api import (api_chat_controller, audit_controller, cache_controller, chat_controller, embeddings_controller,
-                     health_controller, images_controller, key_controller, messages_controller,
+                     health_controller, images_controller, key_controller, messages_controller, metrics_controller,
                      models_controller, my_key_controller, openapi_controller, reload_controller, requests_controller,
                      responses_controller, status_controller, tenant_controller, usage_controller)
 from app.api.common import reject_unstorable_url_values
@@ -65,6 +65,8 @@ api.add_url_rule("/v1/tenants/<tenant_ref>", view_func=tenant_controller.update_
 api.add_url_rule("/v1/audit", view_func=audit_controller.list_audit, methods=["GET"])
 api.add_url_rule("/v1/uptime/<path:model_id>", view_func=status_controller.uptime, methods=["GET"])
 api.add_url_rule("/v1/providers/status", view_func=status_controller.providers_status, methods=["GET"])
+api.add_url_rule("/metrics", view_func=metrics_controller.prometheus, methods=["GET"])
+api.add_url_rule("/api/metrics", view_func=metrics_controller.summary_json, methods=["GET"])
 api.add_url_rule("/v1/admin/reload", view_func=reload_controller.reload_models, methods=["POST"])
 
 # The Anthropic Messages API: its own blueprint, so that its errors leave in Anthropic's envelope.

@@ -216,6 +216,8 @@ class KeyCache:
         self.generation = 0
         # Called on a cache miss (never on a hit): starts the pub/sub listener of this process.
         self.on_miss: Callable[[], None] | None = None
+        self.hits = 0      # lookups answered here / by the database (read by the metrics ticker)
+        self.misses = 0
 
     def get(self, key_hash: str) -> tuple[bool, KeyInfo | None]:
         entry = self._entries.get(key_hash)
@@ -284,7 +286,9 @@ def lookup_key(session_factory: Callable[[], Session], cache: KeyCache, plaintex
     key_hash = hash_key(plaintext)
     hit, info = cache.get(key_hash)
     if hit:
+        cache.hits += 1
         return info
+    cache.misses += 1
     if cache.on_miss is not None:
         cache.on_miss()
     generation = cache.generation

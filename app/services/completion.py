@@ -50,7 +50,7 @@ from app.services.response_cache import CACHE_ERRORS, CacheAsk, Entry, Slot, dec
 from app.services.router import Candidate, ContextTooLong, NoDeploymentAvailable, RequestSize
 from app.services.settlement_service import (FOLD_BYTES, CompletionTrace, billed, piece_bytes as _piece_bytes,
                                              usable_usage)
-from app.utils import client_connection
+from app.utils import client_connection, request_context
 from app.utils.streaming import with_heartbeat
 from app.utils.token_counter import IMAGE_TOKENS_HIGH, count_prompt, image_parts
 
@@ -114,6 +114,20 @@ class CompletionRun:
 
         `cache`: what the request asked of the response cache (only for callers that answer
         with the canonical chat answer and call no `invoke`); looked up before admission."""
+        try:
+            return cls._begin(rt, key, body, endpoint, request_id=request_id, body_bytes=body_bytes,
+                              deployment=deployment, hold_slot=hold_slot, prompt_tokens=prompt_tokens,
+                              output_tokens=output_tokens, flat_cost=flat_cost, cache=cache)
+        except APIError as err:
+            if err.endpoint is None:
+                err.endpoint = endpoint  # the error handler counts and logs the refusal under it
+            raise
+
+    @classmethod
+    def _begin(cls, rt: Any, key: Any, body: dict[str, Any], endpoint: str, *, request_id: str | None,
+               body_bytes: int | None, deployment: Deployment | None, hold_slot: bool,
+               prompt_tokens: int | None, output_tokens: int | None,
+               flat_cost: Decimal | None, cache: CacheAsk | None) -> "CompletionRun":
         alias = body["model"]
         router = rt.router
         entry = rt.providers.catalog.get(alias)
@@ -145,6 +159,7 @@ class CompletionRun:
         trace = CompletionTrace(request_id=request_id or "req_" + uuid.uuid4().hex, key=key,
                                 entry=models[0], deployment=deployment, request=body,
                                 streamed=bool(body.get("stream")), endpoint=endpoint)
+        trace.public_request_id = request_context.public_request_id()
         trace.prompt_estimate = prompt if prompt_tokens is None else prompt_tokens
         trace.output_estimate, trace.flat_cost = output_tokens, flat_cost
         run = cls(rt, trace, models, deployment)
@@ -336,15 +351,21 @@ class CompletionRun:
                                            release=self._release_quota, wait=self._wait_for_quota)
             self._candidate = cand
             return result
-        except ClientGone:
+        except ClientGone as gone:
+            gone.observed = True
             self._finish(*_DISCONNECTED)
             raise
         except BaseException as exc:
             kind = exc.kind if isinstance(exc, ProviderError) else "internal"
+            err = None
+            if isinstance(exc, Exception):
+                err = exc if isinstance(exc, APIError) else api_error_for(exc, model=self.trace.request.get("model"))
+            if err is not None:
+                self.trace.refusal = err.refusal
+                err.observed = True  # counted and logged by the run's settlement, not again by the handler
             self._finish("error", kind)
             if isinstance(exc, APIError) or not isinstance(exc, Exception):
                 raise
-            err = api_error_for(exc, model=self.trace.request.get("model"))
             if err is None:
                 raise  # a bug of ours: the generic handler answers 500 (the run is settled)
             raise err from exc
@@ -352,8 +373,15 @@ class CompletionRun:
     def _attempt(self, call: Invoke) -> Callable[[Candidate], Any]:
         providers = self.rt.providers
 
+        last: list[Deployment | None] = [None]
+
         def attempt(cand: Candidate) -> Any:
             self._attempted = True
+            trace = self.trace
+            trace.attempts += 1
+            if cand.deployment is not last[0]:
+                last[0] = cand.deployment
+                trace.deployments_tried += 1
             return call(providers.provider(cand.deployment.provider), cand.deployment)
         return attempt
 

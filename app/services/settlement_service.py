@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, Callable
 
 from sqlalchemy import update
 from sqlalchemy.engine import Engine
@@ -64,6 +64,10 @@ class CompletionTrace:
     quota_tokens: int = 0                    # tokens reserved on that quota
     cache: str | None = None                 # response cache: hit | miss | None (not consulted)
     saved_cost: Decimal | None = None        # on a cache hit: what the answer cost when it was made
+    attempts: int = 0                        # upstream calls made (retries and fallbacks included)
+    deployments_tried: int = 0               # distinct deployments called (more than 1: a fallback)
+    refusal: str | None = None               # why no deployment was called (provider_quota, circuit_open, ...)
+    public_request_id: str | None = None     # the X-Request-ID of the HTTP request (the client's, when valid)
 
     def add_piece(self, piece: StreamPiece) -> None:
         """Keep a streamed piece for counting its tokens should the provider's usage be
@@ -181,13 +185,18 @@ def billed(trace: CompletionTrace) -> tuple[int, int, bool, tuple[int | None, in
     return prompt, completion, estimated, details, cost
 
 
+Observer = Callable[[CompletionTrace, "UsageEvent | None"], None]
+
+
 class Settlement:
     def __init__(self, writer: UsageBatcher, engine: Engine, last_used: LastUsedTracker,
-                 limiter: RateLimitService) -> None:
+                 limiter: RateLimitService, observers: tuple[Observer, ...] = ()) -> None:
         self.writer = writer
         self.engine = engine
         self.last_used = last_used
         self.limiter = limiter
+        # Told of every settled run, after its release and its row (metrics, the request log).
+        self.observers = observers
 
     def event(self, trace: CompletionTrace) -> UsageEvent:
         """The usage row of the run. A response cache hit used no tokens and costs nothing: its
@@ -234,6 +243,8 @@ class Settlement:
                 self.writer.submit(event)
         except Exception:
             log.exception("usage record %s could not be settled", trace.request_id)
+        for observe in self.observers:
+            observe(trace, event)  # each one never raises
         if record:
             self._touch(trace.key.id)
         return event

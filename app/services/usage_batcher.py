@@ -99,10 +99,18 @@ class UsageBatcher:
         self.diverted = 0        # records sent to the outbox by this worker
         self.replayed = 0        # outbox records this worker replayed (its own or anyone's)
         self.dead_letters = 0
+        self._waiting_since: float | None = None  # monotonic: since when rows wait (None: none)
 
     @property
     def depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def write_lag_s(self) -> float:
+        """About how long the oldest row not yet stored has waited (0: none waits): from when
+        the queue stopped being empty, or from when the writer took its last batch."""
+        since = self._waiting_since
+        return max(0.0, time.monotonic() - since) if since is not None and self._queue else 0.0
 
     # --- the normal path -------------------------------------------------------------------
 
@@ -118,6 +126,8 @@ class UsageBatcher:
             log.error("usage queue full (%d rows): storing %s synchronously", self.MAX_QUEUED, event.request_id)
             self._store([event])
             return
+        if not self._queue:
+            self._waiting_since = time.monotonic()
         self._queue.append(event)
         self._idle.clear()
         self._wake.set()
@@ -142,6 +152,7 @@ class UsageBatcher:
             self._wake.wait()
             self._wake.clear()
             while self._queue:
+                taken = time.monotonic()
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.MAX_BATCH))]
                 try:
                     self._store(batch)
@@ -149,6 +160,8 @@ class UsageBatcher:
                     log.exception("usage batch of %d rows could not be stored; retrying", len(batch))
                     self._queue.extendleft(reversed(batch))
                     time.sleep(1.0)
+                if self._queue:
+                    self._waiting_since = taken
             if not self._queue:
                 self._idle.set()
                 if self._stop.is_set():
