@@ -33,13 +33,13 @@ def token_piece() -> StreamPiece:
 
 def test_a_long_stream_keeps_at_most_fold_bytes_of_pieces():
     """1,200 pieces (a minute at 20 tokens/s, ~240 KB of chunks): the trace never holds more
-    than 16 KB of them (FOLD_BYTES), however long the stream."""
+    than 8 KB of them (FOLD_BYTES), however long the stream."""
     t = trace()
     most = 0
     for _ in range(1200):
         t.add_piece(token_piece())
         most = max(most, sum(piece_bytes(p) for p in t.chunks))
-    assert most <= 16 * 1024
+    assert most <= 8 * 1024
     assert t.folded_tokens > 0
 
 
