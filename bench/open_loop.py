@@ -428,7 +428,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace, procs: rb.Processes, tmp: Path) -> int:
     uptime_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     log(f"machine: {os.cpu_count()} CPUs; {uptime_before}")
-    upstream_cmd = [rb.PYTHON, str(Path(__file__).with_name("paced_upstream.py")),
+    upstream_cmd = [str(Path(__file__).with_name("paced_upstream.py")),
                     "--ttfb-ms", f"{args.ttfb_ms:g}", "--chunk-ms", f"{args.chunk_ms:g}"]
     port, upstream = rb.start_fake(procs, tmp, upstream_cmd)
     direct_url = f"http://127.0.0.1:{port}{rb.CHAT_PATH}"

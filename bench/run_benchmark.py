@@ -372,14 +372,14 @@ def measured_run(wrk: str, url: str, lua: Path, concurrency: int, duration: floa
 # --------------------------------------------------------------------------- upstream
 
 
-def start_fake(procs: Processes, tmp: Path, command: list[str] | None = None) -> \
-        tuple[int, subprocess.Popen[bytes]]:
-    """Start the fake upstream (`command` + ``--port N``; default Testing/fakes/fake_openai.py)
-    on a free port and wait until it answers ``GET /v1/models``."""
+def start_fake(procs: Processes, tmp: Path, script: list[str] | None = None,
+               log_name: str = "fake_openai.log") -> tuple[int, subprocess.Popen[bytes]]:
+    """Start a fake upstream (`Testing.fakes.fake_openai`, or `script`: the Python arguments
+    before `--port N`) on a free port; returns when its GET /v1/models answers 200."""
     port = free_port()
-    log_path = tmp / "fake_openai.log"
+    log_path = tmp / log_name
     proc = procs.start("fake upstream",
-                       [*(command or [PYTHON, "-m", "Testing.fakes.fake_openai"]), "--port", str(port)],
+                       [PYTHON, *(script or ["-m", "Testing.fakes.fake_openai"]), "--port", str(port)],
                        dict(os.environ), log_path)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
@@ -507,8 +507,10 @@ def run_manager(env: dict[str, str], *argv: str) -> str:
 def start_gateway(procs: Processes, env: dict[str, str], port: int,
                   tmp: Path) -> subprocess.Popen[bytes]:
     log_path = tmp / "gateway.log"
-    proc = procs.start("gateway", [GUNICORN, "-c", "gunicorn.config.py", "app:create_app()"],
-                       env, log_path)
+    # BENCH_GUNICORN_CONFIG: another gunicorn config for a run (one that wraps the project's to
+    # add a profiler or tracemalloc to the workers); the project's by default.
+    config = env.get("BENCH_GUNICORN_CONFIG") or "gunicorn.config.py"
+    proc = procs.start("gateway", [GUNICORN, "-c", config, "app:create_app()"], env, log_path)
     deadline = time.monotonic() + 60
     last = ""
     while time.monotonic() < deadline:
@@ -752,21 +754,42 @@ def bench_mode(wrk: str, args: argparse.Namespace, t: Targets, mode: str,
         yield row
 
 
-def setup_gateway(args: argparse.Namespace, procs: Processes, t: Targets, tmp: Path) -> None:
+@dataclass
+class Gateway:
+    """A gateway started by `launch_gateway`: its base URL, gunicorn master, key and environment."""
+    base_url: str
+    proc: subprocess.Popen[bytes]
+    key: str
+    env: dict[str, str]
+
+
+def launch_gateway(args: argparse.Namespace, procs: Processes, upstream_port: int, tmp: Path,
+                   extra_env: dict[str, str] | None = None, admission: bool = False) -> Gateway:
+    """The gateway of every benchmark: the BENCH_DB database recreated and migrated, a
+    models.json with the model `bench` on the upstream at `upstream_port`, gunicorn with
+    `args.workers` gevent workers on `args.pg_url`'s server and `args.redis_url`, `extra_env`
+    on top of `gateway_env`, and a key minted (with every limit on, set too high to refuse
+    anything, when `admission`)."""
     admin_url, bench_db_url = pg_urls(args.pg_url)
     log(f"recreating database {BENCH_DB}")
     recreate_database(admin_url)
     models_file = tmp / "models.json"
-    models_file.write_text(json.dumps(models_json(t.upstream_port), indent=2))
+    models_file.write_text(json.dumps(models_json(upstream_port), indent=2))
     port = free_port()
     env = gateway_env(args, bench_db_url, models_file, port)
+    env.update(extra_env or {})
     log("db_manager.py create-db")
     run_manager(env, "create-db")
     log(f"starting gateway on port {port} with {args.workers} workers")
     proc = start_gateway(procs, env, port, tmp)
-    t.gateway_url, t.gateway_pid = f"http://127.0.0.1:{port}{CHAT_PATH}", proc.pid
-    t.key = mint_key(env, args.admission)
-    log(f"minted key {t.key[:8]}...")
+    key = mint_key(env, admission)
+    log(f"minted key {key[:8]}...")
+    return Gateway(f"http://127.0.0.1:{port}", proc, key, env)
+
+
+def setup_gateway(args: argparse.Namespace, procs: Processes, t: Targets, tmp: Path) -> None:
+    gw = launch_gateway(args, procs, t.upstream_port, tmp, admission=args.admission)
+    t.gateway_url, t.gateway_pid, t.key = gw.base_url + CHAT_PATH, gw.proc.pid, gw.key
 
 
 def usage_check(args: argparse.Namespace, t: Targets) -> dict[str, Any]:

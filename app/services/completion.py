@@ -48,8 +48,7 @@ from app.services.rate_limit_service import LimiterUnavailable, deployment_quota
 from app.services.cache_answers import AnswerBuilder, complete_answer, replay_body, replay_pieces
 from app.services.response_cache import CACHE_ERRORS, CacheAsk, Entry, Slot, decide, request_digest
 from app.services.router import Candidate, ContextTooLong, NoDeploymentAvailable, RequestSize
-from app.services.settlement_service import (FOLD_BYTES, CompletionTrace, billed, piece_bytes as _piece_bytes,
-                                             usable_usage)
+from app.services.settlement_service import CompletionTrace, billed, piece_bytes as _piece_bytes, usable_usage
 from app.utils import client_connection, request_context
 from app.utils.streaming import with_heartbeat
 from app.utils.token_counter import IMAGE_TOKENS_HIGH, count_prompt, image_parts
@@ -61,6 +60,9 @@ Pieces = Iterator[Optional[StreamPiece]]
 _OK = ("ok", None)
 _DISCONNECTED = ("client_disconnected", "client_disconnected")
 _INTERNAL = ("error", "internal")
+# After a client hang-up, at most this many bytes of the pieces still read from the upstream (in
+# the usage grace) are kept for the fallback count; the rest is read and discarded.
+GRACE_COUNT_BYTES = 256 * 1024
 
 
 class CompletionRun:
@@ -535,14 +537,15 @@ class CompletionRun:
     def _await_usage(self, source: Iterator[Optional[StreamPiece]], upstream: Any) -> None:
         """The client hung up: the provider bills what it generated, so bill its usage.
         If it has not arrived yet, keep reading the upstream for at most STREAM_USAGE_GRACE_S
-        (the upstream is then cut), discarding the text past one counting buffer (FOLD_BYTES,
-        so the fallback count costs little CPU). Without usable usage by then, settlement
-        counts the tokens it kept and marks the row estimated."""
+        (the upstream is then cut), discarding the text past GRACE_COUNT_BYTES (so the fallback
+        count costs little CPU). Without usable usage by then, settlement counts the tokens it
+        kept and marks the row estimated."""
         trace = self.trace
         grace = self.rt.settings.STREAM_USAGE_GRACE_S
         if usable_usage(trace.usage, trace.entry.context_window) is not None or grace <= 0:
             return
         deadline = time.monotonic() + grace
+        kept = 0
         timer = threading.Timer(grace, _abort, (upstream,))  # unblocks a read that hangs
         timer.daemon = True
         timer.start()
@@ -553,7 +556,9 @@ class CompletionRun:
                         trace.usage = piece.usage
                         if usable_usage(piece.usage, trace.entry.context_window):
                             return
-                    if trace.chunk_bytes + _piece_bytes(piece) <= FOLD_BYTES:
+                    size = _piece_bytes(piece)
+                    if kept + size <= GRACE_COUNT_BYTES:
+                        kept += size
                         trace.add_piece(piece)  # counted should no usage come; the rest is discarded
                 if time.monotonic() >= deadline:
                     return
