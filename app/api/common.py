@@ -31,8 +31,22 @@ def read_json_object() -> dict[str, Any]:
         raise InvalidRequest("The request body is nested too deeply.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-    reject_unstorable_strings(body)
+    if may_hold_unstorable(raw):
+        reject_unstorable_strings(body)
     return body
+
+
+# In UTF-8 JSON a decoded string can hold a NUL only from the escape \u0000 (a raw NUL byte is
+# not valid JSON text) and a lone surrogate only from an escape \uD800-\uDFFF or from the
+# bytes ED A0..BF (json.loads decodes bytes with "surrogatepass"). A body in UTF-16/32 (which
+# json.loads also accepts) has NUL bytes.
+_RISKY_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])|\xed[\xa0-\xbf]")
+
+
+def may_hold_unstorable(raw: bytes) -> bool:
+    """False when the JSON text `raw` cannot decode to any string `unstorable` refuses, so the
+    walk over the parsed body can be skipped (it costs more than this scan of the bytes)."""
+    return b"\x00" in raw or _RISKY_ESCAPE.search(raw) is not None
 
 
 def read_optional_json_object() -> dict[str, Any]:
@@ -84,6 +98,8 @@ def reject_unstorable_strings(body: Any) -> None:
 def reject_unstorable_url_values() -> None:
     """400 for a NUL (or lone surrogate) in any query parameter or path segment, before any
     controller runs: such a value reaching PostgreSQL would be a 500."""
+    if not request.environ.get("QUERY_STRING") and not request.view_args:
+        return  # nothing to check (most API calls): the query string is not even parsed
     for name, value in request.args.items(multi=True):
         problem = unstorable(name) or unstorable(value)
         if problem:

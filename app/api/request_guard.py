@@ -64,17 +64,30 @@ def client_address(environ: dict[str, Any], trusted: tuple[ipaddress._BaseNetwor
 
 
 def security_headers(settings: Settings) -> Callable[[list[tuple[str, str]]], None]:
-    """A function adding the security headers to a WSGI header list (those already set stay)."""
-    always = [("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", settings.REFERRER_POLICY)]
-    html = [("Content-Security-Policy", settings.CONTENT_SECURITY_POLICY), ("X-Frame-Options", "DENY")]
+    """A function adding the security headers to a WSGI header list (those already set stay).
+    One pass over the response's headers (it runs on every response)."""
+    always = [(n, v) for n, v in (("X-Content-Type-Options", "nosniff"),
+                                  ("Referrer-Policy", settings.REFERRER_POLICY)) if v]
+    html = [(n, v) for n, v in (("Content-Security-Policy", settings.CONTENT_SECURITY_POLICY),
+                                ("X-Frame-Options", "DENY")) if v]
+    ours = {n.lower() for n, _ in always + html}
 
     def add(headers: list[tuple[str, str]]) -> None:
-        present = {name.lower() for name, _ in headers}
-        is_html = any(name.lower() == "content-type" and value.lower().startswith("text/html")
-                      for name, value in headers)
-        for name, value in always + (html if is_html else []):
-            if name.lower() not in present and value:
+        present: set[str] = set()
+        is_html = False
+        for name, value in headers:
+            lower = name.lower()
+            if lower in ours:
+                present.add(lower)
+            elif lower == "content-type" and value[:9].lower() == "text/html":
+                is_html = True
+        for name, value in always:
+            if name.lower() not in present:
                 headers.append((name, value))
+        if is_html:
+            for name, value in html:
+                if name.lower() not in present:
+                    headers.append((name, value))
     return add
 
 

@@ -2,15 +2,15 @@
 
 A client that stops reading a stream fills its TCP window, and the worker's next send blocks
 (the gevent worker waits for the socket; nothing else times it out). While the body's next
-chunk is being written, a watcher checks the time; a write that has not gone out within
-STREAM_CLIENT_IDLE_S shuts the connection down. The blocked send then fails like a client that
-hung up (EPIPE, which gunicorn treats as such, without a traceback), the body is closed and the
-completion run settles once as client_disconnected. Waiting for the upstream is not counted:
-only the time the server spends writing what the body gave it.
+chunk is being written, the process's one watcher checks the time; a write that has not gone
+out within STREAM_CLIENT_IDLE_S shuts the connection down. The blocked send then fails like a
+client that hung up (EPIPE, which gunicorn treats as such, without a traceback), the body is
+closed and the completion run settles once as client_disconnected. Waiting for the upstream
+is not counted: only the time the server spends writing what the body gave it.
 
-One watcher (a daemon thread: a greenlet under gevent) serves every stream of the process: a
-thread per stream cost ~11 KB of memory per open stream (its greenlet, Python data stack and
-events), a fifth of the 50 KB a long stream may take (bench/long_streams.py).
+One watcher (a thread; a greenlet under gevent) per process serves every stream: a stream
+only registers its write slot, and marks the start and the end of each write. (A watcher per
+stream cost a thread start and a timer per stream: ~5% of a stream's CPU at 64 connections.)
 """
 from __future__ import annotations
 
@@ -22,55 +22,59 @@ from typing import Any, Iterable, Iterator
 
 
 class _Write:
-    """One stream's pending write: when it started (None: no write pending)."""
+    """One stream's slot: when its current write started (None: not writing)."""
+
     __slots__ = ("sock", "idle_s", "since")
 
     def __init__(self, sock: Any, idle_s: float) -> None:
-        self.sock = sock
-        self.idle_s = idle_s
-        self.since: float | None = None
+        self.sock, self.idle_s, self.since = sock, idle_s, None
 
 
 class _Watcher:
-    """Checks every registered stream each `min(idle_s / 4, 5)` seconds (the smallest idle_s
-    registered) and shuts down the connection of a write pending for idle_s or longer."""
+    """Checks every registered stream each `min(idle_s / 4, 5)` seconds; sleeps while none is."""
 
     def __init__(self) -> None:
-        self._streams: set[_Write] = set()
+        self._writes: set[_Write] = set()
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
         self._pid = 0
-        self._period = 5.0  # the watcher's current sleep between checks
+        self._tick = 5.0
 
-    def add(self, entry: _Write) -> None:
+    def add(self, write: _Write) -> None:
+        tick = min(write.idle_s / 4, 5.0)
         with self._lock:
-            self._streams.add(entry)
-            if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
-                self._pid = os.getpid()  # a forked child starts its own watcher
-                self._thread = threading.Thread(target=self._run, daemon=True, name="stream-send-deadline")
-                self._thread.start()
-        if entry.idle_s / 4 < self._period:
-            self._wake.set()  # checks must come more often than the watcher now sleeps
+            self._writes.add(write)
+            if self._pid != os.getpid():  # first stream of this process (or of a forked child)
+                self._pid = os.getpid()
+                self._wake = threading.Event()
+                threading.Thread(target=self._run, args=(self._wake,), daemon=True,
+                                 name="stream-send-deadline").start()
+            elif tick < self._tick or len(self._writes) == 1:
+                self._wake.set()
 
-    def remove(self, entry: _Write) -> None:
+    def discard(self, write: _Write) -> None:
         with self._lock:
-            self._streams.discard(entry)
+            self._writes.discard(write)
 
-    def _run(self) -> None:
+    def _run(self, wake: threading.Event) -> None:
         while True:
             with self._lock:
-                entries = list(self._streams)
+                writes = list(self._writes)
+            if not writes:
+                self._tick = 5.0
+                wake.wait()
+                wake.clear()
+                continue
+            self._tick = min(min(w.idle_s for w in writes) / 4, 5.0)
             now = time.monotonic()
-            for entry in entries:
-                since = entry.since
-                if since is not None and now - since >= entry.idle_s:
-                    entry.since = None
-                    self.remove(entry)
-                    _shut_down(entry.sock)
-            self._period = min(min((e.idle_s for e in entries), default=20.0) / 4, 5.0)
-            self._wake.wait(self._period)
-            self._wake.clear()
+            for w in writes:
+                since = w.since
+                if since is not None and now - since >= w.idle_s:
+                    w.since = None
+                    self.discard(w)
+                    _shut_down(w.sock)
+            if wake.wait(self._tick):
+                wake.clear()
 
 
 _WATCHER = _Watcher()
@@ -78,15 +82,16 @@ _WATCHER = _Watcher()
 
 def with_send_deadline(body: Iterable[bytes], sock: Any, idle_s: float) -> Iterator[bytes]:
     """`body`, with its connection shut down when one of its chunks is not written in `idle_s`."""
-    entry = _Write(sock, idle_s)
-    _WATCHER.add(entry)
+    write = _Write(sock, idle_s)
+    _WATCHER.add(write)
+    monotonic = time.monotonic
     try:
         for chunk in body:
-            entry.since = time.monotonic()
+            write.since = monotonic()
             yield chunk              # the server writes it before it asks for the next one
-            entry.since = None
+            write.since = None
     finally:
-        _WATCHER.remove(entry)
+        _WATCHER.discard(write)
         close = getattr(body, "close", None)
         if close is not None:
             close()

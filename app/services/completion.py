@@ -301,8 +301,8 @@ class CompletionRun:
         settle when it is closed. Returns the response."""
         adm = self.trace.admission
         if adm is not None:
-            for name, value in adm.headers.items():
-                response.headers[name] = value
+            # `add`, not `set`: nothing set these names before, so no scan for them is needed
+            response.headers.extend(adm.headers)
         if self.trace.cache is not None:
             response.headers[CACHE_HEADER] = self.trace.cache
         if self._pieces is not None:
@@ -654,11 +654,13 @@ def _refuse_cheaply(rt: Any, key: Any, body: dict[str, Any], body_bytes: int | N
     counted (counting megabytes takes a worker's CPU for a while). One extra limiter round trip,
     so only for bodies of ADMISSION_PRECHECK_BYTES and more (a small prompt counts faster than
     the round trip takes); the admission proper still decides."""
+    threshold = rt.settings.ADMISSION_PRECHECK_BYTES
+    if body_bytes is not None and body_bytes < threshold:
+        return
     limits = key_limits(key)
     if not (limits.rpm or limits.max_concurrent):
         return
-    size = body_bytes if body_bytes is not None else len(json.dumps(body))
-    if size < rt.settings.ADMISSION_PRECHECK_BYTES:
+    if body_bytes is None and len(json.dumps(body)) < threshold:
         return
     refusal = rt.limiter.peek(limits)
     if refusal is not None:

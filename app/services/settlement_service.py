@@ -82,7 +82,8 @@ class CompletionTrace:
         if piece.usage is not None:
             self.usage = piece.usage
         self.chunks.append(piece)
-        self.chunk_bytes += piece_bytes(piece)
+        raw = piece.raw  # piece_bytes(piece), inlined: this runs for every piece of every stream
+        self.chunk_bytes += len(raw) if raw is not None else 256
         if self.chunk_bytes > FOLD_BYTES:
             self.folded_tokens += count_text(_completion_text(self, with_body=False), self.entry.tokenizer)
             self.chunks.clear()

@@ -96,7 +96,7 @@ class _Failure:
 def _piece_size(item: object) -> int:
     """Bytes an item holds (its `raw` payload; a parsed chunk counts as a small constant)."""
     raw = getattr(item, "raw", None)
-    return len(raw) if isinstance(raw, (bytes, bytearray)) else 256
+    return len(raw) if type(raw) is bytes or isinstance(raw, bytearray) else 256
 
 
 def with_heartbeat(source: Iterator[T], interval: float,
@@ -118,8 +118,9 @@ def with_heartbeat(source: Iterator[T], interval: float,
     room = threading.Event()   # set while the buffer is below `max_buffered`
     room.set()
     stop = threading.Event()
-    lock = threading.Lock()
-    buffered = [0]
+    # Bytes put in by the pump and taken out by the consumer: each counter has one writer, so
+    # no lock is needed; the buffer holds their difference.
+    put, taken = [0], [0]
 
     def pump() -> None:
         try:
@@ -127,16 +128,17 @@ def with_heartbeat(source: Iterator[T], interval: float,
                 if stop.is_set():
                     break
                 size = _piece_size(item)
-                with lock:
-                    buffered[0] += size
-                    if buffered[0] > max_buffered:
-                        room.clear()
+                put[0] += size
                 items.append((item, size))
                 ready.set()
-                while not room.is_set() and not stop.is_set():
-                    room.wait(interval if interval > 0 else 1.0)
-                if stop.is_set():
-                    break
+                if put[0] - taken[0] > max_buffered:
+                    room.clear()
+                    if put[0] - taken[0] <= max_buffered:  # the consumer caught up meanwhile
+                        room.set()
+                    while not room.is_set() and not stop.is_set():
+                        room.wait(interval if interval > 0 else 1.0)
+                    if stop.is_set():
+                        break
         except BaseException as exc:  # handed to the consumer, re-raised there
             items.append((_Failure(exc), 0))
             ready.set()
@@ -157,10 +159,9 @@ def with_heartbeat(source: Iterator[T], interval: float,
                     continue
             item, size = items.popleft()
             if size:
-                with lock:
-                    buffered[0] -= size
-                    if buffered[0] <= max_buffered:
-                        room.set()
+                taken[0] += size
+                if not room.is_set() and put[0] - taken[0] <= max_buffered:
+                    room.set()
             if item is _END:
                 return
             if isinstance(item, _Failure):
