@@ -7,6 +7,7 @@ is typed on the page) and one with METRICS_ENABLED=0.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterator
 
 import openai
@@ -18,7 +19,7 @@ from Testing.e2e.test_console import (CHROMIUM, DESKTOP, PHONE, SECRET, UI_TIMEO
 from Testing.support import GatewayProcess, http_json, wait_until
 
 pytestmark = [pytest.mark.timeout(180),
-              pytest.mark.skipif(not __import__("pathlib").Path(CHROMIUM).exists(),
+              pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                  reason="Debian's chromium is not installed (scripts/test.sh installs it)")]
 
 TOKEN = "console-metrics-token-0123"
