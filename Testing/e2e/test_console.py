@@ -493,7 +493,7 @@ def test_member_sees_no_admin_page_and_its_admin_calls_are_refused(new_page, gat
     key = mint(gateway, name="just-a-member")
     page = new_page()
     sign_in(page, key["key"])
-    assert page.locator("#nav a").all_inner_texts() == ["Playground", "My key", "Usage"]
+    assert page.locator("#nav a").all_inner_texts() == ["Playground", "My key", "Usage", "Metrics"]
     for path in ("/ui/admin/keys", "/ui/admin/tenants", "/ui/admin/audit", "/ui/admin/providers"):
         goto(page, path)
         assert "member key" in page.inner_text("#not-allowed")

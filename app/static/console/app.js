@@ -11,6 +11,7 @@ export const PAGES = [
   {path: 'playground', label: 'Playground', roles: ALL, module: './pages/playground.js'},
   {path: 'key', label: 'My key', roles: KEYS, module: './pages/my_key.js'},
   {path: 'usage', label: 'Usage', roles: ALL, module: './pages/usage.js'},
+  {path: 'metrics', label: 'Metrics', roles: ALL, module: './pages/metrics.js'},
   {path: 'admin/keys', label: 'Keys', roles: ADMINS, module: './pages/keys.js'},
   {path: 'admin/tenants', label: 'Tenants', roles: ADMINS, module: './pages/tenants.js'},
   {path: 'admin/audit', label: 'Audit log', roles: ADMINS, module: './pages/audit.js'},
