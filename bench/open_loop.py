@@ -44,16 +44,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import open_loop_gen as gen  # noqa: E402 - bench/ is put on the path above
+import litellm_peer as peer  # noqa: E402 - the LiteLLM proxy: install, config, start
 import run_benchmark as rb  # noqa: E402 - processes, gateway setup, database helpers
 
 rb.BENCH_DB = os.environ.get("BENCH_DB") or "gateway_openloop"
 RESULTS = rb.REPO / "bench" / "results" / "open_loop.json"
-PEERS = rb.REPO / "bench" / ".peers"
-LITELLM_VENV = PEERS / "litellm-venv"
-# The version measured in docs/benchmark.md; BENCH_LITELLM_SPEC picks another.
-LITELLM_SPEC = os.environ.get("BENCH_LITELLM_SPEC") or "litellm[proxy]==1.108.7"
-LITELLM_MASTER_KEY = "sk-bench-litellm"
-LITELLM_UPSTREAM_KEY = "sk-litellm-upstream"  # tells LiteLLM's upstream calls from the gateway's
 DIRECT_KEY = "sk-direct"
 TARGETS = ("direct", "gateway", "litellm")
 MODES = {"nonstream": False, "stream": True}
@@ -74,78 +69,6 @@ def request_body(stream: bool, chunks: int) -> dict[str, Any]:
     if stream:
         body["stream"] = True
     return body
-
-
-# --------------------------------------------------------------------------- LiteLLM peer
-
-
-def ensure_litellm() -> Path | None:
-    """The litellm executable of bench/.peers/litellm-venv, installing it there on first use.
-    None (and a message saying why) when it cannot be had: the run goes on without it."""
-    exe = LITELLM_VENV / "bin" / "litellm"
-    if exe.exists():
-        return exe
-    log(f"installing {LITELLM_SPEC} into {LITELLM_VENV.relative_to(rb.REPO)} (first use only, "
-        "takes minutes)")
-    try:
-        PEERS.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True,
-                       capture_output=True, timeout=300)
-        out = subprocess.run([str(LITELLM_VENV / "bin" / "pip"), "install", "-q", LITELLM_SPEC],
-                             capture_output=True, text=True, timeout=1800)
-    except (OSError, subprocess.SubprocessError) as exc:
-        log(f"LiteLLM could not be installed ({exc}): continuing without it")
-        return None
-    if out.returncode != 0 or not exe.exists():
-        tail = "\n".join(line[:300] for line in (out.stderr or out.stdout).strip().splitlines()[-3:])
-        log(f"LiteLLM could not be installed (pip exit {out.returncode}; offline?):\n{tail}\n"
-            "continuing without it")
-        shutil.rmtree(LITELLM_VENV, ignore_errors=True)  # the next run tries again
-        return None
-    return exe
-
-
-def litellm_config(upstream_port: int) -> dict[str, Any]:
-    """LiteLLM proxy config (JSON is YAML): one model in front of the paced upstream, a master
-    key (so requests are authenticated, as the gateway's are), no database, no Redis."""
-    return {
-        "model_list": [{"model_name": "bench", "litellm_params": {
-            "model": "openai/bench", "api_base": f"http://127.0.0.1:{upstream_port}/v1",
-            "api_key": LITELLM_UPSTREAM_KEY}}],
-        "general_settings": {"master_key": LITELLM_MASTER_KEY},
-        "litellm_settings": {"telemetry": False, "drop_params": True},
-    }
-
-
-def start_litellm(procs: rb.Processes, exe: Path, upstream_port: int, workers: int,
-                  tmp: Path) -> tuple[str, int]:
-    """Start the LiteLLM proxy; (chat completions URL, pid) once it answers its liveness check."""
-    config = tmp / "litellm.yaml"
-    config.write_text(json.dumps(litellm_config(upstream_port), indent=2))
-    port = rb.free_port()
-    env = {"PATH": f"{exe.parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-           "HOME": os.environ.get("HOME", "/tmp"), "LITELLM_LOG": "ERROR",
-           "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_MODE": "PRODUCTION",
-           "LITELLM_TELEMETRY": "False"}
-    log_path = tmp / "litellm.log"
-    proc = procs.start("litellm", [str(exe), "--config", str(config), "--host", "127.0.0.1",
-                                   "--port", str(port), "--num_workers", str(workers),
-                                   # uvicorn's own supervisor kills workers whose startup outlasts
-                                   # its health check (on a busy machine, all of them): gunicorn,
-                                   # as the gateway runs, with LiteLLM's uvicorn workers
-                                   "--run_gunicorn"],
-                       env, log_path)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise rb.BenchError(f"litellm exited ({proc.returncode}):\n{rb.tail(log_path)}")
-        try:
-            if rb.http_get(f"http://127.0.0.1:{port}/health/liveliness")[0] == 200:
-                return f"http://127.0.0.1:{port}{rb.CHAT_PATH}", proc.pid
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise rb.BenchError(f"litellm did not answer within 180 s:\n{rb.tail(log_path)}")
 
 
 # --------------------------------------------------------------------------- one cell
@@ -219,26 +142,6 @@ def run_cell(args: argparse.Namespace, target: Target, mode: str, rate: float, u
             cell.cpu_ms_per_req = cpu / answered
     cell.upstream_busy = up_cpu / 1000.0 / wall if wall else None
     return cell
-
-
-def wait_drained(upstream_port: int, auth: str | None, limit: float = 120.0) -> float | None:
-    """Wait until the target has stopped calling the upstream (requests the generator gave up
-    on may still be worked through: LiteLLM does not cancel them), so that the next cell does
-    not queue behind the last one's backlog. Seconds waited; None when it never settled."""
-    start = time.monotonic()
-    if auth is None:
-        return 0.0
-    last, stable_since = -1, start
-    while time.monotonic() - start < limit:
-        calls = rb.upstream_stats(upstream_port)["requests_by_authorization"].get(auth, 0)
-        now = time.monotonic()
-        if calls != last:
-            last, stable_since = calls, now
-        elif now - stable_since >= 1.0:
-            return now - start
-        time.sleep(0.2)
-    log(f"  the target still called the upstream {limit:g} s after the cell")
-    return None
 
 
 def saturated(cell: Cell) -> bool:
@@ -444,15 +347,15 @@ def run(args: argparse.Namespace, procs: rb.Processes, tmp: Path) -> int:
                Target("gateway", t.gateway_url or "", t.key, t.gateway_pid, f"Bearer {rb.UPSTREAM_KEY}")]
     litellm_note = "not run (--no-litellm)"
     if not args.no_litellm:
-        exe = ensure_litellm()
+        exe = peer.ensure_litellm()
         litellm_note = "not run: LiteLLM could not be installed"
         if exe is not None:
             try:
-                url, pid = start_litellm(procs, exe, port, args.workers, tmp)
-                targets.append(Target("litellm", url, LITELLM_MASTER_KEY, pid,
-                                      f"Bearer {LITELLM_UPSTREAM_KEY}", procs.procs[-1][1]))
+                url, proc = peer.start_litellm(procs, exe, port, args.workers, tmp)
+                targets.append(Target("litellm", url, peer.LITELLM_MASTER_KEY, proc.pid,
+                                      f"Bearer {peer.LITELLM_UPSTREAM_KEY}", proc))
                 log(f"LiteLLM proxy up ({exe.parent.parent.relative_to(rb.REPO)})")
-            except rb.BenchError as exc:
+            except peer.LiteLLMUnavailable as exc:
                 litellm_note = "not run: LiteLLM did not start"
                 log(f"LiteLLM did not start, continuing without it: {exc}")
     for target in list(targets):
@@ -484,7 +387,7 @@ def run(args: argparse.Namespace, procs: rb.Processes, tmp: Path) -> int:
                     cell = run_cell(args, target, mode, rate, upstream.pid, tmp)
                     if saturated(cell):
                         target.saturated_at[mode] = rate
-                    cell.drained_s = wait_drained(port, target.upstream_auth, args.drain_limit)
+                    cell.drained_s = rb.wait_drained(port, target.upstream_auth, args.drain_limit)
                     if cell.drained_s is None and target.proc is not None:
                         # Its backlog would load the machine under every later cell.
                         target.stopped = (f"not run: stopped, still busy {args.drain_limit:g} s "
@@ -531,7 +434,7 @@ def write_results(args: argparse.Namespace, cells: list[Cell], validation: list[
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     data = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "nproc": os.cpu_count(),
             "uptime_before": uptime_before, "uptime_after": uptime_after, "config": config,
-            "litellm_spec": LITELLM_SPEC, "cells": [asdict(c) for c in cells],
+            "litellm_spec": peer.LITELLM_SPEC, "cells": [asdict(c) for c in cells],
             "validation": validation, "usage_check": usage}
     args.json.write_text(json.dumps(data, indent=1) + "\n")
     print(f"Results written to {args.json}")

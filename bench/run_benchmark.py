@@ -5,11 +5,14 @@ One command (from the repo root)::
 
     .venv/bin/python bench/run_benchmark.py [--duration 10] [--concurrency 1,16,64]
         [--modes nonstream,stream] [--workers 2] [--pg-url URL] [--redis-url URL] [--keep]
+        [--admission] [--litellm]
 
 Modes `messages` and `messages-stream` send the same prompt to the gateway's Anthropic
 Messages endpoint (`/v1/messages`, translated to the same chat request upstream), so that the
 translation's CPU cost shows against `nonstream` / `stream` of the same size. Modes `responses`
 and `responses-stream` do the same through the Responses API (`/v1/responses`, `store: false`).
+``--litellm`` also loads the LiteLLM proxy (bench/litellm_peer.py: no database, no Redis, as
+many workers as the gateway) in front of the same upstream in each chat cell, beside the gateway.
 
 It starts the fake upstream and the gateway (gunicorn) as child processes, drives both with
 wrk in the same run, prints a comparison table and writes ``bench/results/latest.json``.
@@ -38,6 +41,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 from urllib.parse import urlsplit, urlunsplit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import litellm_peer as peer  # noqa: E402 - bench/ is put on the path above
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = REPO / ".venv" / "bin"
@@ -298,6 +304,11 @@ class WrkResult:
     def errors(self) -> int:
         return self.non_2xx + sum(self.socket_errors.values())
 
+    @property
+    def timed(self) -> bool:
+        """Whether any request completed: with none, wrk's percentiles are 0, not latencies."""
+        return self.requests > 0
+
 
 def ensure_wrk() -> str:
     path = shutil.which("wrk")
@@ -401,6 +412,26 @@ UPSTREAM_COUNTERS = ("requests_total", "connections_total", "answers_cut",
 def upstream_stats(port: int) -> dict[str, int]:
     """The fake upstream's counters (requests, connections, cut answers, ...) so far."""
     return json.loads(http_get(f"http://127.0.0.1:{port}/_stats")[1])
+
+
+def wait_drained(upstream_port: int, auth: str | None, limit: float = 120.0) -> float | None:
+    """Wait until a target has stopped calling the upstream (requests the load generator gave
+    up on may still be worked through: LiteLLM does not cancel them), so that the next run does
+    not queue behind the last one's backlog. Seconds waited; None when it never settled."""
+    start = time.monotonic()
+    if auth is None:
+        return 0.0
+    last, stable_since = -1, start
+    while time.monotonic() - start < limit:
+        calls = upstream_stats(upstream_port)["requests_by_authorization"].get(auth, 0)
+        now = time.monotonic()
+        if calls != last:
+            last, stable_since = calls, now
+        elif now - stable_since >= 1.0:
+            return now - start
+        time.sleep(0.2)
+    log(f"  the target still called the upstream {limit:g} s after the run")
+    return None
 
 
 # --------------------------------------------------------------------------- database
@@ -568,33 +599,90 @@ class Row:
     direct: WrkResult
     gateway: WrkResult | None = None  # direct.cpu_ms_per_req is the fake upstream's CPU
     upstream_during_gateway: dict[str, int] | None = None  # fake's counters, gateway run
+    litellm: WrkResult | None = None  # the LiteLLM proxy (--litellm), same mode and concurrency
 
-    def table_cells(self) -> list[str]:
-        d, g = self.direct, self.gateway
+    def table_cells(self, with_litellm: bool = False) -> list[str]:
+        d, g, lt = self.direct, self.gateway, self.litellm
 
         def f(v: float | None, fmt: str = "{:.2f}") -> str:
             return "-" if v is None else fmt.format(v)
 
-        return [self.mode, str(self.concurrency), f(d.rps, "{:.0f}"),
-                f(g.rps if g else None, "{:.0f}"),
-                f(g.rps / d.rps if g and d.rps else None),
-                f(d.p50_ms), f(g.p50_ms if g else None),
-                f(g.p50_ms - d.p50_ms if g else None),
-                f(d.p99_ms), f(g.p99_ms if g else None),
-                f(g.cpu_ms_per_req if g else None, "{:.3f}"),
-                f"{d.errors}/{g.errors if g else '-'}"]
+        cells = [self.mode, str(self.concurrency), f(d.rps, "{:.0f}"),
+                 f(g.rps if g else None, "{:.0f}"),
+                 f(g.rps / d.rps if g and d.rps else None),
+                 f(d.p50_ms), f(g.p50_ms if g else None),
+                 f(g.p50_ms - d.p50_ms if g else None),
+                 f(d.p99_ms), f(g.p99_ms if g else None),
+                 f(g.cpu_ms_per_req if g else None, "{:.3f}")]
+        errors = f"{d.errors}/{g.errors if g else '-'}"
+        if with_litellm:
+            timed = lt is not None and lt.timed
+            cells += [f(lt.rps if lt else None, "{:.0f}"), f(lt.p50_ms if timed else None),
+                      f(lt.p50_ms - d.p50_ms if timed else None), f(lt.p99_ms if timed else None),
+                      f(lt.cpu_ms_per_req if lt else None, "{:.3f}")]
+            errors += f"/{lt.errors if lt else '-'}"
+        return cells + [errors]
 
 
 HEADERS = ["mode", "conc", "direct rps", "gw rps", "ratio", "direct p50", "gw p50",
            "added p50", "direct p99", "gw p99", "gw CPU ms/req", "errors d/g"]
+LITELLM_HEADERS = ["llm rps", "llm p50", "llm added", "llm p99", "llm CPU ms/req"]
 
 
 def format_table(rows: list[Row]) -> str:
-    cells = [HEADERS] + [r.table_cells() for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(HEADERS))]
+    """The aligned table for the terminal; LiteLLM's columns (`llm`) when a row has them."""
+    with_litellm = any(r.litellm for r in rows)
+    headers = HEADERS[:-1] + (LITELLM_HEADERS if with_litellm else []) + \
+        ["errors d/g/l" if with_litellm else HEADERS[-1]]
+    cells = [headers] + [r.table_cells(with_litellm) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(headers))]
     lines = ["  ".join(c[i].rjust(widths[i]) for i in range(len(c))) for c in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines) + "\n(latencies in ms; ratio = gateway rps / direct rps)"
+    return "\n".join(lines) + "\n(latencies in ms; ratio = gateway rps / direct rps" + \
+        ("; llm = the LiteLLM proxy, llm added = its p50 - direct p50)" if with_litellm else ")")
+
+
+MODE_LABELS = {"nonstream": "non-streaming", "stream": "streaming (20 chunks)"}
+
+
+def ms(v: float | None, sign: bool = False) -> str:
+    """Milliseconds with three significant figures or so, as bench/README.md's tables."""
+    if v is None:
+        return "-"
+    digits = 2 if abs(v) < 10 else 1 if abs(v) < 100 else 0
+    return f"{v:+.{digits}f} ms" if sign else f"{v:.{digits}f} ms"
+
+
+def markdown_table(rows: list[Row]) -> str:
+    """The table ready to paste into bench/README.md: the gateway beside the direct upstream
+    and, when --litellm ran, LiteLLM's req/s, p50, added p50, p99 and CPU per request beside
+    the gateway's. An errors column (direct/gateway[/LiteLLM]) only when a run had errors."""
+    with_litellm = any(r.litellm for r in rows)
+    with_errors = any(r.direct.errors or (r.gateway and r.gateway.errors)
+                      or (r.litellm and r.litellm.errors) for r in rows)
+    both = ["gateway", "LiteLLM"] if with_litellm else ["gateway"]
+    head = (["mode", "conns", "direct req/s"] + [f"{w} req/s" for w in both] + ["direct p50"]
+            + [f"{w} p50" for w in both] + [f"added p50 {w}" if with_litellm else "added p50"
+                                            for w in both]
+            + [f"{w} p99" for w in both] + [f"{w} CPU/req" for w in both])
+    if with_errors:
+        head.append("errors d/g/l" if with_litellm else "errors d/g")
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        d = r.direct
+        runs = [r.gateway, r.litellm] if with_litellm else [r.gateway]
+        timed = [x if x and x.timed else None for x in runs]  # latencies of runs that completed some
+        line = ([MODE_LABELS.get(r.mode, r.mode), str(r.concurrency), f"{d.rps:.0f}"]
+                + [f"{x.rps:.0f}" if x else "-" for x in runs] + [ms(d.p50_ms)]
+                + [ms(x.p50_ms) if x else "-" for x in timed]
+                + [ms(x.p50_ms - d.p50_ms, sign=True) if x else "-" for x in timed]
+                + [ms(x.p99_ms) if x else "-" for x in timed]
+                + [ms(x.cpu_ms_per_req) if x and x.cpu_ms_per_req is not None else "-"
+                   for x in runs])
+        if with_errors:
+            line.append("/".join([str(d.errors)] + [str(x.errors) if x else "-" for x in runs]))
+        out.append("| " + " | ".join(line) + " |")
+    return "\n".join(out)
 
 
 def print_usage(usage: dict[str, Any], rows: list[Row]) -> None:
@@ -630,11 +718,16 @@ def translation_overhead(rows: list[Row]) -> Iterator[str]:
 def error_details(rows: list[Row]) -> Iterator[str]:
     """One line per run that had errors: statuses, socket errors and a sample body."""
     for r in rows:
-        for target, res in (("direct", r.direct), ("gateway", r.gateway)):
+        for target, res in (("direct", r.direct), ("gateway", r.gateway), ("litellm", r.litellm)):
             if res is not None and res.errors:
                 yield (f"errors {target} {r.mode} c={r.concurrency}: non-2xx by status "
                        f"{res.statuses or '-'}, socket errors {res.socket_errors or '-'}, "
                        f"first body: {res.error_sample[:200] or '-'}")
+
+
+def uptime() -> str:
+    """`uptime`'s line (the load average says how busy the machine was)."""
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
 def machine_info(wrk: str) -> dict[str, Any]:
@@ -653,19 +746,20 @@ def machine_info(wrk: str) -> dict[str, Any]:
 
 
 def write_results(info: dict[str, Any], args: argparse.Namespace, rows: list[Row],
-                  usage: dict[str, Any]) -> None:
+                  usage: dict[str, Any], litellm: str = "") -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     data = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": info,
             "config": {k: getattr(args, k) for k in ("duration", "concurrency", "modes",
-                                                      "workers", "direct_only", "admission")},
-            "rows": [asdict(r) for r in rows], "usage_check": usage}
+                                                      "workers", "direct_only", "admission",
+                                                      "litellm")},
+            "litellm": litellm, "rows": [asdict(r) for r in rows], "usage_check": usage}
     RESULTS.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def save_logs(tmp: Path) -> None:
     """Keep the children's logs next to the results (bench/results/ is not committed)."""
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    for name in ("gateway.log", "fake_openai.log"):
+    for name in ("gateway.log", "fake_openai.log", "litellm.log"):
         if (tmp / name).exists():
             shutil.copyfile(tmp / name, RESULTS.parent / name)
 
@@ -689,6 +783,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "so every request goes through Redis admission and settlement")
     p.add_argument("--direct-only", action="store_true",
                    help="only the upstream half (no database, no gateway)")
+    p.add_argument("--litellm", action="store_true",
+                   help="also load the LiteLLM proxy (no database, no Redis, --workers workers) "
+                        "in front of the same upstream in each nonstream/stream cell; installed on "
+                        "first use into bench/.peers/litellm-venv, left out if it cannot be had")
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -710,6 +808,9 @@ class Targets:
     gateway_completed: int = 0  # responses wrk (and smoke checks) got from the gateway
     upstream_seen: dict[str, int] = field(default_factory=dict)  # summed over gateway steps
     last_upstream: dict[str, int] = field(default_factory=dict)  # ... during the last step
+    litellm_url: str | None = None  # the LiteLLM proxy's chat completions URL (--litellm)
+    litellm_proc: subprocess.Popen[bytes] | None = None
+    litellm_note: str = ""  # what became of --litellm, for the report
 
     def on_gateway(self, fn: Callable[[], T]) -> T:
         """Run one gateway-bound step, counting what the upstream saw meanwhile: requests,
@@ -741,6 +842,7 @@ def bench_mode(wrk: str, args: argparse.Namespace, t: Targets, mode: str,
         if gw:
             warm = t.on_gateway(lambda: run_wrk(wrk, gw, gw_lua, top, args.warmup))
             t.gateway_completed += warm.requests
+    lt_lua = litellm_lua(wrk, args, t, mode, tmp)
     for c in args.concurrency:
         log(f"{mode} c={c}: direct")
         direct = measured_run(wrk, t.direct_url, lua, c, args.duration, t.upstream_pid)
@@ -751,7 +853,63 @@ def bench_mode(wrk: str, args: argparse.Namespace, t: Targets, mode: str,
                                                             t.gateway_pid))
             t.gateway_completed += row.gateway.requests
             row.upstream_during_gateway = t.last_upstream
+        if lt_lua:
+            row.litellm = litellm_run(wrk, args, t, lt_lua, c)
         yield row
+
+
+LITELLM_MODES = ("nonstream", "stream")  # LiteLLM is loaded with the chat request only
+
+
+def litellm_lua(wrk: str, args: argparse.Namespace, t: Targets, mode: str,
+                tmp: Path) -> Path | None:
+    """The wrk script for LiteLLM in this mode, after a smoke check and the warm-up; None when
+    LiteLLM is not running, not measured in this mode, or answered wrongly (it is then stopped
+    and left out of the rest of the run)."""
+    if not t.litellm_url or t.litellm_proc is None or mode not in LITELLM_MODES:
+        return None
+    stream = MODES[mode][0]
+    try:
+        smoke_check("litellm", t.litellm_url, peer.LITELLM_MASTER_KEY, stream)
+    except (BenchError, OSError) as exc:
+        log(f"LiteLLM answered wrongly, continuing without it: {exc}")
+        stop_group("litellm", t.litellm_proc)
+        t.litellm_url, t.litellm_note = None, f"not run from {mode} on: it answered wrongly"
+        return None
+    lua = write_lua(tmp, stream, peer.LITELLM_MASTER_KEY, request_body(stream), f"litellm-{mode}")
+    if args.warmup > 0:
+        run_wrk(wrk, t.litellm_url, lua, max(args.concurrency), args.warmup)
+        wait_drained(t.upstream_port, f"Bearer {peer.LITELLM_UPSTREAM_KEY}", 30)
+    return lua
+
+
+def litellm_run(wrk: str, args: argparse.Namespace, t: Targets, lua: Path, c: int) -> WrkResult:
+    """One measured wrk run on LiteLLM, then a wait until it stopped calling the upstream (the
+    requests wrk cut), so that the next run does not share the machine with its backlog."""
+    log(f"  c={c}: litellm")
+    assert t.litellm_url and t.litellm_proc
+    result = measured_run(wrk, t.litellm_url, lua, c, args.duration, t.litellm_proc.pid)
+    wait_drained(t.upstream_port, f"Bearer {peer.LITELLM_UPSTREAM_KEY}", 30)
+    return result
+
+
+def setup_litellm(args: argparse.Namespace, procs: Processes, t: Targets, tmp: Path) -> None:
+    """Install (first use) and start the LiteLLM proxy in front of the run's upstream; when it
+    cannot be had, say so and go on without it."""
+    exe = peer.ensure_litellm()
+    if exe is None:
+        t.litellm_note = "not run: it could not be installed"
+        return
+    try:
+        t.litellm_url, t.litellm_proc = peer.start_litellm(procs, exe, t.upstream_port,
+                                                           args.workers, tmp)
+    except peer.LiteLLMUnavailable as exc:
+        log(f"LiteLLM did not start, continuing without it: {exc}")
+        t.litellm_note = "not run: it did not start"
+        return
+    t.litellm_note = (f"{peer.LITELLM_SPEC} from {exe.parent.parent.relative_to(REPO)}, "
+                      f"{args.workers} workers, no database, no Redis")
+    log(f"LiteLLM proxy up: {t.litellm_note}")
 
 
 @dataclass
@@ -812,12 +970,15 @@ def usage_check(args: argparse.Namespace, t: Targets) -> dict[str, Any]:
 def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
     wrk = ensure_wrk()
     info = machine_info(wrk)
+    uptime_before = uptime()
     log(f"machine: {info['nproc']} CPUs, {info['cpu_model']}, Python {info['python']}, "
-        f"{info['wrk']}")
+        f"{info['wrk']}; {uptime_before}")
     port, fake = start_fake(procs, tmp)
     t = Targets(f"http://127.0.0.1:{port}{CHAT_PATH}", fake.pid, port)
     if not args.direct_only:
         setup_gateway(args, procs, t, tmp)
+    if args.litellm:
+        setup_litellm(args, procs, t, tmp)
     rows: list[Row] = []
     for mode in args.modes:
         for row in bench_mode(wrk, args, t, mode, tmp):
@@ -826,16 +987,23 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
     print()
     print(f"Machine: nproc={info['nproc']}  CPU: {info['cpu_model']}  "
           f"Python {info['python']}  {info['wrk']}")
+    print(f"Load: before: {uptime_before}\n      after:  {uptime()}")
     print(f"wrk: {args.duration:g}s per run, 1 thread at c=1 else 2; gateway workers: "
-          f"{args.workers}\n")
+          f"{args.workers}")
+    if args.litellm:
+        print(f"LiteLLM: {t.litellm_note}")
+    print()
     print(format_table(rows))
+    print("\nMarkdown:\n")
+    print(markdown_table(rows))
+    print()
     for line in translation_overhead(rows):
         print(line)
     for line in error_details(rows):
         print(line)
     if usage:
         print_usage(usage, rows)
-    write_results(info, args, rows, usage)
+    write_results(info, args, rows, usage, t.litellm_note)
     print(f"\nResults written to {RESULTS.relative_to(REPO)}")
     return 0 if all(r.direct.errors == 0 and (not r.gateway or r.gateway.errors == 0)
                     for r in rows) else 1
