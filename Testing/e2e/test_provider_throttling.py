@@ -124,6 +124,19 @@ def queue_length(base_url: str, deployment: str) -> int:
     return entry["queue"]["length"]
 
 
+def queue_metrics(base_url: str, deployment: str) -> tuple[float, float]:
+    """(queue length, oldest wait in seconds) of a deployment as GET /metrics shows them."""
+    status, _, body = http_json("GET", base_url + "/metrics")
+    assert status == 200, body
+    label = f'{{deployment="{deployment}"}} '
+    figures = {}
+    for line in body.splitlines() if isinstance(body, str) else body.decode().splitlines():
+        for name in ("gateway_provider_queue_length", "gateway_provider_queue_oldest_wait_seconds"):
+            if line.startswith(name + label):
+                figures[name] = float(line.rsplit(" ", 1)[1])
+    return figures["gateway_provider_queue_length"], figures["gateway_provider_queue_oldest_wait_seconds"]
+
+
 def open_request(base_url: str, key: str, model: str, text: str) -> socket.socket:
     """A chat request sent over a raw socket, so that the test can hang up while it waits."""
     host, port = base_url.rsplit("/", 1)[1].split(":")
@@ -147,7 +160,7 @@ def test_clients_that_hang_up_leave_the_queue_and_the_next_gets_the_slot(slow_wi
     """Two queued clients hang up: the queue shrinks at once, they never reach the provider,
     and the slot goes to the client queued after them (which, behind them, would have waited
     past its 8 s timeout). Waiting requests hold the key's concurrency slot; they are shown in
-    /v1/providers/status."""
+    /v1/providers/status and in /metrics (queue length and oldest wait per deployment)."""
     base = slow_window_gateway.base_url
     key = mint(base)
     assert complete(base, key, "held", "takes the slot")[0] == 200
@@ -159,6 +172,8 @@ def test_clients_that_hang_up_leave_the_queue_and_the_next_gets_the_slot(slow_wi
     waiter = threading.Thread(target=lambda: result.append(complete(base, key, "held", "stays")))
     waiter.start()
     wait_until(lambda: queue_length(base, "openai/gpt-held") == 3, message="3 waiting")
+    length, oldest_wait = queue_metrics(base, "openai/gpt-held")
+    assert length == 3.0 and oldest_wait > 0, (length, oldest_wait)
     for sock in gone:
         sock.close()
     wait_until(lambda: queue_length(base, "openai/gpt-held") == 1, message="the two gone left the queue")
@@ -167,6 +182,7 @@ def test_clients_that_hang_up_leave_the_queue_and_the_next_gets_the_slot(slow_wi
     texts = [r["body"]["messages"][-1]["content"] for r in upstream.chat_requests() if r["body"]["model"] == "gpt-held"]
     assert texts == ["takes the slot", "stays"]
     assert queue_length(base, "openai/gpt-held") == 0
+    assert queue_metrics(base, "openai/gpt-held") == (0.0, 0.0)
 
 
 def test_a_waiting_request_holds_its_keys_concurrency_slot(slow_window_gateway, clean_db):
