@@ -236,12 +236,13 @@ def redis_value(name: str) -> bytes | None:
 def test_a_hit_counts_against_rpm_but_not_tokens_or_budget(gateway, fake_upstream, clean_db):
     """A key with rpm 3, tpm, a daily token limit and a budget: the miss spends tokens and
     money; the two hits after it leave the tokens/min state, the day's tokens and the spend
-    exactly as they were and release their concurrency slot; the fourth request (a hit too)
-    is refused on requests/min."""
-    key = mint(gateway, cache=True, rpm_limit=3, tpm_limit=100000, daily_token_limit=100000, budget_usd="5",
+    exactly as they were and hold no concurrency slot; the fourth request (a hit too) is
+    refused on requests/min. (tpm 60: the miss's tokens/min state lasts tens of seconds, so
+    it is still there to compare.)"""
+    key = mint(gateway, cache=True, rpm_limit=3, tpm_limit=60, daily_token_limit=100000, budget_usd="5",
                max_concurrent=1)
     messages = prompt()
-    status, _, first = chat(gateway, key, messages)
+    status, _, first = chat(gateway, key, messages, max_tokens=40)
     assert status == 200, first
     [row] = key_rows(clean_db, key, 1)
     spent_tokens, cost = row["total_tokens"], row["cost_usd"]
@@ -257,7 +258,7 @@ def test_a_hit_counts_against_rpm_but_not_tokens_or_budget(gateway, fake_upstrea
     tpm_state = redis_value(f"{k}:tpm")
     assert tpm_state is not None
     for _ in range(2):
-        status, headers, body = chat(gateway, key, messages)
+        status, headers, body = chat(gateway, key, messages, max_tokens=40)
         assert status == 200 and headers["X-Gateway-Cache"] == "hit", body
     key_rows(clean_db, key, 3)
     after = headroom()
@@ -267,7 +268,7 @@ def test_a_hit_counts_against_rpm_but_not_tokens_or_budget(gateway, fake_upstrea
     assert after["budget_this_month"] == before["budget_this_month"]
     assert Decimal(after["budget_this_month"]["used_usd"]) == cost
     assert after["concurrent_requests"]["in_use"] == 0
-    status, headers, body = chat(gateway, key, messages)
+    status, headers, body = chat(gateway, key, messages, max_tokens=40)
     assert status == 429 and body["error"]["code"] == "rate_limit_exceeded", body
     assert "requests per minute" in body["error"]["message"]
     assert upstream_calls(fake_upstream, messages) == 1
