@@ -373,3 +373,28 @@ def test_an_answer_larger_than_the_cap_is_not_stored(cache_gateway, fake_upstrea
     for _ in range(2):
         assert chat(cache_gateway, key, long_messages, temperature=0)[1]["X-Gateway-Cache"] == "miss"
     assert upstream_calls(fake_upstream, long_messages) == 2
+
+
+def test_a_hit_takes_no_concurrency_slot(gateway, fake_upstream, clean_db):
+    """A key with max_concurrent 1 whose one slot is held by a stream still running (a 30 s
+    answer, read to its first chunk): a hit is answered (it waits on no model), a miss is
+    refused with 429 on concurrency; the hit's usage row is written as usual."""
+    key = mint(gateway, cache=True, max_concurrent=1)
+    cached = prompt()
+    status, _, body = chat(gateway, key, cached)
+    assert status == 200, body
+    key_rows(clean_db, key, 1)
+    auth = {"Authorization": f"Bearer {key['key']}"}
+    wait_until(lambda: http_json("GET", gateway.base_url + "/v1/key", None, auth)[2]["headroom"]
+               ["concurrent_requests"]["remaining"] == 1, message="the miss's slot released")
+    client = OpenAI(base_url=gateway.base_url + "/v1", api_key=key["key"], max_retries=0)
+    stream = client.chat.completions.create(model="slow-chunks-600", messages=prompt(), stream=True)
+    try:
+        next(iter(stream))  # admitted: the key's one slot is held until the stream ends
+        status, headers, body = chat(gateway, key, cached)
+        assert status == 200 and headers["X-Gateway-Cache"] == "hit", body
+        status, _, body = chat(gateway, key, prompt())
+        assert status == 429 and "concurrent" in body["error"]["message"], body
+    finally:
+        stream.close()
+    assert upstream_calls(fake_upstream, cached) == 1
