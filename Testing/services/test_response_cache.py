@@ -267,3 +267,22 @@ def test_in_process_a_hit_is_admitted_on_requests_per_minute_only():
     unlimited = KeyLimits(key_id=8, tenant_id=1, max_concurrent=1)
     _, found, adm = cache.lookup_admitted(1, "m", "hot", True, unlimited, service, "r9")
     assert found is not None and adm is None
+
+
+def test_the_fused_lookup_on_a_cluster(redis_cluster):
+    """On a 3-master Redis Cluster the lookup and the hit's admission are still one script call
+    (the cache's keys and the key's counters share the tenant's hash tag), for tenants on
+    different masters."""
+    client = make_redis(redis_cluster.url, 4)
+    try:
+        service = RateLimitService(RedisLimiter(client, 30_000), zero_seed)
+        cache = RedisResponseCache(client, ttl_s=30)
+        raw = Entry(ANSWER, Decimal(0), "m").encode()
+        for tenant in range(1, 20):
+            cache.store(cache.lookup(tenant, "m", "x", True)[0], raw)
+            limits = KeyLimits(key_id=tenant, tenant_id=tenant, rpm=1, max_concurrent=1)
+            results = [cache.lookup_admitted(tenant, "m", "x", True, limits, service, f"r{i}") for i in range(2)]
+            assert [r[1] is not None for r in results] == [True, True]
+            assert [r[2].admitted for r in results] == [True, False]
+    finally:
+        client.close()
