@@ -236,12 +236,13 @@ def redis_value(name: str) -> bytes | None:
 def test_a_hit_counts_against_rpm_but_not_tokens_or_budget(gateway, fake_upstream, clean_db):
     """A key with rpm 3, tpm, a daily token limit and a budget: the miss spends tokens and
     money; the two hits after it leave the tokens/min state, the day's tokens and the spend
-    exactly as they were and release their concurrency slot; the fourth request (a hit too)
-    is refused on requests/min."""
-    key = mint(gateway, cache=True, rpm_limit=3, tpm_limit=100000, daily_token_limit=100000, budget_usd="5",
+    exactly as they were and hold no concurrency slot; the fourth request (a hit too) is
+    refused on requests/min. (tpm 60: the miss's tokens/min state lasts tens of seconds, so
+    it is still there to compare.)"""
+    key = mint(gateway, cache=True, rpm_limit=3, tpm_limit=60, daily_token_limit=100000, budget_usd="5",
                max_concurrent=1)
     messages = prompt()
-    status, _, first = chat(gateway, key, messages)
+    status, _, first = chat(gateway, key, messages, max_tokens=40)
     assert status == 200, first
     [row] = key_rows(clean_db, key, 1)
     spent_tokens, cost = row["total_tokens"], row["cost_usd"]
@@ -257,7 +258,7 @@ def test_a_hit_counts_against_rpm_but_not_tokens_or_budget(gateway, fake_upstrea
     tpm_state = redis_value(f"{k}:tpm")
     assert tpm_state is not None
     for _ in range(2):
-        status, headers, body = chat(gateway, key, messages)
+        status, headers, body = chat(gateway, key, messages, max_tokens=40)
         assert status == 200 and headers["X-Gateway-Cache"] == "hit", body
     key_rows(clean_db, key, 3)
     after = headroom()
@@ -267,7 +268,7 @@ def test_a_hit_counts_against_rpm_but_not_tokens_or_budget(gateway, fake_upstrea
     assert after["budget_this_month"] == before["budget_this_month"]
     assert Decimal(after["budget_this_month"]["used_usd"]) == cost
     assert after["concurrent_requests"]["in_use"] == 0
-    status, headers, body = chat(gateway, key, messages)
+    status, headers, body = chat(gateway, key, messages, max_tokens=40)
     assert status == 429 and body["error"]["code"] == "rate_limit_exceeded", body
     assert "requests per minute" in body["error"]["message"]
     assert upstream_calls(fake_upstream, messages) == 1
@@ -372,3 +373,28 @@ def test_an_answer_larger_than_the_cap_is_not_stored(cache_gateway, fake_upstrea
     for _ in range(2):
         assert chat(cache_gateway, key, long_messages, temperature=0)[1]["X-Gateway-Cache"] == "miss"
     assert upstream_calls(fake_upstream, long_messages) == 2
+
+
+def test_a_hit_takes_no_concurrency_slot(gateway, fake_upstream, clean_db):
+    """A key with max_concurrent 1 whose one slot is held by a stream still running (a 30 s
+    answer, read to its first chunk): a hit is answered (it waits on no model), a miss is
+    refused with 429 on concurrency; the hit's usage row is written as usual."""
+    key = mint(gateway, cache=True, max_concurrent=1)
+    cached = prompt()
+    status, _, body = chat(gateway, key, cached)
+    assert status == 200, body
+    key_rows(clean_db, key, 1)
+    auth = {"Authorization": f"Bearer {key['key']}"}
+    wait_until(lambda: http_json("GET", gateway.base_url + "/v1/key", None, auth)[2]["headroom"]
+               ["concurrent_requests"]["remaining"] == 1, message="the miss's slot released")
+    client = OpenAI(base_url=gateway.base_url + "/v1", api_key=key["key"], max_retries=0)
+    stream = client.chat.completions.create(model="slow-chunks-600", messages=prompt(), stream=True)
+    try:
+        next(iter(stream))  # admitted: the key's one slot is held until the stream ends
+        status, headers, body = chat(gateway, key, cached)
+        assert status == 200 and headers["X-Gateway-Cache"] == "hit", body
+        status, _, body = chat(gateway, key, prompt())
+        assert status == 429 and "concurrent" in body["error"]["message"], body
+    finally:
+        stream.close()
+    assert upstream_calls(fake_upstream, cached) == 1

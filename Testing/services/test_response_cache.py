@@ -12,6 +12,7 @@ import redis
 
 from app.extensions import make_redis
 from app.providers.base import StreamPiece
+from app.services.rate_limit_service import KeyLimits, LocalLimiter, RateLimitService, RedisLimiter
 from app.services.cache_answers import AnswerBuilder, complete_answer, replay_body, replay_pieces
 from app.services.response_cache import (CacheAsk, CacheUse, Entry, LocalResponseCache, RedisResponseCache, decide,
                                          request_digest)
@@ -200,3 +201,88 @@ def test_redis_errors_reach_the_caller():
     client = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
     with pytest.raises(redis.RedisError):
         RedisResponseCache(client, ttl_s=30).lookup(1, "m", "d", True)
+
+
+def counting(limiter: RedisLimiter) -> list[int]:
+    """Round trips the limiter makes from now on (one per `_execute`: one write, one read)."""
+    calls = [0]
+    execute = limiter._execute
+
+    def counted(commands):
+        calls[0] += 1
+        return execute(commands)
+    limiter._execute = counted
+    return calls
+
+
+def zero_seed(*_) -> dict[str, int]:
+    """Nothing used this day or month yet (the usage store a miss's admission seeds from)."""
+    return {"day": 0, "key_spend": 0, "tenant_spend": 0}
+
+
+HIT_LIMITS = KeyLimits(key_id=7, tenant_id=1, rpm=3, tpm=1000, daily_tokens=5000, max_concurrent=1,
+                       key_budget_nano=10**9)
+
+
+def test_with_redis_a_hit_is_looked_up_and_admitted_in_one_round_trip(plain_redis):
+    """A hit of a key with a requests/min limit: the lookup and the hit's admission are one
+    script call; the admission is on requests/min only (no lease, no tokens, no money); a miss
+    counts nothing; requests/min stays exact when hits of one worker and misses admitted by
+    another share it (two limiters on one Redis): the fourth request in the minute is refused,
+    hit or not."""
+    worker_a, worker_b = RedisLimiter(plain_redis, 30_000), RedisLimiter(plain_redis, 30_000)
+    service_a, service_b = RateLimitService(worker_a, zero_seed), RateLimitService(worker_b, zero_seed)
+    cache = RedisResponseCache(plain_redis, ttl_s=30)
+    raw = Entry(ANSWER, Decimal("0.5"), "m").encode()
+    cache.store(cache.lookup(1, "m", "hot", True)[0], raw)
+    trips = counting(worker_a)
+    slot, found, adm = cache.lookup_admitted(1, "m", "cold", True, HIT_LIMITS, service_a, "r0")
+    assert (found, adm, trips[0]) == (None, None, 1) and slot.generations == ("0", "0")
+    assert plain_redis.exists("gw:{t:1}:k:7:rpm") == 0                      # a miss counted nothing
+    _, found, adm = cache.lookup_admitted(1, "m", "hot", True, HIT_LIMITS, service_a, "r1")
+    assert found == Entry(ANSWER, Decimal("0.5"), "m") and trips[0] == 2
+    assert adm.admitted and adm.limits == KeyLimits(key_id=7, tenant_id=1, rpm=3)
+    assert (adm.tokens, adm.cost_nano) == (0, 0) and adm.headers["x-ratelimit-remaining-requests"] == "2"
+    assert plain_redis.exists("gw:{t:1}:k:7:lease") == 0                    # no concurrency slot
+    assert service_b.admit(HIT_LIMITS, "r2", 10, 0).admitted                # a miss on the other worker
+    _, found, adm = cache.lookup_admitted(1, "m", "hot", True, HIT_LIMITS, service_a, "r3")
+    assert found is not None and adm.admitted and adm.headers["x-ratelimit-remaining-requests"] == "0"
+    _, found, adm = cache.lookup_admitted(1, "m", "hot", True, HIT_LIMITS, service_a, "r4")
+    assert found is not None and not adm.admitted and adm.reason == "rpm" and adm.retry_after_ms > 0
+    assert not service_b.admit(HIT_LIMITS, "r5", 10, 0).admitted            # a miss is refused too
+    _, found, adm = cache.lookup_admitted(1, "m", "hot", False, HIT_LIMITS, service_a, "r6")
+    assert (found, adm) == (None, None)                                      # no-cache: not read
+
+
+def test_in_process_a_hit_is_admitted_on_requests_per_minute_only():
+    """Embedded mode (no Redis): the same rules in two steps: a hit is admitted on requests/min
+    only, a key without a requests/min limit admits a hit without the limiter."""
+    clock = FakeClock()
+    service = RateLimitService(LocalLimiter(30_000, clock=lambda: clock.now().timestamp()), zero_seed)
+    cache = LocalResponseCache(ttl_s=30, max_entries=10, monotonic=clock.monotonic)
+    cache.store(cache.lookup(1, "m", "hot", True)[0], Entry(ANSWER, Decimal(0), "m").encode())
+    admitted = [cache.lookup_admitted(1, "m", "hot", True, HIT_LIMITS, service, f"r{i}")[2].admitted
+                for i in range(4)]
+    assert admitted == [True, True, True, False]
+    unlimited = KeyLimits(key_id=8, tenant_id=1, max_concurrent=1)
+    _, found, adm = cache.lookup_admitted(1, "m", "hot", True, unlimited, service, "r9")
+    assert found is not None and adm is None
+
+
+def test_the_fused_lookup_on_a_cluster(redis_cluster):
+    """On a 3-master Redis Cluster the lookup and the hit's admission are still one script call
+    (the cache's keys and the key's counters share the tenant's hash tag), for tenants on
+    different masters."""
+    client = make_redis(redis_cluster.url, 4)
+    try:
+        service = RateLimitService(RedisLimiter(client, 30_000), zero_seed)
+        cache = RedisResponseCache(client, ttl_s=30)
+        raw = Entry(ANSWER, Decimal(0), "m").encode()
+        for tenant in range(1, 20):
+            cache.store(cache.lookup(tenant, "m", "x", True)[0], raw)
+            limits = KeyLimits(key_id=tenant, tenant_id=tenant, rpm=1, max_concurrent=1)
+            results = [cache.lookup_admitted(tenant, "m", "x", True, limits, service, f"r{i}") for i in range(2)]
+            assert [r[1] is not None for r in results] == [True, True]
+            assert [r[2].admitted for r in results] == [True, False]
+    finally:
+        client.close()

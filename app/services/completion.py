@@ -18,11 +18,13 @@ answer or its pieces. The run settles exactly once, in `_finish`, whichever way 
 
 The response cache (app/services/response_cache.py, docs/cache.md): a caller that passes
 `cache=CacheAsk(...)` to `begin` (the endpoints whose answer is the canonical chat answer: chat
-completions, /api/chat) has the cache looked up before admission. A hit is admitted on
-requests/min and concurrency only, answered from the cache by `complete` / `stream` without a
-provider, and settled with no tokens and no cost (its usage row says `cached` and the cost it
-saved); a miss stores a complete answer: a whole one before it is returned, a stream in
-`_finish` when it ended ok (before the client's last event).
+completions, /api/chat) has the cache looked up before admission, and for a model named
+directly (not a category) before routing and prompt counting. A hit is admitted by its lookup,
+on requests/min only (no concurrency slot: it is answered at once; with Redis the lookup and
+the requests/min check are one script call), answered from the cache by `complete` / `stream`
+without a provider, and settled with no tokens and no cost and nothing to release (its usage
+row says `cached` and the cost it saved); a miss stores a complete answer: a whole one before it
+is returned, a stream in `_finish` when it ended ok (before the client's last event).
 
 `_finish` takes the settlement out of the run before using it, so whichever of these comes
 second finds nothing to settle. Threads: a run is driven by one request (one thread or one
@@ -144,6 +146,14 @@ class CompletionRun:
         if not key.may_use(alias):
             raise PermissionDenied(f"This API key may not use the model '{alias}'.", param="model",
                                    code="model_not_allowed")
+        if cache is not None and deployment is None and entry is not None:
+            # a direct model: the cache first; a hit needs neither routing nor a prompt count
+            run = cls(rt, _trace(key, entry, body, endpoint, request_id), [entry])
+            if run._consult_cache(cache, alias, entry):
+                return run  # admitted by the lookup
+            cache = None  # looked up: a miss goes on as any request, then stores its answer
+        else:
+            run = None
         if hold_slot:
             _refuse_cheaply(rt, key, body, body_bytes)
         if deployment is None:
@@ -158,49 +168,58 @@ class CompletionRun:
             prompt = size.counted(models[0].tokenizer)
         else:
             models, prompt = [rt.providers.catalog.get(alias)], None
-        trace = CompletionTrace(request_id=request_id or "req_" + uuid.uuid4().hex, key=key,
-                                entry=models[0], deployment=deployment, request=body,
-                                streamed=bool(body.get("stream")), endpoint=endpoint)
-        trace.public_request_id = request_context.public_request_id()
+        if run is None:
+            run = cls(rt, _trace(key, models[0], body, endpoint, request_id, deployment), models, deployment)
+        else:  # looked up before routing (a miss): the same run, now routed
+            run.trace.entry, run.models = models[0], models
+        trace = run.trace
         trace.prompt_estimate = prompt if prompt_tokens is None else prompt_tokens
         trace.output_estimate, trace.flat_cost = output_tokens, flat_cost
-        run = cls(rt, trace, models, deployment)
         if cache is not None and deployment is None:
-            run._consult_cache(cache, alias)
+            run._consult_cache(cache, alias, rt.providers.catalog.get(alias) or models[0])
         run._admit(hold_slot)
         return run
 
-    def _consult_cache(self, ask: CacheAsk, alias: str) -> None:
-        """Decide whether this request uses the response cache and look it up: a hit is kept
-        for `complete` / `stream`, a miss remembers where to store the answer. The cache
-        unreachable: the request goes on without it (logged)."""
+    def _consult_cache(self, ask: CacheAsk, alias: str, model: ModelEntry) -> bool:
+        """Decide whether this request uses the response cache (`model`: whose `cache` setting
+        counts) and look it up: a hit is kept for `complete` / `stream` (True), a miss
+        remembers where to store the answer. On a hit of a key with a requests/min limit the
+        lookup also admits the hit (`lookup_admitted`: one Redis round trip); refused, it
+        raises the 429. The cache unreachable: the request goes on without it (logged)."""
         rt, trace = self.rt, self.trace
         settings = rt.settings
-        model = rt.providers.catalog.get(alias) or self.models[0]
         use = decide(ask, trace.key.cache, model.cache, settings.RESPONSE_CACHE_DEFAULT, trace.request,
                      settings.RESPONSE_CACHE_MAX_TEMPERATURE)
         if use is None:
-            return
+            return False
+        limits = key_limits(trace.key)
         try:
-            slot, found = rt.response_cache.lookup(trace.key.tenant_id, alias, request_digest(trace.request),
-                                                   use.read)
-        except CACHE_ERRORS as exc:
+            slot, found, adm = rt.response_cache.lookup_admitted(
+                trace.key.tenant_id, alias, request_digest(trace.request), use.read, limits, rt.limiter,
+                trace.request_id)
+        except (*CACHE_ERRORS, LimiterUnavailable) as exc:
             log.warning("response cache unavailable (%s): request %s answered without it",
                         type(exc).__name__, trace.request_id)
-            return
-        if found is not None:
-            trace.cache, trace.saved_cost = "hit", found.cost
-            trace.entry = rt.providers.catalog.get(found.model) or trace.entry
-            self._hit = found
-        else:
+            return False
+        if found is None:
             trace.cache = "miss"
             self._slot = slot
+            return False
+        if adm is not None and not adm.admitted:
+            raise limit_error(adm.reason, adm.retry_after_ms, adm.headers, tokens=0, rpm=limits.rpm,
+                              tpm=limits.tpm, daily=limits.daily_tokens, concurrent=limits.max_concurrent)
+        trace.cache, trace.saved_cost = "hit", found.cost
+        trace.entry = rt.providers.catalog.get(found.model) or trace.entry
+        trace.admission = adm
+        self._hit = found
+        return True
 
     def _admit(self, hold_slot: bool) -> None:
-        """Reserve every limit of the key in one round trip (nothing when the key has none)."""
+        """Reserve every limit of the key in one round trip (nothing when the key has none). A
+        cache hit was admitted by its lookup (requests/min only: `hit_admission_limits`)."""
+        if self._hit is not None:
+            return
         limits = key_limits(self.trace.key)
-        if self._hit is not None:  # a cached answer: requests/min and concurrency only
-            limits = replace(limits, tpm=0, daily_tokens=0, key_budget_nano=-1, tenant_budget_nano=-1)
         if not limits.any:
             return
         if not hold_slot and limits.max_concurrent:
@@ -647,6 +666,15 @@ def _request_size(body: dict[str, Any], body_bytes: int | None) -> RequestSize:
         body_bytes += IMAGE_TOKENS_HIGH * len(images)
     return RequestSize(body_bytes, len(messages), _output_cap(body, 1),
                        lambda tokenizer: count_prompt(body, tokenizer))
+
+
+def _trace(key: Any, entry: ModelEntry, body: dict[str, Any], endpoint: str, request_id: str | None,
+           deployment: Deployment | None = None) -> CompletionTrace:
+    trace = CompletionTrace(request_id=request_id or "req_" + uuid.uuid4().hex, key=key, entry=entry,
+                            deployment=deployment, request=body, streamed=bool(body.get("stream")),
+                            endpoint=endpoint)
+    trace.public_request_id = request_context.public_request_id()
+    return trace
 
 
 def _refuse_cheaply(rt: Any, key: Any, body: dict[str, Any], body_bytes: int | None) -> None:

@@ -64,6 +64,12 @@ class KeyLimits:
         return bool(self.rpm or self.max_concurrent or self.needs_tokens)
 
 
+def hit_admission_limits(limits: KeyLimits) -> KeyLimits:
+    """What a response cache hit is admitted on: requests/min only. It is answered at once (no
+    concurrency slot, nothing to release) and uses no tokens and no money."""
+    return KeyLimits(key_id=limits.key_id, tenant_id=limits.tenant_id, rpm=limits.rpm)
+
+
 def key_limits(key: Any) -> KeyLimits:
     """The limiter's view of a KeyInfo."""
     return KeyLimits(key_id=key.id, tenant_id=key.tenant_id, rpm=key.rpm_limit or 0,
@@ -346,6 +352,25 @@ class RedisLimiter:
         for result in self._call_many(calls):
             if isinstance(result, Exception):
                 log.error("settlement script failed: %s", result)
+
+    def cache_admit(self, limits: KeyLimits, cache_keys: list[str], model: str, digest: str, read: bool,
+                    request_id: str) -> tuple[str, str, bytes | None, Admission | None]:
+        """The response cache's lookup fused with a hit's admission (one round trip, the
+        script's `cache` op): `cache_keys` are the tenant's cache generations and entry prefix
+        (app/services/response_cache.py; the tenant's hash tag, as the key's counters). Returns
+        (tenant generation, model generation, the entry or None, the hit's admission: counted
+        on requests/min only, or refused on it; None when there is no hit)."""
+        res = self._call(self.key_names(limits) + cache_keys,
+                         ["cache", limits.rpm, model, digest, "1" if read else "0"])
+        status, tg, mg, raw = int(res[0]), _text(res[3]), _text(res[4]), res[5] or None
+        if status == 2 or raw is None:
+            return tg, mg, None, None
+        hit_limits = hit_admission_limits(limits)
+        adm = Admission(admitted=status == 1, reason=_text(res[1]), retry_after_ms=int(res[2]),
+                        request_id=request_id, limits=hit_limits)
+        if hit_limits.rpm:
+            adm.headers = _headers(hit_limits, int(res[6]), int(res[7]), 0, 0)
+        return tg, mg, raw, adm
 
     def deployment_admit(self, quota: DeploymentQuota, tokens: int) -> bool:
         return self.deployment_try(quota, tokens, "").admitted
@@ -654,6 +679,13 @@ class RateLimitService:
             self._warn("limiter store unavailable: admitting without limits (RATE_LIMIT_FAIL_MODE=open)")
             return Admission(True, request_id=request_id, limits=limits, degraded=True)
 
+    @property
+    def cache_admit(self) -> Callable[..., tuple[str, str, bytes | None, Admission | None]] | None:
+        """The backend's response cache lookup fused with a hit's admission (RedisLimiter's
+        `cache_admit`), or None: the caller looks up, then admits. Its LimiterUnavailable is the
+        caller's (a cache it cannot reach: the request goes on without the cache)."""
+        return getattr(self.backend, "cache_admit", None)
+
     def peek(self, limits: KeyLimits) -> Admission | None:
         """A refusal on requests/min or concurrency alone, known without reserving anything
         (None: no such refusal, or the store is down: the admission proper then decides)."""
@@ -666,6 +698,10 @@ class RateLimitService:
         """Replace the reservation with the actual usage (refunds, lease release)."""
         if adm.degraded or adm.limits is None:
             return
+        limits = adm.limits
+        if not (limits.max_concurrent or limits.needs_tokens or adm.tokens or adm.cost_nano or actual_tokens
+                or actual_cost_nano):
+            return  # requests/min only (a cache hit): nothing was held, nothing to give back
         if not self._batched:
             self._settle_now([(adm, actual_tokens, actual_cost_nano)])
             return

@@ -32,6 +32,8 @@ from typing import Any, Callable
 
 import redis
 
+from app.services.rate_limit_service import hit_admission_limits
+
 
 log = logging.getLogger("gateway.cache")
 
@@ -134,6 +136,16 @@ class ResponseCache:
         """Keep an encoded Entry (`Entry.encode`) where `slot` says."""
         raise NotImplementedError
 
+    def lookup_admitted(self, tenant_id: int, model: str, digest: str, read: bool, limits: Any,
+                        limiter: Any, request_id: str) -> tuple[Slot, Entry | None, Any]:
+        """`lookup`, and on a hit the hit's admission (`limits`: a KeyLimits; requests/min
+        only, app/services/rate_limit_service.py `hit_admission_limits`), or None when there is
+        no hit or the key has no requests/min limit. Here: two steps; Redis: one round trip."""
+        slot, found = self.lookup(tenant_id, model, digest, read)
+        if found is None or not limits.rpm:
+            return slot, found, None
+        return slot, found, limiter.admit(hit_admission_limits(limits), request_id, 0, 0)
+
     def clear(self, tenant_id: int, model: str | None = None) -> None:
         raise NotImplementedError
 
@@ -167,6 +179,17 @@ class RedisResponseCache(ResponseCache):
         tg, mg, raw = self._lookup(keys=[gen_key, prefix], args=[model, digest, "1" if read else "0"])
         slot = Slot(tenant_id, model, digest, (_text(tg), _text(mg)))
         return slot, Entry.decode(raw) if raw else None
+
+    def lookup_admitted(self, tenant_id: int, model: str, digest: str, read: bool, limits: Any,
+                        limiter: Any, request_id: str) -> tuple[Slot, Entry | None, Any]:
+        """One round trip for the lookup and a hit's requests/min admission when the limiter
+        is this Redis (its script's `cache` op: the cache's keys and the key's counters share
+        the tenant's hash tag). LimiterUnavailable and Redis errors are the caller's."""
+        fused = limiter.cache_admit if limits.rpm else None
+        if fused is None:
+            return super().lookup_admitted(tenant_id, model, digest, read, limits, limiter, request_id)
+        tg, mg, raw, adm = fused(limits, list(self._names(tenant_id)), model, digest, read, request_id)
+        return Slot(tenant_id, model, digest, (tg, mg)), Entry.decode(raw) if raw else None, adm
 
     def store(self, slot: Slot, raw: bytes) -> None:
         _, prefix = self._names(slot.tenant_id)

@@ -7,8 +7,8 @@
 -- All keys of one call share one hash tag (the tenant's, or the deployment's), so the script
 -- also runs on Redis Cluster. Day/month counters are named from the declared key prefixes.
 --
--- ARGV[1] is the operation: admit | peek | settle | deploy_admit | deploy_leave | deploy_queue |
--- deploy_settle | headroom (read only).
+-- ARGV[1] is the operation: admit | peek | settle | cache | deploy_admit | deploy_leave |
+-- deploy_queue | deploy_settle | headroom (read only).
 
 local PERIOD = 60000000 -- one minute in microseconds
 
@@ -167,6 +167,28 @@ elseif op == 'peek' then
     return {0, 'concurrency', 1000, 0, 0}
   end
   return {1, '', 0, 0, 0}
+
+elseif op == 'cache' then
+  -- The response cache's lookup and, on a hit, the hit's admission, in one round trip
+  -- (app/services/response_cache.py). A hit is answered at once: it takes no concurrency
+  -- slot and reserves no tokens or money, it counts against requests/min only.
+  -- KEYS: 1-6 as for admit, 7 the tenant's cache generations (hash), 8 the prefix of its entries.
+  -- ARGV: 2 rpm (0: none), 3 model alias, 4 digest, 5 '1' to read the entry.
+  -- Returns {status, reason, retry ms, tenant gen, model gen, entry, rpm left, rpm reset ms}:
+  -- status 2 no entry (nothing counted: the miss is admitted as usual), 1 a hit admitted
+  -- (counted), 0 a hit refused on requests/min (nothing counted).
+  local g = redis.call('HMGET', KEYS[7], '*', ARGV[3])
+  local tg, mg = g[1] or '0', g[2] or '0'
+  if ARGV[5] ~= '1' then return {2, '', 0, tg, mg, false, -1, 0} end
+  local entry = redis.call('GET', KEYS[8] .. ':' .. tg .. ':' .. mg .. ':' .. ARGV[4])
+  if not entry then return {2, '', 0, tg, mg, false, -1, 0} end
+  local rpm = tonumber(ARGV[2])
+  if rpm <= 0 then return {1, '', 0, tg, mg, entry, -1, 0} end
+  local now = now_us()
+  local ok, tat, retry, left, reset = gcra(KEYS[1], rpm, 1, now)
+  if not ok then return {0, 'rpm', math.ceil(retry / 1000), tg, mg, entry, left, math.ceil(reset / 1000)} end
+  store_tat(KEYS[1], tat, now)
+  return {1, '', 0, tg, mg, entry, left, math.ceil(reset / 1000)}
 
 elseif op == 'settle' then
   -- KEYS as for admit. ARGV: 2 request_id, 3 tpm, 4 token delta (reserved - actual),
