@@ -24,11 +24,9 @@ import json
 import math
 import os
 import resource
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -342,29 +340,7 @@ def run(args: argparse.Namespace, procs: rb.Processes, tmp: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rb.raise_on_sigterm()
-    procs = rb.Processes()
-    tmp = Path(tempfile.mkdtemp(prefix="gateway-long-streams-"))
-    try:
-        return run(args, procs, tmp)
-    except rb.BenchError as exc:
-        print(f"\nBENCHMARK FAILED: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted, cleaning up", file=sys.stderr)
-        return 130
-    finally:
-        procs.stop_all()
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        for name in ("gateway.log", "long_upstream.log", "sse_reader.log"):
-            if (tmp / name).exists():
-                shutil.copyfile(tmp / name, RESULTS.parent / f"long_streams_{name}")
-        if not args.keep:
-            try:
-                rb.drop_database(rb.pg_urls(args.pg_url)[0])
-            except Exception as exc:  # noqa: BLE001 - cleanup must not mask the result
-                print(f"could not drop {rb.BENCH_DB}: {exc}", file=sys.stderr)
-        shutil.rmtree(tmp, ignore_errors=True)
+    return rb.bench_main(args, run, "gateway-long-streams-", logs=("gateway.log", "long_upstream.log", "sse_reader.log"), log_prefix="long_streams_")
 
 
 if __name__ == "__main__":

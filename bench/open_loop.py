@@ -36,7 +36,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -442,29 +441,7 @@ def write_results(args: argparse.Namespace, cells: list[Cell], validation: list[
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rb.raise_on_sigterm()
-    procs = rb.Processes()
-    tmp = Path(tempfile.mkdtemp(prefix="gateway-openloop-"))
-    try:
-        return run(args, procs, tmp)
-    except rb.BenchError as exc:
-        print(f"\nBENCHMARK FAILED: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted, cleaning up", file=sys.stderr)
-        return 130
-    finally:
-        procs.stop_all()
-        for name in ("gateway.log", "fake_openai.log", "litellm.log"):
-            if (tmp / name).exists():
-                RESULTS.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(tmp / name, RESULTS.parent / f"open_loop-{name}")
-        if not args.keep:
-            try:
-                rb.drop_database(rb.pg_urls(args.pg_url)[0])
-            except Exception as exc:  # noqa: BLE001 - cleanup must not mask the result
-                print(f"could not drop {rb.BENCH_DB}: {exc}", file=sys.stderr)
-        shutil.rmtree(tmp, ignore_errors=True)
+    return rb.bench_main(args, run, "gateway-openloop-", logs=("gateway.log", "fake_openai.log", "litellm.log"), log_prefix="open_loop-")
 
 
 if __name__ == "__main__":

@@ -756,12 +756,42 @@ def write_results(info: dict[str, Any], args: argparse.Namespace, rows: list[Row
     RESULTS.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def save_logs(tmp: Path) -> None:
+def save_logs(tmp: Path, names: tuple[str, ...] = ("gateway.log", "fake_openai.log", "litellm.log"),
+              prefix: str = "") -> None:
     """Keep the children's logs next to the results (bench/results/ is not committed)."""
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    for name in ("gateway.log", "fake_openai.log", "litellm.log"):
+    for name in names:
         if (tmp / name).exists():
-            shutil.copyfile(tmp / name, RESULTS.parent / name)
+            shutil.copyfile(tmp / name, RESULTS.parent / f"{prefix}{name}")
+
+
+def bench_main(args: argparse.Namespace, run: Any, tmp_prefix: str, *, drop_db: bool = True,
+               logs: tuple[str, ...] = ("gateway.log", "fake_openai.log", "litellm.log"),
+               log_prefix: str = "") -> int:
+    """Every benchmark script's main: `run(args, procs, tmp)` with its child processes and a
+    temporary folder, then, however it ended, the children stopped, their logs kept, the
+    benchmark database dropped (unless `--keep`) and the folder removed. Exit codes: run's,
+    2 when the benchmark failed, 130 when interrupted."""
+    raise_on_sigterm()
+    procs = Processes()
+    tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix))
+    try:
+        return run(args, procs, tmp)
+    except BenchError as exc:
+        print(f"\nBENCHMARK FAILED: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted, cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        procs.stop_all()
+        save_logs(tmp, logs, log_prefix)
+        if drop_db and not getattr(args, "keep", False):
+            try:
+                drop_database(pg_urls(args.pg_url)[0])
+            except Exception as exc:  # noqa: BLE001 - cleanup must not mask the result
+                print(f"could not drop {BENCH_DB}: {exc}", file=sys.stderr)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- main flow
@@ -1011,27 +1041,7 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    raise_on_sigterm()
-    procs = Processes()
-    tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
-    created_db = not args.direct_only
-    try:
-        return run(args, procs, tmp)
-    except BenchError as exc:
-        print(f"\nBENCHMARK FAILED: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted, cleaning up", file=sys.stderr)
-        return 130
-    finally:
-        procs.stop_all()
-        save_logs(tmp)
-        if created_db and not args.keep:
-            try:
-                drop_database(pg_urls(args.pg_url)[0])
-            except Exception as exc:  # noqa: BLE001 - cleanup must not mask the result
-                print(f"could not drop {BENCH_DB}: {exc}", file=sys.stderr)
-        shutil.rmtree(tmp, ignore_errors=True)
+    return bench_main(args, run, "gateway-bench-", drop_db=not args.direct_only)
 
 
 if __name__ == "__main__":
