@@ -6,34 +6,19 @@ slowing the generator down (coordinated omission), and the paced upstream
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
-import sys
 import threading
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from Testing.bench import load_bench_script
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def _load(name: str) -> ModuleType:
-    """A bench/ script as a module (bench/ is a folder of scripts, not a package)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-gen = _load("open_loop_gen")
-paced = _load("paced_upstream")
+gen = load_bench_script("open_loop_gen")
+paced = load_bench_script("paced_upstream")
 fake = paced.fo
 
 
@@ -235,7 +220,7 @@ def _cell(ol: ModuleType, target: str, p99_ms: float, errors: int = 0) -> object
 def test_the_issue_targets_are_read_at_500_per_second() -> None:
     """The report's verdict: added p99 at 500 req/s within 1 ms and no errors is "met"; more,
     or any error, is "NOT met"; the Markdown row shows the target's quantiles and what they add."""
-    ol = _load("open_loop")
+    ol = load_bench_script("open_loop")
     direct = _cell(ol, "direct", 60.0)
     assert ol.targets_check([direct, _cell(ol, "gateway", 60.8)]) == [
         "gateway: added p99 latency, non-streaming at 500 req/s: +0.80 ms (target <= 1 ms): met"]

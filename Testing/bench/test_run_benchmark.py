@@ -6,27 +6,10 @@ of bench/README.md's tables."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from Testing.bench import load_bench_script
 
 
-def _load(name: str) -> ModuleType:
-    """A bench/ script as a module (bench/ is a folder of scripts, not a package)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-rb = _load("run_benchmark")
+rb = load_bench_script("run_benchmark")
 
 
 def _wrk(rps: float, p50: float, p99: float, cpu: float | None = None, non_2xx: int = 0,

@@ -49,22 +49,28 @@ def browser() -> Iterator[object]:
 def new_page(browser, gateway):
     """new_page(viewport=DESKTOP, dark=False) -> a page of a fresh browser context (its own
     sessionStorage); the script errors of the page are collected in `page.errors`."""
-    contexts = []
+    contexts: list = []
 
     def make(viewport: dict = DESKTOP, dark: bool = False):
-        context = browser.new_context(viewport=viewport, base_url=gateway.base_url,
-                                      color_scheme="dark" if dark else "light")
-        context.set_default_timeout(UI_TIMEOUT_MS)
-        contexts.append(context)
-        page = context.new_page()
-        page.errors = []
-        page.on("pageerror", lambda exc: page.errors.append(str(exc)))
-        page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" and "Content Security" in m.text
-                else None)
-        return page
+        return context_page(browser, contexts, gateway.base_url, viewport, dark)
     yield make
     for context in contexts:
         context.close()
+
+
+def context_page(browser, contexts: list, base_url: str, viewport: dict = DESKTOP, dark: bool = False):
+    """A page of a fresh browser context on `base_url` (the context is added to `contexts`, for
+    the caller to close); its script and CSP errors are collected in `page.errors`."""
+    context = browser.new_context(viewport=viewport, base_url=base_url,
+                                  color_scheme="dark" if dark else "light")
+    context.set_default_timeout(UI_TIMEOUT_MS)
+    contexts.append(context)
+    page = context.new_page()
+    page.errors = []
+    page.on("pageerror", lambda exc: page.errors.append(str(exc)))
+    page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" and "Content Security" in m.text
+            else None)
+    return page
 
 
 def mint(gateway, **fields) -> dict:

@@ -14,8 +14,8 @@ import openai
 import pytest
 
 from Testing.conftest import app_config, wait_for_rows
-from Testing.e2e.test_console import (CHROMIUM, DESKTOP, PHONE, SECRET, UI_TIMEOUT_MS, browser,  # noqa: F401
-                                      mint, ready, shot, sign_in, sign_in_as_operator)
+from Testing.e2e.test_console import (CHROMIUM, DESKTOP, PHONE, SECRET, browser,  # noqa: F401
+                                      context_page, mint, ready, shot, sign_in, sign_in_as_operator)
 from Testing.support import GatewayProcess, http_json, wait_until
 
 pytestmark = [pytest.mark.timeout(180),
@@ -54,18 +54,10 @@ def unmetered(pg_url, models_file, tmp_path_factory) -> Iterator[GatewayProcess]
 def open_page(browser):  # noqa: F811
     """open_page(gateway, viewport=DESKTOP) -> a page of a fresh context on that gateway; its
     script and CSP errors are collected in `page.errors`."""
-    contexts = []
+    contexts: list = []
 
     def make(gw: GatewayProcess, viewport: dict = DESKTOP):
-        context = browser.new_context(viewport=viewport, base_url=gw.base_url)
-        context.set_default_timeout(UI_TIMEOUT_MS)
-        contexts.append(context)
-        page = context.new_page()
-        page.errors = []
-        page.on("pageerror", lambda exc: page.errors.append(str(exc)))
-        page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" and "Content Security" in m.text
-                else None)
-        return page
+        return context_page(browser, contexts, gw.base_url, viewport)
     yield make
     for context in contexts:
         context.close()
