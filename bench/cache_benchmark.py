@@ -96,6 +96,14 @@ def bench(wrk: str, args: argparse.Namespace, t: rb.Targets, tmp: Path) -> list[
             rb.log(f"{mode} c={c}: hits")
             hits = t.on_gateway(lambda: rb.measured_run(wrk, t.gateway_url, hit, c, args.duration, t.gateway_pid))
             pairs.append(Pair(mode, c, missed, hits, t.last_upstream.get("requests_total", 0)))
+        if args.profile:
+            top = max(args.concurrency)
+            fresh_misses = miss_lua(tmp, stream, t.key, secrets.token_hex(4))  # prompts not stored yet
+            for kind, lua in (("miss", fresh_misses), ("hit", hit)):
+                for suffix in ("speedscope.json", "svg"):
+                    rb.profile_under_load(t.gateway_pid, Path(args.profile) / f"cache-{kind}-{mode}.{suffix}",
+                                          args.profile_seconds,
+                                          lambda lua=lua: rb.run_wrk(wrk, t.gateway_url, lua, top, args.profile_seconds))
     return pairs
 
 
@@ -130,6 +138,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     p.add_argument("--admission", action="store_true",
                    help="a key with (unreachable) limits: every request goes through Redis admission")
+    p.add_argument("--profile", metavar="DIR",
+                   help="after the measured runs, py-spy profiles of the gateway under misses and "
+                        "under hits at the highest concurrency (DIR/cache-<miss|hit>-<mode>.speedscope.json "
+                        "and .svg); not counted")
+    p.add_argument("--profile-seconds", type=float, default=6.0)
     p.add_argument("--slow-upstream", action="store_true",
                    help="the fake upstream waits 50 ms before answering (and between stream chunks) "
                         "instead of answering at once")

@@ -163,25 +163,14 @@ def measure(args: argparse.Namespace, wrk: str, gateways: dict[str, dict[str, An
 
 
 def profile(args: argparse.Namespace, wrk: str, gateways: dict[str, dict[str, Any]]) -> None:
-    pyspy = shutil.which("py-spy", path=str(rb.VENV_BIN)) or shutil.which("py-spy")
-    if not pyspy:
-        raise rb.BenchError("py-spy is not installed (requirements-dev.txt)")
     out = Path(args.profile)
-    out.mkdir(parents=True, exist_ok=True)
     c = max(args.concurrency)
     for mode in args.modes:
         for name, g in gateways.items():
             g["lua"] = rb.write_lua(g["tmp"], mode == "stream", g["key"])
-            for fmt, suffix in (("speedscope", "speedscope.json"), ("flamegraph", "svg")):
-                target = out / f"{name}-{mode}.{suffix}"
-                spy = subprocess.Popen([pyspy, "record", "-p", str(g["pid"]), "--subprocesses", "-r", "200",
-                                        "-d", f"{args.profile_seconds:g}", "--nonblocking", "--nolineno",
-                                        "--format", fmt, "-o", str(target)],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                time.sleep(0.5)
-                rb.run_wrk(wrk, g["url"], g["lua"], c, args.profile_seconds)
-                _, err = spy.communicate(timeout=60)
-                rb.log(f"profile {target}: {'ok' if spy.returncode == 0 else err.decode()[-300:]}")
+            for suffix in ("speedscope.json", "svg"):
+                rb.profile_under_load(g["pid"], out / f"{name}-{mode}.{suffix}", args.profile_seconds,
+                                      lambda g=g: rb.run_wrk(wrk, g["url"], g["lua"], c, args.profile_seconds))
 
 
 def summary(results: dict[str, Any]) -> list[str]:

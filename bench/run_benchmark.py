@@ -281,6 +281,24 @@ def tree_cpu_ms(root: int) -> float:
     return ticks * 1000.0 / CLK_TCK
 
 
+def profile_under_load(pid: int, target: Path, seconds: float, load: Callable[[], Any]) -> None:
+    """py-spy (requirements-dev.txt) records process `pid` and its children for `seconds` while
+    `load()` runs: a speedscope JSON when `target` ends in .json, else an SVG flame graph."""
+    pyspy = shutil.which("py-spy", path=str(VENV_BIN)) or shutil.which("py-spy")
+    if not pyspy:
+        raise BenchError("py-spy is not installed (requirements-dev.txt)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fmt = "speedscope" if target.suffix == ".json" else "flamegraph"
+    spy = subprocess.Popen([pyspy, "record", "-p", str(pid), "--subprocesses", "-r", "200",
+                            "-d", f"{seconds:g}", "--nonblocking", "--nolineno",
+                            "--format", fmt, "-o", str(target)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(0.5)
+    load()
+    _, err = spy.communicate(timeout=60)
+    log(f"profile {target}: {'ok' if spy.returncode == 0 else err.decode()[-300:]}")
+
+
 # --------------------------------------------------------------------------- wrk
 
 
