@@ -159,6 +159,8 @@ class Settings:
     RESPONSE_CACHE_MAX_TEMPERATURE: float = 1.0
     RESPONSE_CACHE_MAX_ENTRY_BYTES: int = 256 * 1024
     RESPONSE_CACHE_MEMORY_ENTRIES: int = 1000
+    RESPONSE_CACHE_HOT_ENTRIES: int = 1000     # per worker, with Redis: copies of recently used entries
+    RESPONSE_CACHE_HOT_TTL_S: float = 5.0      # the longest a copy is served without asking Redis
     # Content-Security-Policy of HTML responses (a response that sets its own keeps it).
     CONTENT_SECURITY_POLICY: str = ("default-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
                                     "form-action 'self'; object-src 'none'")
@@ -204,9 +206,10 @@ class Settings:
             raise ValueError("ROUTER_MAX_ATTEMPTS and ROUTER_ATTEMPTS_PER_DEPLOYMENT must be at least 1")
         if s.REQUEST_BODY_TIMEOUT_S <= 0 or s.REQUEST_BODY_MIN_RATE < 0:
             raise ValueError("REQUEST_BODY_TIMEOUT_S must be positive and REQUEST_BODY_MIN_RATE not negative")
-        if s.RESPONSE_CACHE_TTL_S <= 0 or s.RESPONSE_CACHE_MAX_ENTRY_BYTES < 0 or s.RESPONSE_CACHE_MEMORY_ENTRIES < 0:
-            raise ValueError("RESPONSE_CACHE_TTL_S must be positive, RESPONSE_CACHE_MAX_ENTRY_BYTES and "
-                             "RESPONSE_CACHE_MEMORY_ENTRIES not negative")
+        if (s.RESPONSE_CACHE_TTL_S <= 0 or s.RESPONSE_CACHE_MAX_ENTRY_BYTES < 0 or s.RESPONSE_CACHE_MEMORY_ENTRIES < 0
+                or s.RESPONSE_CACHE_HOT_ENTRIES < 0 or s.RESPONSE_CACHE_HOT_TTL_S < 0):
+            raise ValueError("RESPONSE_CACHE_TTL_S must be positive, RESPONSE_CACHE_MAX_ENTRY_BYTES, "
+                             "RESPONSE_CACHE_MEMORY_ENTRIES and RESPONSE_CACHE_HOT_* not negative")
         if s.LOG_FORMAT not in ("text", "json"):
             raise ValueError(f"LOG_FORMAT must be 'text' or 'json', got {s.LOG_FORMAT!r}")
         if s.RATE_LIMIT_FAIL_MODE not in ("closed", "open"):

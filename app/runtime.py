@@ -45,7 +45,7 @@ from app.services.provider_health import HealthBoard, merge_snapshots
 from app.services.rate_limit_service import (LimiterUnavailable, LocalLimiter, RateLimitService, RedisLimiter,
                                              deployment_quota)
 from app.services.request_lines import RequestLog
-from app.services.response_cache import ResponseCache, build_cache
+from app.services.response_cache import CACHE_CLEARED, HotEntries, ResponseCache, build_cache
 from app.services.retry_policy import RetryPolicy
 from app.services.router import Router, deployment_name
 from app.services.settlement_service import Settlement
@@ -178,12 +178,20 @@ def build_runtime(settings: Settings, engine: Engine | None = None, clock: Clock
     request_log = RequestLog(enabled=settings.REQUEST_LOG, json_format=settings.LOG_FORMAT == "json")
     observers = tuple(o for o, on in ((metrics.observe_run, metrics.enabled),
                                       (request_log.run, request_log.enabled)) if on)
+    key_events = KeyEvents(key_cache, settings.REDIS_URL, settings.KEY_EVENTS_CHANNEL, publisher=redis_client)
+    hot = None
+    # (not on Redis Cluster: a PUBLISH there counts only the listeners of one node, so a clear
+    # could not wait for every worker's acknowledgement)
+    if redis_client is not None and settings.RESPONSE_CACHE_HOT_ENTRIES > 0 and not settings.REDIS_CLUSTER:
+        hot = HotEntries(settings.RESPONSE_CACHE_HOT_ENTRIES, settings.RESPONSE_CACHE_HOT_TTL_S, clock.monotonic,
+                         live=key_events.subscribed.is_set)
+        key_events.handlers[CACHE_CLEARED] = hot.on_event
+        key_events.on_subscribe.append(hot.drop)
     rt = Runtime(
         settings=settings, providers=providers, key_cache=key_cache, last_used=last_used,
         usage_batcher=batcher, settlement=Settlement(batcher, engine, last_used, limiter, observers),
         limiter=limiter, engine=engine, redis=redis_client,
-        key_events=KeyEvents(key_cache, settings.REDIS_URL, settings.KEY_EVENTS_CHANNEL,
-                             publisher=redis_client),
+        key_events=key_events,
         health=health,
         router=Router(providers.catalog, health, RetryPolicy(
             max_attempts=settings.ROUTER_MAX_ATTEMPTS,
@@ -196,7 +204,8 @@ def build_runtime(settings: Settings, engine: Engine | None = None, clock: Clock
         auth_throttle=AuthThrottle(settings.AUTH_FAILURE_LIMIT, settings.AUTH_FAILURE_WINDOW_S,
                                    lambda: epoch_seconds(clock), redis_client),
         response_cache=build_cache(redis_client, settings.RESPONSE_CACHE_TTL_S,
-                                   settings.RESPONSE_CACHE_MEMORY_ENTRIES, clock.monotonic),
+                                   settings.RESPONSE_CACHE_MEMORY_ENTRIES, clock.monotonic,
+                                   hot=hot, publish=key_events.publish_acknowledged if hot else None),
         metrics=metrics, request_log=request_log,
         overrides={overrides.REDIS_POOL_BYPASS.name: pool_bypass,
                    overrides.TIKTOKEN_LOADER.name: settings.OVERRIDE_TIKTOKEN_LOADER})

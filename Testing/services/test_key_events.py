@@ -176,3 +176,33 @@ def test_embedded_mode_invalidates_in_process(pg_url, models_file, clean_db):
         assert c.get("/v1/models", headers={"Authorization": f"Bearer {keys[2]['key']}"}).status_code == 401
     finally:
         close_app(application)
+
+
+def test_an_acknowledged_event_waits_for_every_listener(own_redis):
+    """`publish_acknowledged` answers True only once every listener that received the event has
+    handled it (two listeners here, each with a handler that records it); with a subscriber that
+    never acknowledges (a bare pub/sub client) it gives up and answers False."""
+    import redis
+    url, _, _ = own_redis
+    channel = "test-key-events-" + secrets.token_hex(4)
+    client = redis.Redis.from_url(url)
+    seen: list[tuple[str, dict]] = []
+    listeners = [KeyEvents(KeyCache(60), url, channel, publisher=client) for _ in range(2)]
+    for name, listener in zip(("a", "b"), listeners):
+        listener.handlers["thing-cleared"] = lambda event, name=name: seen.append((name, event["what"]))
+    bare = redis.Redis.from_url(url).pubsub()
+    try:
+        for listener in listeners:
+            listener.start()
+            assert listener.subscribed.wait(5)
+        assert listeners[0].publish_acknowledged("thing-cleared", what="x") is True
+        assert sorted(seen) == [("a", "x"), ("b", "x")]            # both handled before the answer
+        assert client.keys("gw:events:ack:*") == []                # the count is not left behind
+        bare.subscribe(channel)
+        wait_until(lambda: bare.get_message(timeout=0.1) is not None, timeout=5, message="bare subscription")
+        assert listeners[1].publish_acknowledged("thing-cleared", timeout_s=0.3, what="y") is False
+        assert sorted(seen) == [("a", "x"), ("a", "y"), ("b", "x"), ("b", "y")]
+    finally:
+        bare.close()
+        for listener in listeners:
+            listener.stop()

@@ -14,8 +14,8 @@ from app.extensions import make_redis
 from app.providers.base import StreamPiece
 from app.services.rate_limit_service import KeyLimits, LocalLimiter, RateLimitService, RedisLimiter
 from app.services.cache_answers import AnswerBuilder, complete_answer, replay_body, replay_pieces
-from app.services.response_cache import (CacheAsk, CacheUse, Entry, LocalResponseCache, RedisResponseCache, decide,
-                                         request_digest)
+from app.services.response_cache import (CacheAsk, CacheUse, Entry, HotEntries, LocalResponseCache, RedisResponseCache,
+                                         Slot, decide, request_digest)
 from Testing.support import REDIS_URL, FakeClock
 
 pytestmark = pytest.mark.timeout(60)
@@ -178,6 +178,83 @@ def test_the_redis_store(plain_redis):
     names = [n.decode() for n in plain_redis.keys("gw:{t:1}:cache:e:*")]
     assert names and all(0 < plain_redis.pttl(n) <= 30_000 for n in names)
     assert plain_redis.hgetall("gw:{t:1}:cache:gen") == {b"m": b"1", b"*": b"1"}
+
+
+def counted_lookups(cache: RedisResponseCache) -> list[int]:
+    """Script calls (Redis round trips) of the cache's lookups from now on."""
+    calls = [0]
+    script = cache._lookup
+
+    def counted(**kw):
+        calls[0] += 1
+        return script(**kw)
+    cache._lookup = counted
+    return calls
+
+
+def test_hot_copies_answer_repeats_without_redis(plain_redis):
+    """With hot copies a worker answers an entry it stored or served without asking Redis,
+    until the copy's age limit or the entry's own expiry (whichever is first); never while its
+    clear listener is down; a clear drops its copies here and is published for the others."""
+    clock, live, published = FakeClock(), [True], []
+    hot = HotEntries(max_entries=10, max_age_s=5, monotonic=clock.monotonic, live=lambda: live[0])
+    cache = RedisResponseCache(plain_redis, ttl_s=30, hot=hot,
+                               publish=lambda event, **fields: published.append((event, fields)))
+    exercise(cache)                                                  # the same behaviour as without
+    calls = counted_lookups(cache)
+    raw = Entry(ANSWER, Decimal("0.5"), "m").encode()
+    cache.store(cache.lookup(3, "m", "q", True)[0], raw)
+    assert calls == [1]
+    assert cache.lookup(3, "m", "q", True)[1] == Entry(ANSWER, Decimal("0.5"), "m") and calls == [1]
+    clock.advance(4.9)
+    assert cache.lookup(3, "m", "q", True)[1] is not None and calls == [1]
+    clock.advance(0.1)                                               # the copy is 5 s old: Redis again
+    assert cache.lookup(3, "m", "q", True)[1] is not None and calls == [2]
+    assert cache.lookup(3, "m", "q", True)[1] is not None and calls == [2]  # copied again by that read
+    live[0] = False
+    assert cache.lookup(3, "m", "q", True)[1] is not None and calls == [3]
+    live[0] = True
+    # an entry with 2 s left in Redis is copied for those 2 s, not for the 5 s age limit
+    [name] = plain_redis.keys("gw:{t:3}:cache:e:*")
+    plain_redis.pexpire(name, 2000)
+    hot.drop()
+    assert cache.lookup(3, "m", "q", True)[1] is not None and calls == [4]
+    clock.advance(2)
+    assert cache.lookup(3, "m", "q", True)[1] is not None and calls == [5]
+    # a clear: the copies of that tenant and model go at once, and the other workers are told
+    cache.clear_tenants([3], "m")
+    assert cache.lookup(3, "m", "q", True)[1] is None and calls == [6]
+    cache.clear_tenants([1, 2, 3], every_tenant=True)
+    assert published == [("cache-cleared", {"tenants": [3], "model": "m"}),
+                         ("cache-cleared", {"tenants": None, "model": None})]
+
+
+def test_hot_copies_on_their_own():
+    """The copies: least recently used dropped past the bound; a clear (here, or another
+    worker's event) drops exactly the tenants and model it names, anything unreadable all; a
+    slot looked up before a clear is never copied after it."""
+    clock = FakeClock()
+    hot = HotEntries(max_entries=2, max_age_s=60, monotonic=clock.monotonic, live=lambda: True)
+
+    def slot(tenant: int, model: str, digest: str) -> Slot:
+        return Slot(tenant, model, digest, ("0", "0"), hot.epoch)
+
+    for s in (slot(1, "m", "a"), slot(1, "m", "b")):
+        hot.put(s, b"x", 60)
+    assert hot.get(1, "m", "a") is not None                          # a is now the most recent
+    hot.put(slot(1, "n", "c"), b"x", 60)
+    assert [hot.get(1, m, d) is not None for m, d in (("m", "a"), ("m", "b"), ("n", "c"))] == [True, False, True]
+    hot.on_event({"event": "cache-cleared", "tenants": [1], "model": "n"})
+    assert [hot.get(1, m, d) is not None for m, d in (("m", "a"), ("n", "c"))] == [True, False]
+    hot.put(slot(2, "m", "z"), b"x", 60)
+    hot.on_event({"event": "cache-cleared", "tenants": [2], "model": None})
+    assert [hot.get(1, "m", "a") is not None, hot.get(2, "m", "z") is not None] == [True, False]
+    hot.on_event({"event": "cache-cleared", "tenants": "garbage"})
+    assert hot.get(1, "m", "a") is None
+    before = slot(1, "m", "a")
+    hot.drop([9])                                                    # any clear in between
+    hot.put(before, b"x", 60)
+    assert hot.get(1, "m", "a") is None
 
 
 def test_the_redis_store_on_a_cluster(redis_cluster):

@@ -54,8 +54,7 @@ def clear_cache() -> Response:
     else:
         tenant_ids, name = list(db.session.scalars(select(Tenant.id).order_by(Tenant.id))), None
     try:
-        for tenant_id in tenant_ids:
-            rt.response_cache.clear(tenant_id, model)
+        rt.response_cache.clear_tenants(tenant_ids, model, every_tenant=name is None)
     except CACHE_ERRORS:
         raise ServiceUnavailable("The response cache (Redis) is unavailable; nothing was cleared.",
                                  code="cache_unavailable") from None

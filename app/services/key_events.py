@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
+import uuid
 from typing import Any, Callable, Optional, Protocol
 
 import redis
@@ -137,6 +139,41 @@ class KeyEvents:
         """Tell every worker of every replica about a process-wide event (see `handlers`)."""
         return publish_event(self.publisher, self.channel, json.dumps({"event": event, **fields}))
 
+    def publish_acknowledged(self, event: str, timeout_s: float = 2.0, **fields: Any) -> bool:
+        """`publish`, then wait until every listener that received the event has handled it
+        (each one counts itself in a Redis key the message names): True once they all have, False
+        (logged) when Redis is unreachable or `timeout_s` passed first. What a change that must be
+        seen everywhere before its answer uses (a response-cache clear and the workers' hot copies)."""
+        if self.publisher is None:
+            return False
+        ack = f"gw:events:ack:{uuid.uuid4().hex}"
+        try:
+            receivers = int(self.publisher.publish(self.channel, json.dumps({"event": event, "ack": ack, **fields})))
+            deadline = time.monotonic() + timeout_s
+            while int(self.publisher.get(ack) or 0) < receivers:
+                if time.monotonic() >= deadline:
+                    log.warning("%s: %s of %d listeners acknowledged within %.1fs", event,
+                                int(self.publisher.get(ack) or 0), receivers, timeout_s)
+                    return False
+                time.sleep(0.002)
+            return True
+        except redis.RedisError as exc:
+            log.warning("could not publish %s (%s)", event, type(exc).__name__)
+            return False
+        finally:
+            try:
+                self.publisher.delete(ack)
+            except redis.RedisError:
+                pass
+
+    def _acknowledge(self, event: dict) -> None:
+        ack = event.get("ack")
+        if isinstance(ack, str) and ack.startswith("gw:events:ack:") and self.publisher is not None:
+            try:
+                self.publisher.pipeline(transaction=False).incr(ack).pexpire(ack, 60_000).execute()
+            except redis.RedisError as exc:
+                log.warning("could not acknowledge %s (%s)", event.get("event"), type(exc).__name__)
+
     def _dispatch(self, raw: bytes | str) -> None:
         try:
             event = json.loads(raw)
@@ -150,6 +187,8 @@ class KeyEvents:
                 log.exception("handling the %r event failed", event.get("event"))
         elif not (isinstance(event, dict) and "event" in event):
             apply_event(self.cache, raw)
+        if isinstance(event, dict):
+            self._acknowledge(event)   # after handling: the publisher may be waiting for it
 
     def _caught_up(self) -> None:
         self.cache.expire_all()

@@ -10,6 +10,14 @@ served again to the same tenant for the same request without calling a provider.
 - **Clearing** is O(1): each entry's key holds the tenant's generation and the model's
   generation (a Redis hash per tenant, fields "*" and each alias); clearing increments one of
   them, so every older entry becomes unreachable at once and expires by its TTL.
+- **Hot copies**: with Redis, each worker also keeps the entries it recently served or stored
+  (`HotEntries`, at most `RESPONSE_CACHE_HOT_ENTRIES`, each for at most `RESPONSE_CACHE_HOT_TTL_S`
+  and never past the entry's own expiry), so a repeated request of a key without a
+  requests/min limit is answered without a Redis round trip. A clear drops them in the worker
+  that cleared at once and in every other worker when the `cache-cleared` event of the key-event
+  channel arrives (app/services/key_events.py, milliseconds); they are used only while that
+  listener is subscribed, and every (re)subscription drops them all. A key with a requests/min
+  limit still goes to Redis on every hit (its count must be exact across workers).
 - **What is stored**: a successful, complete answer (every choice has a finish_reason), as the
   final `chat.completion` object (a stream is assembled: app/services/cache_answers.py), with
   what it cost; at most `RESPONSE_CACHE_MAX_ENTRY_BYTES`. It is replayed as that object or as
@@ -33,6 +41,7 @@ from typing import Any, Callable
 import redis
 
 from app.services.rate_limit_service import hit_admission_limits
+from app.utils.cooperative import pass_turn
 
 
 log = logging.getLogger("gateway.cache")
@@ -119,11 +128,85 @@ class Entry:
 @dataclass(frozen=True)
 class Slot:
     """Where one request's answer lives (its generations are read once, at lookup, so an answer
-    made before a clear is stored where nobody looks any more)."""
+    made before a clear is stored where nobody looks any more). `hot_epoch`: the worker's clear
+    count at lookup (`HotEntries.epoch`), so that an answer looked up before a clear is never
+    kept as a hot copy after it."""
     tenant_id: int
     model: str
     digest: str
     generations: tuple[str, str]
+    hot_epoch: int = -1
+
+
+CACHE_CLEARED = "cache-cleared"   # the key-event channel's event of a clear (HotEntries.on_event)
+
+
+class HotEntries:
+    """A worker's copies of Redis entries it recently served or stored: (tenant, model, digest)
+    -> (slot, encoded entry, expiry on `monotonic`), least recently used dropped past
+    `max_entries`. `live()` says whether clears of other workers reach this one (the key-event
+    listener is subscribed): when not, nothing is served from here. Every clear seen here (its
+    own, or another worker's event) increments `epoch` and drops the tenant's copies."""
+
+    def __init__(self, max_entries: int, max_age_s: float, monotonic: Callable[[], float],
+                 live: Callable[[], bool]) -> None:
+        self.max_entries = max_entries
+        self.max_age_s = max_age_s
+        self.monotonic = monotonic
+        self.live = live
+        self.epoch = 0
+        self._entries: OrderedDict[tuple[int, str, str], tuple[Slot, bytes, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, tenant_id: int, model: str, digest: str) -> tuple[Slot, bytes] | None:
+        if not self._entries or not self.live():
+            return None
+        key = (tenant_id, model, digest)
+        with self._lock:
+            found = self._entries.get(key)
+            if found is None:
+                return None
+            if found[2] <= self.monotonic():
+                del self._entries[key]
+                return None
+            self._entries.move_to_end(key)
+        return found[0], found[1]
+
+    def put(self, slot: Slot, raw: bytes, ttl_s: float) -> None:
+        """Keep a copy for min(`ttl_s`, max age), unless a clear came since `slot` was looked up."""
+        if self.max_entries <= 0 or ttl_s <= 0:
+            return
+        key = (slot.tenant_id, slot.model, slot.digest)
+        with self._lock:
+            if slot.hot_epoch != self.epoch:
+                return
+            self._entries[key] = (slot, raw, self.monotonic() + min(ttl_s, self.max_age_s))
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def drop(self, tenant_ids: list[int] | None = None, model: str | None = None) -> None:
+        """Forget the copies of these tenants (None: all), of one model alias or all."""
+        with self._lock:
+            self.epoch += 1
+            if tenant_ids is None and model is None:
+                self._entries.clear()
+                return
+            wanted = None if tenant_ids is None else set(tenant_ids)
+            for key in [k for k in self._entries
+                        if (wanted is None or k[0] in wanted) and (model is None or k[1] == model)]:
+                del self._entries[key]
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        """Another worker's clear (`{"event": "cache-cleared", "tenants": [...] | null, "model": ...}`);
+        anything unreadable drops every copy."""
+        try:
+            tenants = event.get("tenants")
+            model = event.get("model")
+            self.drop(None if tenants is None else [int(t) for t in tenants],
+                      model if isinstance(model, str) else None)
+        except (TypeError, ValueError, AttributeError):
+            self.drop()
 
 
 class ResponseCache:
@@ -149,14 +232,24 @@ class ResponseCache:
     def clear(self, tenant_id: int, model: str | None = None) -> None:
         raise NotImplementedError
 
+    def clear_tenants(self, tenant_ids: list[int], model: str | None = None, every_tenant: bool = False) -> None:
+        """Clear these tenants (of one model alias, or all): what POST /api/clear-cache does.
+        `every_tenant`: the list is every tenant there is (other workers then drop all copies)."""
+        for tenant_id in tenant_ids:
+            self.clear(tenant_id, model)
+
 
 # KEYS[1]: the tenant's generations (hash), KEYS[2]: the prefix of its entries (same hash tag).
-# ARGV: 1 model alias, 2 digest, 3 "1" to read the entry. Returns {tenant gen, model gen, entry}.
+# ARGV: 1 model alias, 2 digest, 3 "1" to read the entry. Returns {tenant gen, model gen, entry,
+# the entry's remaining lifetime in ms (for a hot copy)}.
 _LOOKUP = """
 local g = redis.call('HMGET', KEYS[1], '*', ARGV[1])
 local tg, mg = g[1] or '0', g[2] or '0'
-if ARGV[3] ~= '1' then return {tg, mg, false} end
-return {tg, mg, redis.call('GET', KEYS[2] .. ':' .. tg .. ':' .. mg .. ':' .. ARGV[2])}
+if ARGV[3] ~= '1' then return {tg, mg, false, 0} end
+local name = KEYS[2] .. ':' .. tg .. ':' .. mg .. ':' .. ARGV[2]
+local raw = redis.call('GET', name)
+if not raw then return {tg, mg, false, 0} end
+return {tg, mg, raw, redis.call('PTTL', name)}
 """
 
 
@@ -164,10 +257,13 @@ class RedisResponseCache(ResponseCache):
     """Entries in Redis, shared by every worker and replica. Errors are the caller's (the run
     treats a Redis failure as a miss that stores nothing)."""
 
-    def __init__(self, client: Any, ttl_s: float) -> None:
+    def __init__(self, client: Any, ttl_s: float, hot: HotEntries | None = None,
+                 publish: Callable[..., Any] | None = None) -> None:
         self.client = client
         self.ttl_ms = max(1, int(ttl_s * 1000))
         self._lookup = client.register_script(_LOOKUP)
+        self.hot = hot            # this worker's copies (None: every hit asks Redis)
+        self.publish = publish    # tells the other workers of a clear (KeyEvents.publish)
 
     @staticmethod
     def _names(tenant_id: int) -> tuple[str, str]:
@@ -175,10 +271,21 @@ class RedisResponseCache(ResponseCache):
         return f"{base}:gen", f"{base}:e"
 
     def lookup(self, tenant_id: int, model: str, digest: str, read: bool) -> tuple[Slot, Entry | None]:
+        hot = self.hot
+        if hot is not None and read:
+            copy = hot.get(tenant_id, model, digest)
+            if copy is not None:
+                pass_turn()  # no I/O on this path: let the worker's other connections go first
+                return copy[0], Entry.decode(copy[1])
+        epoch = hot.epoch if hot is not None else -1
         gen_key, prefix = self._names(tenant_id)
-        tg, mg, raw = self._lookup(keys=[gen_key, prefix], args=[model, digest, "1" if read else "0"])
-        slot = Slot(tenant_id, model, digest, (_text(tg), _text(mg)))
-        return slot, Entry.decode(raw) if raw else None
+        tg, mg, raw, pttl = self._lookup(keys=[gen_key, prefix], args=[model, digest, "1" if read else "0"])
+        slot = Slot(tenant_id, model, digest, (_text(tg), _text(mg)), epoch)
+        if not raw:
+            return slot, None
+        if hot is not None:
+            hot.put(slot, raw, int(pttl) / 1000)
+        return slot, Entry.decode(raw)
 
     def lookup_admitted(self, tenant_id: int, model: str, digest: str, read: bool, limits: Any,
                         limiter: Any, request_id: str) -> tuple[Slot, Entry | None, Any]:
@@ -188,16 +295,26 @@ class RedisResponseCache(ResponseCache):
         fused = limiter.cache_admit if limits.rpm else None
         if fused is None:
             return super().lookup_admitted(tenant_id, model, digest, read, limits, limiter, request_id)
+        epoch = self.hot.epoch if self.hot is not None else -1
         tg, mg, raw, adm = fused(limits, list(self._names(tenant_id)), model, digest, read, request_id)
-        return Slot(tenant_id, model, digest, (tg, mg)), Entry.decode(raw) if raw else None, adm
+        return Slot(tenant_id, model, digest, (tg, mg), epoch), Entry.decode(raw) if raw else None, adm
 
     def store(self, slot: Slot, raw: bytes) -> None:
         _, prefix = self._names(slot.tenant_id)
         tg, mg = slot.generations
         self.client.set(f"{prefix}:{tg}:{mg}:{slot.digest}", raw, px=self.ttl_ms)
+        if self.hot is not None:
+            self.hot.put(slot, raw, self.ttl_ms / 1000)
 
     def clear(self, tenant_id: int, model: str | None = None) -> None:
         self.client.hincrby(self._names(tenant_id)[0], model or ALL_MODELS, 1)
+        if self.hot is not None:
+            self.hot.drop([tenant_id], model)
+
+    def clear_tenants(self, tenant_ids: list[int], model: str | None = None, every_tenant: bool = False) -> None:
+        super().clear_tenants(tenant_ids, model, every_tenant)
+        if self.publish is not None:
+            self.publish(CACHE_CLEARED, tenants=None if every_tenant else list(tenant_ids), model=model)
 
 
 class LocalResponseCache(ResponseCache):
@@ -250,9 +367,10 @@ class LocalResponseCache(ResponseCache):
         return (slot.tenant_id, slot.model, slot.generations, slot.digest)
 
 
-def build_cache(redis_client: Any, ttl_s: float, max_entries: int,
-                monotonic: Callable[[], float]) -> ResponseCache:
-    return (RedisResponseCache(redis_client, ttl_s) if redis_client is not None
+def build_cache(redis_client: Any, ttl_s: float, max_entries: int, monotonic: Callable[[], float],
+                hot: HotEntries | None = None, publish: Callable[..., Any] | None = None) -> ResponseCache:
+    """Redis (with this worker's hot copies, when given) or, without Redis, this process."""
+    return (RedisResponseCache(redis_client, ttl_s, hot, publish) if redis_client is not None
             else LocalResponseCache(ttl_s, max_entries, monotonic))
 
 
