@@ -32,10 +32,10 @@ def authenticate(token: str | None = None) -> KeyInfo:
     if token is None:
         raise AuthenticationFailed("Missing API key. Send it as 'Authorization: Bearer sk-...'.")
     rt = runtime()
-    hit, known = rt.key_cache.get(hash_key(token))
-    # A key in this worker's cache costs no lookup: no throttle check (no Redis round trip on
-    # the hot path). Everything else does: guesses, and any key once its cache entry expired.
-    if not (hit and known is not None):
+    # A key in this worker's cache (fresh, or stale within AUTH_CACHE_STALE_S and not
+    # invalidated) gets no throttle check (no Redis round trip on the hot path). Everything else
+    # does: guesses, and any key whose entry was invalidated or expired past the stale window.
+    if not rt.key_cache.servable(hash_key(token)):
         _refuse_if_throttled(rt)
     # The database down: 503 database_unavailable, mapped with every refusal in app/errors.py.
     info = lookup_key(lambda: db.session, rt.key_cache, token)
