@@ -60,6 +60,10 @@ class Settings:
     # Per-worker cache of key lookups. Key and tenant changes invalidate it on every worker
     # through Redis pub/sub on this channel (within milliseconds); the TTL is the backstop.
     AUTH_CACHE_TTL_S: float = 5.0
+    # A known key's entry past its TTL is still served this much longer while one request of the
+    # worker looks it up again (the others do not query); past it, requests wait for a lookup.
+    # Never for an entry a key or tenant change invalidated. 0: every request past the TTL waits.
+    AUTH_CACHE_STALE_S: float = 5.0
     KEY_EVENTS_CHANNEL: str = "gateway:key-events"
     # `last_used_at` is written at most this often per key (never on every request).
     LAST_USED_WRITE_INTERVAL_S: float = 60.0

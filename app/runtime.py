@@ -166,7 +166,8 @@ def build_runtime(settings: Settings, engine: Engine | None = None, clock: Clock
         _limiter_backend(settings, redis_client, pool_bypass, clock),
         seed=lambda limits, day, month: seed_from_usage(engine, limits.key_id, limits.tenant_id, day, month),
         fail_mode=settings.RATE_LIMIT_FAIL_MODE)
-    key_cache = KeyCache(settings.AUTH_CACHE_TTL_S, clock.monotonic, settings.AUTH_NEGATIVE_CACHE_TTL_S)
+    key_cache = KeyCache(settings.AUTH_CACHE_TTL_S, clock.monotonic, settings.AUTH_NEGATIVE_CACHE_TTL_S,
+                         settings.AUTH_CACHE_STALE_S)
     health = HealthBoard(BreakerConfig(
         failure_threshold=settings.BREAKER_FAILURE_THRESHOLD, failure_ratio=settings.BREAKER_FAILURE_RATIO,
         window=settings.BREAKER_WINDOW, min_requests=settings.BREAKER_MIN_REQUESTS,

@@ -95,6 +95,25 @@ def test_lowercase_bearer_scheme_accepted(client, mint):
     assert client.get("/v1/models", headers={"Authorization": f"bearer {key['key']}"}).status_code == 200
 
 
+def test_a_request_hashes_its_key_once(client, mint, monkeypatch):
+    """Authentication hashes the Bearer token once per request (the lookup takes the hash),
+    whether the key's cache entry is missing (first request) or fresh (second)."""
+    import app.api.auth as auth
+    import app.services.api_key_service as keys
+    key = mint()
+    hashed: list[str] = []
+
+    def counting(plaintext: str) -> str:
+        hashed.append(plaintext)
+        return keys.hashlib.sha256(plaintext.encode("utf-8")).hexdigest()
+
+    monkeypatch.setattr(auth, "hash_key", counting)
+    monkeypatch.setattr(keys, "hash_key", counting)
+    for _ in range(2):
+        assert client.get("/v1/models", headers={"Authorization": f"Bearer {key['key']}"}).status_code == 200
+    assert len(hashed) == 2
+
+
 def test_key_never_in_response_or_log_of_failing_calls(client, mint, admin_headers, caplog):
     """A key's plaintext appears in no response and no DEBUG log record of failing calls."""
     caplog.set_level(logging.DEBUG)

@@ -11,7 +11,7 @@ from app.errors import (AuthenticationFailed, PermissionDenied, RateLimited, Ser
 from app.extensions import db
 from app.runtime import runtime
 from app.services.actor import SYSTEM, Actor
-from app.services.api_key_service import KeyInfo, hash_key, lookup_key
+from app.services.api_key_service import KeyInfo, hash_key, lookup_key_hash
 
 
 def bearer_token() -> str | None:
@@ -32,13 +32,14 @@ def authenticate(token: str | None = None) -> KeyInfo:
     if token is None:
         raise AuthenticationFailed("Missing API key. Send it as 'Authorization: Bearer sk-...'.")
     rt = runtime()
-    hit, known = rt.key_cache.get(hash_key(token))
-    # A key in this worker's cache costs no lookup: no throttle check (no Redis round trip on
-    # the hot path). Everything else does: guesses, and any key once its cache entry expired.
-    if not (hit and known is not None):
+    key_hash = hash_key(token)  # once per request: the lookup takes the hash
+    # A key in this worker's cache (fresh, or stale within AUTH_CACHE_STALE_S and not
+    # invalidated) gets no throttle check (no Redis round trip on the hot path). Everything else
+    # does: guesses, and any key whose entry was invalidated or expired past the stale window.
+    if not rt.key_cache.servable(key_hash):
         _refuse_if_throttled(rt)
     # The database down: 503 database_unavailable, mapped with every refusal in app/errors.py.
-    info = lookup_key(lambda: db.session, rt.key_cache, token)
+    info = lookup_key_hash(lambda: db.session, rt.key_cache, key_hash)
     if info is None:
         rt.auth_throttle.failed(client_address())
         raise AuthenticationFailed("Incorrect API key provided.")

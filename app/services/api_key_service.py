@@ -2,7 +2,9 @@
 
 A key is `sk-` + 32 bytes of URL-safe randomness. Only its SHA-256 and a short display prefix
 are stored. Authentication looks the hash up once per worker every `AUTH_CACHE_TTL_S`
-seconds at most; the cache holds plain snapshots (`KeyInfo`), never ORM objects.
+seconds at most; when that expires, one request refreshes the entry while the others are served
+the previous snapshot (for `AUTH_CACHE_STALE_S` at most, never after an invalidation). The cache
+holds plain snapshots (`KeyInfo`), never ORM objects.
 """
 from __future__ import annotations
 
@@ -196,30 +198,50 @@ def _plain(value: Any) -> Any:
     return value
 
 
+_INVALIDATED = float("-inf")  # an entry's fresh/stale bounds after an invalidation: never served
+
+
 class KeyCache:
     """Per-worker cache of hash -> KeyInfo, with a TTL backstop, and of unknown hashes (None)
     for `negative_ttl_s`. Unknown hashes are kept apart and bounded, so that a flood of random
-    keys can neither grow the cache without end nor push the known keys out of it."""
+    keys can neither grow the cache without end nor push the known keys out of it.
+
+    Stale-while-revalidate: a known key's entry past its TTL, but less than `stale_s` past it
+    and not invalidated, is still served while exactly one request of this process (the first
+    to see it expired) looks the key up again; the others do not query (`begin_refresh`). Past
+    `stale_s` a request waits for its own lookup, as for a miss. An invalidated entry (a key or
+    tenant event, `expire_all`, or a lookup that overlapped one) is never served this way.
+
+    The lock guards only dictionary updates, never I/O: it cannot block a gevent worker's hub
+    (monkey-patched or not) and is a plain mutex under run.py's threaded server.
+    """
 
     MAX_NEGATIVE = 10_000
 
     def __init__(self, ttl_s: float, clock: Callable[[], float] = time.monotonic,
-                 negative_ttl_s: float = 1.0) -> None:
+                 negative_ttl_s: float = 1.0, stale_s: float = 0.0) -> None:
         self.ttl_s = ttl_s
         self.negative_ttl_s = negative_ttl_s
+        self.stale_s = max(0.0, stale_s)
         self.clock = clock
-        self._entries: dict[str, tuple[KeyInfo | None, float]] = {}
+        # hash -> (snapshot, fresh until, served stale until); both bounds _INVALIDATED once invalidated.
+        self._entries: dict[str, tuple[KeyInfo, float, float]] = {}
         self._unknown: dict[str, float] = {}   # hash -> expiry
+        self._refreshing: set[str] = set()     # hashes one request is looking up again right now
         self._lock = threading.Lock()
         # Bumped by every invalidation: a lookup that read the database before an invalidation
         # must not cache what it read (it may predate the change).
         self.generation = 0
         # Called on a cache miss (never on a hit): starts the pub/sub listener of this process.
         self.on_miss: Callable[[], None] | None = None
-        self.hits = 0      # lookups answered here / by the database (read by the metrics ticker)
+        # Lookups answered here (fresh entries, unknown hashes, stale snapshots served while
+        # another request refreshes them) / by the database (read by the metrics ticker).
+        self.hits = 0
         self.misses = 0
 
     def get(self, key_hash: str) -> tuple[bool, KeyInfo | None]:
+        """(True, snapshot) for a fresh entry, (True, None) for a hash known to be unknown,
+        else (False, None). A stale entry is a miss here: see `begin_refresh`."""
         entry = self._entries.get(key_hash)
         if entry is not None and entry[1] >= self.clock():
             return True, entry[0]
@@ -228,17 +250,45 @@ class KeyCache:
             return True, None
         return False, None
 
+    def servable(self, key_hash: str) -> bool:
+        """A known key answered without waiting for the database: its entry is fresh, or stale
+        within `stale_s` and not invalidated."""
+        entry = self._entries.get(key_hash)
+        return entry is not None and entry[2] >= self.clock()
+
+    def begin_refresh(self, key_hash: str) -> tuple[KeyInfo | None, bool]:
+        """After a miss in `get`: what to do about a stale entry.
+
+        (snapshot, False): another request is refreshing it; serve the snapshot, do not query.
+        (None, True): this request is now the one refreshing it; it looks the key up and must
+        call `end_refresh`. (None, False): no servable entry (none, invalidated, or past
+        `stale_s`): look the key up and wait, as for any miss.
+        """
+        with self._lock:
+            entry = self._entries.get(key_hash)
+            if entry is None or entry[2] < self.clock():
+                return None, False
+            if key_hash in self._refreshing:
+                return entry[0], False
+            self._refreshing.add(key_hash)
+            return None, True
+
+    def end_refresh(self, key_hash: str) -> None:
+        with self._lock:
+            self._refreshing.discard(key_hash)
+
     def get_stale(self, key_hash: str) -> KeyInfo | None:
-        """The last known snapshot of a key even past its TTL (None for unknown keys): what
-        authentication falls back to while the database is unreachable."""
+        """The last known snapshot of a key even past its TTL or invalidated by `expire_all`
+        (None for unknown keys): what authentication falls back to while the database is
+        unreachable."""
         entry = self._entries.get(key_hash)
         return entry[0] if entry is not None else None
 
     def put(self, key_hash: str, info: KeyInfo | None, generation: int | None = None) -> None:
         with self._lock:
             # A lookup that overlapped an invalidation may have read the old row: kept only as
-            # already expired (the next request looks it up again; `get_stale` may still use it
-            # while the database is unreachable).
+            # invalidated (the next request looks it up again and waits for it; `get_stale` may
+            # still use it while the database is unreachable).
             fresh = generation is None or generation == self.generation
             if info is None:
                 if len(self._unknown) >= self.MAX_NEGATIVE:
@@ -250,20 +300,24 @@ class KeyCache:
             if len(self._entries) > 100_000:
                 self._entries.clear()
             self._unknown.pop(key_hash, None)
-            self._entries[key_hash] = (info, self.clock() + self.ttl_s if fresh else 0.0)
+            if fresh:
+                until = self.clock() + self.ttl_s
+                self._entries[key_hash] = (info, until, until + self.stale_s)
+            else:
+                self._entries[key_hash] = (info, _INVALIDATED, _INVALIDATED)
 
     def invalidate_key_id(self, key_id: int) -> None:
         with self._lock:
             self.generation += 1
-            for h, (info, _) in list(self._entries.items()):
-                if info is not None and info.id == key_id:
+            for h, (info, _, _) in list(self._entries.items()):
+                if info.id == key_id:
                     del self._entries[h]
 
     def invalidate_tenant_id(self, tenant_id: int) -> None:
         with self._lock:
             self.generation += 1
-            for h, (info, _) in list(self._entries.items()):
-                if info is not None and info.tenant_id == tenant_id:
+            for h, (info, _, _) in list(self._entries.items()):
+                if info.tenant_id == tenant_id:
                     del self._entries[h]
 
     def clear(self) -> None:
@@ -273,24 +327,44 @@ class KeyCache:
             self._unknown.clear()
 
     def expire_all(self) -> None:
-        """Every entry must be looked up again, but stays known to `get_stale`: changes may
-        have been missed (the listener was reconnecting), yet a database outage at the same
-        time should not lock out the keys this worker was serving."""
+        """Every entry must be looked up again (and waited for: never served stale), but stays
+        known to `get_stale`: changes may have been missed (the listener was reconnecting), yet
+        a database outage at the same time should not lock out the keys this worker was serving."""
         with self._lock:
             self.generation += 1
-            self._entries = {h: (info, 0.0) for h, (info, _) in self._entries.items()}
+            self._entries = {h: (info, _INVALIDATED, _INVALIDATED) for h, (info, _, _) in self._entries.items()}
 
 
 def lookup_key(session_factory: Callable[[], Session], cache: KeyCache, plaintext: str) -> KeyInfo | None:
     """The key's snapshot, from the cache or the database (None when unknown)."""
-    key_hash = hash_key(plaintext)
+    return lookup_key_hash(session_factory, cache, hash_key(plaintext))
+
+
+def lookup_key_hash(session_factory: Callable[[], Session], cache: KeyCache, key_hash: str) -> KeyInfo | None:
+    """`lookup_key` for a token already hashed (`hash_key`): a fresh entry or a stale one being
+    refreshed by another request is answered here (a hit); otherwise the database is read (a
+    miss), by the one request refreshing a stale entry or by each request of an unknown,
+    invalidated or too stale one."""
     hit, info = cache.get(key_hash)
     if hit:
         cache.hits += 1
         return info
-    cache.misses += 1
-    if cache.on_miss is not None:
-        cache.on_miss()
+    stale, refreshing = cache.begin_refresh(key_hash)
+    if stale is not None:
+        cache.hits += 1
+        return stale
+    try:
+        cache.misses += 1
+        if cache.on_miss is not None:
+            cache.on_miss()
+        return _read_key(session_factory, cache, key_hash)
+    finally:
+        if refreshing:
+            cache.end_refresh(key_hash)
+
+
+def _read_key(session_factory: Callable[[], Session], cache: KeyCache, key_hash: str) -> KeyInfo | None:
+    """Look the hash up in the database and cache the answer."""
     generation = cache.generation
     session = session_factory()
     try:
