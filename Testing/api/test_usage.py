@@ -8,7 +8,7 @@ from decimal import Decimal
 from urllib.parse import quote
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
 
 from Testing.conftest import app_config, usage_rows
 from app.services.usage_service import UsageEvent, UsageWriter, month_bounds
@@ -426,6 +426,62 @@ def test_usage_writer_duplicates_within_one_batch_stored_once(key, clean_db):
                                 model="m", created_at=at(2024, 1, 2))
     UsageWriter(clean_db).write([ev("r1"), ev("r1"), ev("r2")])
     assert [r["request_id"] for r in usage_rows(clean_db)] == ["r1", "r2"]
+
+
+def test_usage_writer_stores_tricky_values_exactly(pg_url, clean_db):
+    """The batch travels as one JSON text that PostgreSQL expands: money keeps every digit (no
+    float on the way; only the column's scale of 10 rounds), instants keep their microseconds (a
+    naive one means UTC whatever the session's time zone), None stays NULL, bigints past 2**53,
+    booleans and awkward strings arrive as sent; a request twice in a batch or again in a later
+    batch is stored once and adds nothing to the daily rollup."""
+    odd_tz = create_engine(pg_url, connect_args={"options": "-c TimeZone=Pacific/Chatham"})
+    big = 9007199254740993  # 2**53 + 1: a double would make it ...992
+    model = 'm\u00e8 "q" \\ \U0001F600'
+    first = UsageEvent(request_id="req_a", tenant_id=big, api_key_id=big, model=model, provider=None,
+                       prompt_tokens=2_000_000_000, completion_tokens=147_483_647,
+                       cost_usd=Decimal("1234567890.0123456789"), streamed=True, cached=True,
+                       usage_estimated=True, saved_cost_usd=Decimal("0.000000123456789012"),
+                       created_at=datetime(2026, 1, 31, 23, 59, 59, 999999,
+                                           tzinfo=timezone(timedelta(hours=-9, minutes=-30))))
+    naive = UsageEvent(request_id="req_b", tenant_id=7, api_key_id=8, model="m", provider="openai",
+                       upstream_model="up", prompt_tokens=3, completion_tokens=4, cost_usd=Decimal("0.0000000001"),
+                       status="error", error_type="upstream_timeout", latency_ms=0, ttft_ms=12,
+                       created_at=datetime(2026, 1, 31, 23, 59, 59, 999999), cached_tokens=0,
+                       cache_write_tokens=5, reasoning_tokens=6)
+    twice = UsageEvent(request_id="req_a", tenant_id=1, api_key_id=1, model="x", cost_usd=Decimal("9"),
+                       created_at=first.created_at)
+    later = UsageEvent(request_id="req_c", tenant_id=7, api_key_id=8, model="m", prompt_tokens=1,
+                       cost_usd=Decimal("0.1"), created_at=datetime(2026, 1, 31, 0, 0, tzinfo=UTC))
+    replay = UsageEvent(request_id="req_b", tenant_id=7, api_key_id=8, model="m", prompt_tokens=100,
+                        cost_usd=Decimal("5"), created_at=naive.created_at)
+    try:
+        writer = UsageWriter(odd_tz)
+        assert writer.write([first, naive, twice]) == 2
+        assert writer.write([replay, later, twice]) == 1
+    finally:
+        odd_tz.dispose()
+    cols = ("request_id", "tenant_id", "api_key_id", "model", "provider", "upstream_model", "prompt_tokens",
+            "completion_tokens", "total_tokens", "cost_usd", "status", "error_type", "streamed", "cached",
+            "latency_ms", "ttft_ms", "created_at", "endpoint", "cached_tokens", "cache_write_tokens",
+            "reasoning_tokens", "usage_estimated", "saved_cost_usd")
+    assert [tuple(r[c] for c in cols) for r in usage_rows(clean_db)] == [
+        ("req_a", 9007199254740993, 9007199254740993, 'm\u00e8 "q" \\ \U0001F600', None, None, 2000000000,
+         147483647, 2147483647, Decimal("1234567890.0123456789"), "ok", None, True, True, None, None,
+         datetime(2026, 2, 1, 9, 29, 59, 999999, tzinfo=UTC), "chat.completions", None, None, None, True,
+         Decimal("0.0000001235")),
+        ("req_b", 7, 8, "m", "openai", "up", 3, 4, 7, Decimal("0.0000000001"), "error", "upstream_timeout",
+         False, False, 0, 12, datetime(2026, 1, 31, 23, 59, 59, 999999, tzinfo=UTC), "chat.completions",
+         0, 5, 6, False, None),
+        ("req_c", 7, 8, "m", None, None, 1, 0, 1, Decimal("0.1000000000"), "ok", None, False, False, None, None,
+         datetime(2026, 1, 31, tzinfo=UTC), "chat.completions", None, None, None, False, None)]
+    with clean_db.connect() as conn:
+        daily = conn.execute(text("SELECT day::text, tenant_id, api_key_id, model, requests, prompt_tokens, "
+                                  "completion_tokens, total_tokens, cost_usd, cache_hits, saved_cost_usd "
+                                  "FROM usage_daily ORDER BY day")).all()
+    assert [tuple(r) for r in daily] == [
+        ("2026-01-31", 7, 8, "m", 2, 4, 4, 8, Decimal("0.1000000001"), 0, Decimal("0")),
+        ("2026-02-01", 9007199254740993, 9007199254740993, 'm\u00e8 "q" \\ \U0001F600', 1, 2000000000, 147483647,
+         2147483647, Decimal("1234567890.0123456789"), 1, Decimal("0.0000001235"))]
 
 
 def test_usage_writer_returns_number_of_new_rows(key, clean_db):
