@@ -4,6 +4,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 
 import pytest
@@ -63,3 +64,16 @@ def test_a_worker_whose_master_is_killed_finishes_its_stream_and_records_it(pg_u
         if process_alive(worker):
             os.kill(worker, signal.SIGKILL)
         gw.stop()
+
+
+def test_each_worker_freezes_its_start_up_objects(pg_url, models_file, tmp_path, clean_db):
+    """Every worker moves what it built at start-up into the collector's permanent generation
+    (no full collection walks it again) and says how many objects that was."""
+    env = {k: str(v) for k, v in app_config(pg_url, models_file, LOG_LEVEL="INFO").items()}
+    with GatewayProcess(env, workers=2, log_path=tmp_path / "gw.log") as gw:
+        pids = gw.worker_pids()
+        wait_until(lambda: len(re.findall(r"start-up objects frozen", gw.log_text())) == 2, timeout=30,
+                   message="both workers' freeze lines")
+        frozen = {int(pid): int(n) for pid, n in
+                  re.findall(r"worker (\d+): (\d+) start-up objects frozen", gw.log_text())}
+        assert set(frozen) == set(pids) and all(n > 10_000 for n in frozen.values())
