@@ -42,7 +42,7 @@ def reader_position(turn: str) -> int:
 
 def test_a_greenlet_with_a_ready_socket_runs_between_two_turns():
     """With pass_turn the reader runs within the busy greenlet's first turns (the loop polls
-    for I/O at the next iteration); without any turn (a request path with no I/O) it waits
+    for I/O before the busy greenlet resumes); without any turn (a request path with no I/O) it waits
     until all 20 are done."""
     assert reader_position("pass_turn()") in (0, 1, 2)
     assert reader_position("pass") == 20
