@@ -252,7 +252,8 @@ def _usage_batcher(settings: Settings, engine: Engine, redis_client: Optional[re
     outbox = RedisOutbox(redis_client, settings.USAGE_OUTBOX_NAME) if redis_client is not None else None
     return UsageBatcher(writer, redis_outbox=outbox,
                         spool=SpoolOutbox(settings.USAGE_SPOOL_DIR), poll_s=settings.USAGE_OUTBOX_POLL_S,
-                        partitions_ahead=settings.USAGE_PARTITIONS_AHEAD, owns_engine=owns)
+                        partitions_ahead=settings.USAGE_PARTITIONS_AHEAD, owns_engine=owns,
+                        linger_s=settings.USAGE_BATCH_LINGER_S)
 
 
 def seed_from_usage(engine: Engine, key_id: int, tenant_id: int, day: int, month: str) -> dict[str, int]:

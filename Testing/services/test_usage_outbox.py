@@ -121,6 +121,34 @@ def test_a_row_submitted_after_close_is_stored_before_submit_returns(clean_db):
     assert counts(clean_db) == (5, 5, 5) and batcher.depth == 0
 
 
+class CountingWriter(UsageWriter):
+    """The real writer, recording the size of every batch it is given."""
+
+    def __init__(self, engine) -> None:
+        super().__init__(engine)
+        self.batches: list[int] = []
+
+    def write(self, batch):
+        self.batches.append(len(batch))
+        return super().write(batch)
+
+
+def test_rows_arriving_while_the_writer_lingers_share_one_statement(clean_db):
+    """Once woken by a row, the writer waits (here up to 60 s, longer than the test) for more
+    rows to join the batch; flush() cuts the wait short: five rows submitted one after the
+    other are written as one batch of five, stored at once."""
+    writer = CountingWriter(clean_db)
+    batcher = UsageBatcher(writer, linger_s=60)
+    batcher.start(flusher=False)
+    try:
+        for event in events(5):
+            batcher.submit(event)
+        assert batcher.flush() is True
+        assert writer.batches == [5] and counts(clean_db) == (5, 5, 5)
+    finally:
+        batcher.close()
+
+
 def test_database_down_rows_go_to_redis_and_are_replayed_exactly_once(pg_url, clean_db, rclient, pg_proxy, name):
     """PostgreSQL unreachable: submitted rows land in the Redis outbox (none held in memory),
     the batcher stops trying PostgreSQL until a probe answers, then replays them all once."""

@@ -76,8 +76,11 @@ class UsageBatcher:
 
     def __init__(self, writer: UsageWriter, redis_outbox: RedisOutbox | None = None,
                  spool: SpoolOutbox | None = None, poll_s: float = 1.0, partitions_ahead: int = 2,
-                 owns_engine: bool = False) -> None:
+                 owns_engine: bool = False, linger_s: float = 0.0) -> None:
         self.writer = writer
+        # How long the writer waits, once woken by a row, for more rows to join the batch
+        # (cut short by flush() and close(), and when MAX_BATCH rows are queued).
+        self.linger_s = linger_s
         self.redis_outbox = redis_outbox
         self.spool = spool
         self.poll_s = poll_s
@@ -85,6 +88,7 @@ class UsageBatcher:
         self.owns_engine = owns_engine
         self._queue: deque[UsageEvent] = deque()
         self._wake = threading.Event()
+        self._urgent = threading.Event()   # flush()/close(): no lingering
         self._idle = threading.Event()
         self._idle.set()
         self._stop = threading.Event()
@@ -131,6 +135,8 @@ class UsageBatcher:
         self._queue.append(event)
         self._idle.clear()
         self._wake.set()
+        if len(self._queue) >= self.MAX_BATCH:
+            self._urgent.set()   # a full batch: no reason to wait for more
 
     def start(self, flusher: bool = True) -> None:
         """Start the writer, and the outbox flusher unless `flusher=False` (once; later calls
@@ -151,6 +157,9 @@ class UsageBatcher:
         while True:
             self._wake.wait()
             self._wake.clear()
+            if self.linger_s > 0 and not self._urgent.is_set():
+                self._urgent.wait(self.linger_s)   # let the rows of the next few ms join this batch
+            self._urgent.clear()
             while self._queue:
                 taken = time.monotonic()
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.MAX_BATCH))]
@@ -369,6 +378,7 @@ class UsageBatcher:
             if not self._queue:
                 self._idle.set()
             return not self._queue
+        self._urgent.set()
         self._wake.set()
         return self._idle.wait(timeout) and not self._queue
 
