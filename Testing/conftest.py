@@ -96,7 +96,12 @@ def app_config(pg_url: str, models_file: Path, **overrides: Any) -> dict[str, An
     return {"DATABASE_URL": pg_url, "MODELS_FILE": str(models_file), "SYSTEM_SECRET": SYSTEM_SECRET,
             "REDIS_URL": REDIS_URL, "LOG_LEVEL": "WARNING", "MAX_REQUEST_BYTES": 256 * 1024,
             "KEY_EVENTS_CHANNEL": KEY_EVENTS_CHANNEL, "USAGE_SPOOL_DIR": SPOOL_DIR, "USAGE_OUTBOX_POLL_S": 0.2,
-            "USAGE_OUTBOX_NAME": OUTBOX_NAME, **ROUTING_TEST_SETTINGS, **overrides}
+            "USAGE_OUTBOX_NAME": OUTBOX_NAME,
+            # Rows written at once: `clean_db` empties the tables between tests and key ids restart
+            # at 1, so a row of the previous test that a lingering writer stored after that would
+            # count against the next test's key (its budget seeded from the usage store). The
+            # linger itself: Testing/services/test_usage_outbox.py.
+            "USAGE_BATCH_LINGER_S": 0, **ROUTING_TEST_SETTINGS, **overrides}
 
 
 def start_app(config: dict[str, Any], **kwargs: Any):
