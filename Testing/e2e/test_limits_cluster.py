@@ -45,7 +45,7 @@ def gateway_b(pg_url, models_file, redis_cluster, tmp_path_factory):
 
 @pytest.fixture
 def clean_db(pg_engine, redis_cluster):
-    """Empty tables and an empty cluster (key ids restart at 1 in every test)."""
+    """Empty tables (ids never reused) and an empty cluster."""
     truncate(pg_engine)
     redis_cluster.flush()
     return pg_engine
