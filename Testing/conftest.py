@@ -101,10 +101,11 @@ def app_config(pg_url: str, models_file: Path, **overrides: Any) -> dict[str, An
             "REDIS_URL": REDIS_URL, "LOG_LEVEL": "WARNING", "MAX_REQUEST_BYTES": 256 * 1024,
             "KEY_EVENTS_CHANNEL": KEY_EVENTS_CHANNEL, "USAGE_SPOOL_DIR": SPOOL_DIR, "USAGE_OUTBOX_POLL_S": 0.2,
             "USAGE_OUTBOX_NAME": OUTBOX_NAME,
-            # Rows written at once: `clean_db` empties the tables between tests and key ids restart
-            # at 1, so a row of the previous test that a lingering writer stored after that would
-            # count against the next test's key (its budget seeded from the usage store). The
-            # linger itself: Testing/services/test_usage_outbox.py.
+            # Rows written at once: a test's rows land before the next test's `clean_db`, as they
+            # did before the writer lingered (a lingering writer once stored a row of the previous
+            # test after the truncation, which then counted against the next key with the same id;
+            # ids are no longer reused, see `truncate`). The linger itself:
+            # Testing/services/test_usage_outbox.py.
             "USAGE_BATCH_LINGER_S": 0, **ROUTING_TEST_SETTINGS, **overrides}
 
 
