@@ -12,7 +12,7 @@ import redis
 
 from Testing.support import REDIS_URL
 from app.extensions import db
-from app.services.api_key_service import lookup_key
+from app.services.api_key_service import hash_key, lookup_key
 from app.services.rate_limit_service import key_limits
 from app.services.usage_service import UsageEvent, UsageWriter
 
@@ -88,7 +88,7 @@ def test_concurrency_in_use_counts_running_requests(client, mint):
     """A request holding a concurrency slot shows as in use (a real reservation in Redis)."""
     key = mint(name="busy", tenant="acme", max_concurrent=2)
     with client.application.app_context():
-        info = lookup_key(lambda: db.session, gateway(client).key_cache, key["key"])
+        info = lookup_key(lambda: db.session, gateway(client).key_cache, hash_key(key["key"]))
     adm = gateway(client).limiter.admit(key_limits(info), "req_" + uuid.uuid4().hex, 0, 0)
     assert my_key(client, key)["headroom"]["concurrent_requests"] == {"limit": 2, "in_use": 1, "remaining": 1}
     gateway(client).limiter.settle(adm, 0, 0)

@@ -79,7 +79,7 @@ def db() -> Database:
 def loaded(cache: KeyCache, db: Database) -> KeyInfo:
     """The key looked up once (one lookup), then changed in the database (rpm_limit 60)
     without any event reaching the cache."""
-    info = lookup_key(db, cache, TOKEN)
+    info = lookup_key(db, cache, HASH)
     assert db.lookups == 1 and info.rpm_limit is None
     db.row = key_row(rpm_limit=60)
     return info
@@ -88,7 +88,7 @@ def loaded(cache: KeyCache, db: Database) -> KeyInfo:
 def requests_during_refresh(db: Database, cache: KeyCache, n: int) -> list[KeyInfo | None]:
     """Arrange for `n` lookups of the key to run while the next database lookup is in flight."""
     answers: list[KeyInfo | None] = []
-    db.during = lambda: answers.extend(lookup_key(db, cache, TOKEN) for _ in range(n))
+    db.during = lambda: answers.extend(lookup_key(db, cache, HASH) for _ in range(n))
     return answers
 
 
@@ -98,11 +98,11 @@ def test_expired_known_key_is_served_stale_while_one_lookup_refreshes_it(cache, 
     old = loaded(cache, db)
     clock.advance(6)  # past the TTL (5 s), within the stale window (5 s more)
     during = requests_during_refresh(db, cache, 5)
-    fresh = lookup_key(db, cache, TOKEN)
+    fresh = lookup_key(db, cache, HASH)
     assert db.lookups == 2
     assert during == [old] * 5
     assert fresh.rpm_limit == 60
-    assert lookup_key(db, cache, TOKEN).rpm_limit == 60  # fresh again: no lookup
+    assert lookup_key(db, cache, HASH).rpm_limit == 60  # fresh again: no lookup
     assert db.lookups == 2
     assert (cache.hits, cache.misses) == (6, 2)
 
@@ -120,11 +120,11 @@ def test_concurrent_requests_during_a_refresh_do_not_query(cache, db, clock):
 
     db.during = slow_database
     refreshed: list[KeyInfo | None] = []
-    refresher = threading.Thread(target=lambda: refreshed.append(lookup_key(db, cache, TOKEN)))
+    refresher = threading.Thread(target=lambda: refreshed.append(lookup_key(db, cache, HASH)))
     refresher.start()
     entered.wait()
     answers: list[KeyInfo | None] = []
-    others = [threading.Thread(target=lambda: answers.append(lookup_key(db, cache, TOKEN))) for _ in range(8)]
+    others = [threading.Thread(target=lambda: answers.append(lookup_key(db, cache, HASH))) for _ in range(8)]
     for t in others:
         t.start()
     for t in others:
@@ -143,7 +143,7 @@ def test_past_the_stale_limit_every_request_waits_for_a_lookup(cache, db, clock)
     clock.advance(10.5)
     assert cache.servable(HASH) is False
     during = requests_during_refresh(db, cache, 1)
-    assert lookup_key(db, cache, TOKEN).rpm_limit == 60
+    assert lookup_key(db, cache, HASH).rpm_limit == 60
     assert [info.rpm_limit for info in during] == [60]
     assert db.lookups == 3
 
@@ -153,7 +153,7 @@ def test_the_stale_window_ends_stale_s_after_the_ttl(cache, db, clock):
     old = loaded(cache, db)
     clock.advance(10)
     during = requests_during_refresh(db, cache, 1)
-    assert lookup_key(db, cache, TOKEN).rpm_limit == 60
+    assert lookup_key(db, cache, HASH).rpm_limit == 60
     assert during == [old]
     assert db.lookups == 2
 
@@ -180,7 +180,7 @@ def test_an_invalidated_entry_is_never_served_stale(cache, db, clock, invalidate
     invalidate(cache)
     assert cache.servable(HASH) is False
     during = requests_during_refresh(db, cache, 1)
-    assert lookup_key(db, cache, TOKEN).rpm_limit == 60
+    assert lookup_key(db, cache, HASH).rpm_limit == 60
     assert [info.rpm_limit for info in during] == [60]
     assert db.lookups == 3
 
@@ -191,11 +191,11 @@ def test_a_lookup_that_overlapped_an_invalidation_is_never_served_stale(cache, d
     loaded(cache, db)
     clock.advance(6)
     db.during = lambda: cache.invalidate_key_id(1)  # the event arrives while the refresh reads
-    lookup_key(db, cache, TOKEN)
+    lookup_key(db, cache, HASH)
     assert cache.servable(HASH) is False
     db.row = key_row(rpm_limit=120)
     during = requests_during_refresh(db, cache, 1)
-    assert lookup_key(db, cache, TOKEN).rpm_limit == 120
+    assert lookup_key(db, cache, HASH).rpm_limit == 120
     assert [info.rpm_limit for info in during] == [120]
     assert db.lookups == 4
 
@@ -208,11 +208,11 @@ def test_a_failed_refresh_keeps_the_stale_snapshot(cache, db, clock):
     clock.advance(6)
     db.down = True
     during = requests_during_refresh(db, cache, 3)
-    assert lookup_key(db, cache, TOKEN) == old
+    assert lookup_key(db, cache, HASH) == old
     assert during == [old] * 3
     assert db.lookups == 2
     clock.advance(4)
-    assert lookup_key(db, cache, TOKEN) == old
+    assert lookup_key(db, cache, HASH) == old
     assert db.lookups == 2
 
 
@@ -220,12 +220,12 @@ def test_unknown_keys_are_not_served_stale(cache, clock):
     """An unknown hash is remembered for negative_ttl_s only; afterwards every request asking
     for it queries, also while another request's lookup of it is in flight."""
     db = Database(None)
-    assert lookup_key(db, cache, TOKEN) is None
-    assert lookup_key(db, cache, TOKEN) is None
+    assert lookup_key(db, cache, HASH) is None
+    assert lookup_key(db, cache, HASH) is None
     assert db.lookups == 1
     clock.advance(1.5)
     during = requests_during_refresh(db, cache, 1)
-    assert lookup_key(db, cache, TOKEN) is None
+    assert lookup_key(db, cache, HASH) is None
     assert during == [None]
     assert db.lookups == 3
 
@@ -236,6 +236,6 @@ def test_without_a_stale_window_an_expired_entry_waits_for_a_lookup(clock, db):
     loaded(cache, db)
     clock.advance(6)
     during = requests_during_refresh(db, cache, 1)
-    assert lookup_key(db, cache, TOKEN).rpm_limit == 60
+    assert lookup_key(db, cache, HASH).rpm_limit == 60
     assert [info.rpm_limit for info in during] == [60]
     assert db.lookups == 3

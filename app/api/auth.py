@@ -11,7 +11,7 @@ from app.errors import (AuthenticationFailed, PermissionDenied, RateLimited, Ser
 from app.extensions import db
 from app.runtime import runtime
 from app.services.actor import SYSTEM, Actor
-from app.services.api_key_service import KeyInfo, hash_key, lookup_key_hash
+from app.services.api_key_service import KeyInfo, hash_key, lookup_key
 
 
 def bearer_token() -> str | None:
@@ -39,7 +39,7 @@ def authenticate(token: str | None = None) -> KeyInfo:
     if not rt.key_cache.servable(key_hash):
         _refuse_if_throttled(rt)
     # The database down: 503 database_unavailable, mapped with every refusal in app/errors.py.
-    info = lookup_key_hash(lambda: db.session, rt.key_cache, key_hash)
+    info = lookup_key(lambda: db.session, rt.key_cache, key_hash)
     if info is None:
         rt.auth_throttle.failed(client_address())
         raise AuthenticationFailed("Incorrect API key provided.")

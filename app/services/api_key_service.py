@@ -335,16 +335,11 @@ class KeyCache:
             self._entries = {h: (info, _INVALIDATED, _INVALIDATED) for h, (info, _, _) in self._entries.items()}
 
 
-def lookup_key(session_factory: Callable[[], Session], cache: KeyCache, plaintext: str) -> KeyInfo | None:
-    """The key's snapshot, from the cache or the database (None when unknown)."""
-    return lookup_key_hash(session_factory, cache, hash_key(plaintext))
-
-
-def lookup_key_hash(session_factory: Callable[[], Session], cache: KeyCache, key_hash: str) -> KeyInfo | None:
-    """`lookup_key` for a token already hashed (`hash_key`): a fresh entry or a stale one being
-    refreshed by another request is answered here (a hit); otherwise the database is read (a
-    miss), by the one request refreshing a stale entry or by each request of an unknown,
-    invalidated or too stale one."""
+def lookup_key(session_factory: Callable[[], Session], cache: KeyCache, key_hash: str) -> KeyInfo | None:
+    """The snapshot of the key whose `hash_key` is `key_hash`, None when unknown: a fresh entry
+    or a stale one being refreshed by another request is answered here (a hit); otherwise the
+    database is read (a miss), by the one request refreshing a stale entry or by each request of
+    an unknown, invalidated or too stale one."""
     hit, info = cache.get(key_hash)
     if hit:
         cache.hits += 1
