@@ -180,9 +180,9 @@ def test_database_down_rows_go_to_redis_and_are_replayed_exactly_once(pg_url, cl
 
 def test_writer_connections_killed_rows_replayed_exactly_once(pg_url, clean_db, rclient, name):
     """The writer's PostgreSQL connections terminated (pg_terminate_backend, this test
-    database's writer connections only): the pool's pre-ping replaces them, or a batch that
-    failed goes to the outbox and is replayed as soon as PostgreSQL answers the probe; every
-    row once, and the writer does not consider the database down."""
+    database's writer connections only): the write that finds its connection dead is tried
+    once more on a new one, so nothing goes to the outbox; every row once, and the writer does
+    not consider the database down."""
     engine = dedicated_engine(pg_url, 2.0)
     batcher = UsageBatcher(UsageWriter(engine), redis_outbox=RedisOutbox(rclient, name), poll_s=0.1)
     batcher.start()  # the writer and the outbox flusher
@@ -201,6 +201,7 @@ def test_writer_connections_killed_rows_replayed_exactly_once(pg_url, clean_db, 
         wait_until(lambda: counts(clean_db) == (25, 25, 25) and rclient.llen(outbox_key(name)) == 0,
                    timeout=15, message="all rows once")
         assert not batcher.database_down
+        assert (batcher.failures, batcher.diverted) == (0, 0)
     finally:
         batcher.close(5)
         engine.dispose()

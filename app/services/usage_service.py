@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import Date, case, cast, func, literal, select, union_all
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from app.models import UsageDaily, UsageRecord
 from app.models.types import utcnow
@@ -169,8 +169,8 @@ def _json_rows(batch: list[UsageEvent]) -> str:
 
 
 class UsageWriter:
-    """Inserts usage rows and their rollup in one transaction, skipping rows already stored
-    (idempotent replays). Creates a missing monthly partition on demand."""
+    """Inserts usage rows and their rollup in one statement (so one transaction), skipping rows
+    already stored (idempotent replays). Creates a missing monthly partition on demand."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -203,8 +203,22 @@ class UsageWriter:
             return self._write_pg(batch)
 
     def _write_pg(self, batch: list[UsageEvent]) -> int:
-        with self.engine.begin() as conn:
-            return int(conn.exec_driver_sql(_PG_WRITE, {"rows": _json_rows(batch)}).scalar())
+        """One round trip: `_PG_WRITE` is a single statement, atomic on its own, so it runs in
+        autocommit (no BEGIN and COMMIT around it). The writer's pool does not ping a connection
+        before use; a connection found dead (a database restart, a terminated backend) is
+        dropped by the pool and the batch tried once more on a new one. Replaying a batch that
+        did reach the database stores nothing twice (ON CONFLICT DO NOTHING)."""
+        rows = _json_rows(batch)
+        try:
+            return self._execute_pg(rows)
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            return self._execute_pg(rows)
+
+    def _execute_pg(self, rows: str) -> int:
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            return int(conn.exec_driver_sql(_PG_WRITE, {"rows": rows}).scalar())
 
     def _write_sqlite(self, batch: list[UsageEvent]) -> int:
         insert_row = sqlite.insert(TABLE).on_conflict_do_nothing(index_elements=["request_id"])
