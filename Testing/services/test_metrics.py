@@ -87,3 +87,20 @@ def test_observations_wait_in_memory_until_flushed():
     metrics.flush()
     assert sum(s.value for f in metrics.requests.collect() for s in f.samples) == 3
     assert [s.value for f in metrics.duration.collect() for s in f.samples if s.name.endswith("_count")] == [3]
+
+
+def test_runs_without_a_provider_count_in_the_totals_and_their_model_only():
+    """A run that reached no provider (a cache hit, a refusal before routing) has an empty
+    provider label: the summary counts it in the totals and under its model, and lists no
+    provider for it (it once broke the whole summary, and with it the ticker's samples)."""
+    metrics = GatewayMetrics(mp_dir="")
+    hit = _trace("m")
+    hit.deployment, hit.cache = None, "hit"
+    metrics.observe_run(hit, None)
+    metrics.observe_run(_trace("m"), None)
+    metrics.record_sample(now=1000.0)
+    body = summary(metrics, now=1010.0)
+    assert body["totals"]["requests"] == 2
+    assert [(m["name"], m["requests"]) for m in body["models"]] == [("m", 2)]
+    assert [(p["name"], p["requests"]) for p in body["providers"]] == [("openai", 1)]
+    assert len(metrics.history) == 1

@@ -50,9 +50,12 @@ def totals(families: Iterable[Any]) -> dict[str, Any]:
                 status = labels.get("status", "")
                 figure = {"ok": "ok", "error": "errors", "client_disconnected": "client_disconnected",
                           "refused": "refused"}.get(status)
-                for target, key in ((out["all"], None), (models, labels.get("model")),
-                                    (providers, labels.get("provider") or None)):
-                    row = target if key is None else target.setdefault(key, _blank())
+                rows = [out["all"]]
+                # a run that reached no provider (a cache hit, a refusal) has provider=""
+                for where, key in ((models, labels.get("model")), (providers, labels.get("provider"))):
+                    if key:
+                        rows.append(where.setdefault(key, _blank()))
+                for row in rows:
                     row["requests"] += value
                     if figure:
                         row[figure] += value
