@@ -62,6 +62,9 @@ errorlog = "-"
 loglevel = _env("LOG_LEVEL", "info").lower()
 # Never log request lines with query strings that could carry secrets.
 limit_request_line = 8190
+# auto: gunicorn's C parser (gunicorn_h1c, requirements-fast.txt) when installed, else its
+# Python parser; python: always the Python one; fast: refuse to start without the C one.
+http_parser = _env("HTTP_PARSER", "auto").strip().lower()
 # gunicorn's control socket defaults to one path per user ($HOME/.gunicorn/gunicorn.ctl), which
 # several gateways on one host would fight over: off unless a path is given.
 if os.environ.get("GUNICORN_CONTROL_SOCKET"):
@@ -122,7 +125,25 @@ def post_worker_init(worker):
     runtime = _runtime(worker)
     if runtime is not None:
         runtime.start()
+    worker.log.info("worker %s: HTTP parser: %s", worker.pid, _http_parser_in_use(worker.cfg))
     worker.log.info("worker %s: %d start-up objects frozen (gc.freeze)", worker.pid, _freeze_startup_objects())
+
+
+def _http_parser_in_use(cfg) -> str:
+    """Which request parser this worker's gunicorn uses, as gunicorn itself decides it (its
+    check also refuses a gunicorn_h1c too old for its limits, and compatibility flags the C
+    parser lacks)."""
+    from importlib import metadata
+
+    from gunicorn.http import message
+
+    decide = getattr(message, "_check_fast_parser", None)
+    if decide is None:
+        return f"unknown (gunicorn {metadata.version('gunicorn')} does not say)"
+    if decide(cfg):
+        return f"gunicorn_h1c {metadata.version('gunicorn_h1c')} (C)"
+    reason = "HTTP_PARSER=python" if cfg.http_parser == "python" else "gunicorn_h1c not installed or not usable"
+    return f"python ({reason})"
 
 
 def _freeze_startup_objects() -> int:

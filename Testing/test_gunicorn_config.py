@@ -77,3 +77,24 @@ def test_each_worker_freezes_its_start_up_objects(pg_url, models_file, tmp_path,
         frozen = {int(pid): int(n) for pid, n in
                   re.findall(r"worker (\d+): (\d+) start-up objects frozen", gw.log_text())}
         assert set(frozen) == set(pids) and all(n > 10_000 for n in frozen.values())
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ("auto", "gunicorn_h1c 0.6.10 (C)"),
+    ("python", "python (HTTP_PARSER=python)"),
+])
+def test_each_worker_names_the_http_parser_gunicorn_uses(pg_url, models_file, tmp_path, clean_db,
+                                                          setting, expected):
+    """gunicorn parses requests with its C parser when gunicorn_h1c (requirements-fast.txt) is
+    installed, unless HTTP_PARSER=python; each worker says which one it uses, and serves
+    requests with it."""
+    if setting == "auto":
+        pytest.importorskip("gunicorn_h1c", reason="not built on this machine (no C compiler)")
+    env = {k: str(v) for k, v in app_config(pg_url, models_file, LOG_LEVEL="INFO", HTTP_PARSER=setting).items()}
+    with GatewayProcess(env, workers=1, log_path=tmp_path / "gw.log") as gw:
+        [pid] = gw.worker_pids()
+        wait_until(lambda: "HTTP parser:" in gw.log_text(), timeout=30, message="the worker's parser line")
+        assert re.findall(r"worker (\d+): HTTP parser: (.*)", gw.log_text()) == [(str(pid), expected)]
+        status, _, body = http_json("GET", gw.base_url + "/v1/models", None,
+                                    {"Authorization": "Bearer sk-not-a-key"})
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"

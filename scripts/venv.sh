@@ -27,6 +27,7 @@ ensure_venv() {
   [ -x .venv/bin/python ] || _create_venv
   if cmp -s "$requirements" "$stamp" 2>/dev/null && { [ "$requirements" = requirements.txt ] \
       || cmp -s requirements.txt .venv/.installed 2>/dev/null; }; then
+    _ensure_fast_parser
     return
   fi
   started=$(date +%s)
@@ -35,4 +36,20 @@ ensure_venv() {
   cp "$requirements" "$stamp"
   [ "$requirements" = requirements.txt ] || cp requirements.txt .venv/.installed
   say "packages installed in $(( $(date +%s) - started )) s"
+  _ensure_fast_parser
+}
+
+# gunicorn's C request parser (requirements-fast.txt) is optional: it is built from source,
+# which needs a C compiler and the Python headers. Without them the gateway runs all the same,
+# with gunicorn's Python parser. Tried once per version of the file, not on every start.
+_ensure_fast_parser() {
+  cmp -s requirements-fast.txt .venv/.installed-fast 2>/dev/null && return
+  say "building gunicorn's C HTTP parser (requirements-fast.txt, optional)"
+  if .venv/bin/pip install --disable-pip-version-check -q -r requirements-fast.txt; then
+    say "gunicorn_h1c installed: gunicorn parses requests in C"
+  else
+    say "gunicorn_h1c could not be built (no C compiler? apt-get install gcc python3-dev): gunicorn" \
+        "parses requests in Python instead, at a little more CPU per request"
+  fi
+  cp requirements-fast.txt .venv/.installed-fast
 }
