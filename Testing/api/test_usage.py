@@ -189,6 +189,11 @@ def test_cache_hits_and_saved_cost_from_the_rollup_and_the_edges(client, key, cl
     assert [(d["day"], d["cache_hits"], d["saved_cost_usd"]) for d in body["data"]] == \
         [("2024-01-02", 1, "0.25"), ("2024-01-03", 1, "0.5")]
     assert_groups_sum_to_totals(body)
+    csv_text = get_usage(client, key, group_by="day", format="csv", start="2024-01-01T00:00:00Z",
+                         end="2024-01-03T18:00:00Z").get_data(as_text=True)
+    assert csv_text.splitlines() == [
+        "day,requests,prompt_tokens,completion_tokens,total_tokens,cost_usd,cache_hits,saved_cost_usd",
+        "2024-01-02,2,10,20,30,0.25,1,0.25", "2024-01-03,1,0,0,0,0,1,0.5"]
 
 
 def test_group_by_endpoint_exact_from_the_rollup_and_the_edges(client, key, clean_db):
@@ -206,7 +211,7 @@ def test_group_by_endpoint_exact_from_the_rollup_and_the_edges(client, key, clea
          "cost_usd": "0.5", "cache_hits": 0, "saved_cost_usd": "0"},
     ]
     csv_text = get_usage(client, key, group_by="endpoint", format="csv", **JAN).get_data(as_text=True)
-    assert csv_text.splitlines()[1:] == ["chat.completions,1,1,2,3,0.1", "uptime,2,110,2,112,0.5"]
+    assert csv_text.splitlines()[1:] == ["chat.completions,1,1,2,3,0.1,0,0", "uptime,2,110,2,112,0.5,0,0"]
 
 
 DAY_ROWS = [

@@ -372,8 +372,8 @@ def test_dashboard_charts_and_totals_show_the_seeded_usage(new_page, gateway, cl
     path = download.value.path()
     assert download.value.suggested_filename == "usage_2026-10-01_2026-10-05_by_day.csv"
     assert Path(path).read_text().splitlines() == [
-        "day,requests,prompt_tokens,completion_tokens,total_tokens,cost_usd",
-        "2026-10-01,2,110,55,165,0.75", "2026-10-03,1,200,100,300,1.125"]
+        "day,requests,prompt_tokens,completion_tokens,total_tokens,cost_usd,cache_hits,saved_cost_usd",
+        "2026-10-01,2,110,55,165,0.75,0,0", "2026-10-03,1,200,100,300,1.125,0,0"]
     assert page.errors == []
 
 

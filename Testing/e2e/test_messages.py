@@ -389,7 +389,8 @@ def test_usage_grouped_by_endpoint_from_raw_rows_and_rollup(gateway, pg_engine):
     status, _, csv = http_json("GET", f"{gateway.base_url}/v1/usage?group_by=endpoint&format=csv{whole_day}",
                                headers={"Authorization": f"Bearer {fresh['key']}"})
     assert status == 200
-    assert csv.splitlines()[0] == "endpoint,requests,prompt_tokens,completion_tokens,total_tokens,cost_usd"
+    assert csv.splitlines()[0] == ("endpoint,requests,prompt_tokens,completion_tokens,total_tokens,cost_usd,"
+                                   "cache_hits,saved_cost_usd")
     assert csv.splitlines()[2].startswith(f"messages,1,{PROMPT},{DEFAULT_CHUNKS},")
 
 

@@ -24,7 +24,9 @@ from app.models import ApiKey, Tenant
 from app.runtime import runtime
 from app.services import read_replica, usage_service
 
-TOTAL_COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd")
+# The CSV's figures: the JSON's, in its order (response cache hits and the cost they saved last).
+TOTAL_COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd", "cache_hits",
+                 "saved_cost_usd")
 GROUP_COLUMNS = {"model": ("model",), "day": ("day",), "key": ("api_key_id", "api_key_name"),
                  "tenant": ("tenant_id", "tenant_name"), "endpoint": ("endpoint",)}
 
