@@ -287,6 +287,8 @@ def _key_fields(args: argparse.Namespace) -> dict:
               if getattr(args, f, None) is not None}
     if args.allowed_models is not None:
         fields["allowed_models"] = [m.strip() for m in args.allowed_models.split(",") if m.strip()]
+    if args.cache is not None:
+        fields["cache"] = CACHE_CHOICES[args.cache]
     return fields
 
 
@@ -600,6 +602,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# --cache: the key's response cache setting (the API's "cache": true, false or null)
+CACHE_CHOICES = {"on": True, "off": False, "default": None}
+
+
 def add_key_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rpm-limit", type=_positive)
     p.add_argument("--tpm-limit", type=_positive)
@@ -608,6 +614,9 @@ def add_key_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-usd", type=_decimal)
     p.add_argument("--allowed-models", help="comma-separated model aliases or categories (data/models.json)")
     p.add_argument("--expires-at", type=_timestamp, help="ISO 8601, e.g. 2027-01-01T00:00:00Z")
+    p.add_argument("--cache", choices=tuple(CACHE_CHOICES),
+                   help="the response cache for this key's requests: on, off, or default (the model's "
+                        "setting, else RESPONSE_CACHE_DEFAULT decides)")
 
 
 def add_tenant_options(p: argparse.ArgumentParser) -> None:

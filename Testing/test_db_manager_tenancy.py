@@ -96,3 +96,22 @@ def test_list_keys_and_revoke_key(capsys, monkeypatch, pg_url, clean_db):
     run(capsys, pg_url, "create-key", "--name", "c", "--tenant", "one")
     c = rows(clean_db, "SELECT id FROM api_keys WHERE name = 'c'")[0]
     assert "REDIS_URL not set" in run(capsys, pg_url, "revoke-key", str(c["id"]))[1][-1]
+
+
+def test_create_and_update_key_set_its_response_cache(capsys, pg_url, clean_db):
+    """--cache on|off|default sets the key's response cache as the API's `cache` true, false or
+    null does, audited as the CLI with the old and new value; update-key without --cache leaves
+    it as it is."""
+    code, out, _ = run(capsys, pg_url, "create-key", "--name", "cached", "--tenant", "ops", "--cache", "on")
+    assert code == 0 and out[-1].startswith("sk-")
+    [key] = rows(clean_db, "SELECT id, cache FROM api_keys")
+    assert key["cache"] is True
+    assert run(capsys, pg_url, "update-key", str(key["id"]), "--cache", "off")[0] == 0
+    assert rows(clean_db, "SELECT cache FROM api_keys") == [{"cache": False}]
+    assert run(capsys, pg_url, "update-key", str(key["id"]), "--name", "renamed")[0] == 0
+    assert rows(clean_db, "SELECT name, cache FROM api_keys") == [{"name": "renamed", "cache": False}]
+    assert run(capsys, pg_url, "update-key", str(key["id"]), "--cache", "default")[0] == 0
+    assert rows(clean_db, "SELECT cache FROM api_keys") == [{"cache": None}]
+    audits = rows(clean_db, "SELECT actor_type, action, details FROM audit_log WHERE action = 'key.update' ORDER BY id")
+    assert [(a["actor_type"], (a["details"] or {}).get("cache", "-")) for a in audits] == [
+        ("cli", [True, False]), ("cli", "-"), ("cli", [False, None])]
