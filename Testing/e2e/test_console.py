@@ -408,19 +408,21 @@ def row_of(page, key_id: int):
 
 
 def test_admin_mints_edits_rotates_and_revokes_a_key_and_the_api_agrees(new_page, gateway, clean_db):
-    """Through the Keys page: mint (the secret shown once works), edit a limit, rotate without grace
-    (the old secret stops, the new works), revoke (the secret stops); the API shows each change."""
+    """Through the Keys page: mint (the secret shown once works), edit a limit and the response
+    cache, rotate without grace (the old secret stops, the new works), revoke (the secret stops);
+    the API shows each change."""
     page = new_page()
     sign_in_as_operator(page, "/ui/admin/keys")
     page.fill("#mint-name", "minted-in-browser")
     page.fill("#mint-tenant", "browser-team")
     page.fill("#mint-rpm_limit", "7")
+    page.select_option("#mint-cache", "on")
     page.click("#mint")
     secret = page.inner_text("#new-secret")
     assert secret.startswith("sk-")
     status, _, listed = http_json("GET", gateway.base_url + "/v1/api-keys?tenant=browser-team", headers=SECRET)
     [key] = listed["data"]
-    assert (key["name"], key["rpm_limit"], key["role"]) == ("minted-in-browser", 7, "member")
+    assert (key["name"], key["rpm_limit"], key["role"], key["cache"]) == ("minted-in-browser", 7, "member", True)
     assert http_json("GET", gateway.base_url + "/v1/key", headers={"Authorization": f"Bearer {secret}"})[0] == 200
     page.context.grant_permissions(["clipboard-read", "clipboard-write"])
     page.click("#copy-secret")
@@ -429,13 +431,17 @@ def test_admin_mints_edits_rotates_and_revokes_a_key_and_the_api_agrees(new_page
     page.click("#dismiss-secret")
     assert page.locator("#new-secret").count() == 0  # shown once: gone from the page
 
+    assert row_of(page, key["id"]).locator("td[data-label=Cache]").inner_text() == "on"
     row_of(page, key["id"]).locator("[data-action=edit]").click()
+    assert page.input_value("#edit-cache") == "on"
     page.fill("#edit-rpm_limit", "9")
     page.fill("#edit-budget", "12.50")
+    page.select_option("#edit-cache", "off")
     page.click("#save-key")
     wait_until(lambda: http_json("GET", f"{gateway.base_url}/v1/api-keys/{key['id']}", headers=SECRET)[2]
                ["rpm_limit"] == 9, message="the edited limit")
-    assert http_json("GET", f"{gateway.base_url}/v1/api-keys/{key['id']}", headers=SECRET)[2]["budget_usd"] == "12.5"
+    edited = http_json("GET", f"{gateway.base_url}/v1/api-keys/{key['id']}", headers=SECRET)[2]
+    assert (edited["budget_usd"], edited["cache"]) == ("12.5", False)
 
     row_of(page, key["id"]).locator("[data-action=rotate]").click()
     page.fill("#grace", "0")

@@ -5,6 +5,9 @@ import {attempt, clear, field, h, int, messageArea, money, onSubmit, table, when
 
 const LIMITS = [['rpm_limit', 'Requests per minute'], ['tpm_limit', 'Tokens per minute'],
   ['daily_token_limit', 'Tokens per day'], ['max_concurrent', 'Concurrent requests']];
+// The key's response cache (the API's `cache`): null lets the model's setting, else the gateway's default, decide.
+const CACHE = [['', 'default (the model decides)', null], ['on', 'on', true], ['off', 'off', false]];
+const cacheLabel = (value) => (value === true ? 'on' : value === false ? 'off' : 'default');
 
 export async function render(main, {who}) {
   main.append(h('h1', {}, 'Keys'));
@@ -32,11 +35,14 @@ function keyFields(prefix, current = {}) {
     value: current.allowed_models ? current.allowed_models.join(', ') : '', placeholder: 'all models'});
   inputs.expires_at = h('input', {type: 'date', id: `${prefix}-expires`,
     value: current.expires_at ? current.expires_at.slice(0, 10) : ''});
+  inputs.cache = h('select', {id: `${prefix}-cache`}, CACHE.map(([value, label, v]) =>
+    h('option', {value, selected: v === (current.cache ?? null)}, label)));
   const els = [
     h('div', {class: 'row'}, LIMITS.map(([name, label]) => field(label, num(name)))),
     h('div', {class: 'row'}, field('Monthly budget (USD)', inputs.budget_usd),
       field('Allowed models', inputs.allowed_models, 'comma-separated; empty: all'),
-      field('Expires (UTC day)', inputs.expires_at, 'empty: never')),
+      field('Expires (UTC day)', inputs.expires_at, 'empty: never'),
+      field('Response cache', inputs.cache, 'repeated requests answered from the cache')),
   ];
   const values = () => {
     const body = {};
@@ -45,6 +51,7 @@ function keyFields(prefix, current = {}) {
     const models = inputs.allowed_models.value.split(',').map((m) => m.trim()).filter(Boolean);
     body.allowed_models = models.length ? models : null;
     body.expires_at = inputs.expires_at.value ? `${inputs.expires_at.value}T00:00:00Z` : null;
+    body.cache = CACHE.find(([value]) => value === inputs.cache.value)[2];
     return body;
   };
   return {els, values, inputs};
@@ -140,6 +147,7 @@ class KeysPage {
         {label: 'Limits', value: (k) => LIMITS.map(([n]) => (k[n] === null ? '–' : int(k[n]))).join(' / ')},
         {label: 'Budget', value: (k) => (k.budget_usd === null ? 'none' : money(k.budget_usd))},
         {label: 'Expires', value: (k) => (k.expires_at ? when(k.expires_at) : 'never')},
+        {label: 'Cache', value: (k) => cacheLabel(k.cache)},
         {label: 'State', value: (k) => h('span', {class: `status status-${keyState(k) === 'active' ? 'ok' : 'bad'}`},
           keyState(k) + (k.previous_key_expires_at ? ' (old secret until ' + when(k.previous_key_expires_at) + ')' : ''))},
         {label: 'Actions', value: (k) => (k.revoked_at ? '—' : h('div', {class: 'actions'},
