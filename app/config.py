@@ -128,8 +128,8 @@ class Settings:
     USAGE_OUTBOX_POLL_S: float = 1.0
     # Bound on the usage writer's connect and statement time: past it, rows go to the outbox.
     USAGE_WRITE_TIMEOUT_S: float = 5.0
-    # Once a row wakes the usage writer, it waits this long for more rows to join the batch (one
-    # statement for many rows instead of one each at low traffic; 0: write at once).
+    # Before each batch the usage writer waits this long for more rows to join it (one statement
+    # for many rows instead of one or a few each; 0: write at once).
     USAGE_BATCH_LINGER_S: float = 0.01
     # Monthly partitions of usage_records created ahead (this month + N) at worker start.
     USAGE_PARTITIONS_AHEAD: int = 2

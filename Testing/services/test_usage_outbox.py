@@ -5,6 +5,7 @@ rows equal the raw sums for any period; a bad record does not block its batch.""
 from __future__ import annotations
 
 import random
+import threading
 import uuid
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -146,6 +147,50 @@ def test_rows_arriving_while_the_writer_lingers_share_one_statement(clean_db):
         assert batcher.flush() is True
         assert writer.batches == [5] and counts(clean_db) == (5, 5, 5)
     finally:
+        batcher.close()
+
+
+class GatedWriter(CountingWriter):
+    """Holds its first batch until `release` is set; `first_done` tells when it is stored."""
+
+    def __init__(self, engine) -> None:
+        super().__init__(engine)
+        self.writing, self.release, self.first_done = threading.Event(), threading.Event(), threading.Event()
+
+    def write(self, batch):
+        if not self.batches:
+            self.writing.set()
+            self.release.wait(30)
+            try:
+                return super().write(batch)
+            finally:
+                self.first_done.set()
+        return super().write(batch)
+
+
+def test_rows_arriving_while_a_batch_is_written_wait_for_the_next_linger(clean_db):
+    """Rows queued while a batch is being written linger too, before the next batch, instead of
+    being written at once: under a steady load the writer made batches of one or two rows (a
+    round trip each). Here two rows arrive during the first write and two after it; with a
+    60 s linger all four wait and flush() writes them as one batch."""
+    writer = GatedWriter(clean_db)
+    batcher = UsageBatcher(writer, linger_s=0)   # the first batch (of one row) starts at once
+    batcher.start(flusher=False)
+    rows = events(5)
+    try:
+        batcher.submit(rows[0])
+        assert writer.writing.wait(30)
+        batcher.linger_s = 60
+        batcher.submit(rows[1])
+        batcher.submit(rows[2])
+        writer.release.set()
+        assert writer.first_done.wait(30)
+        batcher.submit(rows[3])
+        batcher.submit(rows[4])
+        assert batcher.flush() is True
+        assert writer.batches == [1, 4] and counts(clean_db) == (5, 5, 5)
+    finally:
+        writer.release.set()
         batcher.close()
 
 

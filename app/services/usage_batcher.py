@@ -159,10 +159,12 @@ class UsageBatcher:
         while True:
             self._wake.wait()
             self._wake.clear()
-            if self.linger_s > 0 and not self._urgent.is_set():
-                self._urgent.wait(self.linger_s)   # let the rows of the next few ms join this batch
-            self._urgent.clear()
             while self._queue:
+                # Before every batch, not only the first after a wake-up: rows keep arriving
+                # while a batch is written, and writing them at once made batches of one or
+                # two rows under a steady load (a round trip each).
+                if self.linger_s > 0 and not self._urgent.is_set() and len(self._queue) < self.MAX_BATCH:
+                    self._urgent.wait(self.linger_s)   # let the rows of the next few ms join this batch
                 taken = time.monotonic()
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.MAX_BATCH))]
                 try:
@@ -174,6 +176,7 @@ class UsageBatcher:
                 if self._queue:
                     self._waiting_since = taken
             if not self._queue:
+                self._urgent.clear()   # flush() and close() are answered: linger again
                 self._idle.set()
                 if self._stop.is_set():
                     return  # closed: everything queued is stored
@@ -394,6 +397,7 @@ class UsageBatcher:
             done = self.flush(min(timeout, 5.0))
         if self.spool is not None:
             self.spool.close()
+        self.writer.close()
         if self.owns_engine:
             self.writer.engine.dispose()
         return done
