@@ -369,3 +369,18 @@ def test_cors_still_answers_with_the_security_headers(client):
     assert resp.headers["Access-Control-Allow-Origin"] in ("*", "https://app.example")
     assert resp.headers["X-Content-Type-Options"] == "nosniff"
     assert resp.headers["Referrer-Policy"] == "no-referrer"
+
+
+def test_cors_headers_of_a_request_without_origin_are_those_flask_cors_sends(client):
+    """A request without `Origin` (an API client) gets the CORS headers flask-cors sends such a
+    request (set at once, without flask-cors matching the path again); a browser's request with
+    `Origin` still gets flask-cors' answer for that origin."""
+    plain = client.get("/v1/models")
+    assert plain.headers["Access-Control-Allow-Origin"] == "*"
+    assert "X-Request-ID" in plain.headers["Access-Control-Expose-Headers"]
+    assert "Vary" not in plain.headers
+    browser = client.get("/v1/models", headers={"Origin": "https://app.example"})
+    assert browser.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert browser.headers["Vary"] == "Origin"
+    assert browser.headers["Access-Control-Expose-Headers"] == plain.headers["Access-Control-Expose-Headers"]
+    assert plain.headers.getlist("Access-Control-Allow-Origin") == ["*"]   # set once, not twice
