@@ -8,6 +8,7 @@ from typing import Any
 
 from flask import Response, g, request
 
+from app.api.request_guard import BODY
 from app.errors import InvalidRequest
 from app.utils import request_context
 
@@ -20,7 +21,9 @@ def json_response(payload: Any, status: int = 200) -> Response:
 
 def read_json_object() -> dict[str, Any]:
     """The request body as a JSON object, or a 400 that says what is wrong with it."""
-    raw = request.get_data(cache=False)
+    raw = request.environ.get(BODY)   # the body RequestGuard read (app/api/request_guard.py)
+    if raw is None:
+        raw = request.get_data(cache=False)
     if not raw:
         raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
     try:

@@ -32,6 +32,7 @@ from app.config import Settings
 from app.errors import APIError, RateLimited, RequestTimeout, RequestTooLarge, envelope_for, error_response
 
 CLIENT_ADDRESS = "gateway.client_address"  # environ key of the resolved client address
+BODY = "gateway.body"  # environ key of the whole body as read here (bytes), when it had one
 _READ_PIECE = 16 * 1024
 _UNRESOLVED = object()
 _StartResponse = Callable[..., Any]
@@ -184,6 +185,7 @@ class RequestGuard:
         else:
             return
         data = self._read(environ["wsgi.input"], length)
+        environ[BODY] = data   # read_json_object takes it from here, without werkzeug's stream wrappers
         environ["wsgi.input"] = io.BytesIO(data)
         environ["CONTENT_LENGTH"] = str(len(data))
         environ.pop("HTTP_TRANSFER_ENCODING", None)
