@@ -11,7 +11,7 @@ from flask import Response, request
 from app.api.auth import authenticate
 from app.api.cache_controller import cache_ask
 from app.api.common import JSON, new_request_id, read_json_object
-from app.api.schemas import CHAT_SCHEMA
+from app.api.schemas import validate_chat
 from app.errors import from_provider_error
 from app.providers.base import ProviderError
 from app.runtime import runtime
@@ -23,7 +23,7 @@ def chat_completions() -> Response:
     rt = runtime()
     key = authenticate()
     body = read_json_object()
-    CHAT_SCHEMA.load(body)  # validates; unknown fields stay in `body` and pass through
+    validate_chat(body)  # unknown fields stay in `body` and pass through
     run = CompletionRun.begin(rt, key, body, "chat.completions", request_id=new_request_id(),
                               body_bytes=request.content_length, cache=cache_ask())
     with run:
