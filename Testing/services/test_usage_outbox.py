@@ -194,6 +194,32 @@ def test_rows_arriving_while_a_batch_is_written_wait_for_the_next_linger(clean_d
         batcher.close()
 
 
+class Cut(BaseException):
+    """What a killed greenlet raises inside a statement (not a database error)."""
+
+
+def test_writer_drops_its_connection_when_a_write_is_cut_short(clean_db):
+    """The writer keeps one connection for its batches. A write cut short by something that is
+    not a database error (its greenlet killed mid-statement) leaves that connection in an
+    unknown state: the writer drops it, and the next batch is written on a new one."""
+    writer = UsageWriter(dedicated_engine(str(clean_db.url.render_as_string(hide_password=False)), 2.0))
+    try:
+        assert writer.write(events(2)) == 2
+        kept = writer._held.driver_connection
+
+        def cut(*_a, **_k):
+            raise Cut()
+        kept.execute = cut
+        with pytest.raises(Cut):
+            writer.write(events(1))
+        assert kept.closed
+        assert writer.write(events(3)) == 3
+        assert counts(clean_db) == (5, 5, 5)
+    finally:
+        writer.close()
+        writer.engine.dispose()
+
+
 def test_database_down_rows_go_to_redis_and_are_replayed_exactly_once(pg_url, clean_db, rclient, pg_proxy, name):
     """PostgreSQL unreachable: submitted rows land in the Redis outbox (none held in memory),
     the batcher stops trying PostgreSQL until a probe answers, then replays them all once."""

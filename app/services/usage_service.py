@@ -229,7 +229,11 @@ class UsageWriter:
         with self._held_lock:
             if self._held is None:
                 held = self.engine.raw_connection()   # the pool's connect events ran (statement_timeout)
-                held.driver_connection.autocommit = True
+                try:
+                    held.driver_connection.autocommit = True
+                except BaseException:
+                    held.invalidate()
+                    raise
                 self._held = held
             conn = self._held.driver_connection
             try:
@@ -245,6 +249,9 @@ class UsageWriter:
                 raise DBAPIError.instance(_PG_WRITE, None, exc, self.engine.dialect.loaded_dbapi.Error,
                                           hide_parameters=True, connection_invalidated=broken,
                                           dialect=self.engine.dialect) from exc
+            except BaseException:
+                self._drop_held()   # cut short mid-statement (the greenlet killed): its state is unknown
+                raise
 
     def _drop_held(self) -> None:
         held, self._held = self._held, None
