@@ -119,7 +119,7 @@ def _stream_idle_deadline(resp: Response) -> Response:
     (back-pressure in app/utils/streaming.py)."""
     idle = current_app.config.get("STREAM_CLIENT_IDLE_S") or 0
     sock = request.environ.get("gunicorn.socket")
-    if idle > 0 and sock is not None and resp.mimetype == "text/event-stream" and not resp.is_sequence:
+    if idle > 0 and sock is not None and not resp.is_sequence and resp.mimetype == "text/event-stream":
         resp.response = with_send_deadline(resp.response, sock, idle)
     return resp
 
