@@ -358,11 +358,11 @@ CLEAR_CACHE_SCHEMA = ClearCacheSchema()
 # --- the chat request's common case, checked without marshmallow ---------------------------
 
 _CHAT_MESSAGES = Messages(required=True)
-_FINITE = (int, float)
+_NUMBER_TYPES = (int, float)   # not bool (type() is exact)
 
 
 def _number_in(value: Any, low: float, high: float) -> bool:
-    return (type(value) in _FINITE and low <= value <= high) or value is None
+    return (type(value) in _NUMBER_TYPES and low <= value <= high) or value is None
 
 
 def _count_in(value: Any, low: int, high: int | None) -> bool:
