@@ -357,12 +357,15 @@ CLEAR_CACHE_SCHEMA = ClearCacheSchema()
 
 # --- the chat request's common case, checked without marshmallow ---------------------------
 
-_CHAT_MESSAGES = Messages(required=True)
 _NUMBER_TYPES = (int, float)   # not bool (type() is exact)
 
 
 def _number_in(value: Any, low: float, high: float) -> bool:
     return (type(value) in _NUMBER_TYPES and low <= value <= high) or value is None
+
+
+def _dicts(value: Any) -> bool:
+    return value is None or (type(value) is list and all(type(item) is dict for item in value))
 
 
 def _count_in(value: Any, low: int, high: int | None) -> bool:
@@ -383,8 +386,8 @@ _CHAT_FIELD_OK: dict[str, Callable[[Any], bool]] = {
     "presence_penalty": lambda v: _number_in(v, -2, 2),
     "frequency_penalty": lambda v: _number_in(v, -2, 2),
     "user": lambda v: v is None or type(v) is str,
-    "tools": lambda v: v is None or (type(v) is list and all(type(t) is dict for t in v)),
-    "functions": lambda v: v is None or (type(v) is list and all(type(t) is dict for t in v)),
+    "tools": _dicts,
+    "functions": _dicts,
     "response_format": lambda v: v is None or type(v) is dict,
 }
 
@@ -398,7 +401,7 @@ def chat_surely_valid(body: dict[str, Any]) -> bool:
     if type(model) is not str or not 1 <= len(model) <= 200:
         return False
     try:
-        _CHAT_MESSAGES._deserialize(body.get("messages"), "messages", body)
+        CHAT_SCHEMA.fields["messages"]._deserialize(body.get("messages"), "messages", body)
     except ValidationError:
         return False
     for name, ok in _CHAT_FIELD_OK.items():

@@ -207,9 +207,9 @@ class UsageWriter:
 
     def _write_pg(self, batch: list[UsageEvent]) -> int:
         """One round trip: `_PG_WRITE` is a single statement, atomic on its own, so it runs in
-        autocommit (no BEGIN and COMMIT around it). The writer's pool does not ping a connection
-        before use; a connection found dead (a database restart, a terminated backend) is
-        dropped by the pool and the batch tried once more on a new one. Replaying a batch that
+        autocommit (no BEGIN and COMMIT around it), on the connection the writer keeps, which is
+        not pinged before use; found dead (a database restart, a terminated backend), it is
+        dropped and the batch tried once more on a new one. Replaying a batch that
         did reach the database stores nothing twice (ON CONFLICT DO NOTHING)."""
         rows = _json_rows(batch)
         try:
@@ -222,8 +222,8 @@ class UsageWriter:
     def _execute_pg(self, rows: str) -> int:
         """On a connection the writer keeps checked out of its pool, in autocommit, through
         psycopg directly: no pool checkout and return, no isolation-level switch and no
-        SQLAlchemy statement machinery per batch (together about a third of the writer's CPU
-        per batch). psycopg prepares the fixed statement after a few uses. A database error
+        SQLAlchemy statement machinery per batch (together more than half of the writer's CPU
+        per batch of one row, docs/durability.md). psycopg prepares the fixed statement after a few uses. A database error
         comes out wrapped as SQLAlchemy wraps it (the callers and `db_errors` read those);
         one that broke the connection drops it and says so (`connection_invalidated`)."""
         with self._held_lock:
